@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Builds stripped release test, bench and example binaries (kernels embedded) into
+# gpu-bundle/ (git-ignored), with run.sh to execute them on a GPU machine that has no Rust
+# toolchain:
+#
+#   scripts/gpu-bundle.sh            # here: build the bundle
+#   gpu-bundle/run.sh LOGDIR         # there: parity (LONGCTX_REQUIRE_GPU=1), compute-sanitizer,
+#                                    # the sweep, the criterion benches, the PyTorch peers
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=gpu-bundle
+rm -rf "$OUT"
+mkdir -p "$OUT/tests" "$OUT/benches" "$OUT/examples"
+
+collect() { # reads cargo's JSON messages, prints "kind name path" per executable
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        t = m["target"]
+        print(t["kind"][0], t["name"], m["executable"])
+'
+}
+
+{
+  cargo test --release --no-run --message-format=json
+  cargo bench --no-run --message-format=json
+  cargo build --release --examples --message-format=json
+} 2> >(grep -v '^\s*$' >&2) | collect | while read -r kind name path; do
+  case "$kind" in
+    test) dest="$OUT/tests/$name" ;;
+    bench) dest="$OUT/benches/$name" ;;
+    example) dest="$OUT/examples/$name" ;;
+    lib) dest="$OUT/tests/lib-unit" ;;
+    *) continue ;;
+  esac
+  cp "$path" "$dest"
+  strip "$dest" 2>/dev/null || true
+done
+
+cp scripts/peers.py "$OUT/peers.py"
+cp scripts/bundle-run.sh "$OUT/run.sh"
+chmod +x "$OUT/run.sh"
+du -sh "$OUT"
+size=$(du -sb "$OUT" | cut -f1)
+if [ "$size" -gt $((48 * 1024 * 1024)) ]; then
+  echo "error: bundle is $size bytes, over 48 MiB" >&2
+  exit 1
+fi
+ls -R "$OUT"

@@ -1,0 +1,274 @@
+//! The GPU handle: a CUDA context, the stream every op runs on, and the kernel modules,
+//! loaded once per device on first use.
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
+};
+
+use crate::error::{Error, Result};
+use crate::kernel_id::{Family, KernelId};
+
+/// A CUDA device with one stream. All of `longctx`'s launches on this handle are queued on
+/// that stream, in order.
+pub struct Device {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Mutex<Vec<Option<Arc<CudaModule>>>>,
+    functions: Mutex<Vec<Option<CudaFunction>>>,
+    name: String,
+    capability: (i32, i32),
+    sm_count: usize,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("ordinal", &self.ctx.ordinal())
+            .field("name", &self.name)
+            .field("capability", &self.capability)
+            .finish()
+    }
+}
+
+pub(crate) fn cuda_err(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+    move |e| Error::Cuda {
+        op,
+        message: e.to_string(),
+    }
+}
+
+/// Whether this build embeds compiled kernels (false when nvcc was absent at build time).
+pub fn kernels_compiled() -> bool {
+    Family::ALL.iter().all(|f| f.fatbin().is_some())
+}
+
+impl Device {
+    /// Opens device `ordinal` with a new stream.
+    ///
+    /// # Errors
+    /// [`Error::NoDevice`] when the CUDA driver library is missing, no GPU is visible or
+    /// `ordinal` is out of range; [`Error::Cuda`] when the driver fails otherwise.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // SAFETY: only probes whether the driver library can be loaded.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::NoDevice {
+                reason: "the CUDA driver library (libcuda) was not found".into(),
+            });
+        }
+        // cudarc panics on some driver-loading failures; keep those from reaching the user.
+        let ctx = std::panic::catch_unwind(|| -> Result<Arc<CudaContext>> {
+            let count = CudaContext::device_count().map_err(|e| Error::NoDevice {
+                reason: format!("the CUDA driver reports no device: {e}"),
+            })?;
+            let count = usize::try_from(count).unwrap_or(0);
+            if ordinal >= count {
+                return Err(Error::NoDevice {
+                    reason: format!("device ordinal {ordinal} requested, {count} visible"),
+                });
+            }
+            CudaContext::new(ordinal).map_err(cuda_err("device"))
+        })
+        .map_err(|_| Error::NoDevice {
+            reason: "the CUDA driver could not be initialised".into(),
+        })??;
+        // The context's default stream: one stream needs no cross-stream event tracking, which
+        // keeps per-launch host overhead low.
+        let stream = ctx.default_stream();
+        let name = ctx.name().map_err(cuda_err("device"))?;
+        let capability = ctx.compute_capability().map_err(cuda_err("device"))?;
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(cuda_err("device"))?;
+        Ok(Device {
+            ctx,
+            stream,
+            modules: Mutex::new(vec![None; Family::ALL.len()]),
+            functions: Mutex::new(vec![None; KernelId::ALL.len()]),
+            name,
+            capability,
+            sm_count: usize::try_from(sm_count).unwrap_or(0),
+        })
+    }
+
+    /// The stream all ops on this handle are queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The CUDA context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The device's marketing name, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Compute capability (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.capability
+    }
+
+    /// Number of streaming multiprocessors.
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
+    }
+
+    /// Waits for all work queued on this handle's stream.
+    ///
+    /// # Errors
+    /// [`Error::Cuda`] if a queued kernel failed.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(cuda_err("synchronize"))
+    }
+
+    /// Copies a host slice to a new device buffer.
+    ///
+    /// # Errors
+    /// [`Error::Cuda`] on allocation or copy failure.
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(host).map_err(cuda_err("upload"))
+    }
+
+    /// Copies a device buffer back to the host (waits for the stream).
+    ///
+    /// # Errors
+    /// [`Error::Cuda`] on copy failure or if a queued kernel failed.
+    pub fn download<T: DeviceRepr>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.stream.clone_dtoh(dev).map_err(cuda_err("download"))
+    }
+
+    /// A zero-filled device buffer of `len` elements.
+    ///
+    /// # Errors
+    /// [`Error::Cuda`] on allocation failure.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros(len).map_err(cuda_err("alloc"))
+    }
+
+    /// Whether `slice` was allocated in this handle's context.
+    pub(crate) fn owns<T>(&self, slice: &CudaSlice<T>) -> bool {
+        Arc::ptr_eq(slice.context(), &self.ctx)
+    }
+
+    /// The loaded function for `id`, loading its family's fatbin on first use.
+    pub(crate) fn function(&self, id: KernelId) -> Result<CudaFunction> {
+        let mut functions = self.functions.lock().map_err(|_| Error::Cuda {
+            op: "load kernel",
+            message: "kernel cache lock poisoned".into(),
+        })?;
+        if let Some(f) = &functions[id.index()] {
+            return Ok(f.clone());
+        }
+        let module = self.module(id.family())?;
+        let f = module
+            .load_function(id.symbol())
+            .map_err(cuda_err("load kernel"))?;
+        functions[id.index()] = Some(f.clone());
+        Ok(f)
+    }
+
+    fn module(&self, family: Family) -> Result<Arc<CudaModule>> {
+        let mut modules = self.modules.lock().map_err(|_| Error::Cuda {
+            op: "load module",
+            message: "module cache lock poisoned".into(),
+        })?;
+        if let Some(m) = &modules[family.index()] {
+            return Ok(m.clone());
+        }
+        let bytes = family.fatbin().ok_or(Error::KernelsNotCompiled)?;
+        let m = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(bytes.to_vec()))
+            .map_err(cuda_err("load module"))?;
+        modules[family.index()] = Some(m.clone());
+        Ok(m)
+    }
+}
+
+/// ptxas resource usage of one compiled kernel for one arch, parsed from the build's report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelResources {
+    /// The kernel's symbol.
+    pub symbol: String,
+    /// The arch it was compiled for, e.g. "sm_90a".
+    pub arch: String,
+    /// Registers per thread.
+    pub registers: u32,
+    /// Bytes of spill stores.
+    pub spill_stores: u32,
+    /// Bytes of spill loads.
+    pub spill_loads: u32,
+    /// Stack frame bytes.
+    pub stack_frame: u32,
+}
+
+/// Parses every `ptxas info` block of all embedded families. Empty without kernels.
+pub fn kernel_resources() -> Vec<KernelResources> {
+    let mut out = Vec::new();
+    for family in Family::ALL {
+        parse_ptxas(family.ptxas_report(), &mut out);
+    }
+    out
+}
+
+/// Symbols of kernels on the hot path (the build's spill check covers these).
+pub fn hot_kernel_symbols() -> Vec<&'static str> {
+    KernelId::ALL
+        .iter()
+        .filter(|k| k.is_hot())
+        .map(|k| k.symbol())
+        .collect()
+}
+
+fn number_before(line: &str, suffix: &str) -> Option<u32> {
+    let idx = line.find(suffix)?;
+    line[..idx].split_whitespace().last()?.parse().ok()
+}
+
+fn parse_ptxas(report: &str, out: &mut Vec<KernelResources>) {
+    let mut current: Option<KernelResources> = None;
+    for line in report.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            if let Some(done) = current.take() {
+                out.push(done);
+            }
+            let symbol = rest.split('\'').next().unwrap_or("").to_string();
+            let arch = rest
+                .split("for '")
+                .nth(1)
+                .and_then(|s| s.split('\'').next())
+                .unwrap_or("")
+                .to_string();
+            current = Some(KernelResources {
+                symbol,
+                arch,
+                registers: 0,
+                spill_stores: 0,
+                spill_loads: 0,
+                stack_frame: 0,
+            });
+        } else if let Some(cur) = current.as_mut() {
+            if let Some(v) = number_before(line, "bytes stack frame") {
+                cur.stack_frame = v;
+            }
+            if let Some(v) = number_before(line, "bytes spill stores") {
+                cur.spill_stores = v;
+            }
+            if let Some(v) = number_before(line, "bytes spill loads") {
+                cur.spill_loads = v;
+            }
+            if let Some(v) = number_before(line, "registers") {
+                cur.registers = v;
+            }
+        }
+    }
+    if let Some(done) = current.take() {
+        out.push(done);
+    }
+}

@@ -1,0 +1,144 @@
+//! Strided [tokens, heads, head_dim] views into flat buffers, and the checks every op runs on
+//! them before a launch.
+
+use crate::error::{Error, Result};
+
+/// A [tokens, heads, head_dim] view into a flat buffer: element (t, h, c) lives at
+/// `offset + t * token_stride + h * head_stride + c`. The last dim is contiguous.
+///
+/// Q and K views into one packed QKV projection output are two layouts over one buffer with
+/// the same `token_stride` (for example `(heads_q + 2 * heads_kv) * head_dim`) and different
+/// offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadsLayout {
+    /// Element offset of (0, 0, 0).
+    pub offset: usize,
+    /// Number of tokens.
+    pub tokens: usize,
+    /// Number of heads.
+    pub heads: usize,
+    /// Channels per head.
+    pub head_dim: usize,
+    /// Elements between consecutive tokens.
+    pub token_stride: usize,
+    /// Elements between consecutive heads.
+    pub head_stride: usize,
+}
+
+impl HeadsLayout {
+    /// A dense [tokens, heads, head_dim] tensor at the start of its buffer.
+    pub fn contiguous(tokens: usize, heads: usize, head_dim: usize) -> Self {
+        HeadsLayout {
+            offset: 0,
+            tokens,
+            heads,
+            head_dim,
+            token_stride: heads * head_dim,
+            head_stride: head_dim,
+        }
+    }
+
+    /// Number of addressed elements (tokens x heads x head_dim), if it fits in usize.
+    pub fn numel(&self) -> Option<usize> {
+        self.tokens
+            .checked_mul(self.heads)?
+            .checked_mul(self.head_dim)
+    }
+
+    /// One past the largest element offset the view touches (`offset` when it is empty).
+    pub(crate) fn end(&self, op: &'static str, arg: &'static str) -> Result<usize> {
+        if self.tokens == 0 || self.heads == 0 || self.head_dim == 0 {
+            return Ok(self.offset);
+        }
+        let overflow = || Error::invalid(op, arg, format!("{self:?} addresses past usize"));
+        let last = (self.tokens - 1)
+            .checked_mul(self.token_stride)
+            .and_then(|a| {
+                (self.heads - 1)
+                    .checked_mul(self.head_stride)
+                    .and_then(|b| a.checked_add(b))
+            })
+            .and_then(|a| a.checked_add(self.head_dim))
+            .and_then(|a| a.checked_add(self.offset))
+            .ok_or_else(overflow)?;
+        Ok(last)
+    }
+
+    /// Checks that the view lies inside a buffer of `len` elements and that no two of its
+    /// (token, head) rows overlap.
+    pub(crate) fn validate(&self, op: &'static str, arg: &'static str, len: usize) -> Result<()> {
+        let end = self.end(op, arg)?;
+        if end > len {
+            return Err(Error::invalid(
+                op,
+                arg,
+                format!("view {self:?} reaches element {end} but the buffer holds {len}"),
+            ));
+        }
+        if self.tokens > 1 && self.heads > 1 {
+            // Rows form a 2-D grid; the smaller stride must clear a row, the larger one a
+            // whole run of the smaller.
+            let (small, n_small, large) = if self.head_stride <= self.token_stride {
+                (self.head_stride, self.heads, self.token_stride)
+            } else {
+                (self.token_stride, self.tokens, self.head_stride)
+            };
+            let span = (n_small - 1)
+                .saturating_mul(small)
+                .saturating_add(self.head_dim);
+            if small < self.head_dim || large < span {
+                return Err(Error::invalid(
+                    op,
+                    arg,
+                    format!("strides of {self:?} make rows overlap (token_stride and head_stride must separate every head_dim-wide row)"),
+                ));
+            }
+        } else if self.tokens > 1 && self.token_stride < self.head_dim {
+            return Err(Error::invalid(
+                op,
+                arg,
+                format!(
+                    "token_stride {} < head_dim {}",
+                    self.token_stride, self.head_dim
+                ),
+            ));
+        } else if self.heads > 1 && self.head_stride < self.head_dim {
+            return Err(Error::invalid(
+                op,
+                arg,
+                format!(
+                    "head_stride {} < head_dim {}",
+                    self.head_stride, self.head_dim
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether two views of one buffer may share an element. Conservative: it answers
+    /// `false` only when disjointness is proven, either because the address ranges do not
+    /// intersect, or because both views repeat with one token stride and their per-token
+    /// footprints occupy disjoint residues modulo it.
+    pub(crate) fn may_overlap(&self, other: &HeadsLayout, op: &'static str) -> Result<bool> {
+        let (a0, a1) = (self.offset, self.end(op, "q")?);
+        let (b0, b1) = (other.offset, other.end(op, "k")?);
+        if a0 == a1 || b0 == b1 || a1 <= b0 || b1 <= a0 {
+            return Ok(false);
+        }
+        if self.token_stride != other.token_stride || self.token_stride == 0 {
+            return Ok(true);
+        }
+        let ts = self.token_stride;
+        let foot = |l: &HeadsLayout| (l.heads - 1) * l.head_stride + l.head_dim;
+        let (fa, fb) = (foot(self), foot(other));
+        if fa > ts || fb > ts {
+            return Ok(true);
+        }
+        // Residue intervals [ra, ra + fa) and [rb, rb + fb) on a circle of length ts.
+        let ra = self.offset % ts;
+        let rb = other.offset % ts;
+        let d = (rb + ts - ra) % ts; // start of b relative to a
+        let disjoint = d >= fa && d + fb <= ts;
+        Ok(!disjoint)
+    }
+}

@@ -1,0 +1,59 @@
+//! # longctx
+//!
+//! Hand-written CUDA kernels for long-context LLMs, launched from safe Rust through cudarc
+//! and checked against CPU references that accumulate in f64.
+//!
+//! * [`rope`]: RoPE with every long-context scaling rule (default/ABF, linear, dynamic NTK,
+//!   YaRN, LongRoPE, Llama-3, partial rotary), Q and K rotated together in place, forward
+//!   and backward, f32/f16/bf16, with the attention factor folded in.
+//!
+//! ## Example
+//!
+//! ```no_run
+//! use half::bf16;
+//! use longctx::device::Device;
+//! use longctx::layout::HeadsLayout;
+//! use longctx::rope::{apply_rope, Positions, RopeConfig, RopeOptions, RopeTable};
+//!
+//! # fn main() -> longctx::Result<()> {
+//! let config = RopeConfig::from_hf_config(
+//!     r#"{"hidden_size": 4096, "num_attention_heads": 32, "rope_theta": 500000.0,
+//!         "max_position_embeddings": 131072,
+//!         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+//!                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}"#,
+//! )?;
+//! let dev = Device::new(0)?;
+//! let tokens = 1024;
+//! let table = RopeTable::new(&dev, &config, tokens)?;
+//! let positions = Positions::arange(&dev, 0, tokens)?;
+//! let q_layout = HeadsLayout::contiguous(tokens, 32, 128);
+//! let k_layout = HeadsLayout::contiguous(tokens, 8, 128);
+//! let mut q = dev.zeros::<bf16>(tokens * 32 * 128)?;
+//! let mut k = dev.zeros::<bf16>(tokens * 8 * 128)?;
+//! apply_rope(&dev, &table, &positions, &mut q, &q_layout, &mut k, &k_layout, RopeOptions::default())?;
+//! dev.synchronize()?;
+//! # Ok(()) }
+//! ```
+//!
+//! Every public function validates its arguments completely and returns [`Error`] instead
+//! of launching on bad input; without a GPU or without compiled kernels, GPU calls return
+//! [`Error::NoDevice`] or [`Error::KernelsNotCompiled`].
+
+#![warn(missing_docs)]
+
+pub mod device;
+pub mod dtype;
+pub mod error;
+pub mod layout;
+pub mod rope;
+pub mod timing;
+pub mod workloads;
+
+mod kernel_id;
+mod sys;
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+pub use error::{Error, Result};

@@ -1,0 +1,404 @@
+//! GPU path of RoPE: validated arguments -> LongctxRopeParams -> one launch.
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+use super::{AnglePrecision, Direction, RopeConfig, RopeOptions, RopeStyle};
+use crate::device::{cuda_err, Device};
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::kernel_id::KernelId;
+use crate::layout::HeadsLayout;
+use crate::sys;
+
+const OP: &str = "rope";
+/// Threads per block; kernels/rope/traits.cuh has the same number.
+const THREADS: u32 = 128;
+/// Most heads per tensor: keeps the kernel's per-token work-item index in 32 bits.
+const MAX_HEADS: usize = 1 << 16;
+/// Largest rotary_dim the kernel keeps cos/sin for (LONGCTX_ROPE_MAX_ROTARY_DIM).
+pub(crate) const MAX_ROTARY_DIM: usize = sys::LONGCTX_ROPE_MAX_ROTARY_DIM as usize;
+
+/// A RoPE configuration's frequency table resident on one device: inv_freq in f64 for one
+/// sequence length (dynamic NTK and LongRoPE depend on it), and the attention factor.
+#[derive(Debug)]
+pub struct RopeTable {
+    inv_freq: CudaSlice<f64>,
+    head_dim: usize,
+    rotary_dim: usize,
+    attention_factor: f32,
+}
+
+impl RopeTable {
+    /// Uploads `config`'s inv_freq for sequences of `seq_len` tokens.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if rotary_dim exceeds the kernel's limit (512);
+    /// [`Error::Cuda`] on upload failure.
+    pub fn new(dev: &Device, config: &RopeConfig, seq_len: usize) -> Result<Self> {
+        let rotary_dim = config.rotary_dim();
+        if rotary_dim == 0
+            || rotary_dim % 2 != 0
+            || rotary_dim > MAX_ROTARY_DIM
+            || rotary_dim > config.head_dim()
+        {
+            return Err(Error::invalid(
+                OP,
+                "config",
+                format!(
+                    "rotary_dim {rotary_dim} must be even, nonzero, <= head_dim {} and <= {MAX_ROTARY_DIM}",
+                    config.head_dim()
+                ),
+            ));
+        }
+        let inv = config.inv_freq_f64(seq_len);
+        Ok(RopeTable {
+            inv_freq: dev.upload(&inv)?,
+            head_dim: config.head_dim(),
+            rotary_dim,
+            attention_factor: config.attention_factor(),
+        })
+    }
+
+    /// Channels rotated per head.
+    pub fn rotary_dim(&self) -> usize {
+        self.rotary_dim
+    }
+
+    /// The head dim the table was made for.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// The attention factor folded into cos and sin.
+    pub fn attention_factor(&self) -> f32 {
+        self.attention_factor
+    }
+}
+
+/// Token positions on the device, validated on upload (every entry in [0, 2^31)). Packed
+/// variable-length batches and KV-cache offsets are just positions; one upload serves every
+/// layer.
+#[derive(Debug)]
+pub struct Positions {
+    /// At least one element (CUDA has no empty allocations); `len` says how many count.
+    data: CudaSlice<i32>,
+    len: usize,
+}
+
+impl Positions {
+    /// Validates and uploads `positions`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the first negative position; [`Error::Cuda`] on
+    /// upload failure.
+    pub fn upload(dev: &Device, positions: &[i32]) -> Result<Self> {
+        if let Some((t, p)) = positions.iter().enumerate().find(|(_, &p)| p < 0) {
+            return Err(Error::invalid(
+                OP,
+                "positions",
+                format!("position {p} at token {t} is negative"),
+            ));
+        }
+        let data = if positions.is_empty() {
+            dev.zeros(1)?
+        } else {
+            dev.upload(positions)?
+        };
+        Ok(Positions {
+            data,
+            len: positions.len(),
+        })
+    }
+
+    /// Positions start, start + 1, ..., start + len - 1.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if the last position passes i32::MAX.
+    pub fn arange(dev: &Device, start: i32, len: usize) -> Result<Self> {
+        let last = i64::from(start) + i64::try_from(len).unwrap_or(i64::MAX) - 1;
+        if start < 0 || last > i64::from(i32::MAX) {
+            return Err(Error::invalid(
+                OP,
+                "positions",
+                format!("arange({start}, {len}) leaves [0, 2^31)"),
+            ));
+        }
+        let v: Vec<i32> = (0..len).map(|i| start + i as i32).collect();
+        Self::upload(dev, &v)
+    }
+
+    /// Number of positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no positions.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+fn kernel_id(dtype: DType, vectorized: bool) -> KernelId {
+    match (dtype, vectorized) {
+        (DType::F32, true) => KernelId::RopeF32Vec,
+        (DType::F32, false) => KernelId::RopeF32Scalar,
+        (DType::F16, true) => KernelId::RopeF16Vec,
+        (DType::F16, false) => KernelId::RopeF16Scalar,
+        (DType::BF16, true) => KernelId::RopeBf16Vec,
+        (DType::BF16, false) => KernelId::RopeBf16Scalar,
+    }
+}
+
+/// Everything checked about one call, ready to become params.
+struct Checked {
+    tokens: u32,
+    vectorized: bool,
+}
+
+fn check_view(
+    table: &RopeTable,
+    view: &HeadsLayout,
+    arg: &'static str,
+    buf_len: usize,
+    tokens: usize,
+) -> Result<()> {
+    view.validate(OP, arg, buf_len)?;
+    if view.heads > 0 && view.head_dim != table.head_dim {
+        return Err(Error::invalid(
+            OP,
+            arg,
+            format!(
+                "head_dim {} but the table was made for head_dim {} (a table from another config?)",
+                view.head_dim, table.head_dim
+            ),
+        ));
+    }
+    if view.heads > 0 && view.tokens != tokens {
+        return Err(Error::invalid(
+            OP,
+            arg,
+            format!("{} tokens, positions has {tokens}", view.tokens),
+        ));
+    }
+    if view.heads > MAX_HEADS {
+        return Err(Error::invalid(
+            OP,
+            arg,
+            format!("{} heads is more than the kernel indexes", view.heads),
+        ));
+    }
+    i64::try_from(view.token_stride)
+        .ok()
+        .zip(i64::try_from(view.head_stride).ok())
+        .ok_or_else(|| Error::invalid(OP, arg, "stride does not fit in i64"))?;
+    Ok(())
+}
+
+/// Whether every access of `view` is 16-byte aligned for the vector kernel (given that the
+/// buffer itself starts 256-byte aligned, as CUDA allocations do).
+fn vector_ok<T: Element>(view: &HeadsLayout, rotary_dim: usize, base_addr: u64) -> bool {
+    let w = 16 / T::DTYPE.size();
+    let byte_off = (view.offset * T::DTYPE.size()) as u64;
+    view.heads == 0
+        || ((base_addr + byte_off) % 16 == 0
+            && view.token_stride % w == 0
+            && view.head_stride % w == 0
+            && rotary_dim % (2 * w) == 0)
+}
+
+fn check_common(table: &RopeTable, positions: &Positions, dev: &Device) -> Result<u32> {
+    if !dev.owns(&table.inv_freq) {
+        return Err(Error::invalid(
+            OP,
+            "table",
+            "table lives on another device context",
+        ));
+    }
+    if !dev.owns(&positions.data) {
+        return Err(Error::invalid(
+            OP,
+            "positions",
+            "positions live on another device context",
+        ));
+    }
+    u32::try_from(positions.len())
+        .ok()
+        .filter(|&t| t <= i32::MAX as u32)
+        .ok_or_else(|| {
+            Error::invalid(
+                OP,
+                "positions",
+                format!("{} tokens exceed the grid limit 2^31 - 1", positions.len()),
+            )
+        })
+}
+
+fn tensor(view: &HeadsLayout, base: u64, elem: usize) -> sys::LongctxRopeTensor {
+    sys::LongctxRopeTensor {
+        data: base + (view.offset * elem) as u64,
+        token_stride: view.token_stride as i64,
+        head_stride: view.head_stride as i64,
+        heads: view.heads as u32,
+        pad0: 0,
+    }
+}
+
+fn make_params(
+    table: &RopeTable,
+    q: sys::LongctxRopeTensor,
+    k: sys::LongctxRopeTensor,
+    positions: u64,
+    inv_freq: u64,
+    checked: &Checked,
+    opts: RopeOptions,
+) -> sys::LongctxRopeParams {
+    sys::LongctxRopeParams {
+        q,
+        k,
+        positions,
+        inv_freq,
+        tokens: checked.tokens,
+        rotary_dim: table.rotary_dim as u32,
+        style: match opts.style {
+            RopeStyle::Neox => sys::LONGCTX_ROPE_STYLE_NEOX,
+            RopeStyle::Interleaved => sys::LONGCTX_ROPE_STYLE_INTERLEAVED,
+        },
+        direction: match opts.direction {
+            Direction::Forward => sys::LONGCTX_ROPE_FORWARD,
+            Direction::Backward => sys::LONGCTX_ROPE_BACKWARD,
+        },
+        angle_mode: match opts.precision {
+            AnglePrecision::F64 => sys::LONGCTX_ROPE_ANGLE_F64,
+            AnglePrecision::F32 => sys::LONGCTX_ROPE_ANGLE_F32,
+        },
+        attention_factor: table.attention_factor,
+    }
+}
+
+fn launch(dev: &Device, id: KernelId, params: &sys::LongctxRopeParams) -> Result<()> {
+    if params.tokens == 0 || (params.q.heads == 0 && params.k.heads == 0) {
+        return Ok(());
+    }
+    let func = dev.function(id)?;
+    let cfg = LaunchConfig {
+        grid_dim: (params.tokens, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut builder = dev.stream().launch_builder(&func);
+    builder.arg(params);
+    // SAFETY: the caller validated that every (token, head, channel < rotary_dim) address of
+    // q and k lies inside its live buffer, that q and k do not overlap, that positions has
+    // `tokens` non-negative entries and inv_freq rotary_dim / 2 entries on this context, that
+    // vectorized kernels see 16-byte aligned addresses and strides, and that all counts fit
+    // the kernel's 32-bit indexing. The device pointer guards are held by the caller until
+    // this returns, i.e. until the launch is queued.
+    unsafe { builder.launch(cfg) }
+        .map(|_| ())
+        .map_err(cuda_err(OP))
+}
+
+/// Rotates Q and K, two separate buffers, in place with one launch.
+///
+/// `q` and `k` are [tokens, heads, head_dim] views (see [`HeadsLayout`]) of `q_buf` and
+/// `k_buf`; `k.heads` may be 0 to rotate Q alone. head_dim must be the table's; channels
+/// past its rotary_dim are untouched.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] when a view leaves its buffer or overlaps itself, token counts
+/// differ from `positions`, head_dim differs from the table's, or a buffer, the table or
+/// positions live on another device; [`Error::KernelsNotCompiled`] without kernels;
+/// [`Error::Cuda`] if the launch fails.
+#[allow(clippy::too_many_arguments)]
+pub fn apply_rope<T: Element>(
+    dev: &Device,
+    table: &RopeTable,
+    positions: &Positions,
+    q_buf: &mut CudaSlice<T>,
+    q: &HeadsLayout,
+    k_buf: &mut CudaSlice<T>,
+    k: &HeadsLayout,
+    opts: RopeOptions,
+) -> Result<()> {
+    let tokens = check_common(table, positions, dev)?;
+    check_view(table, q, "q", q_buf.len(), positions.len())?;
+    check_view(table, k, "k", k_buf.len(), positions.len())?;
+    if !dev.owns(q_buf) || !dev.owns(k_buf) {
+        return Err(Error::invalid(
+            OP,
+            "q/k",
+            "buffer lives on another device context",
+        ));
+    }
+    let stream = dev.stream();
+    let (pos_ptr, _pg) = positions.data.device_ptr(stream);
+    let (inv_ptr, _ig) = table.inv_freq.device_ptr(stream);
+    let (q_ptr, _qg) = q_buf.device_ptr_mut(stream);
+    let (k_ptr, _kg) = k_buf.device_ptr_mut(stream);
+    let vectorized =
+        vector_ok::<T>(q, table.rotary_dim, q_ptr) && vector_ok::<T>(k, table.rotary_dim, k_ptr);
+    let checked = Checked { tokens, vectorized };
+    let elem = T::DTYPE.size();
+    let params = make_params(
+        table,
+        tensor(q, q_ptr, elem),
+        tensor(k, k_ptr, elem),
+        pos_ptr,
+        inv_ptr,
+        &checked,
+        opts,
+    );
+    launch(dev, kernel_id(T::DTYPE, checked.vectorized), &params)
+}
+
+/// Rotates Q and K that are two views of one buffer (for example a packed QKV projection
+/// output), in place with one launch.
+///
+/// # Errors
+/// As [`apply_rope`], plus [`Error::InvalidArgument`] when the two views may share an
+/// element.
+pub fn apply_rope_packed<T: Element>(
+    dev: &Device,
+    table: &RopeTable,
+    positions: &Positions,
+    buf: &mut CudaSlice<T>,
+    q: &HeadsLayout,
+    k: &HeadsLayout,
+    opts: RopeOptions,
+) -> Result<()> {
+    let tokens = check_common(table, positions, dev)?;
+    check_view(table, q, "q", buf.len(), positions.len())?;
+    check_view(table, k, "k", buf.len(), positions.len())?;
+    if !dev.owns(buf) {
+        return Err(Error::invalid(
+            OP,
+            "buf",
+            "buffer lives on another device context",
+        ));
+    }
+    if q.heads > 0 && k.heads > 0 && q.may_overlap(k, OP)? {
+        return Err(Error::invalid(
+            OP,
+            "q/k",
+            format!("views may overlap: q {q:?}, k {k:?}; in-place rotation needs disjoint views"),
+        ));
+    }
+    let stream = dev.stream();
+    let (pos_ptr, _pg) = positions.data.device_ptr(stream);
+    let (inv_ptr, _ig) = table.inv_freq.device_ptr(stream);
+    let (ptr, _bg) = buf.device_ptr_mut(stream);
+    let vectorized =
+        vector_ok::<T>(q, table.rotary_dim, ptr) && vector_ok::<T>(k, table.rotary_dim, ptr);
+    let checked = Checked { tokens, vectorized };
+    let elem = T::DTYPE.size();
+    let params = make_params(
+        table,
+        tensor(q, ptr, elem),
+        tensor(k, ptr, elem),
+        pos_ptr,
+        inv_ptr,
+        &checked,
+        opts,
+    );
+    launch(dev, kernel_id(T::DTYPE, checked.vectorized), &params)
+}

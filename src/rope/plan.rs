@@ -1,0 +1,1100 @@
+//! The RoPE plan: everything about rotary position embeddings that is computed on the host.
+//!
+//! A [`RopeConfig`] holds a model's rotary settings (base, head dimension, partial rotary
+//! factor, context length and one [`RopeScaling`] variant) and turns them into the two
+//! things a kernel needs: one inverse frequency per rotated channel pair
+//! ([`RopeConfig::inv_freq_f64`]) and the attention factor that multiplies cos and sin
+//! ([`RopeConfig::attention_factor_f64`]). The GPU table and the CPU reference both take
+//! their numbers from here, so they cannot disagree about the formulas.
+//!
+//! The formulas and the reading of config.json follow HF transformers'
+//! `modeling_rope_utils.py` (`rope_scaling` / `rope_parameters`, with `rope_type` one of
+//! `default`, `linear`, `dynamic`, `yarn`, `longrope`, `llama3`). Everything is computed in
+//! f64; HF computes in f32, so values agree to f32 rounding, not bit for bit.
+//!
+//! Sources of the formulas:
+//! * RoPE itself: Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position
+//!   Embedding" (arXiv:2104.09864). A larger base ("ABF", adjusted base frequency: Xiong et
+//!   al. 2023; Code Llama; Llama 3's 500000) needs no scaling variant, only `rope_theta`.
+//! * Linear position interpolation (PI): Chen et al. 2023, "Extending Context Window of
+//!   Large Language Models via Positional Interpolation" (arXiv:2306.15595).
+//! * NTK-aware and dynamic NTK scaling: bloc97 and emozilla, 2023 (r/LocalLLaMA posts "NTK-Aware
+//!   Scaled RoPE" and "Dynamically Scaled RoPE").
+//! * YaRN: Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large Language
+//!   Models" (arXiv:2309.00071), with DeepSeek-V2/V3's `mscale` / `mscale_all_dim` variant
+//!   of its attention factor.
+//! * LongRoPE: Ding et al. 2024, "LongRoPE: Extending LLM Context Window Beyond 2 Million
+//!   Tokens" (arXiv:2402.13753), as shipped in Phi-3.
+//! * Llama 3 frequency smoothing: Meta 2024, "The Llama 3 Herd of Models"
+//!   (arXiv:2407.21783), as shipped in Llama 3.1.
+
+use std::f64::consts::PI;
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// `rope_theta` when a config does not give one (HF's `default_theta`).
+const DEFAULT_ROPE_THETA: f64 = 10_000.0;
+/// YaRN's `beta_fast` when absent, null or 0 (HF: `get("beta_fast") or 32`).
+const DEFAULT_BETA_FAST: f64 = 32.0;
+/// YaRN's `beta_slow` when absent, null or 0 (HF: `get("beta_slow") or 1`).
+const DEFAULT_BETA_SLOW: f64 = 1.0;
+
+/// The largest head dimension a [`RopeConfig`] accepts.
+///
+/// Real models use 64 to 512; the bound only stops a corrupt config file from asking
+/// [`RopeConfig::inv_freq_f64`] for an absurd allocation.
+pub const MAX_HEAD_DIM: usize = 1 << 16;
+
+/// How the base RoPE frequencies are remapped for long contexts (HF's `rope_type`).
+///
+/// Every variant starts from the default inverse frequencies
+/// `inv[i] = base^(-2i/dim)`, `i < dim/2`, with `dim` the rotary dimension
+/// ([`RopeConfig::rotary_dim`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE (Su et al. 2021): `inv[i] = base^(-2i/dim)`, attention factor 1. An
+    /// adjusted base frequency (ABF: Code Llama's 1e6, Llama 3's 500000) is this variant
+    /// with a different [`RopeConfig::base`].
+    Default,
+    /// Linear position interpolation (PI; Chen et al. 2023): `inv[i] / factor`, attention
+    /// factor 1.
+    Linear {
+        /// How many times longer the context becomes; positions are divided by it.
+        factor: f64,
+    },
+    /// Dynamic NTK-aware scaling (bloc97 and emozilla, 2023): the base grows with the
+    /// sequence length. With `L = max_position_embeddings` and `l = max(seq_len, L)`:
+    /// `base' = base * (factor * l / L - (factor - 1))^(dim / (dim - 2))`. Equal to
+    /// [`RopeScaling::Default`] while `seq_len <= L`. Attention factor 1.
+    Dynamic {
+        /// The scaling factor.
+        factor: f64,
+    },
+    /// YaRN (Peng et al. 2023): high-frequency pairs keep their frequency, low-frequency
+    /// pairs are interpolated by `factor`, with a linear ramp in the pair index between.
+    ///
+    /// `d(r) = dim * ln(L0 / (2 pi r)) / (2 ln base)`; `low = d(beta_fast)`,
+    /// `high = d(beta_slow)` (floored and ceiled when `truncate`), clamped to `[0, dim-1]`,
+    /// `high += 0.001` when they are equal; `ramp_i = clamp((i - low) / (high - low), 0, 1)`;
+    /// `inv'[i] = (inv[i] / factor) * ramp_i + inv[i] * (1 - ramp_i)`.
+    ///
+    /// Attention factor: `attention_factor` if given; else, when `mscale` and
+    /// `mscale_all_dim` are both given and nonzero (DeepSeek-V2/V3),
+    /// `g(factor, mscale) / g(factor, mscale_all_dim)`; else `g(factor, 1)`, where
+    /// `g(s, m) = 1` for `s <= 1` and `0.1 m ln s + 1` otherwise.
+    Yarn {
+        /// The scaling factor `s`.
+        factor: f64,
+        /// The pre-training context length `L0`.
+        original_max_position_embeddings: usize,
+        /// Rotations over `L0` above which a pair is left unscaled (HF default 32).
+        beta_fast: f64,
+        /// Rotations over `L0` below which a pair is fully interpolated (HF default 1).
+        beta_slow: f64,
+        /// DeepSeek's `mscale`, numerator of the attention factor ratio.
+        mscale: Option<f64>,
+        /// DeepSeek's `mscale_all_dim`, denominator of the attention factor ratio.
+        mscale_all_dim: Option<f64>,
+        /// An explicit attention factor, overriding the formulas.
+        attention_factor: Option<f64>,
+        /// Round the ramp bounds outward to whole pair indices (HF default `true`;
+        /// gpt-oss uses `false`).
+        truncate: bool,
+    },
+    /// LongRoPE (Ding et al. 2024; Phi-3): one searched rescale factor per pair,
+    /// `inv'[i] = 1 / (ext[i] * base^(2i/dim))`, with `ext = long_factor` once the sequence
+    /// is longer than `L0` and `short_factor` otherwise.
+    ///
+    /// Attention factor: `attention_factor` if given; else, with
+    /// `s = factor` or `max_position_embeddings / L0`, `1` for `s <= 1` and
+    /// `sqrt(1 + ln s / ln L0)` otherwise.
+    LongRope {
+        /// Per-pair factors for sequences up to `L0` (`rotary_dim / 2` entries).
+        short_factor: Vec<f64>,
+        /// Per-pair factors for sequences longer than `L0` (`rotary_dim / 2` entries).
+        long_factor: Vec<f64>,
+        /// The pre-training context length `L0`.
+        original_max_position_embeddings: usize,
+        /// The context extension factor; `None` derives it as
+        /// `max_position_embeddings / L0`. Used only for the attention factor.
+        factor: Option<f64>,
+        /// An explicit attention factor, overriding the formula.
+        attention_factor: Option<f64>,
+    },
+    /// Llama 3.1's frequency smoothing (Meta 2024). With wavelength `w = 2 pi / inv[i]`,
+    /// `lo = L0 / low_freq_factor` and `hi = L0 / high_freq_factor`: `w < hi` keeps
+    /// `inv[i]`; `w > lo` gives `inv[i] / factor`; between,
+    /// `s = (L0 / w - low_freq_factor) / (high_freq_factor - low_freq_factor)` and
+    /// `inv'[i] = (1 - s) inv[i] / factor + s inv[i]`. Attention factor 1.
+    Llama3 {
+        /// The scaling factor for low-frequency pairs (8 in Llama 3.1).
+        factor: f64,
+        /// Sets the long-wavelength edge `L0 / low_freq_factor` (1 in Llama 3.1).
+        low_freq_factor: f64,
+        /// Sets the short-wavelength edge `L0 / high_freq_factor` (4 in Llama 3.1).
+        high_freq_factor: f64,
+        /// The pre-training context length `L0` (8192 in Llama 3.1).
+        original_max_position_embeddings: usize,
+    },
+}
+
+impl RopeScaling {
+    /// HF's `rope_type` string for this variant: `default`, `linear`, `dynamic`, `yarn`,
+    /// `longrope` or `llama3`.
+    pub fn rope_type(&self) -> &'static str {
+        match self {
+            RopeScaling::Default => "default",
+            RopeScaling::Linear { .. } => "linear",
+            RopeScaling::Dynamic { .. } => "dynamic",
+            RopeScaling::Yarn { .. } => "yarn",
+            RopeScaling::LongRope { .. } => "longrope",
+            RopeScaling::Llama3 { .. } => "llama3",
+        }
+    }
+}
+
+/// A validated rotary-embedding configuration: the single source of inv_freq and of the
+/// attention factor for the CPU reference and the GPU kernels.
+///
+/// Made from a model's config.json with [`RopeConfig::from_hf_config`] or in code with
+/// [`RopeConfig::builder`]; both run the same validation, so every `RopeConfig` yields
+/// finite, positive frequencies and a finite, positive attention factor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfig {
+    base: f64,
+    head_dim: usize,
+    partial_rotary_factor: f64,
+    max_position_embeddings: usize,
+    scaling: RopeScaling,
+}
+
+impl RopeConfig {
+    /// Reads the rotary settings from the text of an HF transformers `config.json`.
+    ///
+    /// Keys read, with HF's precedence:
+    /// * the rope head dimension: `qk_rope_head_dim` (DeepSeek's MLA), else `head_dim`, else
+    ///   `hidden_size / num_attention_heads` (floor division, as HF);
+    /// * the scaling section: legacy `rope_scaling` (`type` or `rope_type`; `null` means
+    ///   default) or, when that is absent, null or empty, transformers-5 `rope_parameters`.
+    ///   Legacy type `su` means `longrope`;
+    /// * `rope_theta`: from the section if there, else top level, else 10000;
+    /// * `partial_rotary_factor`: from the section if there, else top level, else 1;
+    /// * `max_position_embeddings` (top level; needed by `dynamic`, and wherever a value is
+    ///   derived from it);
+    /// * `original_max_position_embeddings` for `yarn`, `longrope` and `llama3`: top level
+    ///   first (Phi-3 keeps it there), then the section, then `max_position_embeddings`.
+    ///
+    /// Per type, as HF: `linear`, `dynamic` and `llama3` need `factor`; `yarn` needs the
+    /// `factor` key, and a `null` factor is derived as
+    /// `max_position_embeddings / original_max_position_embeddings`; `longrope` needs
+    /// `short_factor` and `long_factor`, its `factor` is optional. Unknown keys are ignored.
+    /// A null value counts as absent, except for YaRN's `factor`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] naming the config.json key when the text is not a JSON object, a
+    /// required key is missing, a key has the wrong JSON type (a string where a number is
+    /// expected, a fraction where an integer is), the `rope_type` is not one of the six
+    /// known ones, the section holds per-layer-type parameters, or the values fail the
+    /// checks of [`RopeConfigBuilder::build`].
+    pub fn from_hf_config(json: &str) -> Result<RopeConfig> {
+        let root: Value = serde_json::from_str(json)
+            .map_err(|e| Error::config("config.json", format!("is not valid JSON: {e}")))?;
+        let top = root.as_object().ok_or_else(|| {
+            Error::config(
+                "config.json",
+                format!("must be a JSON object, found {}", describe(&root)),
+            )
+        })?;
+        parse_config(top)
+    }
+
+    /// Starts a configuration made in code for heads of `head_dim` channels.
+    ///
+    /// Defaults: base 10000, partial rotary factor 1, `max_position_embeddings` 0 (unknown;
+    /// only some scalings need it), [`RopeScaling::Default`]. Nothing is checked until
+    /// [`RopeConfigBuilder::build`].
+    pub fn builder(head_dim: usize) -> RopeConfigBuilder {
+        RopeConfigBuilder {
+            head_dim,
+            base: DEFAULT_ROPE_THETA,
+            partial_rotary_factor: 1.0,
+            max_position_embeddings: 0,
+            scaling: RopeScaling::Default,
+        }
+    }
+
+    /// The inverse frequencies rounded to f32, one per rotated pair (`rotary_dim / 2`).
+    ///
+    /// Each entry is the f32 nearest to the matching [`RopeConfig::inv_freq_f64`] entry.
+    /// `seq_len` is as there.
+    pub fn inv_freq(&self, seq_len: usize) -> Vec<f32> {
+        self.inv_freq_f64(seq_len)
+            .into_iter()
+            .map(|x| x as f32)
+            .collect()
+    }
+
+    /// The inverse frequencies in f64, one per rotated pair (`rotary_dim / 2` entries): pair
+    /// `i` turns by `position * inv[i]` radians.
+    ///
+    /// `seq_len` is the longest sequence the frequencies will serve (largest position + 1).
+    /// Only [`RopeScaling::Dynamic`] (which grows the base past `max_position_embeddings`)
+    /// and [`RopeScaling::LongRope`] (which switches to `long_factor` past
+    /// `original_max_position_embeddings`) depend on it; the others ignore it.
+    pub fn inv_freq_f64(&self, seq_len: usize) -> Vec<f64> {
+        let dim = self.rotary_dim();
+        match &self.scaling {
+            RopeScaling::Default => default_inv_freq(self.base, dim),
+            RopeScaling::Linear { factor } => default_inv_freq(self.base, dim)
+                .into_iter()
+                .map(|inv| inv / factor)
+                .collect(),
+            RopeScaling::Dynamic { factor } => {
+                let l = self.max_position_embeddings;
+                if seq_len <= l {
+                    // base' = base * 1^(...) exactly: skip the arithmetic so the equality holds
+                    // bit for bit.
+                    default_inv_freq(self.base, dim)
+                } else {
+                    let ratio = factor * seq_len as f64 / l as f64 - (factor - 1.0);
+                    let d = dim as f64;
+                    let base = self.base * ratio.powf(d / (d - 2.0));
+                    default_inv_freq(base, dim)
+                }
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                truncate,
+                ..
+            } => {
+                let (low, high) = yarn_correction_range(
+                    *beta_fast,
+                    *beta_slow,
+                    dim,
+                    self.base,
+                    *original_max_position_embeddings,
+                    *truncate,
+                );
+                let high = if low == high { high + 0.001 } else { high };
+                default_inv_freq(self.base, dim)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, extrapolated)| {
+                        let interpolated = extrapolated / factor;
+                        let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                        let extrapolation = 1.0 - ramp;
+                        interpolated * (1.0 - extrapolation) + extrapolated * extrapolation
+                    })
+                    .collect()
+            }
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                ..
+            } => {
+                let ext = if seq_len > *original_max_position_embeddings {
+                    long_factor
+                } else {
+                    short_factor
+                };
+                let d = dim as f64;
+                ext.iter()
+                    .take(dim / 2)
+                    .enumerate()
+                    .map(|(i, e)| 1.0 / (e * self.base.powf((2 * i) as f64 / d)))
+                    .collect()
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let l0 = *original_max_position_embeddings as f64;
+                let low_freq_wavelen = l0 / low_freq_factor;
+                let high_freq_wavelen = l0 / high_freq_factor;
+                default_inv_freq(self.base, dim)
+                    .into_iter()
+                    .map(|inv| {
+                        let wavelen = 2.0 * PI / inv;
+                        if wavelen < high_freq_wavelen {
+                            inv
+                        } else if wavelen > low_freq_wavelen {
+                            inv / factor
+                        } else {
+                            let smooth = (l0 / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * inv / factor + smooth * inv
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The attention factor rounded to f32: see [`RopeConfig::attention_factor_f64`].
+    pub fn attention_factor(&self) -> f32 {
+        self.attention_factor_f64() as f32
+    }
+
+    /// The factor that multiplies both cos and sin (so q, k, and the logits by its square).
+    ///
+    /// 1 for default, linear, dynamic and llama3; YaRN's and LongRoPE's formulas are given
+    /// on [`RopeScaling::Yarn`] and [`RopeScaling::LongRope`].
+    pub fn attention_factor_f64(&self) -> f64 {
+        match &self.scaling {
+            RopeScaling::Yarn {
+                factor,
+                mscale,
+                mscale_all_dim,
+                attention_factor,
+                ..
+            } => match (attention_factor, nonzero(*mscale), nonzero(*mscale_all_dim)) {
+                (Some(a), _, _) => *a,
+                (None, Some(m), Some(m_all)) => {
+                    yarn_mscale(*factor, m) / yarn_mscale(*factor, m_all)
+                }
+                (None, _, _) => yarn_mscale(*factor, 1.0),
+            },
+            RopeScaling::LongRope {
+                original_max_position_embeddings,
+                factor,
+                attention_factor,
+                ..
+            } => match attention_factor {
+                Some(a) => *a,
+                None => {
+                    let l0 = *original_max_position_embeddings as f64;
+                    let s = factor.unwrap_or(self.max_position_embeddings as f64 / l0);
+                    if s <= 1.0 {
+                        1.0
+                    } else {
+                        (1.0 + s.ln() / l0.ln()).sqrt()
+                    }
+                }
+            },
+            RopeScaling::Default
+            | RopeScaling::Linear { .. }
+            | RopeScaling::Dynamic { .. }
+            | RopeScaling::Llama3 { .. } => 1.0,
+        }
+    }
+
+    /// The number of rotated channels: `int(head_dim * partial_rotary_factor)`, even and
+    /// nonzero. Channels from here to `head_dim` pass through unrotated and unscaled.
+    pub fn rotary_dim(&self) -> usize {
+        rotary_dim_of(self.head_dim, self.partial_rotary_factor)
+    }
+
+    /// The head dimension the rotation applies to (for DeepSeek's MLA, `qk_rope_head_dim`).
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// The RoPE base (`rope_theta`).
+    pub fn base(&self) -> f64 {
+        self.base
+    }
+
+    /// The fraction of each head that is rotated (`partial_rotary_factor`, in (0, 1]).
+    pub fn partial_rotary_factor(&self) -> f64 {
+        self.partial_rotary_factor
+    }
+
+    /// `max_position_embeddings`: the context length the model is configured for; 0 when
+    /// neither the config nor the builder gave one.
+    pub fn max_position_embeddings(&self) -> usize {
+        self.max_position_embeddings
+    }
+
+    /// The frequency remapping.
+    pub fn scaling(&self) -> &RopeScaling {
+        &self.scaling
+    }
+}
+
+/// Builds a [`RopeConfig`] in code. Made by [`RopeConfig::builder`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfigBuilder {
+    head_dim: usize,
+    base: f64,
+    partial_rotary_factor: f64,
+    max_position_embeddings: usize,
+    scaling: RopeScaling,
+}
+
+impl RopeConfigBuilder {
+    /// Sets the RoPE base (`rope_theta`; default 10000).
+    pub fn base(mut self, base: f64) -> Self {
+        self.base = base;
+        self
+    }
+
+    /// Sets the fraction of each head that is rotated (default 1).
+    pub fn partial_rotary_factor(mut self, partial_rotary_factor: f64) -> Self {
+        self.partial_rotary_factor = partial_rotary_factor;
+        self
+    }
+
+    /// Sets `max_position_embeddings` (default 0, unknown). [`RopeScaling::Dynamic`] needs
+    /// it, and [`RopeScaling::LongRope`] without `factor` or `attention_factor` derives its
+    /// factor from it.
+    pub fn max_position_embeddings(mut self, max_position_embeddings: usize) -> Self {
+        self.max_position_embeddings = max_position_embeddings;
+        self
+    }
+
+    /// Sets the frequency remapping (default [`RopeScaling::Default`]).
+    pub fn scaling(mut self, scaling: RopeScaling) -> Self {
+        self.scaling = scaling;
+        self
+    }
+
+    /// Checks the settings and makes the configuration.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`], naming the config.json key the value would have, when:
+    /// * `rope_theta` is not finite or not greater than 1;
+    /// * `head_dim` is 0 or above [`MAX_HEAD_DIM`];
+    /// * `partial_rotary_factor` is outside (0, 1], or the rotary dimension
+    ///   `int(head_dim * partial_rotary_factor)` is 0 or odd;
+    /// * a scaling `factor`, `beta_fast`, `beta_slow`, `low_freq_factor`, an explicit
+    ///   `attention_factor` or a LongRoPE entry is not finite and positive, `mscale` or
+    ///   `mscale_all_dim` is not finite, or `high_freq_factor <= low_freq_factor`;
+    /// * `original_max_position_embeddings` is 0 (or 1 where LongRoPE takes its logarithm);
+    /// * `short_factor` or `long_factor` does not have `rotary_dim / 2` entries;
+    /// * dynamic NTK lacks `max_position_embeddings` or has a rotary dimension of 2 (its
+    ///   exponent `dim / (dim - 2)` would divide by zero);
+    /// * the resulting attention factor is not finite and positive.
+    pub fn build(self) -> Result<RopeConfig> {
+        let config = RopeConfig {
+            base: self.base,
+            head_dim: self.head_dim,
+            partial_rotary_factor: self.partial_rotary_factor,
+            max_position_embeddings: self.max_position_embeddings,
+            scaling: self.scaling,
+        };
+        validate(&config, "rope_scaling")?;
+        Ok(config)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Formulas
+// ---------------------------------------------------------------------------------------
+
+/// `int(head_dim * partial_rotary_factor)`, as Python's `int()` truncates (both operands
+/// are positive after validation; a NaN or negative product gives 0).
+fn rotary_dim_of(head_dim: usize, partial_rotary_factor: f64) -> usize {
+    let d = (head_dim as f64 * partial_rotary_factor).trunc();
+    if d.is_finite() && d > 0.0 {
+        // Float-to-int `as` saturates; validation bounds head_dim, so nothing is lost.
+        d as usize
+    } else {
+        0
+    }
+}
+
+/// `inv[i] = 1 / base^(2i/dim)` for `i < dim/2`, in HF's order of operations.
+fn default_inv_freq(base: f64, dim: usize) -> Vec<f64> {
+    let d = dim as f64;
+    (0..dim / 2)
+        .map(|i| 1.0 / base.powf((2 * i) as f64 / d))
+        .collect()
+}
+
+/// YaRN's inverse dimension formula: the (fractional) pair dimension whose wavelength
+/// fits `num_rotations` times into `original_max_position_embeddings`.
+fn yarn_correction_dim(
+    num_rotations: f64,
+    dim: usize,
+    base: f64,
+    original_max_position_embeddings: usize,
+) -> f64 {
+    (dim as f64 * (original_max_position_embeddings as f64 / (num_rotations * 2.0 * PI)).ln())
+        / (2.0 * base.ln())
+}
+
+/// YaRN's ramp bounds `(low, high)`: `d(beta_fast)` and `d(beta_slow)`, floored and
+/// ceiled when `truncate`, clamped to `[0, dim - 1]`.
+fn yarn_correction_range(
+    beta_fast: f64,
+    beta_slow: f64,
+    dim: usize,
+    base: f64,
+    original_max_position_embeddings: usize,
+    truncate: bool,
+) -> (f64, f64) {
+    let mut low = yarn_correction_dim(beta_fast, dim, base, original_max_position_embeddings);
+    let mut high = yarn_correction_dim(beta_slow, dim, base, original_max_position_embeddings);
+    if truncate {
+        low = low.floor();
+        high = high.ceil();
+    }
+    let top = dim.saturating_sub(1) as f64;
+    (low.max(0.0), high.min(top))
+}
+
+/// YaRN's `g(s, m)`: 1 for `s <= 1`, else `0.1 m ln s + 1`.
+fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
+}
+
+/// Python truthiness of an optional number: `None` and `0` count as absent.
+fn nonzero(v: Option<f64>) -> Option<f64> {
+    v.filter(|&x| x != 0.0)
+}
+
+// ---------------------------------------------------------------------------------------
+// Validation: the one place both the parser and the builder check a configuration.
+// ---------------------------------------------------------------------------------------
+
+/// Checks every invariant the formulas rely on. `section` prefixes the scaling keys in
+/// error messages (`rope_scaling` or `rope_parameters`).
+fn validate(config: &RopeConfig, section: &str) -> Result<()> {
+    let key = |name: &str| format!("{section}.{name}");
+
+    if !(config.base.is_finite() && config.base > 1.0) {
+        return Err(Error::config(
+            "rope_theta",
+            format!(
+                "must be a finite number greater than 1, got {}",
+                config.base
+            ),
+        ));
+    }
+    if config.head_dim == 0 || config.head_dim > MAX_HEAD_DIM {
+        return Err(Error::config(
+            "head_dim",
+            format!(
+                "must be between 1 and {MAX_HEAD_DIM}, got {}",
+                config.head_dim
+            ),
+        ));
+    }
+    let prf = config.partial_rotary_factor;
+    if !(prf.is_finite() && prf > 0.0 && prf <= 1.0) {
+        return Err(Error::config(
+            "partial_rotary_factor",
+            format!("must be in (0, 1], got {prf}"),
+        ));
+    }
+    let dim = config.rotary_dim();
+    if dim == 0 || dim % 2 != 0 {
+        let k = if prf == 1.0 {
+            "head_dim"
+        } else {
+            "partial_rotary_factor"
+        };
+        return Err(Error::config(
+            k,
+            format!(
+                "the rotary dimension int(head_dim {} x partial_rotary_factor {prf}) = {dim} must be even and nonzero",
+                config.head_dim
+            ),
+        ));
+    }
+
+    match &config.scaling {
+        RopeScaling::Default => {}
+        RopeScaling::Linear { factor } => positive(*factor, key("factor"))?,
+        RopeScaling::Dynamic { factor } => {
+            positive(*factor, key("factor"))?;
+            if config.max_position_embeddings == 0 {
+                return Err(Error::config(
+                    "max_position_embeddings",
+                    "missing or 0; dynamic NTK scaling needs it as the length past which the base grows",
+                ));
+            }
+            if dim < 4 {
+                let k = if prf == 1.0 {
+                    "head_dim"
+                } else {
+                    "partial_rotary_factor"
+                };
+                return Err(Error::config(
+                    k,
+                    format!("dynamic NTK scaling needs a rotary dimension of at least 4 (its exponent is dim / (dim - 2)), got {dim}"),
+                ));
+            }
+        }
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            mscale,
+            mscale_all_dim,
+            attention_factor,
+            truncate: _,
+        } => {
+            positive(*factor, key("factor"))?;
+            nonzero_length(
+                *original_max_position_embeddings,
+                key("original_max_position_embeddings"),
+            )?;
+            positive(*beta_fast, key("beta_fast"))?;
+            positive(*beta_slow, key("beta_slow"))?;
+            if let Some(m) = mscale {
+                finite(*m, key("mscale"))?;
+            }
+            if let Some(m) = mscale_all_dim {
+                finite(*m, key("mscale_all_dim"))?;
+            }
+            if let Some(a) = attention_factor {
+                positive(*a, key("attention_factor"))?;
+            }
+        }
+        RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            original_max_position_embeddings,
+            factor,
+            attention_factor,
+        } => {
+            for (name, list) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+                if list.len() != dim / 2 {
+                    return Err(Error::config(
+                        key(name),
+                        format!(
+                            "must have rotary_dim / 2 = {} entries (one per rotated pair), got {}",
+                            dim / 2,
+                            list.len()
+                        ),
+                    ));
+                }
+                for (i, &v) in list.iter().enumerate() {
+                    positive(v, format!("{section}.{name}[{i}]"))?;
+                }
+            }
+            nonzero_length(
+                *original_max_position_embeddings,
+                key("original_max_position_embeddings"),
+            )?;
+            if let Some(f) = factor {
+                positive(*f, key("factor"))?;
+            }
+            match attention_factor {
+                Some(a) => positive(*a, key("attention_factor"))?,
+                None => {
+                    if factor.is_none() && config.max_position_embeddings == 0 {
+                        return Err(Error::config(
+                            "max_position_embeddings",
+                            format!(
+                                "missing or 0; LongRoPE without {section}.factor or {section}.attention_factor \
+                                 derives its factor as max_position_embeddings / original_max_position_embeddings"
+                            ),
+                        ));
+                    }
+                    let l0 = *original_max_position_embeddings as f64;
+                    let s = factor.unwrap_or(config.max_position_embeddings as f64 / l0);
+                    if s > 1.0 && *original_max_position_embeddings < 2 {
+                        return Err(Error::config(
+                            key("original_max_position_embeddings"),
+                            "must be at least 2: LongRoPE's attention factor divides by its logarithm",
+                        ));
+                    }
+                }
+            }
+        }
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            positive(*factor, key("factor"))?;
+            positive(*low_freq_factor, key("low_freq_factor"))?;
+            finite(*high_freq_factor, key("high_freq_factor"))?;
+            if high_freq_factor <= low_freq_factor {
+                return Err(Error::config(
+                    key("high_freq_factor"),
+                    format!("must be greater than low_freq_factor {low_freq_factor}, got {high_freq_factor}"),
+                ));
+            }
+            nonzero_length(
+                *original_max_position_embeddings,
+                key("original_max_position_embeddings"),
+            )?;
+        }
+    }
+
+    let a = config.attention_factor_f64();
+    if !(a.is_finite() && a > 0.0) {
+        let k = match &config.scaling {
+            RopeScaling::Yarn {
+                mscale,
+                mscale_all_dim,
+                ..
+            } if nonzero(*mscale).is_some() && nonzero(*mscale_all_dim).is_some() => {
+                key("mscale_all_dim")
+            }
+            _ => key("factor"),
+        };
+        return Err(Error::config(
+            k,
+            format!("gives an attention factor of {a}; it must be finite and positive"),
+        ));
+    }
+    Ok(())
+}
+
+fn finite(v: f64, key: String) -> Result<()> {
+    if v.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::config(
+            key,
+            format!("must be a finite number, got {v}"),
+        ))
+    }
+}
+
+fn positive(v: f64, key: String) -> Result<()> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::config(
+            key,
+            format!("must be a finite number greater than 0, got {v}"),
+        ))
+    }
+}
+
+fn nonzero_length(v: usize, key: String) -> Result<()> {
+    if v > 0 {
+        Ok(())
+    } else {
+        Err(Error::config(
+            key,
+            "must be a positive number of positions, got 0",
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// config.json parsing
+// ---------------------------------------------------------------------------------------
+
+type Object = Map<String, Value>;
+
+fn parse_config(top: &Object) -> Result<RopeConfig> {
+    let head_dim = parse_head_dim(top)?;
+    let max_position_embeddings =
+        opt_uint(top, "max_position_embeddings", "max_position_embeddings")?;
+
+    let (section_name, section) = match opt_section(top, "rope_scaling")? {
+        Some(s) => ("rope_scaling", Some(s)),
+        None => ("rope_parameters", opt_section(top, "rope_parameters")?),
+    };
+    let empty = Object::new();
+    let section = section.unwrap_or(&empty);
+    let key = |name: &str| format!("{section_name}.{name}");
+
+    if !section.contains_key("rope_type")
+        && !section.contains_key("type")
+        && section.values().all(Value::is_object)
+    {
+        // HF allows one dict per layer type ({"full_attention": {...}, "sliding_attention":
+        // {...}}). One RopeConfig describes one rotation.
+        if let Some(layer_type) = section.keys().next() {
+            return Err(Error::config(
+                section_name,
+                format!(
+                    "holds per-layer-type RoPE parameters (`{layer_type}`, ...); build one RopeConfig \
+                     per layer type with RopeConfig::builder"
+                ),
+            ));
+        }
+    }
+
+    let base = match opt_num(section, "rope_theta", &key("rope_theta"))? {
+        Some(b) => b,
+        None => opt_num(top, "rope_theta", "rope_theta")?.unwrap_or(DEFAULT_ROPE_THETA),
+    };
+    let partial_rotary_factor = match opt_num(
+        section,
+        "partial_rotary_factor",
+        &key("partial_rotary_factor"),
+    )? {
+        Some(p) => p,
+        None => opt_num(top, "partial_rotary_factor", "partial_rotary_factor")?.unwrap_or(1.0),
+    };
+
+    let type_key = key("rope_type");
+    let rope_type = match present(section, "rope_type").or_else(|| present(section, "type")) {
+        None => "default",
+        Some(Value::String(s)) => s.as_str(),
+        Some(other) => {
+            return Err(Error::config(
+                type_key,
+                format!("expected a string, found {}", describe(other)),
+            ))
+        }
+    };
+
+    // Pre-training length for the types that have one: top level first (Phi-3), then the
+    // section, then max_position_embeddings (HF's standardize_rope_params).
+    let original_len = || -> Result<usize> {
+        let top_level = opt_uint(
+            top,
+            "original_max_position_embeddings",
+            "original_max_position_embeddings",
+        )?;
+        let in_section = opt_uint(
+            section,
+            "original_max_position_embeddings",
+            &key("original_max_position_embeddings"),
+        )?;
+        top_level
+            .or(in_section)
+            .or(max_position_embeddings)
+            .ok_or_else(|| {
+                Error::config(
+                    key("original_max_position_embeddings"),
+                    "missing, and there is no max_position_embeddings to default it to",
+                )
+            })
+    };
+
+    let scaling = match rope_type {
+        "default" => RopeScaling::Default,
+        "linear" => RopeScaling::Linear {
+            factor: req_num(section, "factor", &key("factor"), "linear")?,
+        },
+        "dynamic" => RopeScaling::Dynamic {
+            factor: req_num(section, "factor", &key("factor"), "dynamic")?,
+        },
+        "yarn" => {
+            let l0 = original_len()?;
+            let factor = match section.get("factor") {
+                None => {
+                    return Err(Error::config(
+                        key("factor"),
+                        "missing; required for rope_type yarn (null derives it as \
+                         max_position_embeddings / original_max_position_embeddings)",
+                    ))
+                }
+                Some(Value::Null) => {
+                    let max = max_position_embeddings.ok_or_else(|| {
+                        Error::config(
+                            "max_position_embeddings",
+                            format!("missing; needed to derive the null {}", key("factor")),
+                        )
+                    })?;
+                    if l0 == 0 {
+                        return Err(Error::config(
+                            key("original_max_position_embeddings"),
+                            "must be a positive number of positions, got 0",
+                        ));
+                    }
+                    max as f64 / l0 as f64
+                }
+                Some(_) => req_num(section, "factor", &key("factor"), "yarn")?,
+            };
+            let beta_fast = opt_num(section, "beta_fast", &key("beta_fast"))?
+                .filter(|&b| b != 0.0)
+                .unwrap_or(DEFAULT_BETA_FAST);
+            let beta_slow = opt_num(section, "beta_slow", &key("beta_slow"))?
+                .filter(|&b| b != 0.0)
+                .unwrap_or(DEFAULT_BETA_SLOW);
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: l0,
+                beta_fast,
+                beta_slow,
+                mscale: opt_num(section, "mscale", &key("mscale"))?,
+                mscale_all_dim: opt_num(section, "mscale_all_dim", &key("mscale_all_dim"))?,
+                attention_factor: opt_num(section, "attention_factor", &key("attention_factor"))?,
+                truncate: opt_bool(section, "truncate", &key("truncate"))?.unwrap_or(true),
+            }
+        }
+        "longrope" | "su" => RopeScaling::LongRope {
+            short_factor: req_num_list(section, "short_factor", &key("short_factor"))?,
+            long_factor: req_num_list(section, "long_factor", &key("long_factor"))?,
+            original_max_position_embeddings: original_len()?,
+            factor: opt_num(section, "factor", &key("factor"))?,
+            attention_factor: opt_num(section, "attention_factor", &key("attention_factor"))?,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: req_num(section, "factor", &key("factor"), "llama3")?,
+            low_freq_factor: req_num(section, "low_freq_factor", &key("low_freq_factor"), "llama3")?,
+            high_freq_factor: req_num(section, "high_freq_factor", &key("high_freq_factor"), "llama3")?,
+            original_max_position_embeddings: original_len()?,
+        },
+        other => {
+            return Err(Error::config(
+                type_key,
+                format!(
+                    "unknown RoPE type {other:?}; expected one of \"default\", \"linear\", \"dynamic\", \
+                     \"yarn\", \"longrope\" (legacy \"su\"), \"llama3\""
+                ),
+            ))
+        }
+    };
+
+    let config = RopeConfig {
+        base,
+        head_dim,
+        partial_rotary_factor,
+        max_position_embeddings: max_position_embeddings.unwrap_or(0),
+        scaling,
+    };
+    validate(&config, section_name)?;
+    Ok(config)
+}
+
+/// The rope head dimension: `qk_rope_head_dim`, else `head_dim`, else
+/// `hidden_size / num_attention_heads`.
+fn parse_head_dim(top: &Object) -> Result<usize> {
+    if let Some(d) = opt_uint(top, "qk_rope_head_dim", "qk_rope_head_dim")? {
+        return Ok(d);
+    }
+    if let Some(d) = opt_uint(top, "head_dim", "head_dim")? {
+        return Ok(d);
+    }
+    let hidden = opt_uint(top, "hidden_size", "hidden_size")?;
+    let heads = opt_uint(top, "num_attention_heads", "num_attention_heads")?;
+    match (hidden, heads) {
+        (Some(hidden), Some(heads)) => hidden
+            .checked_div(heads)
+            .ok_or_else(|| Error::config("num_attention_heads", "must be positive, got 0")),
+        (Some(_), None) => Err(Error::config(
+            "num_attention_heads",
+            "missing; needed with hidden_size to derive the head dimension, as head_dim is absent",
+        )),
+        (None, Some(_)) => Err(Error::config(
+            "hidden_size",
+            "missing; needed with num_attention_heads to derive the head dimension, as head_dim is absent",
+        )),
+        (None, None) => Err(Error::config(
+            "head_dim",
+            "missing, and neither qk_rope_head_dim nor hidden_size and num_attention_heads are there to \
+             derive it from",
+        )),
+    }
+}
+
+/// A value that is there and not null.
+fn present<'a>(obj: &'a Object, name: &str) -> Option<&'a Value> {
+    obj.get(name).filter(|v| !v.is_null())
+}
+
+/// An object-valued section; absent, null and `{}` all read as `None`.
+fn opt_section<'a>(top: &'a Object, name: &str) -> Result<Option<&'a Object>> {
+    match top.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) if m.is_empty() => Ok(None),
+        Some(Value::Object(m)) => Ok(Some(m)),
+        Some(other) => Err(Error::config(
+            name,
+            format!("expected an object or null, found {}", describe(other)),
+        )),
+    }
+}
+
+fn as_number(v: &Value, full_key: &str) -> Result<f64> {
+    match v.as_f64() {
+        Some(x) if x.is_finite() => Ok(x),
+        _ => Err(Error::config(
+            full_key,
+            format!("expected a number, found {}", describe(v)),
+        )),
+    }
+}
+
+fn opt_num(obj: &Object, name: &str, full_key: &str) -> Result<Option<f64>> {
+    present(obj, name)
+        .map(|v| as_number(v, full_key))
+        .transpose()
+}
+
+fn req_num(obj: &Object, name: &str, full_key: &str, rope_type: &str) -> Result<f64> {
+    opt_num(obj, name, full_key)?.ok_or_else(|| {
+        Error::config(
+            full_key,
+            format!("missing; required for rope_type {rope_type}"),
+        )
+    })
+}
+
+fn req_num_list(obj: &Object, name: &str, full_key: &str) -> Result<Vec<f64>> {
+    match present(obj, name) {
+        None => Err(Error::config(
+            full_key,
+            "missing; required for rope_type longrope",
+        )),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| as_number(v, &format!("{full_key}[{i}]")))
+            .collect(),
+        Some(other) => Err(Error::config(
+            full_key,
+            format!("expected an array of numbers, found {}", describe(other)),
+        )),
+    }
+}
+
+fn opt_uint(obj: &Object, name: &str, full_key: &str) -> Result<Option<usize>> {
+    let Some(v) = present(obj, name) else {
+        return Ok(None);
+    };
+    let bad = || {
+        Error::config(
+            full_key,
+            format!("expected a non-negative integer, found {}", describe(v)),
+        )
+    };
+    let n = if let Some(n) = v.as_u64() {
+        n
+    } else {
+        // Accept integral floats such as 4096.0, which Python would also take.
+        match v.as_f64() {
+            Some(x) if x.is_finite() && x >= 0.0 && x.fract() == 0.0 && x < 9.0e15 => x as u64,
+            _ => return Err(bad()),
+        }
+    };
+    usize::try_from(n).map(Some).map_err(|_| bad())
+}
+
+fn opt_bool(obj: &Object, name: &str, full_key: &str) -> Result<Option<bool>> {
+    match present(obj, name) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(Error::config(
+            full_key,
+            format!("expected true or false, found {}", describe(other)),
+        )),
+    }
+}
+
+/// A short description of a JSON value for error messages.
+fn describe(v: &Value) -> String {
+    let kind = match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    };
+    let text = v.to_string();
+    let mut shown: String = text.chars().take(40).collect();
+    if shown.len() < text.len() {
+        shown.push_str("...");
+    }
+    format!("{kind} ({shown})")
+}
