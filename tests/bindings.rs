@@ -43,6 +43,7 @@ fn generate(header: &Path) -> String {
         .derive_copy(true)
         .layout_tests(true)
         .generate_comments(true)
+        .formatter(bindgen::Formatter::Prettyplease)
         .generate()
         .expect("bindgen failed on a params header");
     let mut s = String::from(

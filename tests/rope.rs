@@ -559,3 +559,28 @@ mod gpu {
         assert!(apply_rope_packed(&dev, &table, &pos, &mut buf, &q_self, &k, opts).is_err());
     }
 }
+
+/// Empty views (no heads, no tokens) are valid whatever their strides.
+#[test]
+fn empty_views_validate() {
+    let inv = vec![1.0; 8];
+    let mut buf = vec![0.0; 16];
+    let l = HeadsLayout {
+        offset: 0,
+        tokens: 2,
+        heads: 0,
+        head_dim: 16,
+        token_stride: 0,
+        head_stride: 0,
+    };
+    apply_rope_f64(
+        &mut buf,
+        &l,
+        &[0, 1],
+        &inv,
+        1.0,
+        RopeStyle::Neox,
+        Direction::Forward,
+    )
+    .unwrap();
+}

@@ -21,17 +21,24 @@ pub struct LongctxRopeTensor {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of LongctxRopeTensor"][::std::mem::size_of::<LongctxRopeTensor>() - 32usize];
-    ["Alignment of LongctxRopeTensor"][::std::mem::align_of::<LongctxRopeTensor>() - 8usize];
-    ["Offset of field: LongctxRopeTensor::data"]
-        [::std::mem::offset_of!(LongctxRopeTensor, data) - 0usize];
-    ["Offset of field: LongctxRopeTensor::token_stride"]
-        [::std::mem::offset_of!(LongctxRopeTensor, token_stride) - 8usize];
-    ["Offset of field: LongctxRopeTensor::head_stride"]
-        [::std::mem::offset_of!(LongctxRopeTensor, head_stride) - 16usize];
-    ["Offset of field: LongctxRopeTensor::heads"]
-        [::std::mem::offset_of!(LongctxRopeTensor, heads) - 24usize];
-    ["Offset of field: LongctxRopeTensor::pad0"]
-        [::std::mem::offset_of!(LongctxRopeTensor, pad0) - 28usize];
+    [
+        "Alignment of LongctxRopeTensor",
+    ][::std::mem::align_of::<LongctxRopeTensor>() - 8usize];
+    [
+        "Offset of field: LongctxRopeTensor::data",
+    ][::std::mem::offset_of!(LongctxRopeTensor, data) - 0usize];
+    [
+        "Offset of field: LongctxRopeTensor::token_stride",
+    ][::std::mem::offset_of!(LongctxRopeTensor, token_stride) - 8usize];
+    [
+        "Offset of field: LongctxRopeTensor::head_stride",
+    ][::std::mem::offset_of!(LongctxRopeTensor, head_stride) - 16usize];
+    [
+        "Offset of field: LongctxRopeTensor::heads",
+    ][::std::mem::offset_of!(LongctxRopeTensor, heads) - 24usize];
+    [
+        "Offset of field: LongctxRopeTensor::pad0",
+    ][::std::mem::offset_of!(LongctxRopeTensor, pad0) - 28usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -50,25 +57,37 @@ pub struct LongctxRopeParams {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of LongctxRopeParams"][::std::mem::size_of::<LongctxRopeParams>() - 104usize];
-    ["Alignment of LongctxRopeParams"][::std::mem::align_of::<LongctxRopeParams>() - 8usize];
-    ["Offset of field: LongctxRopeParams::q"]
-        [::std::mem::offset_of!(LongctxRopeParams, q) - 0usize];
-    ["Offset of field: LongctxRopeParams::k"]
-        [::std::mem::offset_of!(LongctxRopeParams, k) - 32usize];
-    ["Offset of field: LongctxRopeParams::positions"]
-        [::std::mem::offset_of!(LongctxRopeParams, positions) - 64usize];
-    ["Offset of field: LongctxRopeParams::inv_freq"]
-        [::std::mem::offset_of!(LongctxRopeParams, inv_freq) - 72usize];
-    ["Offset of field: LongctxRopeParams::tokens"]
-        [::std::mem::offset_of!(LongctxRopeParams, tokens) - 80usize];
-    ["Offset of field: LongctxRopeParams::rotary_dim"]
-        [::std::mem::offset_of!(LongctxRopeParams, rotary_dim) - 84usize];
-    ["Offset of field: LongctxRopeParams::style"]
-        [::std::mem::offset_of!(LongctxRopeParams, style) - 88usize];
-    ["Offset of field: LongctxRopeParams::direction"]
-        [::std::mem::offset_of!(LongctxRopeParams, direction) - 92usize];
-    ["Offset of field: LongctxRopeParams::angle_mode"]
-        [::std::mem::offset_of!(LongctxRopeParams, angle_mode) - 96usize];
-    ["Offset of field: LongctxRopeParams::attention_factor"]
-        [::std::mem::offset_of!(LongctxRopeParams, attention_factor) - 100usize];
+    [
+        "Alignment of LongctxRopeParams",
+    ][::std::mem::align_of::<LongctxRopeParams>() - 8usize];
+    [
+        "Offset of field: LongctxRopeParams::q",
+    ][::std::mem::offset_of!(LongctxRopeParams, q) - 0usize];
+    [
+        "Offset of field: LongctxRopeParams::k",
+    ][::std::mem::offset_of!(LongctxRopeParams, k) - 32usize];
+    [
+        "Offset of field: LongctxRopeParams::positions",
+    ][::std::mem::offset_of!(LongctxRopeParams, positions) - 64usize];
+    [
+        "Offset of field: LongctxRopeParams::inv_freq",
+    ][::std::mem::offset_of!(LongctxRopeParams, inv_freq) - 72usize];
+    [
+        "Offset of field: LongctxRopeParams::tokens",
+    ][::std::mem::offset_of!(LongctxRopeParams, tokens) - 80usize];
+    [
+        "Offset of field: LongctxRopeParams::rotary_dim",
+    ][::std::mem::offset_of!(LongctxRopeParams, rotary_dim) - 84usize];
+    [
+        "Offset of field: LongctxRopeParams::style",
+    ][::std::mem::offset_of!(LongctxRopeParams, style) - 88usize];
+    [
+        "Offset of field: LongctxRopeParams::direction",
+    ][::std::mem::offset_of!(LongctxRopeParams, direction) - 92usize];
+    [
+        "Offset of field: LongctxRopeParams::angle_mode",
+    ][::std::mem::offset_of!(LongctxRopeParams, angle_mode) - 96usize];
+    [
+        "Offset of field: LongctxRopeParams::attention_factor",
+    ][::std::mem::offset_of!(LongctxRopeParams, attention_factor) - 100usize];
 };

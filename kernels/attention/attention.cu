@@ -1,0 +1,24 @@
+// Entry points of the attention forward family: one per storage type and head-dim pair
+// (2 x 5 = 10). Masks, softcap, GQA ratio and variable lengths are runtime parameters. The
+// names are listed once more in src/kernel_id.rs (KernelId); keep the two in step.
+#include "attention/attention_kernel.cuh"
+
+using longctx::attn::attn_fwd_body;
+using longctx::attn::Traits;
+
+#define LONGCTX_ATTN_ENTRY(NAME, T, D, DV)                                       \
+    extern "C" __global__ void __launch_bounds__(Traits<D, DV>::kThreads)        \
+        NAME(const __grid_constant__ LongctxAttnParams p) {                      \
+        attn_fwd_body<T, D, DV>(p);                                              \
+    }
+
+LONGCTX_ATTN_ENTRY(longctx_attn_fwd_f16_hd64, __half, 64, 64)
+LONGCTX_ATTN_ENTRY(longctx_attn_fwd_f16_hd96, __half, 96, 96)
+LONGCTX_ATTN_ENTRY(longctx_attn_fwd_f16_hd128, __half, 128, 128)
+LONGCTX_ATTN_ENTRY(longctx_attn_fwd_f16_hd192_dv128, __half, 192, 128)
+LONGCTX_ATTN_ENTRY(longctx_attn_fwd_f16_hd256, __half, 256, 256)
+LONGCTX_ATTN_ENTRY(longctx_attn_fwd_bf16_hd64, __nv_bfloat16, 64, 64)
+LONGCTX_ATTN_ENTRY(longctx_attn_fwd_bf16_hd96, __nv_bfloat16, 96, 96)
+LONGCTX_ATTN_ENTRY(longctx_attn_fwd_bf16_hd128, __nv_bfloat16, 128, 128)
+LONGCTX_ATTN_ENTRY(longctx_attn_fwd_bf16_hd192_dv128, __nv_bfloat16, 192, 128)
+LONGCTX_ATTN_ENTRY(longctx_attn_fwd_bf16_hd256, __nv_bfloat16, 256, 256)

@@ -1,0 +1,80 @@
+/* Parameters of the tiled attention forward kernels (longctx_attn_fwd_*). Pure C, shared
+ * with Rust through bindgen (src/sys/attention_params.rs is its committed output).
+ *
+ * Tensors are [tokens, heads, dim] with the last dim contiguous and arbitrary token and
+ * head strides in elements; every address the kernel forms is 16-byte aligned (the host
+ * checks the pointers and that strides are multiples of 8 elements). Sequence b of the
+ * variable-length batch owns query tokens cu_seqlens_q[b] .. cu_seqlens_q[b + 1] and key
+ * tokens cu_seqlens_k[b] .. cu_seqlens_k[b + 1]. Query head h reads KV head
+ * h / heads_per_kv. LSE is float [heads_q, total_q] (natural log), element (h, t) at
+ * lse + h * lse_head_stride + t.
+ *
+ * Mask: with c = seqlen_k - seqlen_q of the sequence, query row i sees key j iff
+ * i + c - window_left <= j <= i + c + window_right (causal is window_right = 0). Unbounded
+ * sides are LONGCTX_ATTN_WINDOW_UNBOUNDED, which exceeds every admitted sequence length, so
+ * all mask arithmetic stays inside int32.
+ *
+ * Scores: s = q . k; t = s without softcap, t = tanh(s * softcap_in) with it; the softmax
+ * runs on 2^(t * exp_scale). See src/attention/plan.rs (SoftmaxConsts). */
+#ifndef LONGCTX_ATTENTION_PARAMS_H
+#define LONGCTX_ATTENTION_PARAMS_H
+
+#include <stdint.h>
+
+/* Most tokens in any of Q, K, V (2^29), and the window side meaning "unbounded". */
+#define LONGCTX_ATTN_MAX_TOKENS 536870912u
+#define LONGCTX_ATTN_WINDOW_UNBOUNDED 536870912
+
+/* Tile table of the sm80 kernels, one row per (head_dim, head_dim_v): query rows per CTA,
+ * keys per K/V tile, warps per CTA. src/attention/plan.rs holds the same table and checks
+ * it against these at compile time; kernels/attention/traits.cuh static_asserts them. */
+#define LONGCTX_ATTN_HD64_BLOCK_M 128
+#define LONGCTX_ATTN_HD64_BLOCK_N 64
+#define LONGCTX_ATTN_HD64_WARPS 4
+#define LONGCTX_ATTN_HD96_BLOCK_M 128
+#define LONGCTX_ATTN_HD96_BLOCK_N 64
+#define LONGCTX_ATTN_HD96_WARPS 4
+#define LONGCTX_ATTN_HD128_BLOCK_M 128
+#define LONGCTX_ATTN_HD128_BLOCK_N 64
+#define LONGCTX_ATTN_HD128_WARPS 4
+#define LONGCTX_ATTN_HD192_BLOCK_M 128
+#define LONGCTX_ATTN_HD192_BLOCK_N 64
+#define LONGCTX_ATTN_HD192_WARPS 4
+#define LONGCTX_ATTN_HD256_BLOCK_M 64
+#define LONGCTX_ATTN_HD256_BLOCK_N 64
+#define LONGCTX_ATTN_HD256_WARPS 4
+
+typedef struct LongctxAttnTensor {
+    uint64_t data;         /* device address of element [0, 0, 0]               */
+    int64_t token_stride;  /* elements between consecutive tokens (multiple of 8) */
+    int64_t head_stride;   /* elements between consecutive heads (multiple of 8)  */
+} LongctxAttnTensor;
+
+typedef struct LongctxAttnParams {
+    LongctxAttnTensor q;      /* [total_q, heads_q, head_dim]                                */
+    LongctxAttnTensor k;      /* [total_k, heads_kv, head_dim]                               */
+    LongctxAttnTensor v;      /* [total_k, heads_kv, head_dim_v]                             */
+    LongctxAttnTensor o;      /* [total_q, heads_q, head_dim_v], written                     */
+    uint64_t lse;             /* float [heads_q, total_q], written; 0 to skip               */
+    int64_t lse_head_stride;  /* elements between heads of lse                              */
+    uint64_t cu_seqlens_q;    /* int32 [batch + 1], 0 .. total_q, nondecreasing             */
+    uint64_t cu_seqlens_k;    /* int32 [batch + 1], 0 .. total_k, nondecreasing             */
+    uint32_t batch;           /* sequences (gridDim.z)                                       */
+    uint32_t heads_q;         /* query heads (gridDim.y)                                     */
+    uint32_t heads_per_kv;    /* heads_q / heads_kv                                          */
+    uint32_t num_m_blocks;    /* ceil(max seqlen_q / BLOCK_M) (gridDim.x)                    */
+    int32_t window_left;      /* 0 .. LONGCTX_ATTN_WINDOW_UNBOUNDED                          */
+    int32_t window_right;     /* 0 .. LONGCTX_ATTN_WINDOW_UNBOUNDED; 0 when causal           */
+    float exp_scale;          /* transformed score -> log2 domain                            */
+    float softcap_in;         /* scale / softcap, or 0 for no softcap                        */
+} LongctxAttnParams;
+
+#ifdef __cplusplus
+static_assert(sizeof(LongctxAttnTensor) == 24, "LongctxAttnTensor layout");
+static_assert(sizeof(LongctxAttnParams) == 160, "LongctxAttnParams layout");
+#else
+_Static_assert(sizeof(LongctxAttnTensor) == 24, "LongctxAttnTensor layout");
+_Static_assert(sizeof(LongctxAttnParams) == 160, "LongctxAttnParams layout");
+#endif
+
+#endif

@@ -1,0 +1,388 @@
+//! Everything about an attention forward run that is decided on the host, in plain Rust:
+//! which head dims exist, the tile shape of each, how many CTAs a launch has, and the
+//! block-skip rules of the masks (which key tiles a query tile visits, which of those need
+//! element-wise masking).
+//!
+//! The CUDA kernel (kernels/attention/), the launcher (`cuda.rs`) and the CPU tiled
+//! implementation (`reference::attention_tiled_f32`) all follow these functions, so the
+//! tiling and masking logic is tested on the CPU before a GPU runs it.
+//!
+//! Coordinates: inside one sequence of a variable-length batch, query row `i` is in
+//! `0..seqlen_q` and key `j` in `0..seqlen_k`. With `c = seqlen_k - seqlen_q` (bottom-right
+//! alignment, as FlashAttention >= 2.1), row `i` sees key `j` iff
+//! `i + c - left <= j <= i + c + right` and `j < seqlen_k`, where a causal mask is
+//! `right = 0`. Unbounded window sides are stored as [`WINDOW_UNBOUNDED`], which is larger
+//! than any admitted sequence, so one formula covers every mask.
+
+use std::ops::Range;
+
+use crate::error::{Error, Result};
+
+/// Most tokens a Q, K or V tensor may hold (2^29). Mask arithmetic in the kernel is 32-bit;
+/// this bound keeps `row + (seqlen_k - seqlen_q) +/- window` inside i32. The 64-bit
+/// element offsets do not depend on it.
+pub const MAX_TOKENS: usize = 1 << 29;
+
+/// Window side that stands for "unbounded": at least [`MAX_TOKENS`], so it admits every key.
+pub const WINDOW_UNBOUNDED: usize = 1 << 29;
+
+/// Supported (head_dim of Q and K, head_dim of V) pairs. d = 192 with d_v = 128 is
+/// DeepSeek's MLA prefill shape (128 nope + 64 rope channels).
+pub const SUPPORTED_HEAD_DIMS: [(usize, usize); 5] = [(64, 64), (96, 96), (128, 128), (192, 128), (256, 256)];
+
+/// Which kernel implementation a plan targets. Only the sm80 instruction set path exists
+/// (mma.sync + ldmatrix + cp.async; it runs on sm80, sm86, sm89 and sm90); a Hopper path
+/// (wgmma + TMA) would add a variant with its own tile table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelPath {
+    /// FlashAttention-2's algorithm on mma.sync m16n8k16.
+    Sm80,
+}
+
+/// Tile shape of one (head_dim, head_dim_v) kernel. kernels/params/attention_params.h
+/// repeats these numbers as macros and kernels/attention/traits.cuh static_asserts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TileConfig {
+    /// The kernel implementation.
+    pub path: KernelPath,
+    /// Channels of Q and K.
+    pub head_dim: usize,
+    /// Channels of V and O.
+    pub head_dim_v: usize,
+    /// Query rows per CTA.
+    pub block_m: usize,
+    /// Keys per streamed K/V tile.
+    pub block_n: usize,
+    /// Warps per CTA; each owns `block_m / warps` consecutive query rows.
+    pub warps: usize,
+}
+
+/// Bytes of one shared-memory element (f16 and bf16).
+const ELEM_BYTES: usize = 2;
+
+/// The per-head-dim tile table. Reasons:
+/// * block_m 128 with 4 warps (32 rows per warp, two m16 MMA tiles) reuses every K/V
+///   fragment loaded from shared memory twice, which FlashAttention 2 found best on
+///   A100/H100 for d <= 128; the O accumulator is 32 x d_v / 32 = d_v floats per thread.
+/// * block_n 64 keeps the S accumulator at 64 floats per thread next to O's 128 (d 128).
+/// * d 256 uses block_m 64 (16 rows per warp) so that O stays at 128 registers and shared
+///   memory at 96 KiB, under the 99 KiB per-block limit of sm86/sm89.
+const TILES: [TileConfig; 5] = [
+    TileConfig { path: KernelPath::Sm80, head_dim: 64, head_dim_v: 64, block_m: 128, block_n: 64, warps: 4 },
+    TileConfig { path: KernelPath::Sm80, head_dim: 96, head_dim_v: 96, block_m: 128, block_n: 64, warps: 4 },
+    TileConfig { path: KernelPath::Sm80, head_dim: 128, head_dim_v: 128, block_m: 128, block_n: 64, warps: 4 },
+    TileConfig { path: KernelPath::Sm80, head_dim: 192, head_dim_v: 128, block_m: 128, block_n: 64, warps: 4 },
+    TileConfig { path: KernelPath::Sm80, head_dim: 256, head_dim_v: 256, block_m: 64, block_n: 64, warps: 4 },
+];
+
+/// Shared-memory rows are padded to a multiple of 64 elements (128 bytes) so the XOR swizzle
+/// of 16-byte chunks by `row % 8` stays inside the row; only d = 96 is padded (to 128).
+pub const fn smem_row_elems(dim: usize) -> usize {
+    dim.div_ceil(64) * 64
+}
+
+impl TileConfig {
+    /// The tile shape for a head-dim pair, or an error naming the supported pairs.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when `(head_dim, head_dim_v)` is not in
+    /// [`SUPPORTED_HEAD_DIMS`].
+    pub fn for_head_dims(head_dim: usize, head_dim_v: usize) -> Result<TileConfig> {
+        TILES
+            .iter()
+            .find(|t| t.head_dim == head_dim && t.head_dim_v == head_dim_v)
+            .copied()
+            .ok_or_else(|| {
+                Error::invalid(
+                    "attention",
+                    "head_dim",
+                    format!(
+                        "(head_dim {head_dim}, head_dim_v {head_dim_v}) is not supported; supported pairs: \
+                         (64, 64), (96, 96), (128, 128), (192, 128), (256, 256)"
+                    ),
+                )
+            })
+    }
+
+    /// Every tile configuration, one per supported head-dim pair.
+    pub fn all() -> &'static [TileConfig] {
+        &TILES
+    }
+
+    /// Threads per CTA.
+    pub fn threads(&self) -> usize {
+        32 * self.warps
+    }
+
+    /// Query rows owned by each warp (a multiple of 16, the MMA's M).
+    pub fn rows_per_warp(&self) -> usize {
+        self.block_m / self.warps
+    }
+
+    /// Dynamic shared memory of one CTA: the Q tile, one K tile and one V tile, rows padded
+    /// per [`smem_row_elems`]. The output tile is staged in the Q tile's space.
+    pub fn smem_bytes(&self) -> usize {
+        ELEM_BYTES
+            * (self.block_m * smem_row_elems(self.head_dim)
+                + self.block_n * smem_row_elems(self.head_dim)
+                + self.block_n * smem_row_elems(self.head_dim_v))
+    }
+
+    /// Query tiles needed to cover the longest query sequence.
+    pub fn num_m_blocks(&self, max_seqlen_q: usize) -> usize {
+        max_seqlen_q.div_ceil(self.block_m)
+    }
+
+    /// CTAs of one launch: (m blocks, heads_q, batch), the kernel's grid. CTAs whose query
+    /// tile starts past their sequence's end return at once.
+    pub fn grid(&self, max_seqlen_q: usize, heads_q: usize, batch: usize) -> (usize, usize, usize) {
+        (self.num_m_blocks(max_seqlen_q), heads_q, batch)
+    }
+
+    /// Rows `[m0, m1)` of query tile `m_block` that exist in a sequence of `seqlen_q` rows,
+    /// or `None` past the end.
+    pub fn m_rows(&self, m_block: usize, seqlen_q: usize) -> Option<Range<usize>> {
+        let m0 = m_block.checked_mul(self.block_m)?;
+        (m0 < seqlen_q).then(|| m0..(m0 + self.block_m).min(seqlen_q))
+    }
+
+    /// Key tiles `[n_min, n_max)` that query tile `m_block` visits: the tiles holding at
+    /// least one key that some existing row of the tile sees. `None` when the tile is past
+    /// the sequence's end or no row of it sees any key (its rows get O = 0, LSE = -inf).
+    pub fn key_blocks(&self, mask: &Mask, m_block: usize, seqlen_q: usize, seqlen_k: usize) -> Option<Range<usize>> {
+        let rows = self.m_rows(m_block, seqlen_q)?;
+        let keys = mask.visible_union(rows, seqlen_q, seqlen_k)?;
+        Some(keys.start / self.block_n..(keys.end - 1) / self.block_n + 1)
+    }
+
+    /// Whether key tile `n_block` needs element-wise masking for query tile `m_block`: it is
+    /// partial (passes seqlen_k), or some existing row of the tile does not see all of its
+    /// keys. Tiles for which this is false are processed with no mask at all.
+    pub fn needs_mask(&self, mask: &Mask, m_block: usize, n_block: usize, seqlen_q: usize, seqlen_k: usize) -> bool {
+        let Some(rows) = self.m_rows(m_block, seqlen_q) else {
+            return true;
+        };
+        let k0 = n_block * self.block_n;
+        let k_last = k0 + self.block_n - 1;
+        if k_last >= seqlen_k {
+            return true;
+        }
+        let (left, right) = mask.bounds();
+        let c = seqlen_k as i64 - seqlen_q as i64;
+        // The last row has the largest lower bound, the first row the smallest upper bound.
+        let lo_of_last = (rows.end - 1) as i64 + c - left;
+        let hi_of_first = rows.start as i64 + c + right;
+        !(lo_of_last <= k0 as i64 && hi_of_first >= k_last as i64)
+    }
+}
+
+/// Which keys each query row sees: causal (bottom-right aligned) and a sliding window
+/// `(left, right)`, combinable. `None` sides are unbounded. Causal sets the right side to 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Mask {
+    /// Row i sees no key past i + seqlen_k - seqlen_q.
+    pub causal: bool,
+    /// Keys before the diagonal a row sees (None: all).
+    pub window_left: Option<usize>,
+    /// Keys after the diagonal a row sees (None: all; ignored when causal).
+    pub window_right: Option<usize>,
+}
+
+impl Mask {
+    /// No mask: every row sees every key of its sequence.
+    pub fn none() -> Mask {
+        Mask::default()
+    }
+
+    /// Causal, bottom-right aligned.
+    pub fn causal() -> Mask {
+        Mask { causal: true, ..Mask::default() }
+    }
+
+    /// Sliding window of `left` keys before and `right` after the diagonal (each inclusive
+    /// of the diagonal itself, so `(0, 0)` sees exactly one key).
+    pub fn window(left: usize, right: usize) -> Mask {
+        Mask { causal: false, window_left: Some(left), window_right: Some(right) }
+    }
+
+    /// FlashAttention's convention: `window_left`/`window_right` as i64 with -1 unbounded.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a side below -1.
+    pub fn from_flash(causal: bool, window_left: i64, window_right: i64) -> Result<Mask> {
+        let side = |v: i64, arg: &'static str| -> Result<Option<usize>> {
+            match v {
+                -1 => Ok(None),
+                v if v >= 0 => Ok(Some(usize::try_from(v).unwrap_or(usize::MAX))),
+                v => Err(Error::invalid("attention", arg, format!("window side {v} must be >= 0, or -1 for unbounded"))),
+            }
+        };
+        Ok(Mask { causal, window_left: side(window_left, "window_left")?, window_right: side(window_right, "window_right")? })
+    }
+
+    /// Effective (left, right), each in `0..=WINDOW_UNBOUNDED`: what the kernel receives.
+    pub fn bounds(&self) -> (i64, i64) {
+        let clamp = |s: Option<usize>| s.map_or(WINDOW_UNBOUNDED, |v| v.min(WINDOW_UNBOUNDED)) as i64;
+        let left = clamp(self.window_left);
+        let right = if self.causal { 0 } else { clamp(self.window_right) };
+        (left, right)
+    }
+
+    /// Whether the mask removes nothing (every row sees all of its keys).
+    pub fn is_none(&self) -> bool {
+        self.bounds() == (WINDOW_UNBOUNDED as i64, WINDOW_UNBOUNDED as i64)
+    }
+
+    /// Keys row `row` sees, as a range (empty when it sees none).
+    pub fn visible_keys(&self, row: usize, seqlen_q: usize, seqlen_k: usize) -> Range<usize> {
+        let (left, right) = self.bounds();
+        let c = seqlen_k as i64 - seqlen_q as i64;
+        let lo = (row as i64 + c - left).max(0);
+        let hi = (row as i64 + c + right).min(seqlen_k as i64 - 1);
+        if hi < lo {
+            0..0
+        } else {
+            lo as usize..hi as usize + 1
+        }
+    }
+
+    /// Whether row `row` sees key `key`.
+    pub fn sees(&self, row: usize, key: usize, seqlen_q: usize, seqlen_k: usize) -> bool {
+        self.visible_keys(row, seqlen_q, seqlen_k).contains(&key)
+    }
+
+    /// The union of the visible key ranges of `rows`, `None` when empty. Windows have
+    /// nonnegative sides, so each row's range has length `left + right + 1` before clipping
+    /// and consecutive rows' ranges overlap: the union is one interval from the first row's
+    /// lower bound to the last row's upper bound, clipped to the sequence.
+    pub fn visible_union(&self, rows: Range<usize>, seqlen_q: usize, seqlen_k: usize) -> Option<Range<usize>> {
+        if rows.is_empty() || seqlen_k == 0 {
+            return None;
+        }
+        let (left, right) = self.bounds();
+        let c = seqlen_k as i64 - seqlen_q as i64;
+        let lo = (rows.start as i64 + c - left).max(0);
+        let hi = ((rows.end - 1) as i64 + c + right).min(seqlen_k as i64 - 1);
+        (lo <= hi).then(|| lo as usize..hi as usize + 1)
+    }
+
+    /// Number of (row, key) pairs the mask keeps in a `seqlen_q` x `seqlen_k` sequence.
+    pub fn visible_pairs(&self, seqlen_q: usize, seqlen_k: usize) -> u64 {
+        (0..seqlen_q).map(|i| self.visible_keys(i, seqlen_q, seqlen_k).len() as u64).sum()
+    }
+}
+
+/// FLOPs of a forward run, counted as FlashAttention 3's benchmarks do:
+/// `2 * heads_q * sum over rows of visible keys * (head_dim + head_dim_v)`, exact for every
+/// mask. `seqlens` lists (seqlen_q, seqlen_k) per sequence.
+pub fn forward_flops(mask: &Mask, seqlens: &[(usize, usize)], heads_q: usize, head_dim: usize, head_dim_v: usize) -> f64 {
+    let pairs: u64 = seqlens.iter().map(|&(sq, sk)| mask.visible_pairs(sq, sk)).sum();
+    2.0 * heads_q as f64 * pairs as f64 * (head_dim + head_dim_v) as f64
+}
+
+/// Softmax constants folded on the host. Scores go to the log2 domain as
+/// `t = transform(s) * exp_scale`, where `s` is the raw dot product q . k and
+/// * without softcap: `transform(s) = s`, `exp_scale = scale * log2(e)`;
+/// * with softcap `cap`: `transform(s) = tanh(s * softcap_in)` with `softcap_in = scale / cap`,
+///   and `exp_scale = cap * log2(e)`, i.e. `cap * tanh(scale * s / cap)` in natural units.
+///
+/// The LSE (natural log) is `(max(t_raw) * exp_scale + log2(sum)) * ln(2)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SoftmaxConsts {
+    /// Multiplies a transformed score to reach the log2 domain.
+    pub exp_scale: f32,
+    /// `scale / cap` with softcap, 0 without.
+    pub softcap_in: f32,
+}
+
+impl SoftmaxConsts {
+    /// Folds `scale` and the optional softcap.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when `scale` is not finite and positive, `softcap` is not
+    /// finite and positive, or a folded constant is not a normal f32.
+    pub fn new(scale: f32, softcap: Option<f32>) -> Result<SoftmaxConsts> {
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(Error::invalid("attention", "softmax_scale", format!("{scale} must be finite and > 0")));
+        }
+        let log2e = std::f64::consts::LOG2_E;
+        let (exp_scale, softcap_in) = match softcap {
+            None => ((f64::from(scale) * log2e) as f32, 0.0f32),
+            Some(cap) => {
+                if !(cap.is_finite() && cap > 0.0) {
+                    return Err(Error::invalid("attention", "softcap", format!("{cap} must be finite and > 0")));
+                }
+                ((f64::from(cap) * log2e) as f32, (f64::from(scale) / f64::from(cap)) as f32)
+            }
+        };
+        if !exp_scale.is_normal() || (softcap.is_some() && !softcap_in.is_normal()) {
+            return Err(Error::invalid(
+                "attention",
+                "softmax_scale",
+                format!("scale {scale} with softcap {softcap:?} folds to a non-normal f32 ({exp_scale}, {softcap_in})"),
+            ));
+        }
+        Ok(SoftmaxConsts { exp_scale, softcap_in })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_supported_pair_has_tiles_that_fit() {
+        for &(d, dv) in &SUPPORTED_HEAD_DIMS {
+            let t = TileConfig::for_head_dims(d, dv).unwrap();
+            assert_eq!(t.rows_per_warp() % 16, 0);
+            assert_eq!(t.block_n % 16, 0);
+            assert!(t.smem_bytes() <= 99 * 1024, "{t:?} needs {} bytes", t.smem_bytes());
+        }
+        assert!(TileConfig::for_head_dims(80, 80).is_err());
+    }
+
+    #[test]
+    fn key_blocks_cover_exactly_the_visible_keys() {
+        let t = TileConfig::for_head_dims(128, 128).unwrap();
+        let masks = [Mask::none(), Mask::causal(), Mask::window(100, 0), Mask::window(5, 7), Mask {
+            causal: true,
+            window_left: Some(200),
+            window_right: None,
+        }];
+        for mask in masks {
+            for &(sq, sk) in &[(1, 1), (127, 300), (300, 127), (513, 513), (64, 1000), (1000, 64)] {
+                for mb in 0..t.num_m_blocks(sq) {
+                    let rows = t.m_rows(mb, sq).unwrap();
+                    let mut want: Vec<usize> =
+                        rows.clone().flat_map(|i| mask.visible_keys(i, sq, sk)).map(|j| j / t.block_n).collect();
+                    want.sort_unstable();
+                    want.dedup();
+                    let got: Vec<usize> = t.key_blocks(&mask, mb, sq, sk).map(|r| r.collect()).unwrap_or_default();
+                    assert_eq!(got, want, "{mask:?} sq {sq} sk {sk} m_block {mb}");
+                    for n in got {
+                        let all = rows.clone().all(|i| (n * t.block_n..(n + 1) * t.block_n).all(|j| mask.sees(i, j, sq, sk)));
+                        if !t.needs_mask(&mask, mb, n, sq, sk) {
+                            assert!(all, "{mask:?} sq {sq} sk {sk} m {mb} n {n}: skipped mask on a masked tile");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn causal_bottom_right() {
+        let m = Mask::causal();
+        assert_eq!(m.visible_keys(0, 2, 5), 0..4);
+        assert_eq!(m.visible_keys(1, 2, 5), 0..5);
+        assert_eq!(m.visible_keys(0, 5, 2), 0..0);
+        assert_eq!(m.visible_keys(3, 5, 2), 0..1);
+        assert_eq!(Mask::window(1, 1).visible_keys(3, 8, 8), 2..5);
+    }
+
+    #[test]
+    fn flops_of_square_causal_is_half_plus_diagonal() {
+        let f = forward_flops(&Mask::causal(), &[(4, 4)], 1, 1, 1);
+        assert_eq!(f, 2.0 * 10.0 * 2.0);
+    }
+}
