@@ -48,9 +48,9 @@ pub trait Element:
     const DTYPE: DType;
     /// Widens to f64 exactly.
     fn to_f64(self) -> f64;
-    /// Rounds to nearest (ties to even) from f64. For f16 and bf16 this goes through f32,
-    /// which can double-round in rare ties; references round their inputs the same way the
-    /// tests build them, so both sides see identical values.
+    /// Rounds from f64 to the nearest value of the type. Tests build their inputs with
+    /// this and hand the rounded values to both the GPU and the reference, so both sides see
+    /// identical inputs.
     fn from_f64(x: f64) -> Self;
 }
 
