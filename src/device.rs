@@ -231,9 +231,16 @@ fn number_before(line: &str, suffix: &str) -> Option<u32> {
     line[..idx].split_whitespace().last()?.parse().ok()
 }
 
+/// Reads ptxas's `-v` report. Only the "Function properties for <entry>" block of each
+/// entry counts toward it (device functions it calls have blocks of their own), and
+/// `ptxas warning` lines are skipped: they can precede the entry they name.
 fn parse_ptxas(report: &str, out: &mut Vec<KernelResources>) {
     let mut current: Option<KernelResources> = None;
+    let mut in_own_block = false;
     for line in report.lines() {
+        if line.contains("ptxas warning") {
+            continue;
+        }
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             if let Some(done) = current.take() {
                 out.push(done);
@@ -253,22 +260,74 @@ fn parse_ptxas(report: &str, out: &mut Vec<KernelResources>) {
                 spill_loads: 0,
                 stack_frame: 0,
             });
+            in_own_block = false;
         } else if let Some(cur) = current.as_mut() {
-            if let Some(v) = number_before(line, "bytes stack frame") {
-                cur.stack_frame = v;
+            if let Some(name) = line.split("Function properties for ").nth(1) {
+                in_own_block = name.trim() == cur.symbol;
+                continue;
             }
-            if let Some(v) = number_before(line, "bytes spill stores") {
-                cur.spill_stores = v;
+            if in_own_block {
+                if let Some(v) = number_before(line, "bytes stack frame") {
+                    cur.stack_frame = v;
+                }
+                if let Some(v) = number_before(line, "bytes spill stores") {
+                    cur.spill_stores = v;
+                }
+                if let Some(v) = number_before(line, "bytes spill loads") {
+                    cur.spill_loads = v;
+                }
             }
-            if let Some(v) = number_before(line, "bytes spill loads") {
-                cur.spill_loads = v;
-            }
-            if let Some(v) = number_before(line, "registers") {
-                cur.registers = v;
+            if line.contains("Used ") {
+                if let Some(v) = number_before(line, "registers") {
+                    cur.registers = v;
+                }
             }
         }
     }
     if let Some(done) = current.take() {
         out.push(done);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ptxas_report_is_attributed_to_the_right_entry() {
+        let report = "\
+ptxas info    : Compiling entry function 'a' for 'sm_80'
+ptxas info    : Function properties for a
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers
+ptxas warning : Registers are spilled to local memory in function 'b', 16 bytes spill stores, 12 bytes spill loads
+ptxas info    : Compiling entry function 'b' for 'sm_80'
+ptxas info    : Function properties for helper
+    8 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Function properties for b
+    24 bytes stack frame, 16 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 255 registers, used 0 barriers
+";
+        let mut out = Vec::new();
+        parse_ptxas(report, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            (
+                out[0].symbol.as_str(),
+                out[0].registers,
+                out[0].spill_stores
+            ),
+            ("a", 40, 0)
+        );
+        assert_eq!(
+            (
+                out[1].symbol.as_str(),
+                out[1].registers,
+                out[1].spill_stores,
+                out[1].spill_loads,
+                out[1].stack_frame
+            ),
+            ("b", 255, 16, 12, 24)
+        );
     }
 }
