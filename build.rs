@@ -14,7 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// One fatbin per family: (family name, entry .cu file relative to kernels/).
-const FAMILIES: &[(&str, &str)] = &[("rope", "rope/rope.cu")];
+const FAMILIES: &[(&str, &str)] = &[
+    ("rope", "rope/rope.cu"),
+    ("attention", "attention/attention.cu"),
+    ("moe", "moe/moe.cu"),
+];
 
 /// Default cubin targets; `LONGCTX_CUDA_ARCHS` overrides (comma or semicolon separated, e.g.
 /// `90a` or `80,90a`). PTX for compute_80 is always added so newer GPUs can JIT.

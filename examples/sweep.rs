@@ -8,12 +8,13 @@
 //! Without a GPU it checks the CPU reference on a small case and says the GPU part was
 //! skipped.
 
+use longctx::attention::{AttentionOptions, Mask};
 use longctx::device::Device;
 use longctx::layout::HeadsLayout;
 use longctx::rope::reference::apply_rope_f64;
 use longctx::rope::{AnglePrecision, Direction, RopeOptions, RopeStyle};
 use longctx::timing::{copy_bandwidth, time_gpu};
-use longctx::workloads::{rope_shapes, RopeRun};
+use longctx::workloads::{attention_shapes, rope_shapes, AttnRun, RopeRun};
 
 fn main() {
     if let Err(e) = run() {
@@ -41,6 +42,10 @@ fn run() -> longctx::Result<()> {
         "measured ceiling: device-to-device copy {:.0} GB/s (bytes read + written)\n",
         copy / 1e9
     );
+    // `--moe`: only the MoE rows.
+    if std::env::args().any(|a| a == "--moe") {
+        return moe_rows(&dev, copy, quick);
+    }
 
     let tokens: &[usize] = if quick {
         &[1024, 16384]
@@ -100,6 +105,78 @@ fn run() -> longctx::Result<()> {
             err
         );
     }
+    attention_rows(&dev, quick)?;
+    moe_rows(&dev, copy, quick)?;
+    Ok(())
+}
+
+/// Attention forward at FlashAttention's benchmark shape (16k tokens per batch: batch =
+/// 16384 / seqlen), causal and not, with FLOPs counted exactly for the mask; then one
+/// 1M-token causal Llama-3-8B sequence (full sweep only).
+fn attention_rows(dev: &Device, quick: bool) -> longctx::Result<()> {
+    println!(
+        "\n{:<16} {:>6} {:>7} {:>5} {:>10} {:>8} {:>10} {:>10}",
+        "attention (bf16)",
+        "mask",
+        "seqlen",
+        "batch",
+        "time (ms)",
+        "TFLOP/s",
+        "max |dO|",
+        "max |dLSE|"
+    );
+    let lens: &[usize] = if quick {
+        &[1024, 16384]
+    } else {
+        &[512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
+    };
+    for shape in attention_shapes() {
+        for causal in [false, true] {
+            for &n in lens {
+                let batch = (16384 / n).max(1);
+                let mask = if causal { Mask::causal() } else { Mask::none() };
+                let opts = AttentionOptions {
+                    mask,
+                    ..AttentionOptions::default()
+                };
+                let mut r = AttnRun::new(dev, shape, batch, n, opts, 3)?;
+                let ms = time_gpu(dev, 3, 10, || r.run(dev))?.median_ms();
+                let (eo, el) = r.max_error(dev, 8)?;
+                println!(
+                    "{:<16} {:>6} {:>7} {:>5} {:>10.3} {:>8.1} {:>10.2e} {:>10.2e}",
+                    shape.name,
+                    if causal { "causal" } else { "none" },
+                    n,
+                    batch,
+                    ms,
+                    r.flops() / (ms * 1e-3) / 1e12,
+                    eo,
+                    el
+                );
+            }
+        }
+    }
+    if !quick {
+        let shape = attention_shapes()[2];
+        let opts = AttentionOptions {
+            mask: Mask::causal(),
+            ..AttentionOptions::default()
+        };
+        let mut r = AttnRun::new(dev, shape, 1, 1 << 20, opts, 5)?;
+        let ms = time_gpu(dev, 0, 1, || r.run(dev))?.median_ms();
+        let (eo, el) = r.max_error(dev, 4)?;
+        println!(
+            "{:<16} {:>6} {:>7} {:>5} {:>10.1} {:>8.1} {:>10.2e} {:>10.2e}  (one 1M-token sequence)",
+            shape.name,
+            "causal",
+            1 << 20,
+            1,
+            ms,
+            r.flops() / (ms * 1e-3) / 1e12,
+            eo,
+            el
+        );
+    }
     Ok(())
 }
 
@@ -131,5 +208,108 @@ fn cpu_only(why: &str) -> longctx::Result<()> {
             err
         );
     }
+    moe_cpu_check()?;
+    Ok(())
+}
+
+/// MoE routing at the shapes: gating, permutation, gather and combine (bf16, hidden
+/// states through identity experts) and the router backward, with throughput against the
+/// measured copy bandwidth and the errors of sampled tokens against the f64 reference.
+/// Each time is the median over `LONGCTX_MOE_ITERS` (default 50) runs of 10 back-to-back
+/// launches, divided by 10: the GPU time per op once launches overlap (a single launch's
+/// host overhead, a few microseconds, is not counted). `LONGCTX_MOE_TOKENS=4096,65536`
+/// picks the token counts (for a profiler run, say).
+fn moe_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<()> {
+    use longctx::workloads::{moe_shapes, MoeRun};
+    const BATCH: usize = 10;
+    let env_tokens: Option<Vec<usize>> = std::env::var("LONGCTX_MOE_TOKENS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|t| t.trim().parse().ok()).collect());
+    let iters: usize = std::env::var("LONGCTX_MOE_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let tokens: Vec<usize> = match env_tokens {
+        Some(t) => t,
+        None if quick => vec![4096, 65536],
+        None => vec![1024, 4096, 16384, 65536, 131072],
+    };
+    println!(
+        "\n{:<14} {:>7} {:>8} {:>10} {:>8} {:>8}   check (sampled tokens vs f64 reference)",
+        "moe", "op", "tokens", "time (us)", "GB/s", "% copy"
+    );
+    for shape in moe_shapes() {
+        for &t in &tokens {
+            let mut r = MoeRun::new(dev, &shape, t, 17)?;
+            let check = r.check(dev, 256)?;
+            type Op = fn(&mut MoeRun, &Device) -> longctx::Result<()>;
+            let ops: [(&str, Op, usize); 5] = [
+                ("gate", MoeRun::gate, r.gate_bytes()),
+                ("permute", MoeRun::permute, r.permute_bytes()),
+                ("gather", MoeRun::gather, r.gather_bytes()),
+                ("combine", MoeRun::combine, r.combine_bytes()),
+                ("bwd", MoeRun::backward, r.backward_bytes()),
+            ];
+            for (name, op, bytes) in ops {
+                let ms = time_gpu(dev, 2, iters, || {
+                    (0..BATCH).try_for_each(|_| op(&mut r, dev))
+                })?
+                .median_ms()
+                    / BATCH as f64;
+                let gbs = bytes as f64 / (ms * 1e-3) / 1e9;
+                let note = match name {
+                    "gate" => format!(
+                        "ids differ on {} tokens, max weight err {:.1e}",
+                        check.id_mismatches, check.weight_err
+                    ),
+                    "combine" => {
+                        format!("identity-expert round trip err {:.1e}", check.combine_err)
+                    }
+                    _ => String::new(),
+                };
+                println!(
+                    "{:<14} {:>7} {:>8} {:>10.2} {:>8.0} {:>7.1}%   {}",
+                    shape.name,
+                    name,
+                    t,
+                    ms * 1e3,
+                    gbs,
+                    100.0 * gbs * 1e9 / copy,
+                    note
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Without a GPU: the MoE reference on DeepSeek-V3's router, checked against its own
+/// invariants (renormalised weights sum to routed_scaling_factor, permutation counts).
+fn moe_cpu_check() -> longctx::Result<()> {
+    use longctx::moe::reference::{permute_f64, route_f64};
+    use longctx::moe::{PermuteOptions, RouterConfig};
+    let cfg = RouterConfig::deepseek_v3_default();
+    let tokens = 64;
+    let z: Vec<f64> = (0..tokens * cfg.experts)
+        .map(|i| ((i * 7919) % 1000) as f64 / 250.0 - 2.0)
+        .collect();
+    let r = route_f64(&cfg, &z, tokens, None)?;
+    let worst = r
+        .weights
+        .chunks(cfg.top_k)
+        .map(|w| (w.iter().sum::<f64>() - cfg.routed_scaling_factor).abs())
+        .fold(0.0, f64::max);
+    let opts = PermuteOptions {
+        block: 128,
+        capacity_factor: Some(1.0),
+    };
+    let p = permute_f64(&r.ids, tokens, cfg.top_k, cfg.experts, opts)?;
+    let kept: i32 = p.counts.iter().sum();
+    println!(
+        "  moe deepseek-v3 router, {tokens} tokens: |sum w - 2.5| <= {worst:.1e}; kept {kept} + dropped {} = {} assignments; padded rows {}",
+        p.dropped,
+        tokens * cfg.top_k,
+        p.offsets[cfg.experts]
+    );
     Ok(())
 }

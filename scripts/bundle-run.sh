@@ -23,7 +23,7 @@ done
 # 2. compute-sanitizer on small cases.
 : > "$LOG/sanitizer.log"
 for tool in memcheck racecheck; do
-  for t in tests/rope; do
+  for t in tests/rope tests/attention tests/moe; do
     [ -x "$t" ] || continue
     echo "=== $tool $t" >> "$LOG/sanitizer.log"
     if LONGCTX_PARITY_CASES=6 compute-sanitizer --tool "$tool" --error-exitcode 97 "$t" --test-threads=1 gpu_ >> "$LOG/sanitizer.log" 2>&1; then

@@ -74,6 +74,120 @@ def rope_peers(copy):
     print("* bytes counted as longctx's in-place minimum, so GB/s is comparable across rows")
 
 
+def attention_peers():
+    """PyTorch scaled_dot_product_attention at the sweep's attention shapes (16k tokens per
+    batch), flash and cuDNN backends, GQA through enable_gqa; FLOPs counted as longctx
+    counts them (exact for the causal mask)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    print("\nPyTorch SDPA, bf16, [batch, heads, seqlen, dim], 16k tokens per batch")
+    print(f"{'shape':<16} {'mask':>6} {'seqlen':>7} {'batch':>5} {'backend':>18} {'time (ms)':>10} {'TFLOP/s':>8}")
+    shapes = [("mha-d64", 32, 32, 64), ("mha-d128", 16, 16, 128), ("llama3-8b-gqa", 32, 8, 128)]
+    backends = [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]
+    for name, hq, hkv, d in shapes:
+        for causal in (False, True):
+            for n in [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]:
+                b = max(1, 16384 // n)
+                q = torch.randn(b, hq, n, d, device="cuda", dtype=torch.bfloat16)
+                k = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16)
+                v = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16)
+                pairs = n * (n + 1) // 2 if causal else n * n
+                flops = 2 * hq * b * pairs * 2 * d
+                for bname, backend in backends:
+                    for expand in ([False, True] if hq != hkv else [False]):
+                        kk, vv = (k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)) if expand else (k, v)
+                        label = bname + (" (kv expanded)" if expand else (" enable_gqa" if hq != hkv else ""))
+                        try:
+                            with sdpa_kernel(backend):
+                                fn = lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=causal, enable_gqa=(hq != hkv and not expand))
+                                ms = time_ms(fn, warmup=3, iters=10)
+                        except Exception as e:  # a backend that rejects the shape
+                            print(f"{name:<16} {('causal' if causal else 'none'):>6} {n:>7} {b:>5} {label:>18} unavailable: {type(e).__name__}")
+                            continue
+                        print(f"{name:<16} {('causal' if causal else 'none'):>6} {n:>7} {b:>5} {label:>18} {ms:>10.3f} {flops / (ms * 1e-3) / 1e12:>8.1f}")
+                        if not expand:
+                            break
+                del q, k, v
+                torch.cuda.empty_cache()
+
+
+def hf_mixtral_router(logits, k, renorm):
+    # HF Mixtral / Qwen-MoE: softmax in f32, top-k, renormalise (Qwen: iff norm_topk_prob).
+    w = torch.softmax(logits, dim=1, dtype=torch.float)
+    w, sel = torch.topk(w, k, dim=-1)
+    if renorm:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return sel, w
+
+
+def hf_deepseek_v3_router(logits, bias, k, n_group, topk_group, scale):
+    # HF DeepseekV3TopkRouter after its linear: sigmoid, biased choice, group top-2 sums,
+    # topk_group groups, masked top-k, unbiased weights renormalised and scaled.
+    t, e = logits.shape
+    scores = logits.sigmoid()
+    choice = scores + bias.unsqueeze(0)
+    group_scores = choice.view(t, n_group, e // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores)
+    group_mask.scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(t, n_group, e // n_group).reshape(t, e)
+    choice = choice.masked_fill(~score_mask.bool(), 0.0)
+    sel = torch.topk(choice, k=k, dim=-1, sorted=False)[1]
+    w = scores.gather(1, sel)
+    w = w / (w.sum(dim=-1, keepdim=True) + 1e-20) * scale
+    return sel, w
+
+
+def moe_peers(copy):
+    print("\neager PyTorch MoE routing (HF routers; permutation, gather and combine as index ops), f32 logits, bf16 hidden")
+    print(f"{'shape':<14} {'op':>8} {'tokens':>8} {'time (us)':>10} {'GB/s*':>8} {'% copy':>8}")
+    shapes = [("mixtral-8x7b", 8, 2, 4096, None), ("qwen3-moe", 128, 8, 4096, None), ("deepseek-v3", 256, 8, 7168, (8, 4, 2.5))]
+    for name, e, k, h, groups in shapes:
+        for t in [1024, 4096, 16384, 65536, 131072]:
+            logits = torch.rand(t, e, device="cuda", dtype=torch.float32) * 6 - 3
+            if groups is None:
+                gate = lambda: hf_mixtral_router(logits, k, True)
+            else:
+                bias = (torch.rand(e, device="cuda") * 16 - 8).round() / 64
+                gate = lambda: hf_deepseek_v3_router(logits, bias, k, groups[0], groups[1], groups[2])
+            sel, w = gate()
+            flat = sel.reshape(-1)
+
+            def permute():
+                order = torch.sort(flat, stable=True)[1]
+                counts = torch.bincount(flat, minlength=e)
+                return order, counts, torch.cumsum(counts, 0)
+
+            order = permute()[0]
+            x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+            xp = x.index_select(0, order // k)
+            slot_of = torch.empty_like(order)
+            slot_of[order] = torch.arange(order.numel(), device="cuda")
+            wb = w.to(torch.bfloat16).unsqueeze(-1)
+            combine = lambda: (xp.index_select(0, slot_of).view(t, k, h) * wb).sum(1)
+            a = t * k
+            for op, fn, nbytes in [
+                ("gate", gate, t * (e * 4 + k * 8)),
+                ("permute", permute, a * 12),
+                ("gather", lambda: x.index_select(0, order // k), 2 * a * h * 2),
+                ("combine", combine, (a + t) * h * 2),
+            ]:
+                ms = time_ms(fn, warmup=3, iters=20)
+                gbs = nbytes / (ms * 1e-3) / 1e9
+                print(f"{name:<14} {op:>8} {t:>8} {ms * 1e3:>10.1f} {gbs:>8.0f} {100 * gbs * 1e9 / copy:>7.1f}%")
+            del logits, x, xp
+            torch.cuda.empty_cache()
+    print("* bytes counted as longctx's minimum for the same op, so GB/s is comparable across rows")
+
+
 if __name__ == "__main__":
+    import sys
+
     c = ceilings()
+    if "--moe" in sys.argv:  # only the MoE peers
+        moe_peers(c)
+        raise SystemExit(0)
     rope_peers(c)
+    attention_peers()
+    moe_peers(c)

@@ -6,10 +6,12 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Family {
     Rope,
+    Attention,
+    Moe,
 }
 
 impl Family {
-    pub(crate) const ALL: [Family; 1] = [Family::Rope];
+    pub(crate) const ALL: &'static [Family] = &[Family::Rope, Family::Attention, Family::Moe];
 
     pub(crate) fn index(self) -> usize {
         self as usize
@@ -18,6 +20,8 @@ impl Family {
     pub(crate) fn fatbin(self) -> Option<&'static [u8]> {
         match self {
             Family::Rope => crate::embedded::ROPE_FATBIN,
+            Family::Attention => crate::embedded::ATTENTION_FATBIN,
+            Family::Moe => crate::embedded::MOE_FATBIN,
         }
     }
 
@@ -25,6 +29,8 @@ impl Family {
     pub(crate) fn ptxas_report(self) -> &'static str {
         match self {
             Family::Rope => crate::embedded::ROPE_PTXAS,
+            Family::Attention => crate::embedded::ATTENTION_PTXAS,
+            Family::Moe => crate::embedded::MOE_PTXAS,
         }
     }
 }
@@ -38,16 +44,74 @@ pub(crate) enum KernelId {
     RopeF16Scalar,
     RopeBf16Vec,
     RopeBf16Scalar,
+    AttnFwdF16Hd64,
+    AttnFwdF16Hd96,
+    AttnFwdF16Hd128,
+    AttnFwdF16Hd192Dv128,
+    AttnFwdF16Hd256,
+    AttnFwdBf16Hd64,
+    AttnFwdBf16Hd96,
+    AttnFwdBf16Hd128,
+    AttnFwdBf16Hd192Dv128,
+    AttnFwdBf16Hd256,
+    MoeGateWarpF32,
+    MoeGateWarpBf16,
+    MoeGateBlockF32,
+    MoeGateBlockBf16,
+    MoeGateBwdF32,
+    MoeGateBwdBf16,
+    MoeStatsF32,
+    MoeStatsBf16,
+    MoeLoss,
+    MoeBiasUpdate,
+    MoeCount,
+    MoeScan,
+    MoeScatter,
+    MoeGatherF32,
+    MoeGatherBf16,
+    MoeCombineF32,
+    MoeCombineBf16,
+    MoeCombineDwF32,
+    MoeCombineDwBf16,
 }
 
 impl KernelId {
-    pub(crate) const ALL: [KernelId; 6] = [
+    pub(crate) const ALL: &'static [KernelId] = &[
         KernelId::RopeF32Vec,
         KernelId::RopeF32Scalar,
         KernelId::RopeF16Vec,
         KernelId::RopeF16Scalar,
         KernelId::RopeBf16Vec,
         KernelId::RopeBf16Scalar,
+        KernelId::AttnFwdF16Hd64,
+        KernelId::AttnFwdF16Hd96,
+        KernelId::AttnFwdF16Hd128,
+        KernelId::AttnFwdF16Hd192Dv128,
+        KernelId::AttnFwdF16Hd256,
+        KernelId::AttnFwdBf16Hd64,
+        KernelId::AttnFwdBf16Hd96,
+        KernelId::AttnFwdBf16Hd128,
+        KernelId::AttnFwdBf16Hd192Dv128,
+        KernelId::AttnFwdBf16Hd256,
+        KernelId::MoeGateWarpF32,
+        KernelId::MoeGateWarpBf16,
+        KernelId::MoeGateBlockF32,
+        KernelId::MoeGateBlockBf16,
+        KernelId::MoeGateBwdF32,
+        KernelId::MoeGateBwdBf16,
+        KernelId::MoeStatsF32,
+        KernelId::MoeStatsBf16,
+        KernelId::MoeLoss,
+        KernelId::MoeBiasUpdate,
+        KernelId::MoeCount,
+        KernelId::MoeScan,
+        KernelId::MoeScatter,
+        KernelId::MoeGatherF32,
+        KernelId::MoeGatherBf16,
+        KernelId::MoeCombineF32,
+        KernelId::MoeCombineBf16,
+        KernelId::MoeCombineDwF32,
+        KernelId::MoeCombineDwBf16,
     ];
 
     pub(crate) fn index(self) -> usize {
@@ -55,7 +119,34 @@ impl KernelId {
     }
 
     pub(crate) fn family(self) -> Family {
-        Family::Rope
+        match self {
+            KernelId::RopeF32Vec
+            | KernelId::RopeF32Scalar
+            | KernelId::RopeF16Vec
+            | KernelId::RopeF16Scalar
+            | KernelId::RopeBf16Vec
+            | KernelId::RopeBf16Scalar => Family::Rope,
+            KernelId::MoeGateWarpF32
+            | KernelId::MoeGateWarpBf16
+            | KernelId::MoeGateBlockF32
+            | KernelId::MoeGateBlockBf16
+            | KernelId::MoeGateBwdF32
+            | KernelId::MoeGateBwdBf16
+            | KernelId::MoeStatsF32
+            | KernelId::MoeStatsBf16
+            | KernelId::MoeLoss
+            | KernelId::MoeBiasUpdate
+            | KernelId::MoeCount
+            | KernelId::MoeScan
+            | KernelId::MoeScatter
+            | KernelId::MoeGatherF32
+            | KernelId::MoeGatherBf16
+            | KernelId::MoeCombineF32
+            | KernelId::MoeCombineBf16
+            | KernelId::MoeCombineDwF32
+            | KernelId::MoeCombineDwBf16 => Family::Moe,
+            _ => Family::Attention,
+        }
     }
 
     /// The kernel's `extern "C"` symbol.
@@ -67,6 +158,35 @@ impl KernelId {
             KernelId::RopeF16Scalar => "longctx_rope_f16_scalar",
             KernelId::RopeBf16Vec => "longctx_rope_bf16_vec",
             KernelId::RopeBf16Scalar => "longctx_rope_bf16_scalar",
+            KernelId::AttnFwdF16Hd64 => "longctx_attn_fwd_f16_hd64",
+            KernelId::AttnFwdF16Hd96 => "longctx_attn_fwd_f16_hd96",
+            KernelId::AttnFwdF16Hd128 => "longctx_attn_fwd_f16_hd128",
+            KernelId::AttnFwdF16Hd192Dv128 => "longctx_attn_fwd_f16_hd192_dv128",
+            KernelId::AttnFwdF16Hd256 => "longctx_attn_fwd_f16_hd256",
+            KernelId::AttnFwdBf16Hd64 => "longctx_attn_fwd_bf16_hd64",
+            KernelId::AttnFwdBf16Hd96 => "longctx_attn_fwd_bf16_hd96",
+            KernelId::AttnFwdBf16Hd128 => "longctx_attn_fwd_bf16_hd128",
+            KernelId::AttnFwdBf16Hd192Dv128 => "longctx_attn_fwd_bf16_hd192_dv128",
+            KernelId::AttnFwdBf16Hd256 => "longctx_attn_fwd_bf16_hd256",
+            KernelId::MoeGateWarpF32 => "longctx_moe_gate_warp_f32",
+            KernelId::MoeGateWarpBf16 => "longctx_moe_gate_warp_bf16",
+            KernelId::MoeGateBlockF32 => "longctx_moe_gate_block_f32",
+            KernelId::MoeGateBlockBf16 => "longctx_moe_gate_block_bf16",
+            KernelId::MoeGateBwdF32 => "longctx_moe_gate_bwd_f32",
+            KernelId::MoeGateBwdBf16 => "longctx_moe_gate_bwd_bf16",
+            KernelId::MoeStatsF32 => "longctx_moe_stats_f32",
+            KernelId::MoeStatsBf16 => "longctx_moe_stats_bf16",
+            KernelId::MoeLoss => "longctx_moe_loss",
+            KernelId::MoeBiasUpdate => "longctx_moe_bias_update",
+            KernelId::MoeCount => "longctx_moe_count",
+            KernelId::MoeScan => "longctx_moe_scan",
+            KernelId::MoeScatter => "longctx_moe_scatter",
+            KernelId::MoeGatherF32 => "longctx_moe_gather_f32",
+            KernelId::MoeGatherBf16 => "longctx_moe_gather_bf16",
+            KernelId::MoeCombineF32 => "longctx_moe_combine_f32",
+            KernelId::MoeCombineBf16 => "longctx_moe_combine_bf16",
+            KernelId::MoeCombineDwF32 => "longctx_moe_combine_dw_f32",
+            KernelId::MoeCombineDwBf16 => "longctx_moe_combine_dw_bf16",
         }
     }
 

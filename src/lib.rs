@@ -6,6 +6,11 @@
 //! * [`rope`]: RoPE with every long-context scaling rule (default/ABF, linear, dynamic NTK,
 //!   YaRN, LongRoPE, Llama-3, partial rotary), Q and K rotated together in place, forward
 //!   and backward, f32/f16/bf16, with the attention factor folded in.
+//! * [`moe`]: MoE routing for Mixtral, Qwen-MoE and DeepSeek-V2/V3 routers: fused gating
+//!   (softmax/sigmoid, correction bias, group limiting, top-k, renormalisation, scaling),
+//!   a stable deterministic permutation for grouped GEMMs (counts, offsets, padding,
+//!   capacity), gather and combine with their gradients, load-balancing and z losses, the
+//!   router's backward, and DeepSeek's bias update.
 //!
 //! ## Example
 //!
@@ -41,10 +46,12 @@
 
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod layout;
+pub mod moe;
 pub mod rope;
 pub mod timing;
 pub mod workloads;

@@ -6,7 +6,14 @@
 
 use std::path::{Path, PathBuf};
 
-const HEADERS: &[(&str, &str)] = &[("kernels/params/rope_params.h", "src/sys/rope_params.rs")];
+const HEADERS: &[(&str, &str)] = &[
+    ("kernels/params/rope_params.h", "src/sys/rope_params.rs"),
+    (
+        "kernels/params/attention_params.h",
+        "src/sys/attention_params.rs",
+    ),
+    ("kernels/params/moe_params.h", "src/sys/moe_params.rs"),
+];
 
 fn libclang_available() -> bool {
     if let Some(dir) = std::env::var_os("LIBCLANG_PATH") {
@@ -26,8 +33,12 @@ fn libclang_available() -> bool {
     .any(|d| {
         std::fs::read_dir(d)
             .map(|it| {
-                it.flatten()
-                    .any(|e| e.file_name().to_string_lossy().starts_with("libclang"))
+                it.flatten().any(|e| {
+                    // libclang.so, libclang.so.18, libclang-14.so; not libclang-cpp.so.
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.starts_with("libclang.so")
+                        || (name.starts_with("libclang-") && !name.starts_with("libclang-cpp"))
+                })
             })
             .unwrap_or(false)
     })

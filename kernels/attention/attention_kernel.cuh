@@ -19,7 +19,8 @@
 //        3. S = Q K[n]^T per warp (ldmatrix A from sQ, B from sK; f32 accumulators)
 //        4. softcap transform; mask only where BlockInfo::needs_mask says; online softmax
 //           (row max in raw score units, exponentials 2^(t * exp_scale - max * exp_scale),
-//           O and the row sum rescaled by 2^((old max - new max) * exp_scale))
+//           O and the row sum rescaled by 2^((old max - new max) * exp_scale), exactly 1
+//           while the max stays)
 //        wait V[n]; barrier (also: every warp is done reading sK)
 //        issue K[n+1] into sK (overlaps with 5)
 //        5. O += P V[n]: P goes from S's accumulator registers straight into A fragments
@@ -60,25 +61,78 @@ __device__ __forceinline__ uint32_t swizzle(int row, int chunk) {
     return uint32_t(row * (ROW_ELEMS * 2) + ((chunk ^ (row & 7)) << 4));
 }
 
-// Issues the cp.async copies of a ROWS x DIM tile whose row r starts at g + r * stride
-// (elements); rows >= valid_rows are zero-filled. Consecutive threads take consecutive
-// 16-byte chunks of a row, so each warp's reads are coalesced. Requires valid_rows >= 1
-// (the first row doubles as the dummy source of zero-filled chunks).
-template <int ROWS, int DIM, int ROW_ELEMS, int THREADS, typename T>
-__device__ __forceinline__ void load_tile(uint32_t s_tile, const T* g, int64_t stride, int valid_rows, int tid) {
-    constexpr int kChunks = DIM / 8;
-    constexpr int kIters = ROWS * kChunks / THREADS;
-    static_assert(ROWS * kChunks % THREADS == 0, "tile splits evenly over the threads");
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-        const int idx = tid + it * THREADS;
-        const int row = idx / kChunks;
-        const int chunk = idx % kChunks;
-        const bool valid = row < valid_rows;
-        const T* src = valid ? g + int64_t(row) * stride + chunk * 8 : g;
-        cp_async_16(s_tile + swizzle<ROW_ELEMS>(row, chunk), src, valid);
+// Per-thread plan of the cp.async copies of a ROWS x DIM tile. Each row is kSlots 16-byte
+// slots (its kChunks = DIM / 8 chunks rounded up to a power of two; slots past kChunks idle,
+// which only happens for d = 96 and 192): thread tid copies slot tid % kSlots of rows
+// row0 = tid / kSlots, row0 + kRowStep, ... Consecutive threads take consecutive chunks of
+// a row, so global reads are coalesced. A thread's chunk is fixed and its rows advance by
+// kRowStep, a multiple of 8 or exactly 4, so the swizzled shared-memory offset is one of
+// two per-thread values plus a compile-time row offset, and the global address one pointer
+// bumped by a fixed step: few live registers across the main loop.
+template <int ROWS, int DIM, int ROW_ELEMS, int THREADS> struct TileLoader {
+    static constexpr int kChunks = DIM / 8;
+    static constexpr int kSlots = kChunks <= 8 ? 8 : (kChunks <= 16 ? 16 : (kChunks <= 32 ? 32 : 64));
+    static constexpr int kRowStep = THREADS / kSlots;
+    static constexpr int kIters = ROWS / kRowStep;
+    static constexpr int kRowBytes = ROW_ELEMS * 2;
+    static_assert(THREADS % kSlots == 0 && ROWS % kRowStep == 0, "tile splits evenly over the threads");
+    static_assert(kRowStep % 8 == 0 || kRowStep == 4, "row % 8 of a thread's rows takes at most two values");
+
+    int row0;
+    int chunk;
+    bool active;
+    uint32_t swz[2];  // byte offset of (row0 + i * kRowStep, chunk) minus i * kRowStep rows, i even / odd
+
+    __device__ __forceinline__ explicit TileLoader(int tid) {
+        chunk = tid % kSlots;
+        row0 = tid / kSlots;
+        active = chunk < kChunks;
+        // kRowStep % 8 == 0: every row has row0's swizzle. kRowStep == 4: row0 < 4, and odd
+        // steps add 4 to row % 8.
+        swz[0] = uint32_t(row0 * kRowBytes + ((chunk ^ (row0 & 7)) << 4));
+        swz[1] = uint32_t(row0 * kRowBytes + ((chunk ^ ((row0 + kRowStep) & 7)) << 4));
     }
-}
+
+    // Element offset of this thread's first row and chunk in a tensor of the given stride.
+    __device__ __forceinline__ int64_t thread_offset(int64_t stride) const { return int64_t(row0) * stride + chunk * 8; }
+
+    // Issues the copies of a tile whose row r starts at tile + r * stride (elements); `src`
+    // is tile + thread_offset(stride). Rows >= valid_rows are zero-filled, reading nothing:
+    // their source operand is `dummy`, any valid address.
+    template <typename T>
+    __device__ __forceinline__ void load(uint32_t s_tile, const T* src, const T* dummy, int64_t stride,
+                                         int valid_rows) const {
+        if (!active) return;
+        const int64_t step = int64_t(kRowStep) * stride;
+        const int rows_left = valid_rows - row0;  // compared with immediates below
+#pragma unroll
+        for (int it = 0; it < kIters; ++it) {
+            const bool valid = it * kRowStep < rows_left;
+            const uint32_t off = swz[(kRowStep % 8 == 0) ? 0 : (it & 1)] + uint32_t(it * kRowStep * kRowBytes);
+            cp_async_16(s_tile + off, valid ? src : dummy, valid);
+            src += step;
+        }
+    }
+};
+
+// Per-lane ldmatrix.x4 addresses into a tile of ROW_ELEMS-element rows. For k16 step k,
+// lane l addresses row `row` of a 16-row block (row % 8 == l % 8) and chunk 2k + hi
+// (hi in {0, 1}). Since 2 (k % 4) + hi < 8 and blocks start on multiples of 8 rows, the
+// swizzled chunk is 8 (k / 4) + ((2 (k % 4)) ^ hi ^ (l % 8)): four per-lane addresses, the
+// rest (block row, k / 4, tile offset) compile-time immediates of the instruction.
+template <int ROW_ELEMS> struct LdsmAddr {
+    uint32_t addr[4];
+    __device__ __forceinline__ LdsmAddr(uint32_t base, int row, int hi, int lane) {
+        const int x = hi ^ (lane & 7);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) addr[k] = base + uint32_t(row * ROW_ELEMS * 2 + (((2 * k) ^ x) << 4));
+    }
+    // Address for k16 step k of 16-row block `block` of the tile TILE_BYTES after the base.
+    template <int TILE_BYTES>
+    __device__ __forceinline__ uint32_t at(int block, int k) const {
+        return addr[k & 3] + uint32_t(TILE_BYTES + block * 16 * ROW_ELEMS * 2 + (k >> 2) * 128);
+    }
+};
 
 template <typename T, int D, int DV>
 __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
@@ -135,25 +189,40 @@ __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
     }
     const int n_min = key_lo / kBlockN;
     const int n_max = key_hi / kBlockN + 1;
+    // Key tiles n in [unmasked_lo, unmasked_hi) need no mask (BlockInfo::needs_mask in
+    // interval form, so the loop keeps two integers instead of the mask geometry).
+    const int unmasked_lo = bi.unmasked_lo();
+    const int unmasked_hi = bi.unmasked_hi();
+    // Row mask: tile row mi * 16 + 8h of this lane sees keys
+    // [lane_key_lo + 16 mi + 8h, min(lane_key_lo + span + 16 mi + 8h, sk - 1)].
+    const int lane_key_lo = bi.m0 + warp * kRowsPerWarp + g + bi.diag - bi.left;
+    const int sk = bi.sk;
 
     const int head_kv = head / int(p.heads_per_kv);
-    const T* q_tile = reinterpret_cast<const T*>(p.q.data) + (int64_t(bi.q_start) + bi.m0) * p.q.token_stride +
-                      int64_t(head) * p.q.head_stride;
-    // Key j of the sequence is k_seq + j * k.token_stride (likewise v_seq).
-    const T* k_seq = reinterpret_cast<const T*>(p.k.data) + int64_t(bi.k_start) * p.k.token_stride +
-                     int64_t(head_kv) * p.k.head_stride;
-    const T* v_seq = reinterpret_cast<const T*>(p.v.data) + int64_t(bi.k_start) * p.v.token_stride +
-                     int64_t(head_kv) * p.v.head_stride;
+    const int64_t k_ts = p.k.token_stride;
+    const int64_t v_ts = p.v.token_stride;
+    const T* k_base = reinterpret_cast<const T*>(p.k.data);  // valid dummy source of zero-fills
+    const T* v_base = reinterpret_cast<const T*>(p.v.data);
 
     const uint32_t sQ = uint32_t(__cvta_generic_to_shared(smem));
-    const uint32_t sK = sQ + Tr::kSmemQ;
-    const uint32_t sV = sK + Tr::kSmemK;
+    constexpr int kOffK = Tr::kSmemQ;              // K tile, bytes after sQ
+    constexpr int kOffV = Tr::kSmemQ + Tr::kSmemK;  // V tile, bytes after sQ
 
-    load_tile<kBlockM, D, kRowQK, kThreads>(sQ, q_tile, p.q.token_stride, rows_here, tid);
+    const TileLoader<kBlockN, D, kRowQK, kThreads> k_loader(tid);
+    const TileLoader<kBlockN, DV, kRowV, kThreads> v_loader(tid);
+    // This thread's copy source in key tile 0 of the sequence; tile n adds n * kBlockN rows.
+    const T* k_thread = k_base + int64_t(bi.k_start) * k_ts + int64_t(head_kv) * p.k.head_stride +
+                        k_loader.thread_offset(k_ts);
+    const T* v_thread = v_base + int64_t(bi.k_start) * v_ts + int64_t(head_kv) * p.v.head_stride +
+                        v_loader.thread_offset(v_ts);
     {
+        const TileLoader<kBlockM, D, kRowQK, kThreads> q_loader(tid);
+        const T* q_base = reinterpret_cast<const T*>(p.q.data);
+        const T* q_thread = q_base + (int64_t(bi.q_start) + bi.m0) * p.q.token_stride +
+                            int64_t(head) * p.q.head_stride + q_loader.thread_offset(p.q.token_stride);
+        q_loader.load(sQ, q_thread, q_base, p.q.token_stride, rows_here);
         const int k0 = n_min * kBlockN;
-        load_tile<kBlockN, D, kRowQK, kThreads>(sK, k_seq + int64_t(k0) * p.k.token_stride, p.k.token_stride,
-                                                bi.sk - k0, tid);
+        k_loader.load(sQ + kOffK, k_thread + int64_t(k0) * k_ts, k_base, k_ts, sk - k0);
     }
     cp_async_commit();
     cp_async_wait<0>();
@@ -180,13 +249,21 @@ __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
     }
 
     const int warp_row0 = warp * kRowsPerWarp;  // first tile row of this warp
+    // ldmatrix addresses. Q (A operand) and V (B operand, .trans: V's rows are k): lane l
+    // gives row l % 16 and chunk 2k + l / 16, so matrices 0..3 are (rows 0-7, k lo),
+    // (rows 8-15, k lo), (rows 0-7, k hi), (rows 8-15, k hi). K (B operand, K's rows are n):
+    // lane l gives row l % 8 + 8 (l / 16) and chunk 2k + (l / 8) % 2, so matrices 0..3 are
+    // (keys 0-7, k lo), (keys 0-7, k hi), (keys 8-15, k lo), (keys 8-15, k hi): each key tile's
+    // b0, b1 land in consecutive registers, as mma wants them.
+    const LdsmAddr<kRowQK> q_ldsm(sQ + uint32_t(warp_row0 * kRowQK * 2), lane & 15, lane >> 4, lane);
+    const LdsmAddr<kRowQK> k_ldsm(sQ, (lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1, lane);
+    const LdsmAddr<kRowV> v_ldsm(sQ, lane & 15, lane >> 4, lane);
     const float exp_scale = p.exp_scale;
     const float softcap_in = p.softcap_in;
 
     for (int n = n_min; n < n_max; ++n) {
         const int k0 = n * kBlockN;
-        load_tile<kBlockN, DV, kRowV, kThreads>(sV, v_seq + int64_t(k0) * p.v.token_stride, p.v.token_stride,
-                                                bi.sk - k0, tid);
+        v_loader.load(sQ + kOffV, v_thread + int64_t(k0) * v_ts, v_base, v_ts, sk - k0);
         cp_async_commit();
 
         // s[mi][nj]: C fragment of S for rows (mi * 16 + g, + 8), keys k0 + nj * 8 + 2 * t4 (+1).
@@ -203,21 +280,15 @@ __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
         // S = Q K^T over D in k16 steps.
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks) {
-            // A fragments: matrices (rows 0-7 | 8-15) x (chunk 2ks | 2ks+1); lane l gives row
-            // l % 16 of the m16 tile, chunk 2ks + l / 16.
+            // A fragments of this warp's m16 tiles (matrices 0..3 are a0..a3).
             uint32_t a[kMTiles][4];
 #pragma unroll
-            for (int mi = 0; mi < kMTiles; ++mi) {
-                ldmatrix_x4(a[mi], sQ + swizzle<kRowQK>(warp_row0 + mi * 16 + (lane & 15), 2 * ks + (lane >> 4)));
-            }
+            for (int mi = 0; mi < kMTiles; ++mi) ldmatrix_x4(a[mi], q_ldsm.template at<0>(mi, ks));
 #pragma unroll
             for (int np = 0; np < kNTiles / 2; ++np) {
-                // B fragments of key tiles 2np and 2np+1: matrices (keys 0-7, chunk 2ks),
-                // (keys 0-7, chunk 2ks+1), (keys 8-15, chunk 2ks), (keys 8-15, chunk 2ks+1) of
-                // the 16 keys from np * 16; K rows are B's columns, so no transpose.
+                // B fragments of the 16 keys from np * 16: b0, b1 of key tile 2np, then of 2np+1.
                 uint32_t b[4];
-                ldmatrix_x4(b, sK + swizzle<kRowQK>(np * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                                    2 * ks + ((lane >> 3) & 1)));
+                ldmatrix_x4(b, k_ldsm.template at<kOffK>(np, ks));
 #pragma unroll
                 for (int mi = 0; mi < kMTiles; ++mi) {
                     mma_16816<T>(s[mi][2 * np], a[mi], b[0], b[1]);
@@ -237,14 +308,14 @@ __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
             }
         }
 
-        if (bi.needs_mask(n)) {
+        if (n < unmasked_lo || n >= unmasked_hi) {
+            const int span = p.window_left + p.window_right;
 #pragma unroll
             for (int mi = 0; mi < kMTiles; ++mi) {
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    const int row = bi.m0 + warp_row0 + mi * 16 + g + 8 * h;  // sequence-local
-                    const int j_lo = row + bi.diag - bi.left;
-                    const int j_hi = min(row + bi.diag + bi.right, bi.sk - 1);
+                    const int j_lo = lane_key_lo + mi * 16 + 8 * h;
+                    const int j_hi = min(j_lo + span, sk - 1);
 #pragma unroll
                     for (int nj = 0; nj < kNTiles; ++nj) {
 #pragma unroll
@@ -267,10 +338,15 @@ __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
                 for (int nj = 0; nj < kNTiles; ++nj) mx = fmaxf(mx, fmaxf(s[mi][nj][2 * h], s[mi][nj][2 * h + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                // A row with no visible key so far keeps max -inf; subtracting 0 then maps
-                // its -inf scores to 2^-inf = 0 instead of NaN.
-                const float m_scaled = mx == kNegInf ? 0.f : mx * exp_scale;
-                const float corr = fast_exp2(row_max[mi][h] * exp_scale - m_scaled);
+                // A row with no visible key so far keeps max -inf; using 0 in its place maps
+                // its -inf scores to 2^-inf = 0 instead of NaN. The rescale factor is formed
+                // from the difference of raw maxima, which is exactly 0 while the max stays,
+                // so it is exactly 1 then: a factor 2^(fl(m e) - fl(m e)) formed from two
+                // separately rounded products drifts below 1 and biased the LSE by 2e-3 over
+                // the 32768 key tiles of a 1M-token row.
+                const float m_use = mx == kNegInf ? 0.f : mx;
+                const float m_scaled = m_use * exp_scale;
+                const float corr = fast_exp2((row_max[mi][h] - m_use) * exp_scale);
                 row_max[mi][h] = mx;
                 row_sum[mi][h] *= corr;
 #pragma unroll
@@ -294,8 +370,7 @@ __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
         __syncthreads();
         if (n + 1 < n_max) {
             const int k1 = k0 + kBlockN;
-            load_tile<kBlockN, D, kRowQK, kThreads>(sK, k_seq + int64_t(k1) * p.k.token_stride, p.k.token_stride,
-                                                    bi.sk - k1, tid);
+            k_loader.load(sQ + kOffK, k_thread + int64_t(k1) * k_ts, k_base, k_ts, sk - k1);
             cp_async_commit();
         }
 
@@ -313,10 +388,11 @@ __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
             }
 #pragma unroll
             for (int dp = 0; dp < DV / 16; ++dp) {
-                // B fragments of O column tiles 2dp and 2dp+1: matrices (keys 0-7 | 8-15) x
-                // (chunk 2dp | 2dp+1), transposed, since V's rows are B's k dimension.
+                // B fragments of O column tiles 2dp and 2dp+1 (transposed matrices (keys 0-7,
+                // cols lo), (keys 8-15, cols lo), (keys 0-7, cols hi), (keys 8-15, cols hi) are
+                // b0, b1 of tile 2dp, then b0, b1 of tile 2dp+1).
                 uint32_t b[4];
-                ldmatrix_x4_trans(b, sV + swizzle<kRowV>(kk * 16 + (lane & 15), 2 * dp + (lane >> 4)));
+                ldmatrix_x4_trans(b, v_ldsm.template at<kOffV>(kk, dp));
 #pragma unroll
                 for (int mi = 0; mi < kMTiles; ++mi) {
                     mma_16816<T>(acc_o[mi][2 * dp], a[mi], b[0], b[1]);

@@ -50,6 +50,18 @@ template <int kBlockM, int kBlockN> struct BlockInfo {
         if (k_last >= sk) return true;
         return !(m1 - 1 + diag - left <= k0 && m0 + diag + right >= k_last);
     }
+
+    // needs_mask in interval form: tile n needs no mask iff unmasked_lo() <= n <
+    // unmasked_hi(). From needs_mask: no mask iff A <= k0 <= U with A = m1 - 1 + diag - left
+    // and U = min(sk - kBlockN, m0 + diag + right - kBlockN + 1), k0 = n * kBlockN >= 0.
+    __device__ __forceinline__ int unmasked_lo() const {
+        const int a = m1 - 1 + diag - left;
+        return a <= 0 ? 0 : (a + kBlockN - 1) / kBlockN;
+    }
+    __device__ __forceinline__ int unmasked_hi() const {
+        const int u = min(sk - kBlockN, m0 + diag + right - kBlockN + 1);
+        return u < 0 ? 0 : u / kBlockN + 1;
+    }
 };
 
 }  // namespace attn

@@ -28,7 +28,8 @@ pub const WINDOW_UNBOUNDED: usize = 1 << 29;
 
 /// Supported (head_dim of Q and K, head_dim of V) pairs. d = 192 with d_v = 128 is
 /// DeepSeek's MLA prefill shape (128 nope + 64 rope channels).
-pub const SUPPORTED_HEAD_DIMS: [(usize, usize); 5] = [(64, 64), (96, 96), (128, 128), (192, 128), (256, 256)];
+pub const SUPPORTED_HEAD_DIMS: [(usize, usize); 5] =
+    [(64, 64), (96, 96), (128, 128), (192, 128), (256, 256)];
 
 /// Which kernel implementation a plan targets. Only the sm80 instruction set path exists
 /// (mma.sync + ldmatrix + cp.async; it runs on sm80, sm86, sm89 and sm90); a Hopper path
@@ -60,19 +61,57 @@ pub struct TileConfig {
 /// Bytes of one shared-memory element (f16 and bf16).
 const ELEM_BYTES: usize = 2;
 
-/// The per-head-dim tile table. Reasons:
+/// The per-head-dim tile table. Reasons (numbers from ptxas on sm80..sm90a, CUDA 13.0):
 /// * block_m 128 with 4 warps (32 rows per warp, two m16 MMA tiles) reuses every K/V
-///   fragment loaded from shared memory twice, which FlashAttention 2 found best on
-///   A100/H100 for d <= 128; the O accumulator is 32 x d_v / 32 = d_v floats per thread.
-/// * block_n 64 keeps the S accumulator at 64 floats per thread next to O's 128 (d 128).
+///   fragment loaded from shared memory twice, as FlashAttention 2 does on A100/H100 for
+///   d <= 128; the O accumulator is then d_v floats per thread.
+/// * block_n: 64 where O is small (d 64) or the warp owns 16 rows (d 256); 32 for d 96, 128
+///   and 192, where 64 keys (another 32 S registers per thread next to O's 128) made ptxas
+///   spill 8 to 64 bytes at its 255-register limit. With 32 the d-128 kernel needs 246
+///   registers and spills nothing.
 /// * d 256 uses block_m 64 (16 rows per warp) so that O stays at 128 registers and shared
 ///   memory at 96 KiB, under the 99 KiB per-block limit of sm86/sm89.
-const TILES: [TileConfig; 5] = [
-    TileConfig { path: KernelPath::Sm80, head_dim: 64, head_dim_v: 64, block_m: 128, block_n: 64, warps: 4 },
-    TileConfig { path: KernelPath::Sm80, head_dim: 96, head_dim_v: 96, block_m: 128, block_n: 64, warps: 4 },
-    TileConfig { path: KernelPath::Sm80, head_dim: 128, head_dim_v: 128, block_m: 128, block_n: 64, warps: 4 },
-    TileConfig { path: KernelPath::Sm80, head_dim: 192, head_dim_v: 128, block_m: 128, block_n: 64, warps: 4 },
-    TileConfig { path: KernelPath::Sm80, head_dim: 256, head_dim_v: 256, block_m: 64, block_n: 64, warps: 4 },
+pub(crate) const TILES: [TileConfig; 5] = [
+    TileConfig {
+        path: KernelPath::Sm80,
+        head_dim: 64,
+        head_dim_v: 64,
+        block_m: 128,
+        block_n: 64,
+        warps: 4,
+    },
+    TileConfig {
+        path: KernelPath::Sm80,
+        head_dim: 96,
+        head_dim_v: 96,
+        block_m: 128,
+        block_n: 32,
+        warps: 4,
+    },
+    TileConfig {
+        path: KernelPath::Sm80,
+        head_dim: 128,
+        head_dim_v: 128,
+        block_m: 128,
+        block_n: 32,
+        warps: 4,
+    },
+    TileConfig {
+        path: KernelPath::Sm80,
+        head_dim: 192,
+        head_dim_v: 128,
+        block_m: 128,
+        block_n: 32,
+        warps: 4,
+    },
+    TileConfig {
+        path: KernelPath::Sm80,
+        head_dim: 256,
+        head_dim_v: 256,
+        block_m: 64,
+        block_n: 64,
+        warps: 4,
+    },
 ];
 
 /// Shared-memory rows are padded to a multiple of 64 elements (128 bytes) so the XOR swizzle
@@ -149,7 +188,13 @@ impl TileConfig {
     /// Key tiles `[n_min, n_max)` that query tile `m_block` visits: the tiles holding at
     /// least one key that some existing row of the tile sees. `None` when the tile is past
     /// the sequence's end or no row of it sees any key (its rows get O = 0, LSE = -inf).
-    pub fn key_blocks(&self, mask: &Mask, m_block: usize, seqlen_q: usize, seqlen_k: usize) -> Option<Range<usize>> {
+    pub fn key_blocks(
+        &self,
+        mask: &Mask,
+        m_block: usize,
+        seqlen_q: usize,
+        seqlen_k: usize,
+    ) -> Option<Range<usize>> {
         let rows = self.m_rows(m_block, seqlen_q)?;
         let keys = mask.visible_union(rows, seqlen_q, seqlen_k)?;
         Some(keys.start / self.block_n..(keys.end - 1) / self.block_n + 1)
@@ -158,7 +203,14 @@ impl TileConfig {
     /// Whether key tile `n_block` needs element-wise masking for query tile `m_block`: it is
     /// partial (passes seqlen_k), or some existing row of the tile does not see all of its
     /// keys. Tiles for which this is false are processed with no mask at all.
-    pub fn needs_mask(&self, mask: &Mask, m_block: usize, n_block: usize, seqlen_q: usize, seqlen_k: usize) -> bool {
+    pub fn needs_mask(
+        &self,
+        mask: &Mask,
+        m_block: usize,
+        n_block: usize,
+        seqlen_q: usize,
+        seqlen_k: usize,
+    ) -> bool {
         let Some(rows) = self.m_rows(m_block, seqlen_q) else {
             return true;
         };
@@ -173,6 +225,30 @@ impl TileConfig {
         let lo_of_last = (rows.end - 1) as i64 + c - left;
         let hi_of_first = rows.start as i64 + c + right;
         !(lo_of_last <= k0 as i64 && hi_of_first >= k_last as i64)
+    }
+
+    /// [`TileConfig::needs_mask`] in the interval form the kernel uses: key tiles
+    /// `n` in the returned range need no mask, all others do. With
+    /// `A = m1 - 1 + c - left` and `U = min(seqlen_k - block_n, m0 + c + right - block_n + 1)`,
+    /// tile `n` is unmasked iff `A <= n * block_n <= U`. Empty past the sequence's end.
+    pub fn unmasked_blocks(
+        &self,
+        mask: &Mask,
+        m_block: usize,
+        seqlen_q: usize,
+        seqlen_k: usize,
+    ) -> Range<usize> {
+        let Some(rows) = self.m_rows(m_block, seqlen_q) else {
+            return 0..0;
+        };
+        let (left, right) = mask.bounds();
+        let bn = self.block_n as i64;
+        let c = seqlen_k as i64 - seqlen_q as i64;
+        let a = (rows.end - 1) as i64 + c - left;
+        let u = (seqlen_k as i64 - bn).min(rows.start as i64 + c + right - bn + 1);
+        let lo = if a <= 0 { 0 } else { (a + bn - 1) / bn };
+        let hi = if u < 0 { 0 } else { u / bn + 1 };
+        lo as usize..(hi.max(lo)) as usize
     }
 }
 
@@ -196,13 +272,20 @@ impl Mask {
 
     /// Causal, bottom-right aligned.
     pub fn causal() -> Mask {
-        Mask { causal: true, ..Mask::default() }
+        Mask {
+            causal: true,
+            ..Mask::default()
+        }
     }
 
     /// Sliding window of `left` keys before and `right` after the diagonal (each inclusive
     /// of the diagonal itself, so `(0, 0)` sees exactly one key).
     pub fn window(left: usize, right: usize) -> Mask {
-        Mask { causal: false, window_left: Some(left), window_right: Some(right) }
+        Mask {
+            causal: false,
+            window_left: Some(left),
+            window_right: Some(right),
+        }
     }
 
     /// FlashAttention's convention: `window_left`/`window_right` as i64 with -1 unbounded.
@@ -214,17 +297,30 @@ impl Mask {
             match v {
                 -1 => Ok(None),
                 v if v >= 0 => Ok(Some(usize::try_from(v).unwrap_or(usize::MAX))),
-                v => Err(Error::invalid("attention", arg, format!("window side {v} must be >= 0, or -1 for unbounded"))),
+                v => Err(Error::invalid(
+                    "attention",
+                    arg,
+                    format!("window side {v} must be >= 0, or -1 for unbounded"),
+                )),
             }
         };
-        Ok(Mask { causal, window_left: side(window_left, "window_left")?, window_right: side(window_right, "window_right")? })
+        Ok(Mask {
+            causal,
+            window_left: side(window_left, "window_left")?,
+            window_right: side(window_right, "window_right")?,
+        })
     }
 
     /// Effective (left, right), each in `0..=WINDOW_UNBOUNDED`: what the kernel receives.
     pub fn bounds(&self) -> (i64, i64) {
-        let clamp = |s: Option<usize>| s.map_or(WINDOW_UNBOUNDED, |v| v.min(WINDOW_UNBOUNDED)) as i64;
+        let clamp =
+            |s: Option<usize>| s.map_or(WINDOW_UNBOUNDED, |v| v.min(WINDOW_UNBOUNDED)) as i64;
         let left = clamp(self.window_left);
-        let right = if self.causal { 0 } else { clamp(self.window_right) };
+        let right = if self.causal {
+            0
+        } else {
+            clamp(self.window_right)
+        };
         (left, right)
     }
 
@@ -255,7 +351,12 @@ impl Mask {
     /// nonnegative sides, so each row's range has length `left + right + 1` before clipping
     /// and consecutive rows' ranges overlap: the union is one interval from the first row's
     /// lower bound to the last row's upper bound, clipped to the sequence.
-    pub fn visible_union(&self, rows: Range<usize>, seqlen_q: usize, seqlen_k: usize) -> Option<Range<usize>> {
+    pub fn visible_union(
+        &self,
+        rows: Range<usize>,
+        seqlen_q: usize,
+        seqlen_k: usize,
+    ) -> Option<Range<usize>> {
         if rows.is_empty() || seqlen_k == 0 {
             return None;
         }
@@ -268,15 +369,26 @@ impl Mask {
 
     /// Number of (row, key) pairs the mask keeps in a `seqlen_q` x `seqlen_k` sequence.
     pub fn visible_pairs(&self, seqlen_q: usize, seqlen_k: usize) -> u64 {
-        (0..seqlen_q).map(|i| self.visible_keys(i, seqlen_q, seqlen_k).len() as u64).sum()
+        (0..seqlen_q)
+            .map(|i| self.visible_keys(i, seqlen_q, seqlen_k).len() as u64)
+            .sum()
     }
 }
 
 /// FLOPs of a forward run, counted as FlashAttention 3's benchmarks do:
 /// `2 * heads_q * sum over rows of visible keys * (head_dim + head_dim_v)`, exact for every
 /// mask. `seqlens` lists (seqlen_q, seqlen_k) per sequence.
-pub fn forward_flops(mask: &Mask, seqlens: &[(usize, usize)], heads_q: usize, head_dim: usize, head_dim_v: usize) -> f64 {
-    let pairs: u64 = seqlens.iter().map(|&(sq, sk)| mask.visible_pairs(sq, sk)).sum();
+pub fn forward_flops(
+    mask: &Mask,
+    seqlens: &[(usize, usize)],
+    heads_q: usize,
+    head_dim: usize,
+    head_dim_v: usize,
+) -> f64 {
+    let pairs: u64 = seqlens
+        .iter()
+        .map(|&(sq, sk)| mask.visible_pairs(sq, sk))
+        .sum();
     2.0 * heads_q as f64 * pairs as f64 * (head_dim + head_dim_v) as f64
 }
 
@@ -303,16 +415,27 @@ impl SoftmaxConsts {
     /// finite and positive, or a folded constant is not a normal f32.
     pub fn new(scale: f32, softcap: Option<f32>) -> Result<SoftmaxConsts> {
         if !(scale.is_finite() && scale > 0.0) {
-            return Err(Error::invalid("attention", "softmax_scale", format!("{scale} must be finite and > 0")));
+            return Err(Error::invalid(
+                "attention",
+                "softmax_scale",
+                format!("{scale} must be finite and > 0"),
+            ));
         }
         let log2e = std::f64::consts::LOG2_E;
         let (exp_scale, softcap_in) = match softcap {
             None => ((f64::from(scale) * log2e) as f32, 0.0f32),
             Some(cap) => {
                 if !(cap.is_finite() && cap > 0.0) {
-                    return Err(Error::invalid("attention", "softcap", format!("{cap} must be finite and > 0")));
+                    return Err(Error::invalid(
+                        "attention",
+                        "softcap",
+                        format!("{cap} must be finite and > 0"),
+                    ));
                 }
-                ((f64::from(cap) * log2e) as f32, (f64::from(scale) / f64::from(cap)) as f32)
+                (
+                    (f64::from(cap) * log2e) as f32,
+                    (f64::from(scale) / f64::from(cap)) as f32,
+                )
             }
         };
         if !exp_scale.is_normal() || (softcap.is_some() && !softcap_in.is_normal()) {
@@ -322,7 +445,10 @@ impl SoftmaxConsts {
                 format!("scale {scale} with softcap {softcap:?} folds to a non-normal f32 ({exp_scale}, {softcap_in})"),
             ));
         }
-        Ok(SoftmaxConsts { exp_scale, softcap_in })
+        Ok(SoftmaxConsts {
+            exp_scale,
+            softcap_in,
+        })
     }
 }
 
@@ -336,7 +462,12 @@ mod tests {
             let t = TileConfig::for_head_dims(d, dv).unwrap();
             assert_eq!(t.rows_per_warp() % 16, 0);
             assert_eq!(t.block_n % 16, 0);
-            assert!(t.smem_bytes() <= 99 * 1024, "{t:?} needs {} bytes", t.smem_bytes());
+            assert!(
+                t.smem_bytes() <= 99 * 1024,
+                "{t:?} needs {} bytes",
+                t.smem_bytes()
+            );
+            assert_eq!(t.block_n % 16, 0);
         }
         assert!(TileConfig::for_head_dims(80, 80).is_err());
     }
@@ -344,23 +475,49 @@ mod tests {
     #[test]
     fn key_blocks_cover_exactly_the_visible_keys() {
         let t = TileConfig::for_head_dims(128, 128).unwrap();
-        let masks = [Mask::none(), Mask::causal(), Mask::window(100, 0), Mask::window(5, 7), Mask {
-            causal: true,
-            window_left: Some(200),
-            window_right: None,
-        }];
+        let masks = [
+            Mask::none(),
+            Mask::causal(),
+            Mask::window(100, 0),
+            Mask::window(5, 7),
+            Mask {
+                causal: true,
+                window_left: Some(200),
+                window_right: None,
+            },
+        ];
         for mask in masks {
-            for &(sq, sk) in &[(1, 1), (127, 300), (300, 127), (513, 513), (64, 1000), (1000, 64)] {
+            for &(sq, sk) in &[
+                (1, 1),
+                (127, 300),
+                (300, 127),
+                (513, 513),
+                (64, 1000),
+                (1000, 64),
+            ] {
                 for mb in 0..t.num_m_blocks(sq) {
                     let rows = t.m_rows(mb, sq).unwrap();
-                    let mut want: Vec<usize> =
-                        rows.clone().flat_map(|i| mask.visible_keys(i, sq, sk)).map(|j| j / t.block_n).collect();
+                    let mut want: Vec<usize> = rows
+                        .clone()
+                        .flat_map(|i| mask.visible_keys(i, sq, sk))
+                        .map(|j| j / t.block_n)
+                        .collect();
                     want.sort_unstable();
                     want.dedup();
-                    let got: Vec<usize> = t.key_blocks(&mask, mb, sq, sk).map(|r| r.collect()).unwrap_or_default();
+                    let got: Vec<usize> = t
+                        .key_blocks(&mask, mb, sq, sk)
+                        .map(|r| r.collect())
+                        .unwrap_or_default();
                     assert_eq!(got, want, "{mask:?} sq {sq} sk {sk} m_block {mb}");
                     for n in got {
-                        let all = rows.clone().all(|i| (n * t.block_n..(n + 1) * t.block_n).all(|j| mask.sees(i, j, sq, sk)));
+                        let all = rows.clone().all(|i| {
+                            (n * t.block_n..(n + 1) * t.block_n).all(|j| mask.sees(i, j, sq, sk))
+                        });
+                        assert_eq!(
+                            t.needs_mask(&mask, mb, n, sq, sk),
+                            !t.unmasked_blocks(&mask, mb, sq, sk).contains(&n),
+                            "interval form disagrees: {mask:?} sq {sq} sk {sk} m {mb} n {n}"
+                        );
                         if !t.needs_mask(&mask, mb, n, sq, sk) {
                             assert!(all, "{mask:?} sq {sq} sk {sk} m {mb} n {n}: skipped mask on a masked tile");
                         }

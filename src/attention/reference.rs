@@ -73,7 +73,10 @@ impl Problem<'_> {
 
     /// (query token range, key token range) of sequence `b`.
     fn sequence(&self, b: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
-        (self.cu_seqlens_q[b]..self.cu_seqlens_q[b + 1], self.cu_seqlens_k[b]..self.cu_seqlens_k[b + 1])
+        (
+            self.cu_seqlens_q[b]..self.cu_seqlens_q[b + 1],
+            self.cu_seqlens_k[b]..self.cu_seqlens_k[b + 1],
+        )
     }
 
     /// Checks shapes and offsets.
@@ -85,29 +88,81 @@ impl Problem<'_> {
         if self.cu_seqlens_q.len() < 2 || self.cu_seqlens_q.len() != self.cu_seqlens_k.len() {
             return bad(
                 "cu_seqlens",
-                format!("cu_seqlens_q has {} entries, cu_seqlens_k {}; both need batch + 1 >= 2", self.cu_seqlens_q.len(), self.cu_seqlens_k.len()),
+                format!(
+                    "cu_seqlens_q has {} entries, cu_seqlens_k {}; both need batch + 1 >= 2",
+                    self.cu_seqlens_q.len(),
+                    self.cu_seqlens_k.len()
+                ),
             );
         }
-        for (name, cu) in [("cu_seqlens_q", self.cu_seqlens_q), ("cu_seqlens_k", self.cu_seqlens_k)] {
+        for (name, cu) in [
+            ("cu_seqlens_q", self.cu_seqlens_q),
+            ("cu_seqlens_k", self.cu_seqlens_k),
+        ] {
             if cu[0] != 0 || cu.windows(2).any(|w| w[1] < w[0]) {
-                return bad(if name == "cu_seqlens_q" { "cu_seqlens_q" } else { "cu_seqlens_k" }, format!("{cu:?} must start at 0 and not decrease"));
+                return bad(
+                    if name == "cu_seqlens_q" {
+                        "cu_seqlens_q"
+                    } else {
+                        "cu_seqlens_k"
+                    },
+                    format!("{cu:?} must start at 0 and not decrease"),
+                );
             }
         }
         if self.heads_kv == 0 || self.heads_q % self.heads_kv != 0 {
-            return bad("heads", format!("heads_q {} is not a multiple of heads_kv {}", self.heads_q, self.heads_kv));
+            return bad(
+                "heads",
+                format!(
+                    "heads_q {} is not a multiple of heads_kv {}",
+                    self.heads_q, self.heads_kv
+                ),
+            );
         }
         let (tq, tk) = (self.total_q(), self.total_k());
         if self.q.len() != tq * self.heads_q * self.head_dim {
-            return bad("q", format!("{} values, expected {tq} x {} x {}", self.q.len(), self.heads_q, self.head_dim));
+            return bad(
+                "q",
+                format!(
+                    "{} values, expected {tq} x {} x {}",
+                    self.q.len(),
+                    self.heads_q,
+                    self.head_dim
+                ),
+            );
         }
         if self.k.len() != tk * self.heads_kv * self.head_dim {
-            return bad("k", format!("{} values, expected {tk} x {} x {}", self.k.len(), self.heads_kv, self.head_dim));
+            return bad(
+                "k",
+                format!(
+                    "{} values, expected {tk} x {} x {}",
+                    self.k.len(),
+                    self.heads_kv,
+                    self.head_dim
+                ),
+            );
         }
         if self.v.len() != tk * self.heads_kv * self.head_dim_v {
-            return bad("v", format!("{} values, expected {tk} x {} x {}", self.v.len(), self.heads_kv, self.head_dim_v));
+            return bad(
+                "v",
+                format!(
+                    "{} values, expected {tk} x {} x {}",
+                    self.v.len(),
+                    self.heads_kv,
+                    self.head_dim_v
+                ),
+            );
         }
-        if !(self.scale.is_finite() && self.scale > 0.0) || self.softcap.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
-            return bad("softmax_scale", format!("scale {} and softcap {:?} must be finite and > 0", self.scale, self.softcap));
+        if !(self.scale.is_finite() && self.scale > 0.0)
+            || self.softcap.is_some_and(|c| !(c.is_finite() && c > 0.0))
+        {
+            return bad(
+                "softmax_scale",
+                format!(
+                    "scale {} and softcap {:?} must be finite and > 0",
+                    self.scale, self.softcap
+                ),
+            );
         }
         Ok(())
     }
@@ -161,7 +216,10 @@ pub fn attention_f64(p: &Problem) -> Result<Output<f64>> {
                 if scores.is_empty() {
                     continue;
                 }
-                let m = scores.iter().map(|&(_, s)| s).fold(f64::NEG_INFINITY, f64::max);
+                let m = scores
+                    .iter()
+                    .map(|&(_, s)| s)
+                    .fold(f64::NEG_INFINITY, f64::max);
                 let sum: f64 = scores.iter().map(|&(_, s)| (s - m).exp()).sum();
                 let out = &mut o[((qs.start + i) * p.heads_q + h) * dv..][..dv];
                 for &(j, s) in &scores {
@@ -189,7 +247,10 @@ pub struct Tiles {
 
 impl From<&TileConfig> for Tiles {
     fn from(t: &TileConfig) -> Self {
-        Tiles { block_m: t.block_m, block_n: t.block_n }
+        Tiles {
+            block_m: t.block_m,
+            block_n: t.block_n,
+        }
     }
 }
 
@@ -219,18 +280,27 @@ pub struct TileStats {
 
 /// FlashAttention-2's forward pass in f32, mirroring the CUDA kernel: for each (sequence,
 /// head, query tile) it visits only the key tiles the plan's `key_blocks` names, masks
-/// element-wise only where `needs_mask` says so (keys past seqlen_k read as zero, as the
-/// kernel's zero-filled loads do), and keeps the online softmax in the log2 domain with the
-/// row max in raw score units. `round` is applied to P before P V and to the final O: pass
-/// the device dtype's rounding for a same-precision run, or the identity for pure f32.
+/// element-wise only outside `unmasked_blocks` (the kernel's form of `needs_mask`; keys
+/// past seqlen_k read as zero, as the kernel's zero-filled loads do), and keeps the online
+/// softmax in the log2 domain with the row max in raw score units. `round` is applied to P
+/// before P V and to the final O: pass the device dtype's rounding for a same-precision
+/// run, or the identity for pure f32.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] when the problem's shapes are inconsistent, or a tile size is
 /// zero.
-pub fn attention_tiled_f32(p: &Problem, tiles: Tiles, round: fn(f32) -> f32) -> Result<(Output<f32>, TileStats)> {
+pub fn attention_tiled_f32(
+    p: &Problem,
+    tiles: Tiles,
+    round: fn(f32) -> f32,
+) -> Result<(Output<f32>, TileStats)> {
     p.validate()?;
     if tiles.block_m == 0 || tiles.block_n == 0 {
-        return Err(Error::invalid(OP, "tiles", format!("{tiles:?} has a zero side")));
+        return Err(Error::invalid(
+            OP,
+            "tiles",
+            format!("{tiles:?} has a zero side"),
+        ));
     }
     let consts = SoftmaxConsts::new(p.scale as f32, p.softcap.map(|c| c as f32))?;
     let cfg = tiles.config(p);
@@ -255,7 +325,9 @@ pub fn attention_tiled_f32(p: &Problem, tiles: Tiles, round: fn(f32) -> f32) -> 
         for h in 0..p.heads_q {
             let hk = h / group;
             for mb in 0..cfg.num_m_blocks(sq) {
-                let Some(rows) = cfg.m_rows(mb, sq) else { continue };
+                let Some(rows) = cfg.m_rows(mb, sq) else {
+                    continue;
+                };
                 let Some(n_range) = cfg.key_blocks(&p.mask, mb, sq, sk) else {
                     // The output is already O = 0, LSE = -inf.
                     stats.empty_query_tiles += 1;
@@ -265,8 +337,9 @@ pub fn attention_tiled_f32(p: &Problem, tiles: Tiles, round: fn(f32) -> f32) -> 
                 row_max[..nrows].fill(f32::NEG_INFINITY);
                 row_sum[..nrows].fill(0.0);
                 acc[..nrows * dv].fill(0.0);
+                let unmasked = cfg.unmasked_blocks(&p.mask, mb, sq, sk);
                 for nb in n_range {
-                    let masked = cfg.needs_mask(&p.mask, mb, nb, sq, sk);
+                    let masked = !unmasked.contains(&nb);
                     if masked {
                         stats.masked_tiles += 1;
                     } else {
@@ -280,7 +353,11 @@ pub fn attention_tiled_f32(p: &Problem, tiles: Tiles, round: fn(f32) -> f32) -> 
                         let q = &q32[(t * p.heads_q + h) * d..][..d];
                         for c in 0..bn {
                             let j = k0 + c;
-                            let k = if j < sk { &k32[((ks.start + j) * p.heads_kv + hk) * d..][..d] } else { &zeros_d[..] };
+                            let k = if j < sk {
+                                &k32[((ks.start + j) * p.heads_kv + hk) * d..][..d]
+                            } else {
+                                &zeros_d[..]
+                            };
                             let mut x: f32 = q.iter().zip(k).map(|(a, b)| a * b).sum();
                             if consts.softcap_in != 0.0 {
                                 x = (x * consts.softcap_in).tanh();
@@ -295,8 +372,13 @@ pub fn attention_tiled_f32(p: &Problem, tiles: Tiles, round: fn(f32) -> f32) -> 
                     for r in 0..nrows {
                         let srow = &mut s[r * bn..][..bn];
                         let m_new = srow.iter().copied().fold(row_max[r], f32::max);
-                        let m_scaled = if m_new == f32::NEG_INFINITY { 0.0 } else { m_new * consts.exp_scale };
-                        let corr = (row_max[r] * consts.exp_scale - m_scaled).exp2();
+                        let m_use = if m_new == f32::NEG_INFINITY {
+                            0.0
+                        } else {
+                            m_new
+                        };
+                        let m_scaled = m_use * consts.exp_scale;
+                        let corr = ((row_max[r] - m_use) * consts.exp_scale).exp2();
                         row_max[r] = m_new;
                         row_sum[r] *= corr;
                         let out = &mut acc[r * dv..][..dv];
@@ -306,7 +388,11 @@ pub fn attention_tiled_f32(p: &Problem, tiles: Tiles, round: fn(f32) -> f32) -> 
                             row_sum[r] += pv;
                             let pr = round(pv);
                             let j = k0 + c;
-                            let v = if j < sk { &v32[((ks.start + j) * p.heads_kv + hk) * dv..][..dv] } else { &zeros_dv[..] };
+                            let v = if j < sk {
+                                &v32[((ks.start + j) * p.heads_kv + hk) * dv..][..dv]
+                            } else {
+                                &zeros_dv[..]
+                            };
                             for (a, vx) in out.iter_mut().zip(v) {
                                 *a += pr * vx;
                             }
@@ -325,7 +411,8 @@ pub fn attention_tiled_f32(p: &Problem, tiles: Tiles, round: fn(f32) -> f32) -> 
                         for (x, a) in dst.iter_mut().zip(&acc[r * dv..][..dv]) {
                             *x = round(a * inv);
                         }
-                        lse[h * tq + t] = (row_max[r] * consts.exp_scale + l.log2()) * std::f32::consts::LN_2;
+                        lse[h * tq + t] =
+                            (row_max[r] * consts.exp_scale + l.log2()) * std::f32::consts::LN_2;
                     }
                 }
             }
@@ -348,7 +435,11 @@ pub struct ErrorStats {
 }
 
 /// Compares two outputs element by element (see [`ErrorStats`]).
-pub fn compare<A: Copy + Into<f64>>(got_o: &[A], got_lse: &[f32], want: &Output<f64>) -> ErrorStats {
+pub fn compare<A: Copy + Into<f64>>(
+    got_o: &[A],
+    got_lse: &[f32],
+    want: &Output<f64>,
+) -> ErrorStats {
     let mut st = ErrorStats::default();
     let mut sum = 0.0;
     for (g, w) in got_o.iter().zip(&want.o) {
@@ -357,7 +448,11 @@ pub fn compare<A: Copy + Into<f64>>(got_o: &[A], got_lse: &[f32], want: &Output<
         st.max_o = st.max_o.max(e);
         sum += e;
     }
-    st.mean_o = if want.o.is_empty() { 0.0 } else { sum / want.o.len() as f64 };
+    st.mean_o = if want.o.is_empty() {
+        0.0
+    } else {
+        sum / want.o.len() as f64
+    };
     for (g, w) in got_lse.iter().zip(&want.lse) {
         let g = f64::from(*g);
         let e = if g == f64::NEG_INFINITY && *w == f64::NEG_INFINITY {
@@ -377,7 +472,9 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f64 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
     }
 
@@ -414,7 +511,16 @@ mod tests {
         let q: Vec<f64> = (0..23 * hq * d).map(|_| lcg(&mut seed)).collect();
         let k: Vec<f64> = (0..20 * hkv * d).map(|_| lcg(&mut seed)).collect();
         let v: Vec<f64> = (0..20 * hkv * dv).map(|_| lcg(&mut seed)).collect();
-        for mask in [Mask::none(), Mask::causal(), Mask::window(2, 1), Mask { causal: true, window_left: Some(3), window_right: None }] {
+        for mask in [
+            Mask::none(),
+            Mask::causal(),
+            Mask::window(2, 1),
+            Mask {
+                causal: true,
+                window_left: Some(3),
+                window_right: None,
+            },
+        ] {
             for softcap in [None, Some(0.7)] {
                 let p = Problem {
                     q: &q,
@@ -431,9 +537,20 @@ mod tests {
                     mask,
                 };
                 let want = attention_f64(&p).unwrap();
-                let (got, _) = attention_tiled_f32(&p, Tiles { block_m: 4, block_n: 3 }, |x| x).unwrap();
+                let (got, _) = attention_tiled_f32(
+                    &p,
+                    Tiles {
+                        block_m: 4,
+                        block_n: 3,
+                    },
+                    |x| x,
+                )
+                .unwrap();
                 let st = compare(&got.o, &got.lse, &want);
-                assert!(st.max_o < 1e-5 && st.max_lse < 1e-5, "{mask:?} {softcap:?}: {st:?}");
+                assert!(
+                    st.max_o < 1e-5 && st.max_lse < 1e-5,
+                    "{mask:?} {softcap:?}: {st:?}"
+                );
             }
         }
     }

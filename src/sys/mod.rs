@@ -14,6 +14,36 @@ mod rope {
 }
 pub(crate) use rope::*;
 
+mod attention {
+    include!("attention_params.rs");
+}
+pub(crate) use attention::*;
+
+mod moe {
+    include!("moe_params.rs");
+}
+pub(crate) use moe::*;
+
 // SAFETY: plain-old-data C structs of fixed-width integers and floats, passed to kernels by
 // value; their layout is checked against the C header by bindgen's layout tests.
 unsafe impl cudarc::driver::DeviceRepr for LongctxRopeParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for LongctxAttnParams {}
+// SAFETY: as above (the MoE params structs, kernels/params/moe_params.h).
+unsafe impl cudarc::driver::DeviceRepr for LongctxMoeGateParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for LongctxMoeGateBwdParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for LongctxMoeStatsParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for LongctxMoeLossParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for LongctxMoePermuteParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for LongctxMoeGatherParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for LongctxMoeCombineParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for LongctxMoeCombineDwParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for LongctxMoeBiasParams {}

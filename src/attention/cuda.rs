@@ -1,0 +1,467 @@
+//! GPU path of attention forward: validated arguments -> LongctxAttnParams -> one launch.
+
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use half::{bf16, f16};
+
+use super::plan::{MAX_TOKENS, TILES, WINDOW_UNBOUNDED};
+use super::{
+    check_alignment, validate_cu_seqlens, AttentionOptions, CallShape, Validated, ViewShape,
+};
+use crate::device::{cuda_err, Device};
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::kernel_id::KernelId;
+use crate::layout::HeadsLayout;
+use crate::sys;
+
+const OP: &str = "attention";
+/// Dynamic shared memory a kernel may use without opting in.
+const DEFAULT_SMEM: usize = 48 * 1024;
+
+// The plan's tile table and the header's macros (which traits.cuh static_asserts) agree.
+const _: () = {
+    const fn check(d: usize, dv: usize, m: u32, n: u32, w: u32) {
+        let mut i = 0;
+        let mut found = false;
+        while i < TILES.len() {
+            let t = &TILES[i];
+            if t.head_dim == d && t.head_dim_v == dv {
+                assert!(
+                    t.block_m == m as usize && t.block_n == n as usize && t.warps == w as usize
+                );
+                found = true;
+            }
+            i += 1;
+        }
+        assert!(found);
+    }
+    check(
+        64,
+        64,
+        sys::LONGCTX_ATTN_HD64_BLOCK_M,
+        sys::LONGCTX_ATTN_HD64_BLOCK_N,
+        sys::LONGCTX_ATTN_HD64_WARPS,
+    );
+    check(
+        96,
+        96,
+        sys::LONGCTX_ATTN_HD96_BLOCK_M,
+        sys::LONGCTX_ATTN_HD96_BLOCK_N,
+        sys::LONGCTX_ATTN_HD96_WARPS,
+    );
+    check(
+        128,
+        128,
+        sys::LONGCTX_ATTN_HD128_BLOCK_M,
+        sys::LONGCTX_ATTN_HD128_BLOCK_N,
+        sys::LONGCTX_ATTN_HD128_WARPS,
+    );
+    check(
+        192,
+        128,
+        sys::LONGCTX_ATTN_HD192_BLOCK_M,
+        sys::LONGCTX_ATTN_HD192_BLOCK_N,
+        sys::LONGCTX_ATTN_HD192_WARPS,
+    );
+    check(
+        256,
+        256,
+        sys::LONGCTX_ATTN_HD256_BLOCK_M,
+        sys::LONGCTX_ATTN_HD256_BLOCK_N,
+        sys::LONGCTX_ATTN_HD256_WARPS,
+    );
+    assert!(sys::LONGCTX_ATTN_MAX_TOKENS as usize == MAX_TOKENS);
+    assert!(sys::LONGCTX_ATTN_WINDOW_UNBOUNDED as usize == WINDOW_UNBOUNDED);
+};
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// Element types attention kernels exist for: `half::f16` and `half::bf16`.
+pub trait AttnElement: Element + sealed::Sealed {}
+impl AttnElement for f16 {}
+impl AttnElement for bf16 {}
+
+/// The batch layout of a variable-length attention call: `cu_seqlens_q` and `cu_seqlens_k`
+/// (batch + 1 offsets each), validated on the host and uploaded once, reusable across
+/// layers and calls. A padded batch is just equal lengths ([`SeqLens::uniform`]).
+#[derive(Debug)]
+pub struct SeqLens {
+    cu_q: CudaSlice<i32>,
+    cu_k: CudaSlice<i32>,
+    host_q: Vec<i32>,
+    host_k: Vec<i32>,
+    max_q: usize,
+    max_k: usize,
+}
+
+impl SeqLens {
+    /// Validates and uploads the offsets; max lengths are derived from them.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when either list has fewer than 2 entries, their lengths
+    /// differ, one does not start at 0, decreases somewhere, passes
+    /// [`MAX_TOKENS`](super::MAX_TOKENS), or the batch exceeds 65535 sequences;
+    /// [`Error::Cuda`] on upload failure.
+    pub fn new(dev: &Device, cu_seqlens_q: &[i32], cu_seqlens_k: &[i32]) -> Result<Self> {
+        let (max_q, max_k) = validate_cu_seqlens(cu_seqlens_q, cu_seqlens_k)?;
+        Ok(SeqLens {
+            cu_q: dev.upload(cu_seqlens_q)?,
+            cu_k: dev.upload(cu_seqlens_k)?,
+            host_q: cu_seqlens_q.to_vec(),
+            host_k: cu_seqlens_k.to_vec(),
+            max_q,
+            max_k,
+        })
+    }
+
+    /// `batch` sequences of `seqlen_q` queries and `seqlen_k` keys each.
+    ///
+    /// # Errors
+    /// As [`SeqLens::new`], and when the totals overflow.
+    pub fn uniform(dev: &Device, batch: usize, seqlen_q: usize, seqlen_k: usize) -> Result<Self> {
+        let offsets = |len: usize, arg: &'static str| -> Result<Vec<i32>> {
+            (0..=batch)
+                .map(|b| {
+                    b.checked_mul(len)
+                        .and_then(|t| i32::try_from(t).ok())
+                        .ok_or_else(|| {
+                            Error::invalid(OP, arg, format!("{batch} x {len} tokens overflow i32"))
+                        })
+                })
+                .collect()
+        };
+        Self::new(
+            dev,
+            &offsets(seqlen_q, "cu_seqlens_q")?,
+            &offsets(seqlen_k, "cu_seqlens_k")?,
+        )
+    }
+
+    /// Sets the max lengths the launch is sized for, as FlashAttention's `max_seqlen_q`
+    /// argument. They may exceed the actual ones (extra CTAs exit at once).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when a given max is below the longest sequence or above
+    /// [`MAX_TOKENS`](super::MAX_TOKENS).
+    pub fn with_max_seqlens(mut self, max_seqlen_q: usize, max_seqlen_k: usize) -> Result<Self> {
+        if max_seqlen_q < self.max_q || max_seqlen_q > MAX_TOKENS {
+            return Err(Error::invalid(
+                OP,
+                "max_seqlen_q",
+                format!(
+                    "{max_seqlen_q} is below the longest query sequence {} or above {MAX_TOKENS}",
+                    self.max_q
+                ),
+            ));
+        }
+        if max_seqlen_k < self.max_k || max_seqlen_k > MAX_TOKENS {
+            return Err(Error::invalid(
+                OP,
+                "max_seqlen_k",
+                format!(
+                    "{max_seqlen_k} is below the longest key sequence {} or above {MAX_TOKENS}",
+                    self.max_k
+                ),
+            ));
+        }
+        self.max_q = max_seqlen_q;
+        self.max_k = max_seqlen_k;
+        Ok(self)
+    }
+
+    /// Number of sequences.
+    pub fn batch(&self) -> usize {
+        self.host_q.len() - 1
+    }
+
+    /// Query tokens over all sequences.
+    pub fn total_q(&self) -> usize {
+        self.host_q.last().map_or(0, |&t| t as usize)
+    }
+
+    /// Key tokens over all sequences.
+    pub fn total_k(&self) -> usize {
+        self.host_k.last().map_or(0, |&t| t as usize)
+    }
+
+    /// The max query length the launch is sized for.
+    pub fn max_seqlen_q(&self) -> usize {
+        self.max_q
+    }
+
+    /// The max key length.
+    pub fn max_seqlen_k(&self) -> usize {
+        self.max_k
+    }
+
+    /// The query offsets.
+    pub fn cu_seqlens_q(&self) -> &[i32] {
+        &self.host_q
+    }
+
+    /// The key offsets.
+    pub fn cu_seqlens_k(&self) -> &[i32] {
+        &self.host_k
+    }
+
+    /// (seqlen_q, seqlen_k) of each sequence.
+    pub fn lengths(&self) -> Vec<(usize, usize)> {
+        self.host_q
+            .windows(2)
+            .zip(self.host_k.windows(2))
+            .map(|(q, k)| ((q[1] - q[0]) as usize, (k[1] - k[0]) as usize))
+            .collect()
+    }
+}
+
+/// The inputs of one call: Q, K and V as views of device buffers (K and V may be views of
+/// one packed buffer, as may all three).
+#[derive(Debug, Clone, Copy)]
+pub struct Qkv<'a, T> {
+    /// Holds Q.
+    pub q: &'a CudaSlice<T>,
+    /// `[total_q, heads_q, head_dim]`.
+    pub q_layout: HeadsLayout,
+    /// Holds K.
+    pub k: &'a CudaSlice<T>,
+    /// `[total_k, heads_kv, head_dim]`.
+    pub k_layout: HeadsLayout,
+    /// Holds V.
+    pub v: &'a CudaSlice<T>,
+    /// `[total_k, heads_kv, head_dim_v]`.
+    pub v_layout: HeadsLayout,
+}
+
+/// The outputs of one call.
+#[derive(Debug)]
+pub struct AttnOutput<'a, T> {
+    /// Receives O.
+    pub o: &'a mut CudaSlice<T>,
+    /// `[total_q, heads_q, head_dim_v]`.
+    pub o_layout: HeadsLayout,
+    /// Receives the LSE, f32 `[heads_q, total_q]` (dense, natural log), if given.
+    pub lse: Option<&'a mut CudaSlice<f32>>,
+}
+
+fn kernel_id(dtype: DType, head_dim: usize, head_dim_v: usize) -> Result<KernelId> {
+    use KernelId::*;
+    let id = match (dtype, head_dim, head_dim_v) {
+        (DType::F16, 64, 64) => AttnFwdF16Hd64,
+        (DType::F16, 96, 96) => AttnFwdF16Hd96,
+        (DType::F16, 128, 128) => AttnFwdF16Hd128,
+        (DType::F16, 192, 128) => AttnFwdF16Hd192Dv128,
+        (DType::F16, 256, 256) => AttnFwdF16Hd256,
+        (DType::BF16, 64, 64) => AttnFwdBf16Hd64,
+        (DType::BF16, 96, 96) => AttnFwdBf16Hd96,
+        (DType::BF16, 128, 128) => AttnFwdBf16Hd128,
+        (DType::BF16, 192, 128) => AttnFwdBf16Hd192Dv128,
+        (DType::BF16, 256, 256) => AttnFwdBf16Hd256,
+        _ => {
+            return Err(Error::invalid(
+                OP,
+                "dtype",
+                format!("no kernel for {dtype:?} with head dims ({head_dim}, {head_dim_v})"),
+            ))
+        }
+    };
+    Ok(id)
+}
+
+/// Device-side checks (contexts, architecture), then everything [`CallShape::validate`]
+/// checks.
+fn check_call<T: AttnElement>(
+    dev: &Device,
+    x: &Qkv<T>,
+    out: &AttnOutput<T>,
+    seqlens: &SeqLens,
+    opts: &AttentionOptions,
+) -> Result<Validated> {
+    for (same_ctx, arg) in [
+        (dev.owns(x.q), "q"),
+        (dev.owns(x.k), "k"),
+        (dev.owns(x.v), "v"),
+        (dev.owns(out.o), "o"),
+        (out.lse.as_ref().map_or(true, |l| dev.owns(l)), "lse"),
+        (
+            dev.owns(&seqlens.cu_q) && dev.owns(&seqlens.cu_k),
+            "seqlens",
+        ),
+    ] {
+        if !same_ctx {
+            return Err(Error::invalid(OP, arg, "lives on another device context"));
+        }
+    }
+    let cc = dev.compute_capability();
+    if cc < (8, 0) {
+        return Err(Error::invalid(
+            OP,
+            "device",
+            format!(
+                "the kernels need sm_80 or newer (cp.async, bf16 mma.sync); this device is sm_{}{}",
+                cc.0, cc.1
+            ),
+        ));
+    }
+    let mut v = CallShape {
+        q: ViewShape {
+            layout: x.q_layout,
+            buffer_len: x.q.len(),
+        },
+        k: ViewShape {
+            layout: x.k_layout,
+            buffer_len: x.k.len(),
+        },
+        v: ViewShape {
+            layout: x.v_layout,
+            buffer_len: x.v.len(),
+        },
+        o: ViewShape {
+            layout: out.o_layout,
+            buffer_len: out.o.len(),
+        },
+        lse_len: out.lse.as_ref().map(|l| l.len()),
+        cu_seqlens_q: &seqlens.host_q,
+        cu_seqlens_k: &seqlens.host_k,
+    }
+    .validate(opts)?;
+    // The launch is sized for the (possibly larger) max lengths the caller gave.
+    v.max_seqlen_q = seqlens.max_q;
+    v.max_seqlen_k = seqlens.max_k;
+    Ok(v)
+}
+
+fn tensor(l: &HeadsLayout, base: u64, elem: usize) -> sys::LongctxAttnTensor {
+    sys::LongctxAttnTensor {
+        data: base + (l.offset * elem) as u64,
+        token_stride: l.token_stride as i64,
+        head_stride: l.head_stride as i64,
+    }
+}
+
+/// Runs attention forward: writes O (and the LSE if asked) for every query row.
+///
+/// Shapes: see [`Qkv`] and [`AttnOutput`]; the token counts must match `seqlens`'
+/// totals. Options: [`AttentionOptions`] (scale, mask, softcap). One kernel launch on
+/// `dev`'s stream; nothing is launched when an argument is invalid, or when there is no
+/// query row or head.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] when: a buffer lives on another device; the device is older
+/// than sm_80; a view leaves its buffer or its rows overlap; token counts differ from
+/// `seqlens`' totals; Q and O or K and V disagree on heads; heads_q is not a multiple of
+/// heads_kv; Q and K differ in head_dim, or V and O; the head dims are not one of
+/// [`SUPPORTED_HEAD_DIMS`](super::SUPPORTED_HEAD_DIMS); the LSE buffer is too small; a view
+/// is not 16-byte aligned; the scale or softcap is not finite and positive; the kernel
+/// needs more shared memory than the device allows. [`Error::KernelsNotCompiled`] without
+/// kernels; [`Error::Cuda`] if the launch fails.
+pub fn attention_forward<T: AttnElement>(
+    dev: &Device,
+    x: &Qkv<T>,
+    out: AttnOutput<T>,
+    seqlens: &SeqLens,
+    opts: &AttentionOptions,
+) -> Result<()> {
+    let c = check_call(dev, x, &out, seqlens, opts)?;
+    if c.heads_q == 0 || c.total_q == 0 {
+        return Ok(());
+    }
+    let id = kernel_id(T::DTYPE, c.tiles.head_dim, c.tiles.head_dim_v)?;
+    let smem = c.tiles.smem_bytes();
+    let grid = c.tiles.grid(c.max_seqlen_q, c.heads_q, c.batch);
+    let to_u32 = |v: usize, what: &str| {
+        u32::try_from(v)
+            .map_err(|_| Error::invalid(OP, "seqlens", format!("{what} {v} exceeds u32")))
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (
+            to_u32(grid.0, "query tiles")?,
+            to_u32(grid.1, "heads")?,
+            to_u32(grid.2, "batch")?,
+        ),
+        block_dim: (to_u32(c.tiles.threads(), "threads")?, 1, 1),
+        shared_mem_bytes: to_u32(smem, "shared memory")?,
+    };
+    let func = dev.function(id)?;
+    if smem > DEFAULT_SMEM {
+        let optin = dev
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(cuda_err(OP))?;
+        if usize::try_from(optin).unwrap_or(0) < smem {
+            return Err(Error::invalid(
+                OP,
+                "head_dim",
+                format!("the d{} kernel needs {smem} bytes of shared memory per block; this device allows {optin}", c.tiles.head_dim),
+            ));
+        }
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(cuda_err(OP))?;
+    }
+
+    let stream = dev.stream();
+    let elem = T::DTYPE.size();
+    let (q_ptr, _qg) = x.q.device_ptr(stream);
+    let (k_ptr, _kg) = x.k.device_ptr(stream);
+    let (v_ptr, _vg) = x.v.device_ptr(stream);
+    let (cu_q_ptr, _cqg) = seqlens.cu_q.device_ptr(stream);
+    let (cu_k_ptr, _ckg) = seqlens.cu_k.device_ptr(stream);
+    let AttnOutput { o, o_layout, lse } = out;
+    let (o_ptr, _og) = o.device_ptr_mut(stream);
+    check_alignment(&x.q_layout, q_ptr, elem, "q")?;
+    check_alignment(&x.k_layout, k_ptr, elem, "k")?;
+    check_alignment(&x.v_layout, v_ptr, elem, "v")?;
+    check_alignment(&o_layout, o_ptr, elem, "o")?;
+    let mut lse_guard = None;
+    let lse_ptr = match lse {
+        Some(l) => {
+            let (p, g) = l.device_ptr_mut(stream);
+            lse_guard = Some(g);
+            p
+        }
+        None => 0,
+    };
+    let params = sys::LongctxAttnParams {
+        q: tensor(&x.q_layout, q_ptr, elem),
+        k: tensor(&x.k_layout, k_ptr, elem),
+        v: tensor(&x.v_layout, v_ptr, elem),
+        o: tensor(&o_layout, o_ptr, elem),
+        lse: lse_ptr,
+        lse_head_stride: c.total_q as i64,
+        cu_seqlens_q: cu_q_ptr,
+        cu_seqlens_k: cu_k_ptr,
+        batch: cfg.grid_dim.2,
+        heads_q: cfg.grid_dim.1,
+        heads_per_kv: to_u32(c.heads_q / c.heads_kv, "heads_q / heads_kv")?,
+        num_m_blocks: cfg.grid_dim.0,
+        window_left: c.window.0 as i32,
+        window_right: c.window.1 as i32,
+        exp_scale: c.consts.exp_scale,
+        softcap_in: c.consts.softcap_in,
+    };
+    let mut builder = stream.launch_builder(&func);
+    builder.arg(&params);
+    // SAFETY: check_call (with CallShape::validate) proved that every (token, head, channel) address of the Q, K, V and
+    // O views lies inside its live buffer on this context and that O's rows do not overlap;
+    // O is borrowed mutably, so no input aliases it, and the LSE buffer (also &mut) holds
+    // heads_q x total_q floats at lse_head_stride = total_q. The offsets are validated on
+    // the host: nondecreasing from 0, ending at the views' token counts, at most MAX_TOKENS
+    // (so the kernel's int32 mask arithmetic cannot overflow), batch and heads within the
+    // grid limits, num_m_blocks covering the longest query sequence. heads_q is a multiple
+    // of heads_kv, so h / heads_per_kv < heads_kv. check_aligned proved 16-byte alignment of
+    // every row start the kernel's cp.async and vector stores use. The window sides are
+    // clamped to WINDOW_UNBOUNDED by the plan, the softmax constants are normal floats, and
+    // the dynamic shared memory was opted into above when over 48 KiB. The pointer guards
+    // (_qg, _kg, _vg, _og, _cqg, _ckg, lse_guard) live until this function returns, after
+    // the launch is queued.
+    let launched = unsafe { builder.launch(cfg) };
+    drop(lse_guard);
+    launched.map(|_| ()).map_err(cuda_err(OP))
+}

@@ -1,0 +1,309 @@
+//! Host-side planning of the MoE kernels, pure Rust: which gating kernel runs, chunk sizes
+//! of the permutation and the statistics, buffer sizes, the capacity. The GPU path, the
+//! reference and the tests all size things from here.
+
+use super::{PermuteOptions, RouterConfig, OP};
+use crate::error::{Error, Result};
+use crate::sys;
+
+/// Most experts any MoE kernel accepts.
+pub const MAX_EXPERTS: usize = sys::LONGCTX_MOE_MAX_EXPERTS as usize;
+/// Most experts of the one-warp-per-token gating kernel (16 per lane in registers).
+pub const WARP_MAX_EXPERTS: usize = sys::LONGCTX_MOE_WARP_MAX_EXPERTS as usize;
+/// Most top_k of the one-warp-per-token gating kernel (one chosen expert per lane).
+pub const WARP_MAX_TOP_K: usize = sys::LONGCTX_MOE_WARP_MAX_TOP_K as usize;
+
+/// Tokens per block of the warp gating kernel (kernels/moe/traits.cuh: kGateWarps).
+pub(crate) const GATE_WARPS: usize = 4;
+/// Threads of the block gating kernel (kGateBlockThreads).
+pub(crate) const GATE_BLOCK_THREADS: u32 = 256;
+/// Tokens per block of the gating backward (kBwdWarps).
+pub(crate) const BWD_WARPS: usize = 4;
+/// Threads of the statistics kernel (kStatsThreads) and its chunk limit (kStatsMaxChunkTokens).
+pub(crate) const STATS_THREADS: u32 = 256;
+pub(crate) const STATS_MAX_CHUNK_TOKENS: usize = 256;
+/// Threads of the single-block loss, scan and bias kernels.
+pub(crate) const LOSS_THREADS: u32 = 1024;
+pub(crate) const SCAN_THREADS: u32 = 1024;
+pub(crate) const BIAS_THREADS: u32 = 1024;
+/// Most warp chunks per block of the count and scatter kernels (kMaxPermuteWarps).
+pub(crate) const MAX_PERMUTE_WARPS: usize = 8;
+/// Threads per row of gather / combine (kRowThreads).
+pub(crate) const ROW_THREADS: u32 = 128;
+/// Shared memory the permutation's counters may take per block.
+const PERMUTE_SMEM_BUDGET: usize = 32 * 1024;
+/// Fewest assignments per warp chunk, and most chunks the single-block scan walks: 4k tokens
+/// x top-8 make 64 chunks of 512 (64 warps counting, a 64-long scan per expert).
+const MIN_CHUNK: usize = 512;
+const MAX_CHUNKS: usize = 256;
+
+/// Which gating kernel a router shape runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatePath {
+    /// A segment of at most one warp per token, experts in registers: experts <= 512,
+    /// top_k <= the segment's lanes, and groups (if any) covering a power of two of whole
+    /// lanes each.
+    Warp,
+    /// One block per token, choices in shared memory: everything else up to 4096 experts.
+    Block,
+}
+
+/// Launch shape of the gating kernel for one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatePlan {
+    /// The kernel.
+    pub path: GatePath,
+    /// Blocks.
+    pub grid: u32,
+    /// Threads per block.
+    pub threads: u32,
+    /// Dynamic shared memory in bytes.
+    pub smem_bytes: u32,
+    /// Warp kernel: lanes per token (a power of two, at most 32).
+    pub lanes: usize,
+    /// Warp kernel: consecutive experts held per lane (at most 16).
+    pub slots: usize,
+    /// Warp kernel: lanes per expert group (a power of two), 0 without group limiting.
+    pub group_lanes: usize,
+}
+
+/// The warp kernel's layout for `cfg`: (lanes, slots, group lanes), or `None` when the
+/// shape needs the block kernel.
+fn warp_layout(cfg: &RouterConfig) -> Option<(usize, usize, usize)> {
+    if cfg.experts > WARP_MAX_EXPERTS {
+        return None;
+    }
+    let lanes = cfg.experts.next_power_of_two().min(32);
+    let slots = cfg.experts.div_ceil(lanes);
+    if cfg.top_k > lanes.min(WARP_MAX_TOP_K) {
+        return None;
+    }
+    let group_lanes = match cfg.effective_grouping() {
+        None => 0,
+        Some(g) => {
+            let size = cfg.experts / g.n_group;
+            let gl = size / slots;
+            if size % slots != 0 || !gl.is_power_of_two() {
+                return None;
+            }
+            gl
+        }
+    };
+    Some((lanes, slots, group_lanes))
+}
+
+impl GatePlan {
+    /// The launch for `tokens` tokens of `cfg` (validated first), on the fast path when the
+    /// shape allows unless `force_block`.
+    ///
+    /// # Errors
+    /// [`RouterConfig::validate`]'s errors; [`Error::InvalidArgument`] if tokens x top_k
+    /// passes i32::MAX.
+    pub fn new(cfg: &RouterConfig, tokens: usize, force_block: bool) -> Result<Self> {
+        cfg.validate()?;
+        check_assignments(tokens, cfg.top_k)?;
+        let too_many = || Error::invalid(OP, "tokens", format!("{tokens} tokens exceed the grid"));
+        match warp_layout(cfg).filter(|_| !force_block) {
+            Some((lanes, slots, group_lanes)) => Ok(GatePlan {
+                path: GatePath::Warp,
+                grid: u32::try_from(tokens.div_ceil(GATE_WARPS * (32 / lanes)))
+                    .map_err(|_| too_many())?,
+                threads: (GATE_WARPS * 32) as u32,
+                smem_bytes: 0,
+                lanes,
+                slots,
+                group_lanes,
+            }),
+            None => {
+                let groups = cfg.effective_grouping().map_or(1, |g| g.n_group);
+                Ok(GatePlan {
+                    path: GatePath::Block,
+                    grid: u32::try_from(tokens).map_err(|_| too_many())?,
+                    threads: GATE_BLOCK_THREADS,
+                    smem_bytes: gate_block_smem_bytes(cfg.experts, groups),
+                    lanes: 32,
+                    slots: 1,
+                    group_lanes: 0,
+                })
+            }
+        }
+    }
+}
+
+/// kernels/moe/gate_kernel.cuh: gate_block_smem_bytes (choice and group score as f32, one
+/// availability byte each). At most 40 KB within the 4096-expert limit.
+pub(crate) fn gate_block_smem_bytes(experts: usize, groups: usize) -> u32 {
+    (5 * (experts + groups)) as u32
+}
+
+fn check_assignments(tokens: usize, top_k: usize) -> Result<usize> {
+    tokens
+        .checked_mul(top_k)
+        .filter(|&a| a <= i32::MAX as usize)
+        .ok_or_else(|| {
+            Error::invalid(
+                OP,
+                "tokens",
+                format!("{tokens} tokens x top_k {top_k} assignments exceed i32::MAX"),
+            )
+        })
+}
+
+/// Per-expert capacity ceil(capacity_factor x tokens x top_k / experts).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] when capacity_factor is not a positive finite number or
+/// `experts` is 0.
+pub fn capacity(
+    capacity_factor: f64,
+    tokens: usize,
+    top_k: usize,
+    experts: usize,
+) -> Result<usize> {
+    if !(capacity_factor.is_finite() && capacity_factor > 0.0) {
+        return Err(Error::invalid(
+            OP,
+            "capacity_factor",
+            format!("{capacity_factor} must be a positive finite number"),
+        ));
+    }
+    if experts == 0 {
+        return Err(Error::invalid(OP, "experts", "0 experts"));
+    }
+    let c = (capacity_factor * tokens as f64 * top_k as f64 / experts as f64).ceil();
+    // Anything at or past the assignment count means no assignment is dropped.
+    let all = (tokens * top_k) as f64;
+    Ok(if c >= all { tokens * top_k } else { c as usize })
+}
+
+/// Sizes and chunking of one permutation shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PermutePlan {
+    /// Tokens.
+    pub tokens: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Experts.
+    pub experts: usize,
+    /// tokens x top_k.
+    pub assignments: usize,
+    /// Padding multiple of each expert's segment (>= 1).
+    pub block: usize,
+    /// Per-expert capacity, `None` for no limit.
+    pub capacity: Option<usize>,
+    /// Assignments per warp chunk (a multiple of 32).
+    pub chunk: usize,
+    /// Number of chunks.
+    pub chunks: usize,
+    /// Warp chunks per block of the count and scatter kernels.
+    pub warps: usize,
+    /// Rows of the expert-ordered buffer: the padded total can never exceed this.
+    pub max_slots: usize,
+    /// Blocks of `block` slots in `max_slots`.
+    pub max_blocks: usize,
+}
+
+impl PermutePlan {
+    /// Plans the permutation of `tokens` x `top_k` assignments over `experts`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for 0 or more than 4096 experts, top_k of 0 or more than
+    /// `experts`, a capacity factor that is not positive and finite, or sizes past i32.
+    pub fn new(tokens: usize, top_k: usize, experts: usize, opts: PermuteOptions) -> Result<Self> {
+        if experts == 0 || experts > MAX_EXPERTS {
+            return Err(Error::invalid(
+                OP,
+                "experts",
+                format!("{experts} experts; 1..={MAX_EXPERTS} are supported"),
+            ));
+        }
+        if top_k == 0 || top_k > experts {
+            return Err(Error::invalid(
+                OP,
+                "top_k",
+                format!("top_k {top_k} must be in 1..={experts}"),
+            ));
+        }
+        let assignments = check_assignments(tokens, top_k)?;
+        let block = opts.block.max(1);
+        let capacity = opts
+            .capacity_factor
+            .map(|f| capacity(f, tokens, top_k, experts))
+            .transpose()?;
+        // The padded total is at most sum_e (kept_e + block - 1) rounded, i.e. bounded by
+        // min(assignments, experts x capacity) + experts x (block - 1), and a multiple of block.
+        let kept_bound =
+            capacity.map_or(assignments, |c| assignments.min(c.saturating_mul(experts)));
+        let max_slots = kept_bound
+            .checked_add(experts.saturating_mul(block - 1))
+            .map(|s| s.div_ceil(block) * block)
+            .filter(|&s| s <= i32::MAX as usize)
+            .ok_or_else(|| {
+                Error::invalid(
+                    OP,
+                    "block",
+                    format!(
+                        "padding {experts} experts to multiples of {block} passes i32::MAX slots"
+                    ),
+                )
+            })?;
+        let chunk = (assignments.div_ceil(MAX_CHUNKS).div_ceil(32) * 32).max(MIN_CHUNK);
+        let chunks = assignments.div_ceil(chunk);
+        let warps = (PERMUTE_SMEM_BUDGET / (4 * experts)).clamp(1, MAX_PERMUTE_WARPS);
+        Ok(PermutePlan {
+            tokens,
+            top_k,
+            experts,
+            assignments,
+            block,
+            capacity,
+            chunk,
+            chunks,
+            warps,
+            max_slots,
+            max_blocks: max_slots / block,
+        })
+    }
+
+    /// Dynamic shared memory of the count and scatter kernels: one int32 counter per expert
+    /// per warp.
+    pub(crate) fn smem_bytes(&self) -> u32 {
+        (4 * self.experts * self.warps) as u32
+    }
+
+    /// Blocks of the count and scatter kernels.
+    pub(crate) fn count_grid(&self) -> usize {
+        self.chunks.div_ceil(self.warps)
+    }
+}
+
+/// Chunking of the router statistics (one block per chunk of tokens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatsPlan {
+    /// Tokens per chunk, 1..=256.
+    pub chunk_tokens: usize,
+    /// Number of chunks.
+    pub chunks: usize,
+}
+
+impl StatsPlan {
+    /// About 1024 chunks at most for up to 256k tokens; at least 16 tokens per chunk.
+    pub fn new(tokens: usize) -> Self {
+        let chunk_tokens = tokens.div_ceil(1024).clamp(16, STATS_MAX_CHUNK_TOKENS);
+        StatsPlan {
+            chunk_tokens,
+            chunks: tokens.div_ceil(chunk_tokens),
+        }
+    }
+}
+
+/// Scale of the load-balancing gradient: alpha x E / (tokens^2 x top_k).
+pub(crate) fn aux_grad_scale(aux_coef: f64, experts: usize, tokens: usize, top_k: usize) -> f64 {
+    let t = tokens as f64;
+    aux_coef * experts as f64 / (t * t * top_k as f64)
+}
+
+/// Scale of the z-loss gradient: 2 beta / tokens.
+pub(crate) fn z_grad_scale(z_coef: f64, tokens: usize) -> f64 {
+    2.0 * z_coef / tokens as f64
+}
