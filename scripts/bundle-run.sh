@@ -17,7 +17,7 @@ note() { echo "$*" | tee -a "$summary"; }
 : > "$LOG/tests.log"
 for t in tests/*; do
   echo "=== $t" >> "$LOG/tests.log"
-  if "$t" --test-threads=1 >> "$LOG/tests.log" 2>&1; then note "PASS $t"; else note "FAIL $t"; fi
+  if timeout "${LONGCTX_STEP_TIMEOUT:-300}" "$t" --test-threads=1 >> "$LOG/tests.log" 2>&1; then note "PASS $t"; else note "FAIL $t"; fi
 done
 
 # 2. compute-sanitizer on small cases.
@@ -26,7 +26,7 @@ for tool in memcheck racecheck; do
   for t in tests/rope tests/attention tests/moe; do
     [ -x "$t" ] || continue
     echo "=== $tool $t" >> "$LOG/sanitizer.log"
-    if LONGCTX_PARITY_CASES=6 compute-sanitizer --tool "$tool" --error-exitcode 97 "$t" --test-threads=1 gpu_ >> "$LOG/sanitizer.log" 2>&1; then
+    if LONGCTX_PARITY_CASES=6 timeout "${LONGCTX_STEP_TIMEOUT:-300}" compute-sanitizer --tool "$tool" --error-exitcode 97 "$t" --test-threads=1 gpu_ >> "$LOG/sanitizer.log" 2>&1; then
       note "SANITIZER-OK $tool $t"
     else
       note "SANITIZER-FAIL $tool $t"
@@ -35,15 +35,16 @@ for tool in memcheck racecheck; do
 done
 
 # 3. The sweep (main job) and the criterion benches.
-if examples/sweep > "$LOG/sweep.log" 2>&1; then note "SWEEP-OK"; else note "SWEEP-FAIL"; fi
+if timeout "${LONGCTX_SWEEP_TIMEOUT:-600}" examples/sweep > "$LOG/sweep.log" 2>&1; then note "SWEEP-OK"; else note "SWEEP-FAIL"; fi
 : > "$LOG/bench.log"
-for b in benches/*; do
+# LONGCTX_SKIP_BENCHES=1 skips criterion (the sweep already times every kernel).
+[ "${LONGCTX_SKIP_BENCHES:-0}" = 1 ] || for b in benches/*; do
   echo "=== $b" >> "$LOG/bench.log"
   "$b" --bench >> "$LOG/bench.log" 2>&1 || note "BENCH-FAIL $b"
 done
 
 # 4. PyTorch peers on the same shapes, in the same run.
-if python3 peers.py > "$LOG/peers.log" 2>&1; then note "PEERS-OK"; else note "PEERS-FAIL"; fi
+if timeout "${LONGCTX_STEP_TIMEOUT:-300}" python3 peers.py ${LONGCTX_PEERS_ARGS:-} > "$LOG/peers.log" 2>&1; then note "PEERS-OK"; else note "PEERS-FAIL"; fi
 
 cat "$LOG/sweep.log"
 echo
