@@ -133,31 +133,7 @@ impl ExpertIds {
         experts: usize,
     ) -> Result<Self> {
         PermutePlan::new(tokens, top_k, experts, PermuteOptions::default())?;
-        if ids.len() != tokens * top_k {
-            return Err(Error::invalid(
-                OP,
-                "ids",
-                format!("{} ids for {tokens} tokens x top_k {top_k}", ids.len()),
-            ));
-        }
-        for (t, row) in ids.chunks(top_k).enumerate() {
-            for (j, &e) in row.iter().enumerate() {
-                if e < 0 || e as usize >= experts {
-                    return Err(Error::invalid(
-                        OP,
-                        "ids",
-                        format!("id {e} at token {t} rank {j} is outside 0..{experts}"),
-                    ));
-                }
-                if row[..j].contains(&e) {
-                    return Err(Error::invalid(
-                        OP,
-                        "ids",
-                        format!("expert {e} appears twice at token {t}"),
-                    ));
-                }
-            }
-        }
+        super::plan::validate_ids(OP, ids, tokens, top_k, experts)?;
         let data = if ids.is_empty() {
             dev.zeros(1)?
         } else {

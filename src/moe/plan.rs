@@ -307,3 +307,40 @@ pub(crate) fn aux_grad_scale(aux_coef: f64, experts: usize, tokens: usize, top_k
 pub(crate) fn z_grad_scale(z_coef: f64, tokens: usize) -> f64 {
     2.0 * z_coef / tokens as f64
 }
+
+/// Checks a \[tokens, top_k\] expert-id table: its length, every id in 0..experts, and no
+/// expert twice in one token. Shared by the GPU upload and the CPU reference.
+pub(crate) fn validate_ids(
+    op: &'static str,
+    ids: &[i32],
+    tokens: usize,
+    top_k: usize,
+    experts: usize,
+) -> Result<()> {
+    if Some(ids.len()) != tokens.checked_mul(top_k) {
+        return Err(Error::invalid(
+            op,
+            "ids",
+            format!("{} ids for {tokens} tokens x top_k {top_k}", ids.len()),
+        ));
+    }
+    for (t, row) in ids.chunks(top_k.max(1)).enumerate() {
+        for (j, &e) in row.iter().enumerate() {
+            if e < 0 || e as usize >= experts {
+                return Err(Error::invalid(
+                    op,
+                    "ids",
+                    format!("id {e} at token {t} rank {j} is outside 0..{experts}"),
+                ));
+            }
+            if row[..j].contains(&e) {
+                return Err(Error::invalid(
+                    op,
+                    "ids",
+                    format!("expert {e} appears twice at token {t}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}

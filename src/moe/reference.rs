@@ -191,26 +191,7 @@ pub fn route_f64(
 }
 
 fn check_ids(ids: &[i32], tokens: usize, top_k: usize, experts: usize) -> Result<()> {
-    check_len("ids", ids.len(), tokens * top_k)?;
-    for (t, row) in ids.chunks(top_k.max(1)).enumerate() {
-        for (j, &e) in row.iter().enumerate() {
-            if e < 0 || e as usize >= experts {
-                return Err(Error::invalid(
-                    OP,
-                    "ids",
-                    format!("id {e} at token {t} rank {j} is outside 0..{experts}"),
-                ));
-            }
-            if row[..j].contains(&e) {
-                return Err(Error::invalid(
-                    OP,
-                    "ids",
-                    format!("expert {e} appears twice at token {t}"),
-                ));
-            }
-        }
-    }
-    Ok(())
+    super::plan::validate_ids(OP, ids, tokens, top_k, experts)
 }
 
 /// Sorts the assignments a = token x top_k + rank by expert, stable in a, keeps each
