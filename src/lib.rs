@@ -64,3 +64,8 @@ mod embedded {
 }
 
 pub use error::{Error, Result};
+
+/// The README's Rust example, compiled as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

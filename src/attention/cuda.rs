@@ -401,7 +401,9 @@ pub fn attention_forward<T: AttnElement>(
         }
         func.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
+            i32::try_from(smem).map_err(|_| {
+                Error::invalid(OP, "head_dim", format!("{smem} bytes of shared memory"))
+            })?,
         )
         .map_err(cuda_err(OP))?;
     }
@@ -441,8 +443,10 @@ pub fn attention_forward<T: AttnElement>(
         heads_q: cfg.grid_dim.1,
         heads_per_kv: to_u32(c.heads_q / c.heads_kv, "heads_q / heads_kv")?,
         num_m_blocks: cfg.grid_dim.0,
-        window_left: c.window.0 as i32,
-        window_right: c.window.1 as i32,
+        window_left: i32::try_from(c.window.0)
+            .map_err(|_| Error::invalid(OP, "mask", "window side past i32"))?,
+        window_right: i32::try_from(c.window.1)
+            .map_err(|_| Error::invalid(OP, "mask", "window side past i32"))?,
         exp_scale: c.consts.exp_scale,
         softcap_in: c.consts.softcap_in,
     };
