@@ -41,14 +41,8 @@ fn gpu_benches(c: &mut Criterion, dev: &Device) {
                 group.throughput(Throughput::Elements(run.flops() as u64));
                 group.bench_function(BenchmarkId::from_parameter(n), |b| {
                     b.iter_custom(|iters| {
-                        let t = longctx::timing::time_gpu(dev, 1, 1, || {
-                            for _ in 0..iters {
-                                run.run(dev)?;
-                            }
-                            Ok(())
-                        })
-                        .expect("attention launch");
-                        Duration::from_secs_f64(t.median_ms() * 1e-3)
+                        longctx::timing::time_batch(dev, iters, || run.run(dev))
+                            .expect("attention launch")
                     })
                 });
             }

@@ -40,14 +40,8 @@ fn gpu_benches(c: &mut Criterion, dev: &Device) {
                 group.throughput(Throughput::Bytes(bytes as u64));
                 group.bench_function(BenchmarkId::new(name, tokens), |b| {
                     b.iter_custom(|iters| {
-                        let t = longctx::timing::time_gpu(dev, 1, 1, || {
-                            for _ in 0..iters {
-                                op(&mut run, dev)?;
-                            }
-                            Ok(())
-                        })
-                        .expect("moe launch");
-                        Duration::from_secs_f64(t.median_ms() * 1e-3)
+                        longctx::timing::time_batch(dev, iters, || op(&mut run, dev))
+                            .expect("moe launch")
                     })
                 });
             }

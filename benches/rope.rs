@@ -36,14 +36,8 @@ fn gpu_benches(c: &mut Criterion, dev: &Device) {
                 let id = BenchmarkId::new(format!("{dir:?}").to_lowercase(), tokens);
                 group.bench_function(id, |b| {
                     b.iter_custom(|iters| {
-                        let t = longctx::timing::time_gpu(dev, 1, 1, || {
-                            for _ in 0..iters {
-                                run.run(dev, opts)?;
-                            }
-                            Ok(())
-                        })
-                        .expect("rope launch");
-                        Duration::from_secs_f64(t.median_ms() * 1e-3)
+                        longctx::timing::time_batch(dev, iters, || run.run(dev, opts))
+                            .expect("rope launch")
                     })
                 });
             }

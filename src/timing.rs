@@ -81,3 +81,22 @@ pub fn copy_bandwidth(dev: &Device, bytes: usize, iters: usize) -> Result<f64> {
     })?;
     Ok(2.0 * (n * 4) as f64 / (t.median_ms() * 1e-3))
 }
+
+/// Runs `op` `iters` times back to back between one pair of CUDA events and returns the
+/// elapsed GPU time: the measurement criterion's `iter_custom` wants.
+///
+/// # Errors
+/// The first error `op` returns, or [`crate::Error::Cuda`] from the events.
+pub fn time_batch(
+    dev: &Device,
+    iters: u64,
+    mut op: impl FnMut() -> Result<()>,
+) -> Result<std::time::Duration> {
+    let t = time_gpu(dev, 0, 1, || {
+        for _ in 0..iters {
+            op()?;
+        }
+        Ok(())
+    })?;
+    Ok(std::time::Duration::from_secs_f64(t.median_ms() * 1e-3))
+}
