@@ -18,7 +18,8 @@ static_assert(kGateSlots == 16, "slot count is part of the register budget");
 static_assert(LONGCTX_MOE_WARP_MAX_TOP_K == kWarp, "one chosen expert per lane");
 
 // Gating, one block per token (experts > 512 or top_k > 32): choice scores live in dynamic
-// shared memory (5 bytes per expert plus 5 per group; 36 KB at the 4096-expert limit).
+// shared memory (5 bytes per expert plus 5 per group; 20 KB at the 4096-expert limit, at
+// most 40 KB with one expert per group).
 constexpr int kGateBlockThreads = 256;
 
 // Gating backward, one warp per token, experts strided over the lanes (any count).
