@@ -86,14 +86,10 @@ fn cpu_benches(c: &mut Criterion) {
 }
 
 fn benches(c: &mut Criterion) {
-    match Device::new(0) {
-        Ok(dev) if longctx::device::kernels_compiled() => gpu_benches(c, &dev),
-        Ok(_) => {
-            eprintln!("attention bench: the crate was built without CUDA kernels");
-            cpu_benches(c)
-        }
-        Err(e) => {
-            eprintln!("attention bench: {e}");
+    match longctx::timing::bench_device() {
+        Ok(dev) => gpu_benches(c, &dev),
+        Err(why) => {
+            eprintln!("attention bench: {why}");
             cpu_benches(c)
         }
     }

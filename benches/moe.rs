@@ -79,11 +79,10 @@ fn cpu_benches(c: &mut Criterion) {
 }
 
 fn benches(c: &mut Criterion) {
-    match Device::new(0) {
-        Ok(dev) if longctx::device::kernels_compiled() => gpu_benches(c, &dev),
-        Ok(_) => cpu_benches(c),
-        Err(e) => {
-            eprintln!("moe bench: {e}");
+    match longctx::timing::bench_device() {
+        Ok(dev) => gpu_benches(c, &dev),
+        Err(why) => {
+            eprintln!("moe bench: {why}");
             cpu_benches(c)
         }
     }

@@ -100,3 +100,15 @@ pub fn time_batch(
     })?;
     Ok(std::time::Duration::from_secs_f64(t.median_ms() * 1e-3))
 }
+
+/// The device benches and the sweep time on: GPU 0 when it exists and kernels were
+/// compiled, else the reason they fall back to the CPU reference.
+///
+/// # Errors
+/// A sentence saying why no GPU run is possible.
+pub fn bench_device() -> std::result::Result<Device, String> {
+    if !crate::device::kernels_compiled() {
+        return Err("the crate was built without CUDA kernels".to_string());
+    }
+    Device::new(0).map_err(|e| e.to_string())
+}
