@@ -155,10 +155,12 @@ fn tile_shapes() -> Vec<Tiles> {
     t.push(Tiles {
         block_m: 16,
         block_n: 16,
+        rows_per_warp: 8,
     });
     t.push(Tiles {
         block_m: 5,
         block_n: 3,
+        rows_per_warp: 2,
     });
     t
 }
@@ -221,6 +223,52 @@ fn tiled_f32_matches_naive_f64_at_every_head_dim() {
     }
 }
 
+/// Scores that climb along the keys make the lazy rescale take both of its paths: maxima
+/// that grow by less than the threshold are kept (probabilities above 1 accumulate), and
+/// larger growth moves them and rescales. Both must equal naive attention, in f32 and with
+/// P and O rounded to bf16 (then within the same-precision bound of a rounded run).
+#[test]
+fn lazy_rescale_keeps_and_moves_the_max_and_matches_naive() {
+    let mut host = random_host(23, &[(70, 300), (33, 1000)], 2, 1, 8, 4, 1.0, |x| x);
+    // Channel 0 of key j is 0.05 j and q[0] is in [0.05, 1.05), so a row's scores rise by
+    // 0.05 * q[0] * 0.4 * log2(e) (up to 0.03) per key in the exp2 domain: by up to 9 over
+    // 300 keys and 30 over 1000, a little per tile; the other channels are random.
+    for b in 0..2 {
+        for j in 0..host.cu_k[b + 1] - host.cu_k[b] {
+            host.k[(host.cu_k[b] + j) * 8] = 0.05 * j as f64;
+        }
+    }
+    for t in 0..host.q.len() / 8 {
+        host.q[t * 8] = host.q[t * 8].abs() + 0.05;
+    }
+    let mut kept = 0;
+    let mut moved = 0;
+    for mask in [Mask::none(), Mask::causal(), Mask::window(200, 0)] {
+        let p = host.problem(0.4, None, mask);
+        let want = attention_f64(&p).unwrap();
+        for tiles in tile_shapes() {
+            let (got, st) = attention_tiled_f32(&p, tiles, |x| x).unwrap();
+            kept += st.kept_grown_max;
+            moved += st.rescales;
+            let e = compare(&got.o, &got.lse, &want);
+            assert!(
+                e.max_o < 2e-5 && e.max_lse < 2e-5,
+                "{mask:?} {tiles:?}: {e:?}"
+            );
+            // A rounded run stays within bf16's output rounding of the truth.
+            let (r, _) = attention_tiled_f32(&p, tiles, round_bf16_f32).unwrap();
+            let e = compare(&r.o, &r.lse, &want);
+            assert!(
+                e.max_o < 2e-2 && e.max_lse < 2e-5,
+                "rounded {mask:?} {tiles:?}: {e:?}"
+            );
+        }
+    }
+    eprintln!("lazy rescale: {kept} steps kept a grown max, {moved} moved it past the first key");
+    // Both paths ran, and moves happened past each row group's first visible key.
+    assert!(kept > 1000 && moved > 100, "kept {kept} moved {moved}");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
@@ -237,12 +285,13 @@ proptest! {
         softcap in prop::option::of(0.5f64..5.0),
         bm in 1usize..20,
         bn in 1usize..20,
+        rows_per_warp in 1usize..20,
     ) {
         let host = random_host(seed, &lens, hkv * group, hkv, 8, 4, 2.0, |x| x);
         let mask = Mask { causal, window_left: left, window_right: right };
         let p = host.problem(0.4, softcap, mask);
         let want = attention_f64(&p).unwrap();
-        let (got, _) = attention_tiled_f32(&p, Tiles { block_m: bm, block_n: bn }, |x| x).unwrap();
+        let (got, _) = attention_tiled_f32(&p, Tiles { block_m: bm, block_n: bn, rows_per_warp }, |x| x).unwrap();
         let e = compare(&got.o, &got.lse, &want);
         prop_assert!(e.max_o < 2e-5 && e.max_lse < 2e-5, "{e:?}");
     }
@@ -344,6 +393,7 @@ fn fully_masked_rows_are_zero_with_lse_minus_infinity() {
         Tiles {
             block_m: 4,
             block_n: 2,
+            rows_per_warp: 4,
         },
         |x| x,
     )

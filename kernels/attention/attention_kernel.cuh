@@ -18,9 +18,10 @@
 //        issue V[n] (overlaps with 3-4)
 //        3. S = Q K[n]^T per warp (ldmatrix A from sQ, B from sK; f32 accumulators)
 //        4. softcap transform; mask only where BlockInfo::needs_mask says; online softmax
-//           (row max in raw score units, exponentials 2^(t * exp_scale - max * exp_scale),
-//           O and the row sum rescaled by 2^((old max - new max) * exp_scale), exactly 1
-//           while the max stays)
+//           (reference max in raw score units, exponentials 2^(t * exp_scale - max *
+//           exp_scale); the reference max moves, and O and the row sums are rescaled by
+//           2^((old max - new max) * exp_scale), only when some row of the warp outgrew it
+//           by more than LONGCTX_ATTN_RESCALE_THRESHOLD in the exp2 domain)
 //        wait V[n]; barrier (also: every warp is done reading sK)
 //        issue K[n+1] into sK (overlaps with 5)
 //        5. O += P V[n]: P goes from S's accumulator registers straight into A fragments
@@ -328,7 +329,11 @@ __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
             }
         }
 
-        // Online softmax; s becomes P (unnormalised, f32).
+        // Online softmax with lazy rescaling; s becomes P (unnormalised, f32).
+        // m_new: the running max including this tile (raw units); the four lanes of a group
+        // agree on it after the two shuffles.
+        float m_new[kMTiles][2];
+        bool grow = false;
 #pragma unroll
         for (int mi = 0; mi < kMTiles; ++mi) {
 #pragma unroll
@@ -338,30 +343,56 @@ __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
                 for (int nj = 0; nj < kNTiles; ++nj) mx = fmaxf(mx, fmaxf(s[mi][nj][2 * h], s[mi][nj][2 * h + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                // A row with no visible key so far keeps max -inf; using 0 in its place maps
-                // its -inf scores to 2^-inf = 0 instead of NaN. The rescale factor is formed
-                // from the difference of raw maxima, which is exactly 0 while the max stays,
-                // so it is exactly 1 then: a factor 2^(fl(m e) - fl(m e)) formed from two
-                // separately rounded products drifts below 1 and biased the LSE by 2e-3 over
-                // the 32768 key tiles of a 1M-token row.
-                const float m_use = mx == kNegInf ? 0.f : mx;
-                const float m_scaled = m_use * exp_scale;
-                const float corr = fast_exp2((row_max[mi][h] - m_use) * exp_scale);
-                row_max[mi][h] = mx;
-                row_sum[mi][h] *= corr;
+                m_new[mi][h] = mx;
+                // True when the first visible key arrives (-inf -> finite gives +inf) or the
+                // max grew by more than the threshold; false while the row sees no key
+                // (-inf - -inf is NaN) or the growth is small.
+                grow |= (mx - row_max[mi][h]) * exp_scale > LONGCTX_ATTN_RESCALE_THRESHOLD;
+            }
+        }
+        // The reference max of a row only moves when some row of the warp outgrew it by
+        // more than 2^LONGCTX_ATTN_RESCALE_THRESHOLD in the exp2 domain; otherwise every
+        // exponential below stays <= 2^threshold and O and the row sums need no rescale
+        // (FlashAttention 4's conditional rescaling). The branch is warp-uniform, and a
+        // skipped rescale is exact: nothing is multiplied.
+        if (__any_sync(0xffffffffu, grow)) {
 #pragma unroll
-                for (int dj = 0; dj < kDvTiles; ++dj) {
-                    acc_o[mi][dj][2 * h] *= corr;
-                    acc_o[mi][dj][2 * h + 1] *= corr;
+            for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    // A row with no visible key yet keeps max -inf; 0 in its place maps the
+                    // factor to 2^-inf = 0 (its sum and O are 0) instead of NaN. The factor
+                    // is formed from the difference of raw maxima: a factor
+                    // 2^(fl(m e) - fl(m' e)) from two separately rounded products can sit
+                    // just below 1 and biased the LSE of a 1M-token row by 2e-3.
+                    const float m_use = m_new[mi][h] == kNegInf ? 0.f : m_new[mi][h];
+                    const float corr = fast_exp2((row_max[mi][h] - m_use) * exp_scale);
+                    row_max[mi][h] = m_new[mi][h];
+                    row_sum[mi][h] *= corr;
+#pragma unroll
+                    for (int dj = 0; dj < kDvTiles; ++dj) {
+                        acc_o[mi][dj][2 * h] *= corr;
+                        acc_o[mi][dj][2 * h + 1] *= corr;
+                    }
                 }
+            }
+        }
+        // p[mi][kk]: P rounded to T as the A fragment of k16 step kk of P V: the C fragments
+        // of key tiles 2kk and 2kk+1 (registers a0 a1 from the first, a2 a3 from the second).
+        uint32_t p_frag[kMTiles][kBlockN / 16][4];
+#pragma unroll
+        for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                // Scores here are <= m_new <= row_max + threshold / exp_scale, so every
+                // exponential is <= 2^threshold; -inf scores (masked) give 0.
+                const float m_scaled = (row_max[mi][h] == kNegInf ? 0.f : row_max[mi][h]) * exp_scale;
 #pragma unroll
                 for (int nj = 0; nj < kNTiles; ++nj) {
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float pe = fast_exp2(fmaf(s[mi][nj][2 * h + e], exp_scale, -m_scaled));
-                        s[mi][nj][2 * h + e] = pe;
-                        row_sum[mi][h] += pe;
-                    }
+                    const float p0 = fast_exp2(fmaf(s[mi][nj][2 * h], exp_scale, -m_scaled));
+                    const float p1 = fast_exp2(fmaf(s[mi][nj][2 * h + 1], exp_scale, -m_scaled));
+                    row_sum[mi][h] += p0 + p1;
+                    p_frag[mi][nj / 2][(nj & 1) * 2 + h] = MmaType<T>::pack(p0, p1);
                 }
             }
         }
@@ -377,15 +408,6 @@ __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
         // O += P V over the tile's keys in k16 steps.
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
-            // P's C fragments of key tiles 2kk and 2kk+1 are the A fragment of this step.
-            uint32_t a[kMTiles][4];
-#pragma unroll
-            for (int mi = 0; mi < kMTiles; ++mi) {
-                a[mi][0] = MmaType<T>::pack(s[mi][2 * kk][0], s[mi][2 * kk][1]);
-                a[mi][1] = MmaType<T>::pack(s[mi][2 * kk][2], s[mi][2 * kk][3]);
-                a[mi][2] = MmaType<T>::pack(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
-                a[mi][3] = MmaType<T>::pack(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
-            }
 #pragma unroll
             for (int dp = 0; dp < DV / 16; ++dp) {
                 // B fragments of O column tiles 2dp and 2dp+1 (transposed matrices (keys 0-7,
@@ -395,8 +417,8 @@ __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
                 ldmatrix_x4_trans(b, v_ldsm.template at<kOffV>(kk, dp));
 #pragma unroll
                 for (int mi = 0; mi < kMTiles; ++mi) {
-                    mma_16816<T>(acc_o[mi][2 * dp], a[mi], b[0], b[1]);
-                    mma_16816<T>(acc_o[mi][2 * dp + 1], a[mi], b[2], b[3]);
+                    mma_16816<T>(acc_o[mi][2 * dp], p_frag[mi][kk], b[0], b[1]);
+                    mma_16816<T>(acc_o[mi][2 * dp + 1], p_frag[mi][kk], b[2], b[3]);
                 }
             }
         }

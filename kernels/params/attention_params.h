@@ -25,6 +25,11 @@
 #define LONGCTX_ATTN_MAX_TOKENS 536870912u
 #define LONGCTX_ATTN_WINDOW_UNBOUNDED 536870912
 
+/* Lazy online-softmax rescaling: a warp keeps its rows' reference maxima (and skips
+ * rescaling O and the row sums) until some row's max grows by more than this many units
+ * of the exp2 domain, so every unnormalised probability stays <= 2^8. */
+#define LONGCTX_ATTN_RESCALE_THRESHOLD 8.0f
+
 /* Tile table of the sm80 kernels, one row per (head_dim, head_dim_v): query rows per CTA,
  * keys per K/V tile, warps per CTA. src/attention/plan.rs holds the same table and checks
  * it against these at compile time; kernels/attention/traits.cuh static_asserts them. */

@@ -26,6 +26,14 @@ pub const MAX_TOKENS: usize = 1 << 29;
 /// Window side that stands for "unbounded": at least [`MAX_TOKENS`], so it admits every key.
 pub const WINDOW_UNBOUNDED: usize = 1 << 29;
 
+/// Lazy rescaling of the online softmax, in units of the exp2 domain: a warp keeps the
+/// reference maxima of its rows, and skips rescaling O and the row sums, until some row's
+/// running max exceeds its reference by more than this, so every unnormalised probability
+/// stays at most 2^8 (f16 and bf16 hold it exactly in range; the rounding of P is relative
+/// and unchanged). FlashAttention 4 rescales conditionally in the same way. The kernel reads
+/// the same number from kernels/params/attention_params.h.
+pub const RESCALE_THRESHOLD: f32 = crate::sys::LONGCTX_ATTN_RESCALE_THRESHOLD as f32;
+
 /// Supported (head_dim of Q and K, head_dim of V) pairs. d = 192 with d_v = 128 is
 /// DeepSeek's MLA prefill shape (128 nope + 64 rope channels).
 pub const SUPPORTED_HEAD_DIMS: [(usize, usize); 5] =

@@ -3,8 +3,9 @@
 //! * [`attention_f64`]: naive, written from the math. Inputs are f64 values already rounded
 //!   to the device dtype; every score, the softmax and the output accumulate in f64.
 //! * [`attention_tiled_f32`]: FlashAttention-2's algorithm in f32 with a tile shape and the
-//!   plan's block-skip rules, the same online softmax (log2 domain, row max kept in raw
-//!   score units) and the same zero-filled partial tiles as the CUDA kernel. Comparing it
+//!   plan's block-skip rules, the same online softmax (log2 domain, reference max kept in
+//!   raw score units and moved lazily per warp's rows, see [`RESCALE_THRESHOLD`]) and the
+//!   same zero-filled partial tiles as the CUDA kernel. Comparing it
 //!   with the naive one on every mask proves the tiling and masking logic on the CPU. With
 //!   `round` set to the device dtype's rounding it is also "the same computation in the input
 //!   dtype" that GPU tolerances are measured against.
@@ -15,7 +16,7 @@
 //! `cu_seqlens_q[b]..cu_seqlens_q[b + 1]` and key tokens likewise. Rows that see no key get
 //! O = 0 and LSE = -inf.
 
-use super::plan::{Mask, SoftmaxConsts, TileConfig};
+use super::plan::{Mask, SoftmaxConsts, TileConfig, RESCALE_THRESHOLD};
 use crate::error::{Error, Result};
 
 const OP: &str = "attention reference";
@@ -243,6 +244,9 @@ pub struct Tiles {
     pub block_m: usize,
     /// Keys per tile.
     pub block_n: usize,
+    /// Rows that decide together whether to move their reference maxima (the kernel's rows
+    /// per warp); consecutive groups from the tile's first row, the last one possibly short.
+    pub rows_per_warp: usize,
 }
 
 impl From<&TileConfig> for Tiles {
@@ -250,11 +254,21 @@ impl From<&TileConfig> for Tiles {
         Tiles {
             block_m: t.block_m,
             block_n: t.block_n,
+            rows_per_warp: t.rows_per_warp(),
         }
     }
 }
 
 impl Tiles {
+    /// A tile shape whose rows all decide rescaling together.
+    pub fn new(block_m: usize, block_n: usize) -> Tiles {
+        Tiles {
+            block_m,
+            block_n,
+            rows_per_warp: block_m,
+        }
+    }
+
     fn config(self, p: &Problem) -> TileConfig {
         TileConfig {
             path: super::plan::KernelPath::Sm80,
@@ -276,13 +290,20 @@ pub struct TileStats {
     pub unmasked_tiles: u64,
     /// Query tiles that saw no key at all (written as O = 0, LSE = -inf).
     pub empty_query_tiles: u64,
+    /// (key tile, row group) steps that moved the group's reference maxima and rescaled
+    /// accumulated values (not counting a group's first visible keys).
+    pub rescales: u64,
+    /// Steps that kept them: some row's max grew, but by no more than the threshold.
+    pub kept_grown_max: u64,
 }
 
 /// FlashAttention-2's forward pass in f32, mirroring the CUDA kernel: for each (sequence,
 /// head, query tile) it visits only the key tiles the plan's `key_blocks` names, masks
 /// element-wise only outside `unmasked_blocks` (the kernel's form of `needs_mask`; keys
 /// past seqlen_k read as zero, as the kernel's zero-filled loads do), and keeps the online
-/// softmax in the log2 domain with the row max in raw score units. `round` is applied to P
+/// softmax in the log2 domain with the reference max in raw score units, moved (and O and
+/// the row sums rescaled) per group of `rows_per_warp` rows only when some row of the group
+/// outgrew it by more than [`RESCALE_THRESHOLD`], as the kernel's warps do. `round` is applied to P
 /// before P V and to the final O: pass the device dtype's rounding for a same-precision
 /// run, or the identity for pure f32.
 ///
@@ -295,7 +316,7 @@ pub fn attention_tiled_f32(
     round: fn(f32) -> f32,
 ) -> Result<(Output<f32>, TileStats)> {
     p.validate()?;
-    if tiles.block_m == 0 || tiles.block_n == 0 {
+    if tiles.block_m == 0 || tiles.block_n == 0 || tiles.rows_per_warp == 0 {
         return Err(Error::invalid(
             OP,
             "tiles",
@@ -313,6 +334,7 @@ pub fn attention_tiled_f32(
     // Per query tile: the running max (raw units), the running sum and the O accumulator.
     let mut row_max = vec![0.0f32; bm];
     let mut row_sum = vec![0.0f32; bm];
+    let mut m_new = vec![0.0f32; bm];
     let mut acc = vec![0.0f32; bm * dv];
     let mut s = vec![0.0f32; bm * bn];
     let zeros_d = vec![0.0f32; d];
@@ -368,33 +390,57 @@ pub fn attention_tiled_f32(
                             s[r * bn + c] = x;
                         }
                     }
-                    // Online softmax and O += P V.
-                    for r in 0..nrows {
-                        let srow = &mut s[r * bn..][..bn];
-                        let m_new = srow.iter().copied().fold(row_max[r], f32::max);
-                        let m_use = if m_new == f32::NEG_INFINITY {
-                            0.0
-                        } else {
-                            m_new
-                        };
-                        let m_scaled = m_use * consts.exp_scale;
-                        let corr = ((row_max[r] - m_use) * consts.exp_scale).exp2();
-                        row_max[r] = m_new;
-                        row_sum[r] *= corr;
-                        let out = &mut acc[r * dv..][..dv];
-                        out.iter_mut().for_each(|a| *a *= corr);
-                        for (c, x) in srow.iter_mut().enumerate() {
-                            let pv = x.mul_add(consts.exp_scale, -m_scaled).exp2();
-                            row_sum[r] += pv;
-                            let pr = round(pv);
-                            let j = k0 + c;
-                            let v = if j < sk {
-                                &v32[((ks.start + j) * p.heads_kv + hk) * dv..][..dv]
+                    // Online softmax with lazy rescaling, one row group (the kernel's warp)
+                    // at a time, then O += P V.
+                    for g0 in (0..nrows).step_by(tiles.rows_per_warp) {
+                        let group = g0..(g0 + tiles.rows_per_warp).min(nrows);
+                        let mut grow = false;
+                        let mut grew = false;
+                        for r in group.clone() {
+                            m_new[r] = s[r * bn..][..bn].iter().copied().fold(row_max[r], f32::max);
+                            // +inf for a row's first visible key, NaN (false) while it has none.
+                            grow |= (m_new[r] - row_max[r]) * consts.exp_scale > RESCALE_THRESHOLD;
+                            grew |= m_new[r] > row_max[r];
+                        }
+                        if grow {
+                            if group.clone().any(|r| row_max[r].is_finite()) {
+                                stats.rescales += 1;
+                            }
+                            for r in group.clone() {
+                                let m_use = if m_new[r] == f32::NEG_INFINITY {
+                                    0.0
+                                } else {
+                                    m_new[r]
+                                };
+                                let corr = ((row_max[r] - m_use) * consts.exp_scale).exp2();
+                                row_max[r] = m_new[r];
+                                row_sum[r] *= corr;
+                                acc[r * dv..][..dv].iter_mut().for_each(|a| *a *= corr);
+                            }
+                        } else if grew {
+                            stats.kept_grown_max += 1;
+                        }
+                        for r in group {
+                            let m_ref = if row_max[r] == f32::NEG_INFINITY {
+                                0.0
                             } else {
-                                &zeros_dv[..]
+                                row_max[r]
                             };
-                            for (a, vx) in out.iter_mut().zip(v) {
-                                *a += pr * vx;
+                            let m_scaled = m_ref * consts.exp_scale;
+                            let out = &mut acc[r * dv..][..dv];
+                            for (c, x) in s[r * bn..][..bn].iter_mut().enumerate() {
+                                let pv = x.mul_add(consts.exp_scale, -m_scaled).exp2();
+                                row_sum[r] += pv;
+                                let pr = round(pv);
+                                let j = k0 + c;
+                                let v = if j < sk {
+                                    &v32[((ks.start + j) * p.heads_kv + hk) * dv..][..dv]
+                                } else {
+                                    &zeros_dv[..]
+                                };
+                                for (a, vx) in out.iter_mut().zip(v) {
+                                    *a += pr * vx;
+                                }
                             }
                         }
                     }
@@ -542,6 +588,7 @@ mod tests {
                     Tiles {
                         block_m: 4,
                         block_n: 3,
+                        rows_per_warp: 2,
                     },
                     |x| x,
                 )
