@@ -868,7 +868,8 @@ mod gpu {
         let scale = f64::from(opts.scale_for(d));
         let p = host.problem(scale, c.softcap.map(f64::from), c.mask);
         let want = attention_f64(&p).expect("reference");
-        let cfg = TileConfig::for_head_dims(d, dv).expect("supported");
+        // The tile shape the device runs (the sm_90a cubin's on H100/H200).
+        let cfg = longctx::attention::device_tile_config::<T>(dev, d, dv).expect("supported");
         let (cpu, _) =
             attention_tiled_f32(&p, Tiles::from(&cfg), round32).expect("tiled reference");
         let cpu_err = compare(&cpu.o, &cpu.lse, &want);
@@ -971,7 +972,8 @@ mod gpu {
             &SUPPORTED_HEAD_DIMS[..]
         };
         for &dims in dims_list {
-            let cfg = TileConfig::for_head_dims(dims.0, dims.1).unwrap();
+            // Edges of the tiles the device runs.
+            let cfg = longctx::attention::device_tile_config::<bf16>(&dev, dims.0, dims.1).unwrap();
             let (bm, bn) = (cfg.block_m, cfg.block_n);
             for (lens, mask) in [
                 (

@@ -151,6 +151,12 @@ __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
     constexpr float kNegInf = -INFINITY;
 
     extern __shared__ __align__(128) uint8_t smem[];
+    // The host sizes shared memory from the tile shape it believes the loaded code has;
+    // a launch that gave less than this code's tiles need stops here with an error instead
+    // of touching memory past the allocation.
+    uint32_t dyn_smem;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
+    if (dyn_smem < uint32_t(Tr::kSmemBytes)) __trap();
 
     const int tid = threadIdx.x;
     const int lane = tid & 31;

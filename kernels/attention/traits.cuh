@@ -7,11 +7,18 @@
 namespace longctx {
 namespace attn {
 
+// Keys per K/V tile of the code being compiled: the sm90 column for compute_90 and up.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define LONGCTX_ATTN_ARCH_BLOCK_N(PREFIX) LONGCTX_ATTN_##PREFIX##_SM90_BLOCK_N
+#else
+#define LONGCTX_ATTN_ARCH_BLOCK_N(PREFIX) LONGCTX_ATTN_##PREFIX##_BLOCK_N
+#endif
+
 template <int D, int DV> struct TileShape;
 #define LONGCTX_ATTN_TILE_SHAPE(D, DV, PREFIX)                   \
     template <> struct TileShape<D, DV> {                        \
         static constexpr int kBlockM = LONGCTX_ATTN_##PREFIX##_BLOCK_M; \
-        static constexpr int kBlockN = LONGCTX_ATTN_##PREFIX##_BLOCK_N; \
+        static constexpr int kBlockN = LONGCTX_ATTN_ARCH_BLOCK_N(PREFIX); \
         static constexpr int kWarps = LONGCTX_ATTN_##PREFIX##_WARPS;    \
     };
 LONGCTX_ATTN_TILE_SHAPE(64, 64, HD64)

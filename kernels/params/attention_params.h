@@ -30,9 +30,13 @@
  * of the exp2 domain, so every unnormalised probability stays <= 2^8. */
 #define LONGCTX_ATTN_RESCALE_THRESHOLD 8.0f
 
-/* Tile table of the sm80 kernels, one row per (head_dim, head_dim_v): query rows per CTA,
- * keys per K/V tile, warps per CTA. src/attention/plan.rs holds the same table and checks
- * it against these at compile time; kernels/attention/traits.cuh static_asserts them. */
+/* Tile table of the mma.sync kernels, one row per (head_dim, head_dim_v): query rows per
+ * CTA, keys per K/V tile, warps per CTA. src/attention/plan.rs holds the same table and
+ * checks it against these at compile time; kernels/attention/traits.cuh static_asserts
+ * them. Code compiled for compute_90 and up (the sm_90a cubin) takes the *_SM90_BLOCK_N
+ * key tile instead: the same kernel with 64 keys per tile where it fits 255 registers
+ * without spilling on sm_90a; the host reads which code was loaded from the function's
+ * PTX arch. Query rows and warps never depend on the arch. */
 #define LONGCTX_ATTN_HD64_BLOCK_M 128
 #define LONGCTX_ATTN_HD64_BLOCK_N 64
 #define LONGCTX_ATTN_HD64_WARPS 4
@@ -48,6 +52,11 @@
 #define LONGCTX_ATTN_HD256_BLOCK_M 64
 #define LONGCTX_ATTN_HD256_BLOCK_N 64
 #define LONGCTX_ATTN_HD256_WARPS 4
+#define LONGCTX_ATTN_HD64_SM90_BLOCK_N 64
+#define LONGCTX_ATTN_HD96_SM90_BLOCK_N 64
+#define LONGCTX_ATTN_HD128_SM90_BLOCK_N 64
+#define LONGCTX_ATTN_HD192_SM90_BLOCK_N 32
+#define LONGCTX_ATTN_HD256_SM90_BLOCK_N 64
 
 typedef struct LongctxAttnTensor {
     uint64_t data;         /* device address of element [0, 0, 0]               */

@@ -4,7 +4,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
 
-use super::plan::{MAX_TOKENS, TILES, WINDOW_UNBOUNDED};
+use super::plan::{TileConfig, MAX_TOKENS, TILES, WINDOW_UNBOUNDED};
 use super::{
     check_alignment, validate_cu_seqlens, AttentionOptions, CallShape, Validated, ViewShape,
 };
@@ -19,14 +19,15 @@ const OP: &str = "attention";
 /// Dynamic shared memory a kernel may use without opting in.
 const DEFAULT_SMEM: usize = 48 * 1024;
 
-// The plan's tile table and the header's macros (which traits.cuh static_asserts) agree.
+// The plan's tile table and the header's macros (which traits.cuh static_asserts) agree,
+// for the portable code (PTX arch 80) and the sm_90a code (PTX arch 90).
 const _: () = {
-    const fn check(d: usize, dv: usize, m: u32, n: u32, w: u32) {
+    const fn check(arch: u32, d: usize, dv: usize, m: u32, n: u32, w: u32) {
         let mut i = 0;
         let mut found = false;
         while i < TILES.len() {
             let t = &TILES[i];
-            if t.head_dim == d && t.head_dim_v == dv {
+            if t.ptx_arch == arch && t.head_dim == d && t.head_dim_v == dv {
                 assert!(
                     t.block_m == m as usize && t.block_n == n as usize && t.warps == w as usize
                 );
@@ -37,6 +38,7 @@ const _: () = {
         assert!(found);
     }
     check(
+        80,
         64,
         64,
         sys::LONGCTX_ATTN_HD64_BLOCK_M,
@@ -44,6 +46,15 @@ const _: () = {
         sys::LONGCTX_ATTN_HD64_WARPS,
     );
     check(
+        90,
+        64,
+        64,
+        sys::LONGCTX_ATTN_HD64_BLOCK_M,
+        sys::LONGCTX_ATTN_HD64_SM90_BLOCK_N,
+        sys::LONGCTX_ATTN_HD64_WARPS,
+    );
+    check(
+        80,
         96,
         96,
         sys::LONGCTX_ATTN_HD96_BLOCK_M,
@@ -51,6 +62,15 @@ const _: () = {
         sys::LONGCTX_ATTN_HD96_WARPS,
     );
     check(
+        90,
+        96,
+        96,
+        sys::LONGCTX_ATTN_HD96_BLOCK_M,
+        sys::LONGCTX_ATTN_HD96_SM90_BLOCK_N,
+        sys::LONGCTX_ATTN_HD96_WARPS,
+    );
+    check(
+        80,
         128,
         128,
         sys::LONGCTX_ATTN_HD128_BLOCK_M,
@@ -58,6 +78,15 @@ const _: () = {
         sys::LONGCTX_ATTN_HD128_WARPS,
     );
     check(
+        90,
+        128,
+        128,
+        sys::LONGCTX_ATTN_HD128_BLOCK_M,
+        sys::LONGCTX_ATTN_HD128_SM90_BLOCK_N,
+        sys::LONGCTX_ATTN_HD128_WARPS,
+    );
+    check(
+        80,
         192,
         128,
         sys::LONGCTX_ATTN_HD192_BLOCK_M,
@@ -65,10 +94,27 @@ const _: () = {
         sys::LONGCTX_ATTN_HD192_WARPS,
     );
     check(
+        90,
+        192,
+        128,
+        sys::LONGCTX_ATTN_HD192_BLOCK_M,
+        sys::LONGCTX_ATTN_HD192_SM90_BLOCK_N,
+        sys::LONGCTX_ATTN_HD192_WARPS,
+    );
+    check(
+        80,
         256,
         256,
         sys::LONGCTX_ATTN_HD256_BLOCK_M,
         sys::LONGCTX_ATTN_HD256_BLOCK_N,
+        sys::LONGCTX_ATTN_HD256_WARPS,
+    );
+    check(
+        90,
+        256,
+        256,
+        sys::LONGCTX_ATTN_HD256_BLOCK_M,
+        sys::LONGCTX_ATTN_HD256_SM90_BLOCK_N,
         sys::LONGCTX_ATTN_HD256_WARPS,
     );
     assert!(sys::LONGCTX_ATTN_MAX_TOKENS as usize == MAX_TOKENS);
@@ -272,6 +318,34 @@ fn kernel_id(dtype: DType, head_dim: usize, head_dim_v: usize) -> Result<KernelI
     Ok(id)
 }
 
+/// The tile shape of a loaded attention kernel, from the PTX arch its code was compiled for.
+fn loaded_tiles(
+    func: &cudarc::driver::CudaFunction,
+    head_dim: usize,
+    head_dim_v: usize,
+) -> Result<TileConfig> {
+    let ptx = func.ptx_version().map_err(cuda_err(OP))?;
+    TileConfig::for_code(head_dim, head_dim_v, u32::try_from(ptx).unwrap_or(0))
+}
+
+/// The tile shape attention forward uses on `dev` for element type `T` and these head
+/// dims: the portable shape, or the sm_90a one when the driver loaded that cubin (H100,
+/// H200). Benchmarks report it, and a CPU tiled run with it is the same-precision baseline
+/// of the GPU parity tests.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for unsupported head dims; [`Error::KernelsNotCompiled`]
+/// without kernels; [`Error::Cuda`] if the module cannot be loaded.
+pub fn device_tile_config<T: AttnElement>(
+    dev: &Device,
+    head_dim: usize,
+    head_dim_v: usize,
+) -> Result<TileConfig> {
+    TileConfig::for_head_dims(head_dim, head_dim_v)?;
+    let func = dev.function(kernel_id(T::DTYPE, head_dim, head_dim_v)?)?;
+    loaded_tiles(&func, head_dim, head_dim_v)
+}
+
 /// Device-side checks (contexts, architecture), then everything [`CallShape::validate`]
 /// checks.
 fn check_call<T: AttnElement>(
@@ -371,8 +445,20 @@ pub fn attention_forward<T: AttnElement>(
         return Ok(());
     }
     let id = kernel_id(T::DTYPE, c.tiles.head_dim, c.tiles.head_dim_v)?;
-    let smem = c.tiles.smem_bytes();
-    let grid = c.tiles.grid(c.max_seqlen_q, c.heads_q, c.batch);
+    let func = dev.function(id)?;
+    // The key tile depends on which code the driver loaded (the sm_90a cubin or code for
+    // compute_80); query rows and warps, and so the grid, do not.
+    let tiles = loaded_tiles(&func, c.tiles.head_dim, c.tiles.head_dim_v)?;
+    // Shared memory for the larger of the loaded code's tiles and those of the device's own
+    // arch, so it suffices whichever code runs (the kernel traps if given too little).
+    let cc = dev.compute_capability();
+    let native = TileConfig::for_code(
+        c.tiles.head_dim,
+        c.tiles.head_dim_v,
+        u32::try_from(cc.0 * 10 + cc.1).unwrap_or(0),
+    )?;
+    let smem = tiles.smem_bytes().max(native.smem_bytes());
+    let grid = tiles.grid(c.max_seqlen_q, c.heads_q, c.batch);
     let to_u32 = |v: usize, what: &str| {
         u32::try_from(v)
             .map_err(|_| Error::invalid(OP, "seqlens", format!("{what} {v} exceeds u32")))
@@ -383,10 +469,9 @@ pub fn attention_forward<T: AttnElement>(
             to_u32(grid.1, "heads")?,
             to_u32(grid.2, "batch")?,
         ),
-        block_dim: (to_u32(c.tiles.threads(), "threads")?, 1, 1),
+        block_dim: (to_u32(tiles.threads(), "threads")?, 1, 1),
         shared_mem_bytes: to_u32(smem, "shared memory")?,
     };
-    let func = dev.function(id)?;
     if smem > DEFAULT_SMEM {
         let optin = dev
             .context()
@@ -396,7 +481,7 @@ pub fn attention_forward<T: AttnElement>(
             return Err(Error::invalid(
                 OP,
                 "head_dim",
-                format!("the d{} kernel needs {smem} bytes of shared memory per block; this device allows {optin}", c.tiles.head_dim),
+                format!("the d{} kernel needs {smem} bytes of shared memory per block; this device allows {optin}", tiles.head_dim),
             ));
         }
         func.set_attribute(

@@ -24,7 +24,7 @@ mod cuda;
 mod plan;
 pub mod reference;
 
-pub use cuda::{attention_forward, AttnElement, AttnOutput, Qkv, SeqLens};
+pub use cuda::{attention_forward, device_tile_config, AttnElement, AttnOutput, Qkv, SeqLens};
 pub use plan::*;
 
 /// Per-call options of attention forward.

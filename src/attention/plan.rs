@@ -48,12 +48,16 @@ pub enum KernelPath {
     Sm80,
 }
 
-/// Tile shape of one (head_dim, head_dim_v) kernel. kernels/params/attention_params.h
-/// repeats these numbers as macros and kernels/attention/traits.cuh static_asserts them.
+/// Tile shape of one (head_dim, head_dim_v) kernel as compiled for one PTX arch.
+/// kernels/params/attention_params.h repeats these numbers as macros and
+/// kernels/attention/traits.cuh static_asserts them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TileConfig {
     /// The kernel implementation.
     pub path: KernelPath,
+    /// Lowest PTX arch (compute capability x 10) of the code this shape is compiled into:
+    /// 80 for the sm_80/86/89 cubins and the compute_80 PTX, 90 for the sm_90a cubin.
+    pub ptx_arch: u32,
     /// Channels of Q and K.
     pub head_dim: usize,
     /// Channels of V and O.
@@ -69,19 +73,24 @@ pub struct TileConfig {
 /// Bytes of one shared-memory element (f16 and bf16).
 const ELEM_BYTES: usize = 2;
 
-/// The per-head-dim tile table. Reasons (numbers from ptxas on sm80..sm90a, CUDA 13.0):
+/// The per-head-dim tile table, first for code compiled for compute_80 (sm80, sm86, sm89,
+/// and the PTX that newer GPUs JIT), then for the sm_90a cubin. Reasons (numbers from ptxas
+/// on sm80..sm90a, CUDA 13.0):
 /// * block_m 128 with 4 warps (32 rows per warp, two m16 MMA tiles) reuses every K/V
 ///   fragment loaded from shared memory twice, as FlashAttention 2 does on A100/H100 for
 ///   d <= 128; the O accumulator is then d_v floats per thread.
-/// * block_n: 64 where O is small (d 64) or the warp owns 16 rows (d 256); 32 for d 96, 128
-///   and 192, where 64 keys (another 32 S registers per thread next to O's 128) made ptxas
-///   spill 8 to 64 bytes at its 255-register limit. With 32 the d-128 kernel needs 246
-///   registers and spills nothing.
+/// * block_n 64 halves, per key, the barriers, the Q fragment reloads and the softmax
+///   bookkeeping of block_n 32, and cuts shared-memory reads per MMA from 0.375 to 0.31
+///   ldmatrix.x4. It is used where the kernel fits 255 registers without spilling: d 64 and
+///   256 everywhere; d 96 and 128 on sm_90a only (ptxas for sm_80..89 spills 40 bytes at
+///   d 128, and sm86/sm89's 100 KB of shared memory per SM would hold one 64 KB CTA instead
+///   of two 48 KB ones); d 192 nowhere (40 bytes spilled on sm_90a).
 /// * d 256 uses block_m 64 (16 rows per warp) so that O stays at 128 registers and shared
 ///   memory at 96 KiB, under the 99 KiB per-block limit of sm86/sm89.
-pub(crate) const TILES: [TileConfig; 5] = [
+pub(crate) const TILES: [TileConfig; 10] = [
     TileConfig {
         path: KernelPath::Sm80,
+        ptx_arch: 80,
         head_dim: 64,
         head_dim_v: 64,
         block_m: 128,
@@ -90,6 +99,7 @@ pub(crate) const TILES: [TileConfig; 5] = [
     },
     TileConfig {
         path: KernelPath::Sm80,
+        ptx_arch: 80,
         head_dim: 96,
         head_dim_v: 96,
         block_m: 128,
@@ -98,6 +108,7 @@ pub(crate) const TILES: [TileConfig; 5] = [
     },
     TileConfig {
         path: KernelPath::Sm80,
+        ptx_arch: 80,
         head_dim: 128,
         head_dim_v: 128,
         block_m: 128,
@@ -106,6 +117,7 @@ pub(crate) const TILES: [TileConfig; 5] = [
     },
     TileConfig {
         path: KernelPath::Sm80,
+        ptx_arch: 80,
         head_dim: 192,
         head_dim_v: 128,
         block_m: 128,
@@ -114,6 +126,52 @@ pub(crate) const TILES: [TileConfig; 5] = [
     },
     TileConfig {
         path: KernelPath::Sm80,
+        ptx_arch: 80,
+        head_dim: 256,
+        head_dim_v: 256,
+        block_m: 64,
+        block_n: 64,
+        warps: 4,
+    },
+    TileConfig {
+        path: KernelPath::Sm80,
+        ptx_arch: 90,
+        head_dim: 64,
+        head_dim_v: 64,
+        block_m: 128,
+        block_n: 64,
+        warps: 4,
+    },
+    TileConfig {
+        path: KernelPath::Sm80,
+        ptx_arch: 90,
+        head_dim: 96,
+        head_dim_v: 96,
+        block_m: 128,
+        block_n: 64,
+        warps: 4,
+    },
+    TileConfig {
+        path: KernelPath::Sm80,
+        ptx_arch: 90,
+        head_dim: 128,
+        head_dim_v: 128,
+        block_m: 128,
+        block_n: 64,
+        warps: 4,
+    },
+    TileConfig {
+        path: KernelPath::Sm80,
+        ptx_arch: 90,
+        head_dim: 192,
+        head_dim_v: 128,
+        block_m: 128,
+        block_n: 32,
+        warps: 4,
+    },
+    TileConfig {
+        path: KernelPath::Sm80,
+        ptx_arch: 90,
         head_dim: 256,
         head_dim_v: 256,
         block_m: 64,
@@ -129,15 +187,29 @@ pub const fn smem_row_elems(dim: usize) -> usize {
 }
 
 impl TileConfig {
-    /// The tile shape for a head-dim pair, or an error naming the supported pairs.
+    /// The tile shape of the portable code (compiled for compute_80) for a head-dim pair, or
+    /// an error naming the supported pairs. The shape a launch on a given GPU uses is
+    /// [`TileConfig::for_code`] with the loaded kernel's PTX arch
+    /// (`attention::device_tile_config` asks the device).
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] when `(head_dim, head_dim_v)` is not in
     /// [`SUPPORTED_HEAD_DIMS`].
     pub fn for_head_dims(head_dim: usize, head_dim_v: usize) -> Result<TileConfig> {
+        Self::for_code(head_dim, head_dim_v, 80)
+    }
+
+    /// The tile shape of the code compiled for PTX arch `ptx_arch` (compute capability x 10,
+    /// as CUDA reports a function's PTX version): the sm_90a shape from 90 up, the portable
+    /// one below.
+    ///
+    /// # Errors
+    /// As [`TileConfig::for_head_dims`].
+    pub fn for_code(head_dim: usize, head_dim_v: usize, ptx_arch: u32) -> Result<TileConfig> {
+        let arch = if ptx_arch >= 90 { 90 } else { 80 };
         TILES
             .iter()
-            .find(|t| t.head_dim == head_dim && t.head_dim_v == head_dim_v)
+            .find(|t| t.head_dim == head_dim && t.head_dim_v == head_dim_v && t.ptx_arch == arch)
             .copied()
             .ok_or_else(|| {
                 Error::invalid(
@@ -151,7 +223,7 @@ impl TileConfig {
             })
     }
 
-    /// Every tile configuration, one per supported head-dim pair.
+    /// Every tile configuration: one per supported head-dim pair and PTX arch.
     pub fn all() -> &'static [TileConfig] {
         &TILES
     }
@@ -466,8 +538,13 @@ mod tests {
 
     #[test]
     fn every_supported_pair_has_tiles_that_fit() {
-        for &(d, dv) in &SUPPORTED_HEAD_DIMS {
-            let t = TileConfig::for_head_dims(d, dv).unwrap();
+        for (&(d, dv), arch) in SUPPORTED_HEAD_DIMS.iter().flat_map(|p| [(p, 80), (p, 90)]) {
+            let t = TileConfig::for_code(d, dv, arch).unwrap();
+            assert_eq!(TileConfig::for_code(d, dv, arch + 9).unwrap(), t);
+            assert_eq!((t.block_m, t.warps), {
+                let p = TileConfig::for_head_dims(d, dv).unwrap();
+                (p.block_m, p.warps)
+            });
             assert_eq!(t.rows_per_warp() % 16, 0);
             assert_eq!(t.block_n % 16, 0);
             assert!(
@@ -482,7 +559,15 @@ mod tests {
 
     #[test]
     fn key_blocks_cover_exactly_the_visible_keys() {
-        let t = TileConfig::for_head_dims(128, 128).unwrap();
+        for t in [
+            TileConfig::for_code(128, 128, 80).unwrap(),
+            TileConfig::for_code(128, 128, 90).unwrap(),
+        ] {
+            key_blocks_cover_exactly_the_visible_keys_for(t);
+        }
+    }
+
+    fn key_blocks_cover_exactly_the_visible_keys_for(t: TileConfig) {
         let masks = [
             Mask::none(),
             Mask::causal(),

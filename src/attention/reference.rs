@@ -272,6 +272,7 @@ impl Tiles {
     fn config(self, p: &Problem) -> TileConfig {
         TileConfig {
             path: super::plan::KernelPath::Sm80,
+            ptx_arch: 80,
             head_dim: p.head_dim,
             head_dim_v: p.head_dim_v,
             block_m: self.block_m,

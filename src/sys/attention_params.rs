@@ -20,6 +20,11 @@ pub const LONGCTX_ATTN_HD192_WARPS: u32 = 4;
 pub const LONGCTX_ATTN_HD256_BLOCK_M: u32 = 64;
 pub const LONGCTX_ATTN_HD256_BLOCK_N: u32 = 64;
 pub const LONGCTX_ATTN_HD256_WARPS: u32 = 4;
+pub const LONGCTX_ATTN_HD64_SM90_BLOCK_N: u32 = 64;
+pub const LONGCTX_ATTN_HD96_SM90_BLOCK_N: u32 = 64;
+pub const LONGCTX_ATTN_HD128_SM90_BLOCK_N: u32 = 64;
+pub const LONGCTX_ATTN_HD192_SM90_BLOCK_N: u32 = 32;
+pub const LONGCTX_ATTN_HD256_SM90_BLOCK_N: u32 = 64;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct LongctxAttnTensor {
