@@ -4,6 +4,7 @@
 //!
 //!     cargo run --release --example sweep            # full sweep
 //!     cargo run --release --example sweep -- --quick # fewer lengths
+//!     cargo run --release --example sweep -- --attention   # only attention (or --moe)
 //!
 //! Without a GPU it checks the CPU reference on a small case and says the GPU part was
 //! skipped.
@@ -42,9 +43,12 @@ fn run() -> longctx::Result<()> {
         "measured ceiling: device-to-device copy {:.0} GB/s (bytes read + written)\n",
         copy / 1e9
     );
-    // `--moe`: only the MoE rows.
+    // `--moe`: only the MoE rows; `--attention`: only the attention rows.
     if std::env::args().any(|a| a == "--moe") {
         return moe_rows(&dev, copy, quick);
+    }
+    if std::env::args().any(|a| a == "--attention") {
+        return attention_rows(&dev, quick);
     }
 
     let tokens: &[usize] = if quick {
@@ -131,6 +135,15 @@ fn attention_rows(dev: &Device, quick: bool) -> longctx::Result<()> {
         &[512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
     };
     for shape in attention_shapes() {
+        let t = longctx::attention::device_tile_config::<half::bf16>(
+            dev,
+            shape.head_dim,
+            shape.head_dim_v,
+        )?;
+        println!(
+            "{:<16} tiles {} x {} keys, {} warps (code for compute_{})",
+            shape.name, t.block_m, t.block_n, t.warps, t.ptx_arch
+        );
         for causal in [false, true] {
             for &n in lens {
                 let batch = (16384 / n).max(1);

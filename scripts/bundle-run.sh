@@ -35,7 +35,8 @@ for tool in memcheck racecheck; do
 done
 
 # 3. The sweep (main job) and the criterion benches.
-if timeout "${LONGCTX_SWEEP_TIMEOUT:-600}" examples/sweep > "$LOG/sweep.log" 2>&1; then note "SWEEP-OK"; else note "SWEEP-FAIL"; fi
+# LONGCTX_SWEEP_ARGS passes flags to the sweep (--quick, --attention, --moe).
+if timeout "${LONGCTX_SWEEP_TIMEOUT:-600}" examples/sweep ${LONGCTX_SWEEP_ARGS:-} > "$LOG/sweep.log" 2>&1; then note "SWEEP-OK"; else note "SWEEP-FAIL"; fi
 : > "$LOG/bench.log"
 # LONGCTX_SKIP_BENCHES=1 skips criterion (the sweep already times every kernel).
 [ "${LONGCTX_SKIP_BENCHES:-0}" = 1 ] || for b in benches/*; do
