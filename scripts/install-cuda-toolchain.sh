@@ -7,7 +7,8 @@
 #
 # The pins: CUDA 13.0 compiles bf16 mma.sync code for sm_80..sm_90a, and its PTX JITs on
 # drivers >= 580. nvidia-nvvm is pinned on purpose: an unpinned one brings a newer cicc whose
-# PTX ISA the 13.0 ptxas rejects.
+# PTX ISA the 13.0 ptxas rejects. cuobjdump and nvdisasm (for the SASS check in
+# tests/kernels.rs) have no 13.0 release on PyPI; 13.2's read CUDA 13.0 cubins.
 set -euo pipefail
 
 PINS=(
@@ -16,6 +17,8 @@ PINS=(
   nvidia-cuda-runtime==13.0.96
   nvidia-cuda-crt==13.0.88
   nvidia-cuda-cccl==13.0.85
+  nvidia-cuda-cuobjdump==13.2.51
+  nvidia-cuda-nvdisasm==13.2.51
 )
 PREFIX="${LONGCTX_CUDA_CACHE:-$HOME/.cache/longctx/cuda-13.0}"
 PYTHON="${PYTHON:-python3}"

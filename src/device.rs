@@ -217,6 +217,23 @@ pub fn kernel_resources() -> Vec<KernelResources> {
     out
 }
 
+/// The embedded fatbin of each kernel family, as (family, bytes): "rope", "attention",
+/// "moe". Empty without kernels. For inspection tools (cuobjdump), and for the test that
+/// checks the attention kernels' SASS for tensor-core instructions.
+pub fn embedded_fatbins() -> Vec<(&'static str, &'static [u8])> {
+    Family::ALL
+        .iter()
+        .filter_map(|f| {
+            let name = match f {
+                Family::Rope => "rope",
+                Family::Attention => "attention",
+                Family::Moe => "moe",
+            };
+            f.fatbin().map(|b| (name, b))
+        })
+        .collect()
+}
+
 /// Symbols of kernels on the hot path (the build's spill check covers these).
 pub fn hot_kernel_symbols() -> Vec<&'static str> {
     KernelId::ALL

@@ -1,11 +1,16 @@
 //! Build checks on the embedded kernels: every kernel the crate can launch was compiled for
-//! every arch, and no hot kernel spills registers (ptxas's report, kept by build.rs).
+//! every arch, no hot kernel spills registers (ptxas's report, kept by build.rs), and the
+//! attention kernels' SASS has the tensor-core, ldmatrix and cp.async instructions the
+//! design counts on (cuobjdump, installed by scripts/install-cuda-toolchain.sh).
 //! Without nvcc at build time this says it was skipped; LONGCTX_REQUIRE_KERNELS=1 (CI)
-//! makes that a failure.
+//! makes that a failure, and LONGCTX_REQUIRE_SASS=1 a missing cuobjdump.
 
+use std::collections::BTreeMap;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
-use longctx::device::{hot_kernel_symbols, kernel_resources, kernels_compiled};
+use longctx::attention::TileConfig;
+use longctx::device::{embedded_fatbins, hot_kernel_symbols, kernel_resources, kernels_compiled};
 
 #[test]
 fn hot_kernels_do_not_spill() {
@@ -43,6 +48,181 @@ fn hot_kernels_do_not_spill() {
         eprintln!(
             "{:<32} {:<7} {:>3} regs  stack {:>3}  spills {}/{}",
             r.symbol, r.arch, r.registers, r.stack_frame, r.spill_stores, r.spill_loads
+        );
+    }
+}
+
+/// cuobjdump from CUOBJDUMP, CUDA_HOME/bin, PATH or the install script's cache.
+fn find_cuobjdump() -> Option<PathBuf> {
+    let mut c: Vec<PathBuf> = Vec::new();
+    if let Some(p) = std::env::var_os("CUOBJDUMP") {
+        c.push(PathBuf::from(p));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(p) = std::env::var_os(var) {
+            c.push(PathBuf::from(p).join("bin/cuobjdump"));
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        c.extend(std::env::split_paths(&path).map(|d| d.join("cuobjdump")));
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        c.push(PathBuf::from(h).join(".cache/longctx/cuda-13.0/cuda/bin/cuobjdump"));
+    }
+    c.into_iter().find(|p| p.is_file())
+}
+
+/// Opcode counts per (arch, function) of `cuobjdump -sass` output.
+fn sass_opcodes(text: &str) -> BTreeMap<(String, String), BTreeMap<String, usize>> {
+    let mut out: BTreeMap<(String, String), BTreeMap<String, usize>> = BTreeMap::new();
+    let mut arch = String::new();
+    let mut func = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(rest) = t.strip_prefix("code for ") {
+            arch = rest.trim().to_string();
+        } else if let Some(rest) = t.strip_prefix("Function : ") {
+            func = rest.trim().to_string();
+        } else if let Some(rest) = t.strip_prefix("/*") {
+            // "/*0120*/   @!P0 HMMA.16816.F32.BF16 R4, ... ;"
+            let Some((_, insn)) = rest.split_once("*/") else {
+                continue;
+            };
+            let mut words = insn.split_whitespace();
+            let Some(mut op) = words.next() else {
+                continue;
+            };
+            if op.starts_with('@') {
+                match words.next() {
+                    Some(o) => op = o,
+                    None => continue,
+                }
+            }
+            let base = op.split('.').next().unwrap_or(op).trim_end_matches(';');
+            if base.is_empty()
+                || !base
+                    .chars()
+                    .all(|ch| ch.is_ascii_uppercase() || ch.is_ascii_digit())
+            {
+                continue;
+            }
+            *out.entry((arch.clone(), func.clone()))
+                .or_default()
+                .entry(base.to_string())
+                .or_default() += 1;
+        }
+    }
+    out
+}
+
+/// (head_dim, head_dim_v) from an attention entry name: ..._hd128 or ..._hd192_dv128.
+fn head_dims(symbol: &str) -> Option<(usize, usize)> {
+    let rest = &symbol[symbol.find("_hd")? + 3..];
+    match rest.split_once("_dv") {
+        Some((d, dv)) => Some((d.parse().ok()?, dv.parse().ok()?)),
+        None => {
+            let d = rest.parse().ok()?;
+            Some((d, d))
+        }
+    }
+}
+
+#[test]
+fn attention_sass_uses_tensor_cores_and_no_local_memory() {
+    if !kernels_compiled() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED attention_sass_uses_tensor_cores_and_no_local_memory: built without CUDA kernels"
+        );
+        return;
+    }
+    let Some(cuobjdump) = find_cuobjdump() else {
+        assert!(
+            std::env::var("LONGCTX_REQUIRE_SASS").as_deref() != Ok("1"),
+            "LONGCTX_REQUIRE_SASS=1 but cuobjdump was not found (set CUOBJDUMP or CUDA_HOME)"
+        );
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED attention_sass_uses_tensor_cores_and_no_local_memory: cuobjdump not found \
+             (scripts/install-cuda-toolchain.sh installs it)"
+        );
+        return;
+    };
+    let bytes = embedded_fatbins()
+        .into_iter()
+        .find(|(f, _)| *f == "attention")
+        .map(|(_, b)| b)
+        .expect("attention fatbin");
+    let dir = std::env::temp_dir().join(format!("longctx-sass-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("attention.fatbin");
+    std::fs::write(&file, bytes).expect("write fatbin");
+    // cuobjdump runs nvdisasm, which the install script puts beside it.
+    let bin_dir = cuobjdump.parent().unwrap_or(Path::new("."));
+    let path = std::env::join_paths(
+        std::iter::once(bin_dir.to_path_buf()).chain(
+            std::env::var_os("PATH")
+                .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+                .unwrap_or_default(),
+        ),
+    )
+    .expect("PATH");
+    let out = std::process::Command::new(&cuobjdump)
+        .arg("-sass")
+        .arg(&file)
+        .env("PATH", path)
+        .output()
+        .expect("run cuobjdump");
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "cuobjdump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let counts = sass_opcodes(&text);
+    let attn: Vec<_> = counts
+        .iter()
+        .filter(|((_, f), _)| f.starts_with("longctx_attn_fwd_"))
+        .collect();
+    assert!(
+        !attn.is_empty(),
+        "no attention kernels in cuobjdump's output"
+    );
+    for ((arch, func), ops) in attn {
+        let n = |op: &str| ops.get(op).copied().unwrap_or(0);
+        let (d, dv) = head_dims(func).unwrap_or_else(|| panic!("head dims of {func}"));
+        let arch_num: u32 = arch
+            .trim_start_matches("sm_")
+            .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+            .parse()
+            .unwrap_or_else(|_| panic!("arch {arch}"));
+        let t = TileConfig::for_code(d, dv, arch_num).expect("tile config");
+        let m_tiles = t.rows_per_warp() / 16;
+        // One key tile: S = Q K^T is (d / 16) k-steps x (block_n / 8) n8 tiles, P V is
+        // (block_n / 16) k-steps x (dv / 8) n8 tiles, each per m16 tile of the warp.
+        let per_tile = m_tiles * ((d / 16) * (t.block_n / 8) + (t.block_n / 16) * (dv / 8));
+        eprintln!(
+            "{func:<36} {arch:<7} HMMA {:>4} (>= {per_tile})  LDSM {:>4}  LDGSTS {:>3}  LDL {} STL {}",
+            n("HMMA"),
+            n("LDSM"),
+            n("LDGSTS"),
+            n("LDL"),
+            n("STL")
+        );
+        assert!(
+            n("HMMA") >= per_tile,
+            "{func} {arch}: {} HMMA, a key tile needs {per_tile}",
+            n("HMMA")
+        );
+        assert!(
+            n("LDSM") > 0 && n("LDGSTS") > 0,
+            "{func} {arch}: no ldmatrix or cp.async: {ops:?}"
+        );
+        assert_eq!(
+            (n("LDL"), n("STL")),
+            (0, 0),
+            "{func} {arch} uses local memory"
         );
     }
 }
