@@ -290,32 +290,63 @@ fn bad_input_is_a_typed_error() {
     );
 }
 
+/// The warp gating kernel finds the lane owning expert `id` as trunc((id + 0.5) * rcp(S))
+/// in f32 instead of an integer division; this runs the same f32 operations for every id
+/// and slot count the kernel can see.
+#[test]
+fn owner_lane_by_reciprocal_is_exact() {
+    for s in 1u32..=16 {
+        let inv = 1.0f32 / s as f32; // __frcp_rn: the correctly rounded reciprocal
+        for id in 0u32..512 {
+            let owner = ((id as f32 + 0.5) * inv) as u32;
+            assert_eq!(owner, id / s, "id {id} slots {s}");
+        }
+    }
+}
+
 #[test]
 fn gate_plans_of_model_shapes() {
     use longctx::moe::{GatePath, GatePlan};
     let plan = |cfg: RouterConfig| GatePlan::new(&cfg, 4096, false).unwrap();
+    // Tokens packed densely: DeepSeek-V3 16 lanes of 16 experts (2 tokens per warp), each
+    // group of 32 on 2 lanes.
     let p = plan(RouterConfig::deepseek_v3_default());
     assert_eq!(
         (p.path, p.lanes, p.slots, p.group_lanes),
-        (GatePath::Warp, 32, 8, 4)
+        (GatePath::Warp, 16, 16, 2)
     );
-    assert_eq!(p.grid, 1024);
+    assert_eq!(p.grid, 512);
     let p = plan(RouterConfig::deepseek_v2(160, 6, 8, 3, 16.0));
     assert_eq!(
         (p.path, p.lanes, p.slots, p.group_lanes),
-        (GatePath::Warp, 32, 5, 4)
+        (GatePath::Warp, 16, 10, 2)
     );
-    // Mixtral: 8 lanes per token, 4 tokens per warp, 16 per block.
+    // Mixtral: 2 lanes per token (one per rank of the top-2), 16 tokens per warp, 64 per
+    // block.
     let p = plan(RouterConfig::mixtral(8, 2));
     assert_eq!(
         (p.path, p.lanes, p.slots, p.group_lanes),
-        (GatePath::Warp, 8, 1, 0)
+        (GatePath::Warp, 2, 4, 0)
     );
-    assert_eq!(p.grid, 256);
+    assert_eq!(p.grid, 64);
     let p = plan(RouterConfig::qwen_moe(128, 8, true));
-    assert_eq!((p.path, p.lanes, p.slots), (GatePath::Warp, 32, 4));
+    assert_eq!((p.path, p.lanes, p.slots), (GatePath::Warp, 8, 16));
     let p = plan(RouterConfig::qwen_moe(60, 4, false));
-    assert_eq!((p.path, p.lanes, p.slots), (GatePath::Warp, 32, 2));
+    assert_eq!((p.path, p.lanes, p.slots), (GatePath::Warp, 4, 15));
+    // A single expert: one lane per token, 32 tokens per warp.
+    let p = plan(RouterConfig::mixtral(1, 1));
+    assert_eq!((p.path, p.lanes, p.slots), (GatePath::Warp, 1, 1));
+    // Groups decide the width: 72 experts in 3 groups of 24 do not fit 8 lanes (9 per lane)
+    // or 16 (5), but do 32 (3 per lane, 8 lanes per group); 96 in 3 groups of 32 fit none.
+    let p = plan(RouterConfig::deepseek_v2(72, 2, 3, 1, 1.0));
+    assert_eq!(
+        (p.path, p.lanes, p.slots, p.group_lanes),
+        (GatePath::Warp, 32, 3, 8)
+    );
+    assert_eq!(
+        plan(RouterConfig::deepseek_v2(96, 4, 3, 2, 1.0)).path,
+        GatePath::Block
+    );
     // The block kernel: more than 512 experts, top_k past the lanes, groups that do not
     // cover a power of two of whole lanes (60 experts in 5 groups of 12: 6 lanes of 2).
     assert_eq!(plan(RouterConfig::mixtral(513, 2)).path, GatePath::Block);

@@ -14,9 +14,11 @@
 //   weights[t, r] = score[ids[t, r]] * s, s = routed_scaling_factor / (sum of the chosen
 //   scores + 1e-20) when renormalize, else routed_scaling_factor.
 //
-// Warp kernel layout: a token takes a segment of L = min(32, next power of two >= E) lanes
-// (32 / L tokens per warp) and lane l of the segment holds experts [l S, l S + S), S =
-// ceil(E / L) <= 16, in registers: any expert count, not only powers of two. Group limiting
+// Warp kernel layout (chosen on the host, src/moe/plan.rs warp_layout): a token takes a
+// segment of L lanes, a power of two (32 / L tokens per warp), and lane l of the segment
+// holds experts [l S, l S + S), S = ceil(E / L) <= 16, in registers: any expert count, not
+// only powers of two. L is the smallest that holds all experts, gives each of the top_k
+// ranks a lane and fits the groups, so a warp routes as many tokens as it can. Group limiting
 // on this path needs every group to cover whole lanes (E / n_group a multiple of S, a power
 // of two lanes per group: DeepSeek-V3's 256 / 8 and V2's 160 / 8 qualify); the group score
 // is then a butterfly over the group's lanes, all groups at once. Each rank is one segment
@@ -162,6 +164,11 @@ __device__ void gate_warp_body(const LongctxMoeGateParams& p) {
 #pragma unroll
     for (int j = 0; j < kGateSlots; ++j) key[j] = ((avail >> j) & 1u) ? rank_key(choice[j], e0 + j) : 0;
 
+    // owner = id / S without an integer division (about 25 instructions per rank): for
+    // id < 512 and S <= 16, (id + 0.5) / S is at least 1 / 32 from an integer and the f32
+    // product's error below 1e-4, so truncation gives the quotient exactly (checked for
+    // every id and S by tests/moe.rs owner_lane_by_reciprocal_is_exact).
+    const float inv_slots = __frcp_rn(float(S));
     int my_id = 0;     // lane r of the segment: the rank-r expert
     float my_w = 0.f;  // and its unscaled weight
     float wsum = 0.f;  // sum of the chosen scores, the same on every lane of the segment
@@ -172,7 +179,7 @@ __device__ void gate_warp_body(const LongctxMoeGateParams& p) {
         best = segment_max(best, L);
         // top_k <= eligible experts (host-checked), so a live segment always finds one.
         const int id = best != 0 ? key_id(best) : 0;
-        const int owner = id / S;
+        const int owner = int((float(id) + 0.5f) * inv_slots);
         const int slot = id - owner * S;
         float mine = 0.f;
 #pragma unroll

@@ -12,7 +12,7 @@ constexpr int kWarp = 32;
 // flight per SM; a token's work is a handful of shuffles per chosen expert, so latency of the
 // logit loads dominates and more resident warps hide it.
 constexpr int kGateWarps = 4;
-// Experts each lane holds in registers: expert e lives in lane e % 32, slot e / 32.
+// Most experts a lane holds in registers (consecutive ids; see gate_kernel.cuh).
 constexpr int kGateSlots = LONGCTX_MOE_WARP_MAX_EXPERTS / kWarp;
 static_assert(kGateSlots == 16, "slot count is part of the register budget");
 static_assert(LONGCTX_MOE_WARP_MAX_TOP_K == kWarp, "one chosen expert per lane");
