@@ -290,20 +290,6 @@ fn bad_input_is_a_typed_error() {
     );
 }
 
-/// The warp gating kernel finds the lane owning expert `id` as trunc((id + 0.5) * rcp(S))
-/// in f32 instead of an integer division; this runs the same f32 operations for every id
-/// and slot count the kernel can see.
-#[test]
-fn owner_lane_by_reciprocal_is_exact() {
-    for s in 1u32..=16 {
-        let inv = 1.0f32 / s as f32; // __frcp_rn: the correctly rounded reciprocal
-        for id in 0u32..512 {
-            let owner = ((id as f32 + 0.5) * inv) as u32;
-            assert_eq!(owner, id / s, "id {id} slots {s}");
-        }
-    }
-}
-
 #[test]
 fn gate_plans_of_model_shapes() {
     use longctx::moe::{GatePath, GatePlan};
@@ -645,31 +631,33 @@ fn emulate_warp_gate(cfg: &RouterConfig, z: &[f64], bias: Option<&[f64]>) -> Vec
             }
         }
     }
+    // Each rank as the kernel does it: the segment's best value (a max over lanes of each
+    // lane's best available value), the lowest lane holding it, that lane's lowest slot
+    // with it.
     let mut ids = Vec::new();
     for _ in 0..cfg.top_k {
-        let mut best: Vec<Option<(f64, usize)>> = (0..l)
+        let lane_best: Vec<Option<f64>> = (0..l)
             .map(|sl| {
                 (0..s)
                     .filter(|&j| avail[sl][j])
-                    .map(|j| (choice[sl * s + j], sl * s + j))
-                    .fold(None, |acc, c| {
-                        if key_beats(Some(c), acc) {
-                            Some(c)
-                        } else {
-                            acc
-                        }
+                    .map(|j| choice[sl * s + j])
+                    .fold(None, |acc: Option<f64>, v| {
+                        Some(acc.map_or(v, |a| a.max(v)))
                     })
             })
             .collect();
-        butterfly(&mut best, l, |a, b| if key_beats(b, a) { b } else { a });
-        let (_, id) = best[0].expect("a live token always finds a candidate");
-        assert!(
-            best.iter().all(|b| b.map(|x| x.1) == Some(id)),
-            "lanes disagree"
-        );
-        let (owner, slot) = (id / s, id % s);
+        let mut best = lane_best.clone();
+        butterfly(&mut best, l, |a, b| if b > a { b } else { a });
+        assert!(best.iter().all(|&b| b == best[0]), "lanes disagree");
+        let top = best[0].expect("a live token always finds a candidate");
+        let owner = (0..l)
+            .find(|&sl| lane_best[sl] == Some(top))
+            .expect("some lane holds the best value");
+        let slot = (0..s)
+            .find(|&j| avail[owner][j] && choice[owner * s + j] == top)
+            .expect("the owner holds it");
         avail[owner][slot] = false;
-        ids.push(id as i32);
+        ids.push((owner * s + slot) as i32);
     }
     ids
 }

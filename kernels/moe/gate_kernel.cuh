@@ -21,8 +21,10 @@
 // ranks a lane and fits the groups, so a warp routes as many tokens as it can. Group limiting
 // on this path needs every group to cover whole lanes (E / n_group a multiple of S, a power
 // of two lanes per group: DeepSeek-V3's 256 / 8 and V2's 160 / 8 qualify); the group score
-// is then a butterfly over the group's lanes, all groups at once. Each rank is one segment
-// max over 64-bit keys (choice, then ~id); the owner lane retires the winner. Rank r is
+// is then a butterfly over the group's lanes, all groups at once, and the kept groups are
+// picked by segment maxima over 64-bit keys (group score, then ~group id). Each expert rank
+// is a segment max over 32-bit order-preserving values, a ballot for the lowest lane holding
+// it and that lane's lowest slot with it; the owner lane retires the winner. Rank r is
 // kept by lane r and written at the end in one coalesced store.
 #pragma once
 #include <math.h>
@@ -42,15 +44,41 @@ __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000);
 
 __device__ __forceinline__ float sigmoid(float z) { return 1.f / (1.f + expf(-z)); }
 
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^x and 1/x on the MUFU unit: relative error about 2^-22; 2^-inf = 0, 2^+inf = +inf,
+// 1/inf = 0; denormal inputs and results flush to zero.
+__device__ __forceinline__ float mufu_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ float mufu_rcp(float x) {
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 __device__ __forceinline__ float no_nan(float v) { return v != v ? neg_inf() : v; }
 
 // Ranking keys: a 64-bit integer whose order is (choice desc, id asc), so one integer max
 // picks the best candidate and breaks ties to the lower id. 0 is "no candidate" (below the
 // key of any value, -inf included). -0 is keyed as +0, which it equals.
-__device__ __forceinline__ uint64_t rank_key(float v, int id) {
+// Order-preserving bits of a float that is not NaN: a > b as floats iff ordered(a) >
+// ordered(b) as unsigned integers, -0 and +0 map alike, and every value maps above 0
+// (ordered(-inf) = 0x007fffff), so 0 can mean "no candidate".
+__device__ __forceinline__ uint32_t ordered_bits(float v) {
     const uint32_t u = __float_as_uint(v == 0.f ? 0.f : v);
-    const uint32_t ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-    return (uint64_t(ordered) << 32) | uint64_t(~uint32_t(id));
+    return u ^ (uint32_t(int32_t(u) >> 31) | 0x80000000u);
+}
+
+__device__ __forceinline__ uint64_t rank_key(float v, int id) {
+    return (uint64_t(ordered_bits(v)) << 32) | uint64_t(~uint32_t(id));
+}
+
+__device__ __forceinline__ uint32_t segment_max(uint32_t x, int lanes) {
+    for (int off = lanes >> 1; off > 0; off >>= 1) x = max(x, __shfl_xor_sync(kFullMask, x, off));
+    return x;
 }
 
 __device__ __forceinline__ int key_id(uint64_t key) { return int(~uint32_t(key)); }
@@ -104,16 +132,24 @@ __device__ void gate_warp_body(const LongctxMoeGateParams& p) {
             avail |= 1u << j;
         }
     }
-    // choice[] holds the logits until the ranking values replace them below.
+    // choice[] holds the logits until the ranking values replace them below. Scores are
+    // computed for all 16 slots without branches (absent slots hold -inf, which both
+    // formulas map to 0, and are then zeroed by a select anyway), with the MUFU exp2 and
+    // reciprocal: a few ulp (< 1e-6 relative) from the correctly rounded value, well inside
+    // the 2e-5 the parity tests allow, and equal inputs still give equal scores, so ties
+    // keep their order. The accurate expf and __frcp_rn took about 40 instructions and a
+    // divergent branch per slot.
     if (p.scoring == LONGCTX_MOE_SCORING_SOFTMAX) {
         float m = neg_inf();
 #pragma unroll
         for (int j = 0; j < kGateSlots; ++j) m = fmaxf(m, choice[j]);
         m = segment_max(m, L);
+        const float m_scaled = m * kLog2e;
         float s = 0.f;
 #pragma unroll
         for (int j = 0; j < kGateSlots; ++j) {
-            score[j] = ((avail >> j) & 1u) ? expf(choice[j] - m) : 0.f;
+            const float e = mufu_exp2(fmaf(choice[j], kLog2e, -m_scaled));
+            score[j] = ((avail >> j) & 1u) ? e : 0.f;
             s += score[j];
         }
         const float inv = 1.f / segment_sum(s, L);
@@ -122,25 +158,30 @@ __device__ void gate_warp_body(const LongctxMoeGateParams& p) {
     } else {
 #pragma unroll
         for (int j = 0; j < kGateSlots; ++j) {
-            if ((avail >> j) & 1u) score[j] = __frcp_rn(1.f + expf(-choice[j]));
+            const float sg = mufu_rcp(1.f + mufu_exp2(-kLog2e * choice[j]));
+            score[j] = ((avail >> j) & 1u) ? sg : 0.f;
+        }
+    }
+    if (!p.select_on_logits) {  // uniform; branch-free inside (predicated bias loads)
+        const bool has_bias = bias != nullptr;
+#pragma unroll
+        for (int j = 0; j < kGateSlots; ++j) {
+            const bool here = (avail >> j) & 1u;
+            float b = 0.f;
+            if (has_bias && here) b = bias[e0 + j];
+            choice[j] = here ? score[j] + b : neg_inf();
         }
     }
 #pragma unroll
-    for (int j = 0; j < kGateSlots; ++j) {
-        if ((avail >> j) & 1u) {
-            if (!p.select_on_logits) choice[j] = score[j] + (bias != nullptr ? bias[e0 + j] : 0.f);
-            choice[j] = no_nan(choice[j]);
-        }
-    }
+    for (int j = 0; j < kGateSlots; ++j) choice[j] = no_nan(choice[j]);
 
     if (p.group_lanes != 0) {
         // Every lane's experts lie in one group of group_lanes whole lanes (host-checked).
         const int gl = int(p.group_lanes);
         float a1 = neg_inf(), a2 = neg_inf();
+        // Absent slots hold -inf, which changes neither.
 #pragma unroll
-        for (int j = 0; j < kGateSlots; ++j) {
-            if ((avail >> j) & 1u) push_top2(a1, a2, choice[j]);
-        }
+        for (int j = 0; j < kGateSlots; ++j) push_top2(a1, a2, choice[j]);
         for (int off = gl >> 1; off > 0; off >>= 1) {
             const float b1 = __shfl_xor_sync(kFullMask, a1, off);
             const float b2 = __shfl_xor_sync(kFullMask, a2, off);
@@ -160,36 +201,43 @@ __device__ void gate_warp_body(const LongctxMoeGateParams& p) {
         if (!eligible) avail = 0;
     }
 
-    uint64_t key[kGateSlots];  // [16]: rank key of expert e0 + j while it may be chosen, else 0
+    // ord[j]: ordered_bits of expert e0 + j's choice while it may be chosen, else 0.
+    uint32_t ord[kGateSlots];  // [16]
 #pragma unroll
-    for (int j = 0; j < kGateSlots; ++j) key[j] = ((avail >> j) & 1u) ? rank_key(choice[j], e0 + j) : 0;
+    for (int j = 0; j < kGateSlots; ++j) ord[j] = ((avail >> j) & 1u) ? ordered_bits(choice[j]) : 0u;
+    // This lane's segment within the warp's ballot.
+    const uint32_t seg_bits = (L == kWarp ? kFullMask : ((1u << L) - 1u)) << seg;
 
-    // owner = id / S without an integer division (about 25 instructions per rank): for
-    // id < 512 and S <= 16, (id + 0.5) / S is at least 1 / 32 from an integer and the f32
-    // product's error below 1e-4, so truncation gives the quotient exactly (checked for
-    // every id and S by tests/moe.rs owner_lane_by_reciprocal_is_exact).
-    const float inv_slots = __frcp_rn(float(S));
+    // Each rank: the best value of the segment (a 32-bit max), then the lowest lane holding
+    // it and that lane's lowest slot with it. Lanes hold ascending id ranges and slots
+    // ascending ids, so this is the best (choice desc, id asc) expert, ties to the lower id.
+    // The owner retires it.
     int my_id = 0;     // lane r of the segment: the rank-r expert
     float my_w = 0.f;  // and its unscaled weight
     float wsum = 0.f;  // sum of the chosen scores, the same on every lane of the segment
     for (int r = 0; r < int(p.top_k); ++r) {
-        uint64_t best = 0;
+        uint32_t lane_best = 0;
 #pragma unroll
-        for (int j = 0; j < kGateSlots; ++j) best = key[j] > best ? key[j] : best;
-        best = segment_max(best, L);
-        // top_k <= eligible experts (host-checked), so a live segment always finds one.
-        const int id = best != 0 ? key_id(best) : 0;
-        const int owner = int((float(id) + 0.5f) * inv_slots);
-        const int slot = id - owner * S;
+        for (int j = 0; j < kGateSlots; ++j) lane_best = max(lane_best, ord[j]);
+        const uint32_t best = segment_max(lane_best, L);
+        // top_k <= eligible experts (host-checked), so a live segment's best is nonzero.
+        const uint32_t holders = __ballot_sync(kFullMask, lane_best == best) & seg_bits;
+        const int owner = __ffs(holders) - 1;  // a lane of the warp
+        int slot = 0;
         float mine = 0.f;
 #pragma unroll
-        for (int j = 0; j < kGateSlots; ++j) {
-            if (j == slot) {
+        for (int j = kGateSlots - 1; j >= 0; --j) {
+            if (ord[j] == best) {
+                slot = j;
                 mine = score[j];
-                if (sl == owner) key[j] = 0;
             }
         }
-        const float w = __shfl_sync(kFullMask, mine, seg + (owner & (L - 1)));
+        if (lane == owner) {
+#pragma unroll
+            for (int j = 0; j < kGateSlots; ++j) ord[j] = j == slot ? 0u : ord[j];
+        }
+        const float w = __shfl_sync(kFullMask, mine, owner);
+        const int id = (owner - seg) * S + __shfl_sync(kFullMask, slot, owner);
         wsum += w;
         if (sl == r) {
             my_id = id;

@@ -63,14 +63,11 @@ __device__ __forceinline__ void warp_top2(float& a1, float& a2) {
     }
 }
 
-// Inserts v into the descending pair (a1 >= a2).
+// Inserts v (not NaN) into the descending pair (a1 >= a2), without branches: the new
+// second is the larger of the old second and the smaller of (old first, v).
 __device__ __forceinline__ void push_top2(float& a1, float& a2, float v) {
-    if (v > a1) {
-        a2 = a1;
-        a1 = v;
-    } else if (v > a2) {
-        a2 = v;
-    }
+    a2 = fmaxf(a2, fminf(a1, v));
+    a1 = fmaxf(a1, v);
 }
 
 // Block-wide argmax; every thread gets the result. `scratch` holds 2 * 32 words; the call
