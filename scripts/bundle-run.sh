@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Runs inside gpu-bundle/ on a GPU machine (no Rust toolchain needed). Usage: ./run.sh LOGDIR
 # Writes: env.txt, tests.log, sanitizer.log, sweep.log, bench.log, peers.log, summary.txt
+#
+# LONGCTX_STEPS picks the steps and their order (default "tests sanitizer sweep benches
+# peers"); each step's wall time goes to summary.txt. For a short run that still records
+# figures: LONGCTX_STEPS="tests sweep peers sanitizer" LONGCTX_SWEEP_ARGS=--quick.
 set -u
 HERE="$(cd "$(dirname "$0")" && pwd)"
 LOG="${1:-$HERE/logs}"
@@ -10,45 +14,84 @@ export LONGCTX_REQUIRE_GPU=1
 summary="$LOG/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
+limit="${LONGCTX_STEP_TIMEOUT:-300}"
 
 { date -u; nvidia-smi; nvcc --version 2>/dev/null | tail -n 2; } > "$LOG/env.txt" 2>&1
 
-# 1. Parity and unit tests, every test binary, GPU required.
-: > "$LOG/tests.log"
-for t in tests/*; do
-  echo "=== $t" >> "$LOG/tests.log"
-  if timeout "${LONGCTX_STEP_TIMEOUT:-300}" "$t" --test-threads=1 >> "$LOG/tests.log" 2>&1; then note "PASS $t"; else note "FAIL $t"; fi
-done
-
-# 2. compute-sanitizer on small cases.
-: > "$LOG/sanitizer.log"
-for tool in memcheck racecheck; do
-  for t in tests/rope tests/attention tests/moe; do
-    [ -x "$t" ] || continue
-    echo "=== $tool $t" >> "$LOG/sanitizer.log"
-    if LONGCTX_PARITY_CASES=6 timeout "${LONGCTX_STEP_TIMEOUT:-300}" compute-sanitizer --tool "$tool" --error-exitcode 97 "$t" --test-threads=1 gpu_ >> "$LOG/sanitizer.log" 2>&1; then
-      note "SANITIZER-OK $tool $t"
+# Parity and unit tests, every test binary, GPU required.
+step_tests() {
+  : > "$LOG/tests.log"
+  for t in tests/*; do
+    echo "=== $t" >> "$LOG/tests.log"
+    if timeout "$limit" "$t" --test-threads=1 >> "$LOG/tests.log" 2>&1; then
+      note "PASS $t"
     else
-      note "SANITIZER-FAIL $tool $t"
+      note "FAIL $t"
     fi
   done
+}
+
+# compute-sanitizer on small cases (LONGCTX_PARITY_CASES shrinks the GPU tests).
+step_sanitizer() {
+  : > "$LOG/sanitizer.log"
+  for tool in memcheck racecheck; do
+    for t in tests/rope tests/attention tests/moe; do
+      [ -x "$t" ] || continue
+      echo "=== $tool $t" >> "$LOG/sanitizer.log"
+      if LONGCTX_PARITY_CASES=6 timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 97 \
+        "$t" --test-threads=1 gpu_ >> "$LOG/sanitizer.log" 2>&1; then
+        note "SANITIZER-OK $tool $t"
+      else
+        note "SANITIZER-FAIL $tool $t"
+      fi
+    done
+  done
+}
+
+# The sweep (main job). LONGCTX_SWEEP_ARGS passes flags to it (--quick, --attention, --moe).
+step_sweep() {
+  # shellcheck disable=SC2086
+  if timeout "${LONGCTX_SWEEP_TIMEOUT:-600}" examples/sweep ${LONGCTX_SWEEP_ARGS:-} > "$LOG/sweep.log" 2>&1; then
+    note "SWEEP-OK"
+  else
+    note "SWEEP-FAIL"
+  fi
+}
+
+# The criterion benches; LONGCTX_SKIP_BENCHES=1 skips them (the sweep already times every
+# kernel).
+step_benches() {
+  : > "$LOG/bench.log"
+  [ "${LONGCTX_SKIP_BENCHES:-0}" = 1 ] && return
+  for b in benches/*; do
+    [ -x "$b" ] || continue
+    echo "=== $b" >> "$LOG/bench.log"
+    "$b" --bench >> "$LOG/bench.log" 2>&1 || note "BENCH-FAIL $b"
+  done
+}
+
+# PyTorch peers on the same shapes, in the same run.
+step_peers() {
+  # shellcheck disable=SC2086
+  if timeout "$limit" python3 peers.py ${LONGCTX_PEERS_ARGS:-} > "$LOG/peers.log" 2>&1; then
+    note "PEERS-OK"
+  else
+    note "PEERS-FAIL"
+  fi
+}
+
+for step in ${LONGCTX_STEPS:-tests sanitizer sweep benches peers}; do
+  case "$step" in
+    tests | sanitizer | sweep | benches | peers) ;;
+    *) note "UNKNOWN-STEP $step"; continue ;;
+  esac
+  t0=$(date +%s)
+  "step_$step"
+  note "TIME $step $(($(date +%s) - t0)) s"
 done
 
-# 3. The sweep (main job) and the criterion benches.
-# LONGCTX_SWEEP_ARGS passes flags to the sweep (--quick, --attention, --moe).
-if timeout "${LONGCTX_SWEEP_TIMEOUT:-600}" examples/sweep ${LONGCTX_SWEEP_ARGS:-} > "$LOG/sweep.log" 2>&1; then note "SWEEP-OK"; else note "SWEEP-FAIL"; fi
-: > "$LOG/bench.log"
-# LONGCTX_SKIP_BENCHES=1 skips criterion (the sweep already times every kernel).
-[ "${LONGCTX_SKIP_BENCHES:-0}" = 1 ] || for b in benches/*; do
-  echo "=== $b" >> "$LOG/bench.log"
-  "$b" --bench >> "$LOG/bench.log" 2>&1 || note "BENCH-FAIL $b"
-done
-
-# 4. PyTorch peers on the same shapes, in the same run.
-if timeout "${LONGCTX_STEP_TIMEOUT:-300}" python3 peers.py ${LONGCTX_PEERS_ARGS:-} > "$LOG/peers.log" 2>&1; then note "PEERS-OK"; else note "PEERS-FAIL"; fi
-
-cat "$LOG/sweep.log"
+[ -f "$LOG/sweep.log" ] && cat "$LOG/sweep.log"
 echo
-cat "$LOG/peers.log"
+[ -f "$LOG/peers.log" ] && cat "$LOG/peers.log"
 echo
 cat "$summary"
