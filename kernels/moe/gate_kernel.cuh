@@ -144,11 +144,12 @@ __device__ void gate_warp_body(const LongctxMoeGateParams& p) {
 #pragma unroll
         for (int j = 0; j < kGateSlots; ++j) m = fmaxf(m, choice[j]);
         m = segment_max(m, L);
-        const float m_scaled = m * kLog2e;
         float s = 0.f;
 #pragma unroll
         for (int j = 0; j < kGateSlots; ++j) {
-            const float e = mufu_exp2(fmaf(choice[j], kLog2e, -m_scaled));
+            // The difference first: z - m is exact for nearby z, so large logits lose
+            // nothing to two separately rounded products z log2 e and m log2 e.
+            const float e = mufu_exp2((choice[j] - m) * kLog2e);
             score[j] = ((avail >> j) & 1u) ? e : 0.f;
             s += score[j];
         }
