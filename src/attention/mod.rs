@@ -5,7 +5,7 @@
 //!
 //! * [`plan`](TileConfig): tile shapes per head dim, block-skip rules of the masks, FLOPs,
 //!   softmax constants (pure Rust, shared by the GPU path and the CPU references).
-//! * [`reference`]: naive f64 attention and a CPU tiled f32 implementation that mirrors the
+//! * [`reference`](mod@reference): naive f64 attention and a CPU tiled f32 implementation that mirrors the
 //!   kernel's tiling and masking.
 //! * [`attention_forward`]: the CUDA kernel, with [`SeqLens`] for the batch layout.
 //!

@@ -2,7 +2,7 @@
 //!
 //! * [`RopeConfig`] (in `plan`) turns a model's config.json or a builder into inv_freq and
 //!   the attention factor, with HF transformers' semantics.
-//! * [`reference`] applies RoPE on the CPU in f64.
+//! * [`reference`](mod@reference) applies RoPE on the CPU in f64.
 //! * [`RopeTable`], [`Positions`] and [`apply_rope`] / [`apply_rope_packed`] run the fused
 //!   CUDA kernel: Q and K together, in place, forward or backward.
 
