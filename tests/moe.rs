@@ -788,38 +788,88 @@ fn emulate_permute_kernels(ids: &[i32], plan: &PermutePlan) -> PermutationTables
         dropped: 0,
     };
     let threads = 1024;
-    let per = e_n.div_ceil(threads);
-    let mut padded_per_thread = vec![0i32; threads];
-    for (tid, padded) in padded_per_thread.iter_mut().enumerate() {
-        for e in (per * tid).min(e_n)..(per * tid + per).min(e_n) {
-            let mut run = 0;
-            for c in 0..plan.chunks {
-                let v = cc[c * e_n + e];
-                cc[c * e_n + e] = run;
-                run += v;
+    // Threads per expert, as scan_threads_per_expert in the kernel.
+    let mut tpe = 1;
+    while tpe < 32 && 2 * tpe * e_n <= threads {
+        tpe *= 2;
+    }
+    let mut start = 0i32;
+    if tpe == 1 {
+        let per = e_n.div_ceil(threads);
+        let mut padded_per_thread = vec![0i32; threads];
+        for (tid, padded) in padded_per_thread.iter_mut().enumerate() {
+            for e in (per * tid).min(e_n)..(per * tid + per).min(e_n) {
+                let mut run = 0;
+                for c in 0..plan.chunks {
+                    let v = cc[c * e_n + e];
+                    cc[c * e_n + e] = run;
+                    run += v;
+                }
+                let k = (run as usize).min(cap) as i32;
+                t.routed_counts[e] = run;
+                t.counts[e] = k;
+                t.dropped += (run - k) as usize;
+                *padded += (k as usize).div_ceil(b) as i32 * b as i32;
+            }
+        }
+        for (tid, padded) in padded_per_thread.iter().enumerate() {
+            let mut s = start;
+            for e in (per * tid).min(e_n)..(per * tid + per).min(e_n) {
+                let len = (t.counts[e] as usize).div_ceil(b) * b;
+                t.offsets[e] = s;
+                for x in s as usize + t.counts[e] as usize..s as usize + len {
+                    t.slot_assignment[x] = -1;
+                }
+                for blk in s as usize / b..(s as usize + len) / b {
+                    t.block_expert[blk] = e as i32;
+                }
+                s += len as i32;
+            }
+            start += padded;
+        }
+    } else {
+        // tpe parts per expert, part q owning chunks [q cpp, q cpp + cpp) clipped; the parts'
+        // sums prefixed in lane order; part 0 contributes the padded length to the block scan.
+        let c_n = plan.chunks;
+        let cpp = c_n.div_ceil(tpe);
+        for e in 0..e_n {
+            let parts: Vec<std::ops::Range<usize>> = (0..tpe)
+                .map(|q| {
+                    let c0 = (q * cpp).min(c_n);
+                    c0..(c0 + cpp).min(c_n)
+                })
+                .collect();
+            let local: Vec<i32> = parts
+                .iter()
+                .map(|r| r.clone().map(|c| cc[c * e_n + e]).sum())
+                .collect();
+            let run: i32 = local.iter().sum();
+            let mut before = 0;
+            for (q, r) in parts.iter().enumerate() {
+                let mut rank = before;
+                for c in r.clone() {
+                    let v = cc[c * e_n + e];
+                    cc[c * e_n + e] = rank;
+                    rank += v;
+                }
+                before += local[q];
             }
             let k = (run as usize).min(cap) as i32;
+            let len = (k as usize).div_ceil(b) * b;
             t.routed_counts[e] = run;
             t.counts[e] = k;
             t.dropped += (run - k) as usize;
-            *padded += (k as usize).div_ceil(b) as i32 * b as i32;
-        }
-    }
-    let mut start = 0i32;
-    for (tid, padded) in padded_per_thread.iter().enumerate() {
-        let mut s = start;
-        for e in (per * tid).min(e_n)..(per * tid + per).min(e_n) {
-            let len = (t.counts[e] as usize).div_ceil(b) * b;
-            t.offsets[e] = s;
-            for x in s as usize + t.counts[e] as usize..s as usize + len {
-                t.slot_assignment[x] = -1;
+            t.offsets[e] = start;
+            for q in 0..tpe {
+                for x in (start as usize + k as usize + q..start as usize + len).step_by(tpe) {
+                    t.slot_assignment[x] = -1;
+                }
+                for blk in (start as usize / b + q..(start as usize + len) / b).step_by(tpe) {
+                    t.block_expert[blk] = e as i32;
+                }
             }
-            for blk in s as usize / b..(s as usize + len) / b {
-                t.block_expert[blk] = e as i32;
-            }
-            s += len as i32;
+            start += len as i32;
         }
-        start += padded;
     }
     t.offsets[e_n] = start;
     for x in t.slot_assignment.iter_mut().skip(start as usize) {
@@ -849,7 +899,9 @@ fn permute_case() -> impl Strategy<Value = (u64, usize, usize, usize, usize, Opt
     (
         any::<u64>(),
         prop::sample::select(vec![0usize, 1, 2, 7, 33, 100, 513, 3000]),
-        prop::sample::select(vec![1usize, 2, 3, 8, 60, 128, 256]),
+        // Up to 512 experts the scan splits each expert's chunks over 2-32 lanes; past it
+        // a thread takes whole experts.
+        prop::sample::select(vec![1usize, 2, 3, 8, 60, 128, 256, 513, 600, 1500]),
         1usize..=8,
         prop::sample::select(vec![1usize, 2, 16, 64, 128]),
         prop::sample::select(vec![None, Some(0.3), Some(1.0), Some(1.25), Some(4.0)]),

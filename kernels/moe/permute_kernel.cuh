@@ -5,9 +5,10 @@
 //              chunk; the warp walks its chunk 32 at a time and counts each expert in a
 //              private shared-memory array (__match_any_sync groups lanes with the same
 //              expert; the lowest lane adds the group's size). Out: chunk_counts[c, e].
-//  2. scan:    one block. For each expert (a thread each) the exclusive prefix of its counts
-//              over chunks, in place: chunk_counts[c, e] becomes the expert-local rank of the
-//              chunk's first assignment of e. Totals give routed[e], kept[e] = min(routed[e],
+//  2. scan:    one block. For each expert (a thread, or up to a warp's lanes, each taking
+//              a share of the chunks) the exclusive prefix of its counts over chunks, in
+//              place: chunk_counts[c, e] becomes the expert-local rank of the chunk's first
+//              assignment of e. Totals give routed[e], kept[e] = min(routed[e],
 //              capacity) and padded segment lengths; a block scan over experts gives offsets.
 //              The same block marks padding slots and the unused tail -1 and writes the
 //              expert of every `block`-slot tile.
@@ -85,11 +86,20 @@ __device__ void count_body(const LongctxMoePermuteParams& p) {
     for (int e = lane; e < E; e += kWarp) out[e] = run[e];
 }
 
+// Threads the scan gives each expert: a power of two up to a warp, as many as the block
+// has to spare (4 for 256 experts, 32 for 32 or fewer); 1 when experts > kScanThreads / 2.
+__device__ __forceinline__ int scan_threads_per_expert(int experts) {
+    int tpe = 1;
+    while (tpe < kWarp && 2 * tpe * experts <= kScanThreads) tpe *= 2;
+    return tpe;
+}
+
 __device__ void scan_body(const LongctxMoePermuteParams& p) {
     constexpr int kThreads = kScanThreads;
     __shared__ int scratch[32];
     const int E = int(p.experts);
     const int B = int(p.block);
+    const int C = int(p.chunks);
     int32_t* cc = reinterpret_cast<int32_t*>(p.chunk_counts);
     int32_t* routed = reinterpret_cast<int32_t*>(p.routed_counts);
     int32_t* kept = reinterpret_cast<int32_t*>(p.counts);
@@ -97,39 +107,97 @@ __device__ void scan_body(const LongctxMoePermuteParams& p) {
     int32_t* slot_assignment = reinterpret_cast<int32_t*>(p.slot_assignment);
     int32_t* block_expert = reinterpret_cast<int32_t*>(p.block_expert);
 
-    // Experts [per * tid, per * tid + per) belong to this thread, so the block scan over
-    // threads is a scan over experts in order.
-    const int per = (E + kThreads - 1) / kThreads;
-    const int e0 = min(E, per * int(threadIdx.x));
-    const int e1 = min(E, e0 + per);
+    const int tpe = scan_threads_per_expert(E);
     int my_padded = 0;
     int my_dropped = 0;
-    for (int e = e0; e < e1; ++e) {
-        int run = 0;
-        for (uint32_t c0 = 0; c0 < p.chunks; c0 += kScanBatch) {
-            int v[kScanBatch];  // [batch]: counts of chunks c0 .. c0 + kScanBatch - 1
+    int total = 0;
+    if (tpe == 1) {
+        // Experts [per * tid, per * tid + per) belong to this thread, so the block scan over
+        // threads is a scan over experts in order.
+        const int per = (E + kThreads - 1) / kThreads;
+        const int e0 = min(E, per * int(threadIdx.x));
+        const int e1 = min(E, e0 + per);
+        for (int e = e0; e < e1; ++e) {
+            int run = 0;
+            for (int c0 = 0; c0 < C; c0 += kScanBatch) {
+                int v[kScanBatch];  // [batch]: counts of chunks c0 .. c0 + kScanBatch - 1
 #pragma unroll
-            for (int i = 0; i < kScanBatch; ++i) v[i] = c0 + i < p.chunks ? cc[int64_t(c0 + i) * E + e] : 0;
+                for (int i = 0; i < kScanBatch; ++i) v[i] = c0 + i < C ? cc[int64_t(c0 + i) * E + e] : 0;
 #pragma unroll
-            for (int i = 0; i < kScanBatch; ++i) {
-                if (c0 + i < p.chunks) cc[int64_t(c0 + i) * E + e] = run;
-                run += v[i];
+                for (int i = 0; i < kScanBatch; ++i) {
+                    if (c0 + i < C) cc[int64_t(c0 + i) * E + e] = run;
+                    run += v[i];
+                }
+            }
+            const int k = uint32_t(run) < p.capacity ? run : int(p.capacity);
+            routed[e] = run;
+            kept[e] = k;
+            my_dropped += run - k;
+            my_padded += (k + B - 1) / B * B;
+        }
+        int start = block_exclusive_scan<kThreads>(my_padded, total, scratch);
+        for (int e = e0; e < e1; ++e) {
+            const int len = (kept[e] + B - 1) / B * B;
+            offsets[e] = start;
+            for (int s = start + kept[e]; s < start + len; ++s) slot_assignment[s] = -1;
+            for (int b = start / B; b < (start + len) / B; ++b) block_expert[b] = e;
+            start += len;
+        }
+    } else {
+        // tpe consecutive lanes of one warp per expert (tpe divides 32): lane part q scans
+        // chunks [c0, c1), the parts' sums are prefixed with shuffles, and each part writes
+        // its chunks' expert-local ranks. Every thread runs every shuffle (idle threads, past
+        // the last expert, with zeros), so control flow stays warp-uniform around them.
+        const int q = int(threadIdx.x) % tpe;
+        const int e = int(threadIdx.x) / tpe;
+        const bool has = e < E;
+        const int cpp = (C + tpe - 1) / tpe;
+        const int c0 = min(C, q * cpp);
+        const int c1 = min(C, c0 + cpp);
+        int local = 0;
+        if (has) {
+            for (int c = c0; c < c1; c += kScanBatch) {
+                int v[kScanBatch];  // [batch]: counts of chunks c .. c + kScanBatch - 1
+#pragma unroll
+                for (int i = 0; i < kScanBatch; ++i) v[i] = c + i < c1 ? cc[int64_t(c + i) * E + e] : 0;
+#pragma unroll
+                for (int i = 0; i < kScanBatch; ++i) local += v[i];
+            }
+        }
+        int incl = local;
+        for (int off = 1; off < tpe; off <<= 1) {
+            const int o = __shfl_up_sync(kFullMask, incl, off, tpe);
+            if (q >= off) incl += o;
+        }
+        const int run = __shfl_sync(kFullMask, incl, tpe - 1, tpe);  // the expert's total
+        if (has) {
+            int r = incl - local;  // rank of the first assignment of e in chunk c0
+            for (int c = c0; c < c1; c += kScanBatch) {
+                int v[kScanBatch];
+#pragma unroll
+                for (int i = 0; i < kScanBatch; ++i) v[i] = c + i < c1 ? cc[int64_t(c + i) * E + e] : 0;
+#pragma unroll
+                for (int i = 0; i < kScanBatch; ++i) {
+                    if (c + i < c1) cc[int64_t(c + i) * E + e] = r;
+                    r += v[i];
+                }
             }
         }
         const int k = uint32_t(run) < p.capacity ? run : int(p.capacity);
-        routed[e] = run;
-        kept[e] = k;
-        my_dropped += run - k;
-        my_padded += (k + B - 1) / B * B;
-    }
-    int total = 0;
-    int start = block_exclusive_scan<kThreads>(my_padded, total, scratch);
-    for (int e = e0; e < e1; ++e) {
-        const int len = (kept[e] + B - 1) / B * B;
-        offsets[e] = start;
-        for (int s = start + kept[e]; s < start + len; ++s) slot_assignment[s] = -1;
-        for (int b = start / B; b < (start + len) / B; ++b) block_expert[b] = e;
-        start += len;
+        const int len = (k + B - 1) / B * B;
+        if (has && q == 0) {
+            routed[e] = run;
+            kept[e] = k;
+            my_dropped = run - k;
+            my_padded = len;
+        }
+        // Only part 0 contributes, so a thread's prefix is its expert's offset.
+        const int start = __shfl_sync(kFullMask, block_exclusive_scan<kThreads>(my_padded, total, scratch), 0, tpe);
+        if (has) {
+            if (q == 0) offsets[e] = start;
+            for (int s = start + k + q; s < start + len; s += tpe) slot_assignment[s] = -1;
+            for (int b = start / B + q; b < (start + len) / B; b += tpe) block_expert[b] = e;
+        }
     }
     if (threadIdx.x == 0) offsets[E] = total;
     for (int s = total + int(threadIdx.x); s < int(p.max_slots); s += kThreads) slot_assignment[s] = -1;
