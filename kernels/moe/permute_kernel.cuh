@@ -86,6 +86,23 @@ __device__ void count_body(const LongctxMoePermuteParams& p) {
     for (int e = lane; e < E; e += kWarp) out[e] = run[e];
 }
 
+// Rewrites chunk_counts[c, e] for chunks c in [c_begin, c_end) with the exclusive running
+// sum starting at `rank` (kScanBatch independent loads per round trip) and returns the
+// rank after the last chunk.
+__device__ __forceinline__ int rank_chunks(int32_t* cc, int E, int e, int c_begin, int c_end, int rank) {
+    for (int c = c_begin; c < c_end; c += kScanBatch) {
+        int v[kScanBatch];  // [batch]: counts of chunks c .. c + kScanBatch - 1
+#pragma unroll
+        for (int i = 0; i < kScanBatch; ++i) v[i] = c + i < c_end ? cc[int64_t(c + i) * E + e] : 0;
+#pragma unroll
+        for (int i = 0; i < kScanBatch; ++i) {
+            if (c + i < c_end) cc[int64_t(c + i) * E + e] = rank;
+            rank += v[i];
+        }
+    }
+    return rank;
+}
+
 // Threads the scan gives each expert: a power of two up to a warp, as many as the block
 // has to spare (4 for 256 experts, 32 for 32 or fewer); 1 when experts > kScanThreads / 2.
 __device__ __forceinline__ int scan_threads_per_expert(int experts) {
@@ -118,17 +135,7 @@ __device__ void scan_body(const LongctxMoePermuteParams& p) {
         const int e0 = min(E, per * int(threadIdx.x));
         const int e1 = min(E, e0 + per);
         for (int e = e0; e < e1; ++e) {
-            int run = 0;
-            for (int c0 = 0; c0 < C; c0 += kScanBatch) {
-                int v[kScanBatch];  // [batch]: counts of chunks c0 .. c0 + kScanBatch - 1
-#pragma unroll
-                for (int i = 0; i < kScanBatch; ++i) v[i] = c0 + i < C ? cc[int64_t(c0 + i) * E + e] : 0;
-#pragma unroll
-                for (int i = 0; i < kScanBatch; ++i) {
-                    if (c0 + i < C) cc[int64_t(c0 + i) * E + e] = run;
-                    run += v[i];
-                }
-            }
+            const int run = rank_chunks(cc, E, e, 0, C, 0);
             const int k = uint32_t(run) < p.capacity ? run : int(p.capacity);
             routed[e] = run;
             kept[e] = k;
@@ -170,19 +177,8 @@ __device__ void scan_body(const LongctxMoePermuteParams& p) {
             if (q >= off) incl += o;
         }
         const int run = __shfl_sync(kFullMask, incl, tpe - 1, tpe);  // the expert's total
-        if (has) {
-            int r = incl - local;  // rank of the first assignment of e in chunk c0
-            for (int c = c0; c < c1; c += kScanBatch) {
-                int v[kScanBatch];
-#pragma unroll
-                for (int i = 0; i < kScanBatch; ++i) v[i] = c + i < c1 ? cc[int64_t(c + i) * E + e] : 0;
-#pragma unroll
-                for (int i = 0; i < kScanBatch; ++i) {
-                    if (c + i < c1) cc[int64_t(c + i) * E + e] = r;
-                    r += v[i];
-                }
-            }
-        }
+        // incl - local: the rank of the first assignment of e in chunk c0.
+        if (has) rank_chunks(cc, E, e, c0, c1, incl - local);
         const int k = uint32_t(run) < p.capacity ? run : int(p.capacity);
         const int len = (k + B - 1) / B * B;
         if (has && q == 0) {

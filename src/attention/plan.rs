@@ -88,97 +88,36 @@ const ELEM_BYTES: usize = 2;
 /// * d 256 uses block_m 64 (16 rows per warp) so that O stays at 128 registers and shared
 ///   memory at 96 KiB, under the 99 KiB per-block limit of sm86/sm89.
 pub(crate) const TILES: [TileConfig; 10] = [
-    TileConfig {
-        path: KernelPath::Sm80,
-        ptx_arch: 80,
-        head_dim: 64,
-        head_dim_v: 64,
-        block_m: 128,
-        block_n: 64,
-        warps: 4,
-    },
-    TileConfig {
-        path: KernelPath::Sm80,
-        ptx_arch: 80,
-        head_dim: 96,
-        head_dim_v: 96,
-        block_m: 128,
-        block_n: 32,
-        warps: 4,
-    },
-    TileConfig {
-        path: KernelPath::Sm80,
-        ptx_arch: 80,
-        head_dim: 128,
-        head_dim_v: 128,
-        block_m: 128,
-        block_n: 32,
-        warps: 4,
-    },
-    TileConfig {
-        path: KernelPath::Sm80,
-        ptx_arch: 80,
-        head_dim: 192,
-        head_dim_v: 128,
-        block_m: 128,
-        block_n: 32,
-        warps: 4,
-    },
-    TileConfig {
-        path: KernelPath::Sm80,
-        ptx_arch: 80,
-        head_dim: 256,
-        head_dim_v: 256,
-        block_m: 64,
-        block_n: 64,
-        warps: 4,
-    },
-    TileConfig {
-        path: KernelPath::Sm80,
-        ptx_arch: 90,
-        head_dim: 64,
-        head_dim_v: 64,
-        block_m: 128,
-        block_n: 64,
-        warps: 4,
-    },
-    TileConfig {
-        path: KernelPath::Sm80,
-        ptx_arch: 90,
-        head_dim: 96,
-        head_dim_v: 96,
-        block_m: 128,
-        block_n: 64,
-        warps: 4,
-    },
-    TileConfig {
-        path: KernelPath::Sm80,
-        ptx_arch: 90,
-        head_dim: 128,
-        head_dim_v: 128,
-        block_m: 128,
-        block_n: 64,
-        warps: 4,
-    },
-    TileConfig {
-        path: KernelPath::Sm80,
-        ptx_arch: 90,
-        head_dim: 192,
-        head_dim_v: 128,
-        block_m: 128,
-        block_n: 32,
-        warps: 4,
-    },
-    TileConfig {
-        path: KernelPath::Sm80,
-        ptx_arch: 90,
-        head_dim: 256,
-        head_dim_v: 256,
-        block_m: 64,
-        block_n: 64,
-        warps: 4,
-    },
+    tile(80, 64, 64, 128, 64),
+    tile(80, 96, 96, 128, 32),
+    tile(80, 128, 128, 128, 32),
+    tile(80, 192, 128, 128, 32),
+    tile(80, 256, 256, 64, 64),
+    tile(90, 64, 64, 128, 64),
+    tile(90, 96, 96, 128, 64),
+    tile(90, 128, 128, 128, 64),
+    tile(90, 192, 128, 128, 32),
+    tile(90, 256, 256, 64, 64),
 ];
+
+/// One row of [`TILES`]: the sm80 path with 4 warps.
+const fn tile(
+    ptx_arch: u32,
+    head_dim: usize,
+    head_dim_v: usize,
+    block_m: usize,
+    block_n: usize,
+) -> TileConfig {
+    TileConfig {
+        path: KernelPath::Sm80,
+        ptx_arch,
+        head_dim,
+        head_dim_v,
+        block_m,
+        block_n,
+        warps: 4,
+    }
+}
 
 /// Shared-memory rows are padded to a multiple of 64 elements (128 bytes) so the XOR swizzle
 /// of 16-byte chunks by `row % 8` stays inside the row; only d = 96 is padded (to 128).
