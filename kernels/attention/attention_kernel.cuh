@@ -48,6 +48,7 @@
 #include "attention/block_info.cuh"
 #include "attention/traits.cuh"
 #include "common/cp_async.cuh"
+#include "common/fast_math.cuh"
 #include "common/mma.cuh"
 #include "params/attention_params.h"
 
@@ -322,7 +323,7 @@ __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
 #pragma unroll
                 for (int nj = 0; nj < kNTiles; ++nj) {
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) s[mi][nj][e] = tanhf(s[mi][nj][e] * softcap_in);
+                    for (int e = 0; e < 4; ++e) s[mi][nj][e] = fast_tanh(s[mi][nj][e] * softcap_in);
                 }
             }
         }

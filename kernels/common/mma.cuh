@@ -78,11 +78,4 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t sme
                  : "r"(smem_addr));
 }
 
-// 2^x with the MUFU unit (relative error about 2^-22; 2^-inf = +0; denormal results flush).
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-
 }  // namespace longctx

@@ -31,6 +31,7 @@
 #include <stdint.h>
 
 #include "common/dtype.cuh"
+#include "common/fast_math.cuh"
 #include "moe/reduce.cuh"
 #include "moe/traits.cuh"
 #include "params/moe_params.h"
@@ -45,19 +46,6 @@ __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000);
 __device__ __forceinline__ float sigmoid(float z) { return 1.f / (1.f + expf(-z)); }
 
 constexpr float kLog2e = 1.4426950408889634f;
-
-// 2^x and 1/x on the MUFU unit: relative error about 2^-22; 2^-inf = 0, 2^+inf = +inf,
-// 1/inf = 0; denormal inputs and results flush to zero.
-__device__ __forceinline__ float mufu_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-__device__ __forceinline__ float mufu_rcp(float x) {
-    float y;
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
 
 __device__ __forceinline__ float no_nan(float v) { return v != v ? neg_inf() : v; }
 
@@ -149,7 +137,7 @@ __device__ void gate_warp_body(const LongctxMoeGateParams& p) {
         for (int j = 0; j < kGateSlots; ++j) {
             // The difference first: z - m is exact for nearby z, so large logits lose
             // nothing to two separately rounded products z log2 e and m log2 e.
-            const float e = mufu_exp2((choice[j] - m) * kLog2e);
+            const float e = fast_exp2((choice[j] - m) * kLog2e);
             score[j] = ((avail >> j) & 1u) ? e : 0.f;
             s += score[j];
         }
@@ -159,7 +147,7 @@ __device__ void gate_warp_body(const LongctxMoeGateParams& p) {
     } else {
 #pragma unroll
         for (int j = 0; j < kGateSlots; ++j) {
-            const float sg = mufu_rcp(1.f + mufu_exp2(-kLog2e * choice[j]));
+            const float sg = fast_rcp(1.f + fast_exp2(-kLog2e * choice[j]));
             score[j] = ((avail >> j) & 1u) ? sg : 0.f;
         }
     }
