@@ -17,6 +17,11 @@ pub struct Device {
     stream: Arc<CudaStream>,
     modules: Mutex<Vec<Option<Arc<CudaModule>>>>,
     functions: Mutex<Vec<Option<CudaFunction>>>,
+    /// Per kernel: the PTX arch of the loaded code, once asked, and the dynamic shared
+    /// memory it has been opted in to (0: the default 48 KB).
+    kernel_info: Mutex<Vec<(Option<u32>, usize)>>,
+    /// Most dynamic shared memory a block may opt in to.
+    smem_opt_in_limit: usize,
     name: String,
     capability: (i32, i32),
     sm_count: usize,
@@ -83,11 +88,18 @@ impl Device {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(cuda_err("device"))?;
+        let opt_in = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(cuda_err("device"))?;
         Ok(Device {
             ctx,
             stream,
             modules: Mutex::new(vec![None; Family::ALL.len()]),
             functions: Mutex::new(vec![None; KernelId::ALL.len()]),
+            kernel_info: Mutex::new(vec![(None, 0); KernelId::ALL.len()]),
+            smem_opt_in_limit: usize::try_from(opt_in).unwrap_or(0),
             name,
             capability,
             sm_count: usize::try_from(sm_count).unwrap_or(0),
@@ -171,6 +183,69 @@ impl Device {
             .map_err(cuda_err("load kernel"))?;
         functions[id.index()] = Some(f.clone());
         Ok(f)
+    }
+
+    fn kernel_info(&self) -> Result<std::sync::MutexGuard<'_, Vec<(Option<u32>, usize)>>> {
+        self.kernel_info.lock().map_err(|_| Error::Cuda {
+            op: "load kernel",
+            message: "kernel info lock poisoned".into(),
+        })
+    }
+
+    /// The PTX arch (compute capability x 10) the driver's loaded code for `id` was compiled
+    /// for: 90 for an sm_90a cubin, 80 for sm_80/86/89 cubins and JIT-compiled compute_80
+    /// PTX. Asked of the driver once per kernel.
+    pub(crate) fn ptx_arch(&self, id: KernelId) -> Result<u32> {
+        if let Some(arch) = self.kernel_info()?[id.index()].0 {
+            return Ok(arch);
+        }
+        let ptx = self
+            .function(id)?
+            .ptx_version()
+            .map_err(cuda_err("load kernel"))?;
+        let arch = u32::try_from(ptx).unwrap_or(0);
+        self.kernel_info()?[id.index()].0 = Some(arch);
+        Ok(arch)
+    }
+
+    /// Lets `id` launch with `bytes` of dynamic shared memory: above the default 48 KB the
+    /// kernel is opted in (once per kernel and size, not per launch).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `op` when the device allows less per block;
+    /// [`Error::Cuda`] if the driver refuses.
+    pub(crate) fn allow_dynamic_smem(
+        &self,
+        id: KernelId,
+        bytes: usize,
+        op: &'static str,
+    ) -> Result<()> {
+        const DEFAULT: usize = 48 * 1024;
+        if bytes <= DEFAULT || bytes <= self.kernel_info()?[id.index()].1 {
+            return Ok(());
+        }
+        if bytes > self.smem_opt_in_limit {
+            return Err(Error::invalid(
+                op,
+                "head_dim",
+                format!(
+                    "{} needs {bytes} bytes of shared memory per block; this device allows {}",
+                    id.symbol(),
+                    self.smem_opt_in_limit
+                ),
+            ));
+        }
+        let value = i32::try_from(bytes).map_err(|_| {
+            Error::invalid(op, "head_dim", format!("{bytes} bytes of shared memory"))
+        })?;
+        self.function(id)?
+            .set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                value,
+            )
+            .map_err(cuda_err(op))?;
+        self.kernel_info()?[id.index()].1 = bytes;
+        Ok(())
     }
 
     fn module(&self, family: Family) -> Result<Arc<CudaModule>> {

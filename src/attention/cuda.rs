@@ -1,6 +1,5 @@
 //! GPU path of attention forward: validated arguments -> LongctxAttnParams -> one launch.
 
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
 
@@ -16,8 +15,6 @@ use crate::layout::HeadsLayout;
 use crate::sys;
 
 const OP: &str = "attention";
-/// Dynamic shared memory a kernel may use without opting in.
-const DEFAULT_SMEM: usize = 48 * 1024;
 
 // The plan's tile table and the header's macros (which traits.cuh static_asserts) agree,
 // for the portable code (PTX arch 80) and the sm_90a code (PTX arch 90).
@@ -318,16 +315,6 @@ fn kernel_id(dtype: DType, head_dim: usize, head_dim_v: usize) -> Result<KernelI
     Ok(id)
 }
 
-/// The tile shape of a loaded attention kernel, from the PTX arch its code was compiled for.
-fn loaded_tiles(
-    func: &cudarc::driver::CudaFunction,
-    head_dim: usize,
-    head_dim_v: usize,
-) -> Result<TileConfig> {
-    let ptx = func.ptx_version().map_err(cuda_err(OP))?;
-    TileConfig::for_code(head_dim, head_dim_v, u32::try_from(ptx).unwrap_or(0))
-}
-
 /// The tile shape attention forward uses on `dev` for element type `T` and these head
 /// dims: the portable shape, or the sm_90a one when the driver loaded that cubin (H100,
 /// H200). Benchmarks report it, and a CPU tiled run with it is the same-precision baseline
@@ -342,8 +329,8 @@ pub fn device_tile_config<T: AttnElement>(
     head_dim_v: usize,
 ) -> Result<TileConfig> {
     TileConfig::for_head_dims(head_dim, head_dim_v)?;
-    let func = dev.function(kernel_id(T::DTYPE, head_dim, head_dim_v)?)?;
-    loaded_tiles(&func, head_dim, head_dim_v)
+    let id = kernel_id(T::DTYPE, head_dim, head_dim_v)?;
+    TileConfig::for_code(head_dim, head_dim_v, dev.ptx_arch(id)?)
 }
 
 /// Device-side checks (contexts, architecture), then everything [`CallShape::validate`]
@@ -445,10 +432,9 @@ pub fn attention_forward<T: AttnElement>(
         return Ok(());
     }
     let id = kernel_id(T::DTYPE, c.tiles.head_dim, c.tiles.head_dim_v)?;
-    let func = dev.function(id)?;
     // The key tile depends on which code the driver loaded (the sm_90a cubin or code for
     // compute_80); query rows and warps, and so the grid, do not.
-    let tiles = loaded_tiles(&func, c.tiles.head_dim, c.tiles.head_dim_v)?;
+    let tiles = TileConfig::for_code(c.tiles.head_dim, c.tiles.head_dim_v, dev.ptx_arch(id)?)?;
     // Shared memory for the larger of the loaded code's tiles and those of the device's own
     // arch, so it suffices whichever code runs (the kernel traps if given too little).
     let cc = dev.compute_capability();
@@ -472,26 +458,8 @@ pub fn attention_forward<T: AttnElement>(
         block_dim: (to_u32(tiles.threads(), "threads")?, 1, 1),
         shared_mem_bytes: to_u32(smem, "shared memory")?,
     };
-    if smem > DEFAULT_SMEM {
-        let optin = dev
-            .context()
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-            .map_err(cuda_err(OP))?;
-        if usize::try_from(optin).unwrap_or(0) < smem {
-            return Err(Error::invalid(
-                OP,
-                "head_dim",
-                format!("the d{} kernel needs {smem} bytes of shared memory per block; this device allows {optin}", tiles.head_dim),
-            ));
-        }
-        func.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            i32::try_from(smem).map_err(|_| {
-                Error::invalid(OP, "head_dim", format!("{smem} bytes of shared memory"))
-            })?,
-        )
-        .map_err(cuda_err(OP))?;
-    }
+    dev.allow_dynamic_smem(id, smem, OP)?;
+    let func = dev.function(id)?;
 
     let stream = dev.stream();
     let elem = T::DTYPE.size();
