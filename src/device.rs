@@ -212,13 +212,14 @@ impl Device {
     /// kernel is opted in (once per kernel and size, not per launch).
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] naming `op` when the device allows less per block;
-    /// [`Error::Cuda`] if the driver refuses.
+    /// [`Error::InvalidArgument`] naming `op` and the argument `arg` that sized the shared
+    /// memory when the device allows less per block; [`Error::Cuda`] if the driver refuses.
     pub(crate) fn allow_dynamic_smem(
         &self,
         id: KernelId,
         bytes: usize,
         op: &'static str,
+        arg: &'static str,
     ) -> Result<()> {
         const DEFAULT: usize = 48 * 1024;
         if bytes <= DEFAULT || bytes <= self.kernel_info()?[id.index()].1 {
@@ -227,7 +228,7 @@ impl Device {
         if bytes > self.smem_opt_in_limit {
             return Err(Error::invalid(
                 op,
-                "head_dim",
+                arg,
                 format!(
                     "{} needs {bytes} bytes of shared memory per block; this device allows {}",
                     id.symbol(),
@@ -235,9 +236,8 @@ impl Device {
                 ),
             ));
         }
-        let value = i32::try_from(bytes).map_err(|_| {
-            Error::invalid(op, "head_dim", format!("{bytes} bytes of shared memory"))
-        })?;
+        let value = i32::try_from(bytes)
+            .map_err(|_| Error::invalid(op, arg, format!("{bytes} bytes of shared memory")))?;
         self.function(id)?
             .set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

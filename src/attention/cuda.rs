@@ -458,7 +458,7 @@ pub fn attention_forward<T: AttnElement>(
         block_dim: (to_u32(tiles.threads(), "threads")?, 1, 1),
         shared_mem_bytes: to_u32(smem, "shared memory")?,
     };
-    dev.allow_dynamic_smem(id, smem, OP)?;
+    dev.allow_dynamic_smem(id, smem, OP, "head_dim")?;
     let func = dev.function(id)?;
 
     let stream = dev.stream();
