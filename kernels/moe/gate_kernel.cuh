@@ -32,6 +32,7 @@
 
 #include "common/dtype.cuh"
 #include "common/fast_math.cuh"
+#include "common/vec.cuh"
 #include "moe/reduce.cuh"
 #include "moe/traits.cuh"
 #include "params/moe_params.h"
@@ -115,9 +116,27 @@ __device__ void gate_warp_body(const LongctxMoeGateParams& p) {
     for (int j = 0; j < kGateSlots; ++j) {
         choice[j] = neg_inf();
         score[j] = 0.f;
-        if (j < S && live && e0 + j < E) {
-            choice[j] = DType<T>::to_f32(row[e0 + j]);
-            avail |= 1u << j;
+        if (j < S && live && e0 + j < E) avail |= 1u << j;
+    }
+    if (p.vec_loads) {
+        // The lane's S experts are whole 16-byte vectors (host-checked: 16-byte aligned
+        // logits, S x sizeof(T) a multiple of 16, E a multiple of S): S x sizeof(T) / 16
+        // loads instead of S, a quarter (f32) or an eighth (bf16) of the L1 wavefronts.
+        constexpr int kW = 16 / int(sizeof(T));
+        const bool lane_has = live && e0 < E;
+#pragma unroll
+        for (int v = 0; v < kGateSlots / kW; ++v) {
+            if (lane_has && v * kW < S) {
+                Vec<T, kW> x;
+                x.load(row + e0 + v * kW);
+#pragma unroll
+                for (int k = 0; k < kW; ++k) choice[v * kW + k] = DType<T>::to_f32(x.elt[k]);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < kGateSlots; ++j) {
+            if ((avail >> j) & 1u) choice[j] = DType<T>::to_f32(row[e0 + j]);
         }
     }
     // choice[] holds the logits until the ranking values replace them below. Scores are

@@ -55,7 +55,9 @@ typedef struct LongctxMoeGateParams {
     uint32_t lanes;
     uint32_t slots;
     uint32_t group_lanes;
-    uint32_t pad0;
+    /* 1: each lane's experts are whole 16-byte vectors (logits 16-byte aligned, slots x
+     * sizeof(T) a multiple of 16, experts a multiple of slots), loaded as such. */
+    uint32_t vec_loads;
 } LongctxMoeGateParams;
 
 typedef struct LongctxMoeGateBwdParams {

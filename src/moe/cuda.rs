@@ -302,7 +302,12 @@ fn route_impl<T: MoeElement>(
         lanes: u32_of(plan.lanes, "experts")?,
         slots: u32_of(plan.slots, "experts")?,
         group_lanes: u32_of(plan.group_lanes, "n_group")?,
-        pad0: 0,
+        vec_loads: u32::from(
+            plan.path == GatePath::Warp
+                && logits_ptr % 16 == 0
+                && (plan.slots * T::DTYPE.size()) % 16 == 0
+                && cfg.experts % plan.slots == 0,
+        ),
     };
     let id = match plan.path {
         GatePath::Warp => pick::<T>(KernelId::MoeGateWarpF32, KernelId::MoeGateWarpBf16),
@@ -312,7 +317,8 @@ fn route_impl<T: MoeElement>(
     // this context (checked above); ids and weights hold tokens x top_k elements each and
     // are distinct buffers from the inputs (a &mut borrow); the plan's grid covers exactly
     // the tokens (the warp kernel returns for the rounded-up tail) and its shared memory
-    // size matches gate_block_smem_bytes; the config is validated, so top_k never exceeds
+    // size matches gate_block_smem_bytes; vec_loads is set only when every lane's 16-byte
+    // vector loads are aligned and inside its token's row; the config is validated, so top_k never exceeds
     // the eligible experts and the kernel writes only in-range, distinct ids. The pointer
     // guards live until the end of this function.
     unsafe { launch(dev, id, plan.grid, plan.threads, plan.smem_bytes, &params) }

@@ -31,7 +31,7 @@ pub struct LongctxMoeGateParams {
     pub lanes: u32,
     pub slots: u32,
     pub group_lanes: u32,
-    pub pad0: u32,
+    pub vec_loads: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -93,8 +93,8 @@ const _: () = {
         "Offset of field: LongctxMoeGateParams::group_lanes",
     ][::std::mem::offset_of!(LongctxMoeGateParams, group_lanes) - 80usize];
     [
-        "Offset of field: LongctxMoeGateParams::pad0",
-    ][::std::mem::offset_of!(LongctxMoeGateParams, pad0) - 84usize];
+        "Offset of field: LongctxMoeGateParams::vec_loads",
+    ][::std::mem::offset_of!(LongctxMoeGateParams, vec_loads) - 84usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
