@@ -4,7 +4,8 @@
 #
 # LONGCTX_STEPS picks the steps and their order (default "tests sanitizer sweep benches
 # peers"); each step's wall time goes to summary.txt. For a short run that still records
-# figures: LONGCTX_STEPS="tests sweep peers sanitizer" LONGCTX_SWEEP_ARGS=--quick.
+# figures: LONGCTX_STEPS="tests sweep peers sanitizer" LONGCTX_SWEEP_ARGS=--quick
+# LONGCTX_TEST_THREADS=8.
 set -u
 HERE="$(cd "$(dirname "$0")" && pwd)"
 LOG="${1:-$HERE/logs}"
@@ -18,12 +19,14 @@ limit="${LONGCTX_STEP_TIMEOUT:-300}"
 
 { date -u; nvidia-smi; nvcc --version 2>/dev/null | tail -n 2; } > "$LOG/env.txt" 2>&1
 
-# Parity and unit tests, every test binary, GPU required.
+# Parity and unit tests, every test binary, GPU required. LONGCTX_TEST_THREADS (default 1)
+# runs tests of one binary concurrently: their CPU references then use more cores, and their
+# GPU work shares the device.
 step_tests() {
   : > "$LOG/tests.log"
   for t in tests/*; do
     echo "=== $t" >> "$LOG/tests.log"
-    if timeout "$limit" "$t" --test-threads=1 >> "$LOG/tests.log" 2>&1; then
+    if timeout "$limit" "$t" --test-threads="${LONGCTX_TEST_THREADS:-1}" >> "$LOG/tests.log" 2>&1; then
       note "PASS $t"
     else
       note "FAIL $t"
