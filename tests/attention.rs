@@ -149,6 +149,23 @@ fn batches() -> Vec<Vec<(usize, usize)>> {
     ]
 }
 
+/// Runs the tiled f32 implementation with `tiles` and checks it against naive f64 attention
+/// (`want`) to 2e-5 in O and LSE; returns what the run did.
+fn assert_tiled_matches(
+    p: &Problem,
+    tiles: Tiles,
+    want: &longctx::attention::reference::Output<f64>,
+    what: &str,
+) -> longctx::attention::reference::TileStats {
+    let (got, st) = attention_tiled_f32(p, tiles, |x| x).unwrap();
+    let e = compare(&got.o, &got.lse, want);
+    assert!(
+        e.max_o < 2e-5 && e.max_lse < 2e-5,
+        "{what} {tiles:?}: {e:?}"
+    );
+    st
+}
+
 fn tile_shapes() -> Vec<Tiles> {
     let mut t: Vec<Tiles> = TileConfig::all().iter().map(Tiles::from).collect();
     t.dedup();
@@ -178,15 +195,12 @@ fn tiled_f32_matches_naive_f64_on_every_mask() {
                     let p = host.problem(0.3, softcap, mask);
                     let want = attention_f64(&p).unwrap();
                     for tiles in tile_shapes() {
-                        let (got, st) = attention_tiled_f32(&p, tiles, |x| x).unwrap();
+                        let what =
+                            format!("{lens:?} heads {hq}/{hkv} {mask:?} softcap {softcap:?}");
+                        let st = assert_tiled_matches(&p, tiles, &want, &what);
                         masked += st.masked_tiles;
                         unmasked += st.unmasked_tiles;
                         empty += st.empty_query_tiles;
-                        let e = compare(&got.o, &got.lse, &want);
-                        assert!(
-                            e.max_o < 2e-5 && e.max_lse < 2e-5,
-                            "{lens:?} heads {hq}/{hkv} {mask:?} softcap {softcap:?} {tiles:?}: {e:?}"
-                        );
                     }
                 }
             }
@@ -247,14 +261,9 @@ fn lazy_rescale_keeps_and_moves_the_max_and_matches_naive() {
         let p = host.problem(0.4, None, mask);
         let want = attention_f64(&p).unwrap();
         for tiles in tile_shapes() {
-            let (got, st) = attention_tiled_f32(&p, tiles, |x| x).unwrap();
+            let st = assert_tiled_matches(&p, tiles, &want, &format!("{mask:?}"));
             kept += st.kept_grown_max;
             moved += st.rescales;
-            let e = compare(&got.o, &got.lse, &want);
-            assert!(
-                e.max_o < 2e-5 && e.max_lse < 2e-5,
-                "{mask:?} {tiles:?}: {e:?}"
-            );
             // A rounded run stays within bf16's output rounding of the truth.
             let (r, _) = attention_tiled_f32(&p, tiles, round_bf16_f32).unwrap();
             let e = compare(&r.o, &r.lse, &want);

@@ -65,25 +65,17 @@ __device__ __forceinline__ uint64_t rank_key(float v, int id) {
     return (uint64_t(ordered_bits(v)) << 32) | uint64_t(~uint32_t(id));
 }
 
-__device__ __forceinline__ uint32_t segment_max(uint32_t x, int lanes) {
-    for (int off = lanes >> 1; off > 0; off >>= 1) x = max(x, __shfl_xor_sync(kFullMask, x, off));
-    return x;
-}
-
 __device__ __forceinline__ int key_id(uint64_t key) { return int(~uint32_t(key)); }
+
+__device__ __forceinline__ float max_of(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ uint32_t max_of(uint32_t a, uint32_t b) { return max(a, b); }
+__device__ __forceinline__ uint64_t max_of(uint64_t a, uint64_t b) { return a > b ? a : b; }
 
 // Max over the `lanes`-lane segment holding this lane (xor butterflies stay inside aligned
 // power-of-two segments); every lane of the segment gets the result.
-__device__ __forceinline__ uint64_t segment_max(uint64_t x, int lanes) {
-    for (int off = lanes >> 1; off > 0; off >>= 1) {
-        const uint64_t o = __shfl_xor_sync(kFullMask, x, off);
-        x = o > x ? o : x;
-    }
-    return x;
-}
-
-__device__ __forceinline__ float segment_max(float x, int lanes) {
-    for (int off = lanes >> 1; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, off));
+template <typename V>
+__device__ __forceinline__ V segment_max(V x, int lanes) {
+    for (int off = lanes >> 1; off > 0; off >>= 1) x = max_of(x, __shfl_xor_sync(kFullMask, x, off));
     return x;
 }
 

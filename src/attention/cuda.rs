@@ -434,7 +434,7 @@ pub fn attention_forward<T: AttnElement>(
     let id = kernel_id(T::DTYPE, c.tiles.head_dim, c.tiles.head_dim_v)?;
     // The key tile depends on which code the driver loaded (the sm_90a cubin or code for
     // compute_80); query rows and warps, and so the grid, do not.
-    let tiles = TileConfig::for_code(c.tiles.head_dim, c.tiles.head_dim_v, dev.ptx_arch(id)?)?;
+    let tiles = device_tile_config::<T>(dev, c.tiles.head_dim, c.tiles.head_dim_v)?;
     // Shared memory for the larger of the loaded code's tiles and those of the device's own
     // arch, so it suffices whichever code runs (the kernel traps if given too little).
     let cc = dev.compute_capability();

@@ -318,9 +318,9 @@ fn route_impl<T: MoeElement>(
     // are distinct buffers from the inputs (a &mut borrow); the plan's grid covers exactly
     // the tokens (the warp kernel returns for the rounded-up tail) and its shared memory
     // size matches gate_block_smem_bytes; vec_loads is set only when every lane's 16-byte
-    // vector loads are aligned and inside its token's row; the config is validated, so top_k never exceeds
-    // the eligible experts and the kernel writes only in-range, distinct ids. The pointer
-    // guards live until the end of this function.
+    // vector loads are aligned and inside its token's row; the config is validated, so
+    // top_k never exceeds the eligible experts and the kernel writes only in-range,
+    // distinct ids. The pointer guards live until the end of this function.
     unsafe { launch(dev, id, plan.grid, plan.threads, plan.smem_bytes, &params) }
 }
 
