@@ -43,6 +43,8 @@ fn main() {
         println!("cargo:rerun-if-env-changed={var}");
     }
     watch_dir(&kernels);
+    #[cfg(feature = "emulator")]
+    build_emulator(&kernels);
 
     let require = env::var("LONGCTX_REQUIRE_KERNELS")
         .map(|v| v == "1")
@@ -219,4 +221,63 @@ fn write_embed(out_dir: &Path, built: &[String]) {
         }
     }
     fs::write(out_dir.join("kernels.rs"), s).expect("longctx: cannot write OUT_DIR/kernels.rs");
+}
+
+/// Compiles the kernel sources for the CPU emulator: every family's .cu file as host C++
+/// (the CUDA builtins from kernels/emu/cuda_emu.h, memory accesses instrumented with
+/// -fsanitize=thread so the runtime's hooks see them), the attention family a second time
+/// with the sm_90a tile shapes, and the runtime itself uninstrumented.
+#[cfg(feature = "emulator")]
+fn build_emulator(kernels: &Path) {
+    let units: &[(&str, &[(&str, &str)])] = &[
+        ("rope/rope.cu", &[]),
+        ("moe/moe.cu", &[]),
+        ("attention/attention.cu", &[]),
+        // A namespace of its own, or the two copies' inline functions would be merged.
+        (
+            "attention/attention.cu",
+            &[("LONGCTX_EMU_SM90", "1"), ("longctx", "longctx_sm90")],
+        ),
+    ];
+    let mut k = cc::Build::new();
+    k.cpp(true)
+        .std("gnu++17")
+        .opt_level(2)
+        .debug(false)
+        .warnings(false)
+        .include(kernels.join("emu"))
+        .include(kernels)
+        .define("LONGCTX_EMU", None)
+        .flag("-fsanitize=thread")
+        .flag("-fno-exceptions")
+        .flag("-fno-rtti")
+        .flag("-fno-strict-aliasing")
+        .flag("-ffp-contract=off")
+        .flag("-include")
+        .flag(kernels.join("emu/cuda_emu.h").to_str().expect("kernel path is UTF-8"));
+    // One object per unit: each compiled through a wrapper that includes it (cc names objects
+    // after their source, and the attention unit is compiled twice).
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("emu");
+    fs::create_dir_all(&out).expect("longctx: cannot create OUT_DIR/emu");
+    for (i, (src, defs)) in units.iter().enumerate() {
+        let mut text = String::new();
+        for (name, value) in defs.iter() {
+            text.push_str(&format!("#define {name} {value}\n"));
+        }
+        text.push_str(&format!("#include \"{}\"\n", kernels.join(src).display()));
+        let wrapper = out.join(format!("unit{i}.cpp"));
+        fs::write(&wrapper, text).expect("longctx: cannot write an emulator unit");
+        k.file(wrapper);
+    }
+    k.compile("longctx_emu_kernels");
+    cc::Build::new()
+        .cpp(true)
+        .std("gnu++17")
+        .opt_level(2)
+        .debug(false)
+        .include(kernels)
+        .flag("-fno-exceptions")
+        .flag("-fno-rtti")
+        .file(kernels.join("emu/runtime.cpp"))
+        .compile("longctx_emu_runtime");
 }

@@ -40,6 +40,15 @@ pub enum Error {
         /// What was expected and what was found.
         problem: String,
     },
+    /// The CPU emulator stopped a kernel: a race, an out-of-bounds or uninitialised access,
+    /// lanes or threads that disagree at a collective or barrier, or a trap. The message
+    /// names the kernel, block, thread and address.
+    Emulator {
+        /// The op that launched the kernel.
+        op: &'static str,
+        /// What the emulator found.
+        message: String,
+    },
 }
 
 impl Error {
@@ -71,6 +80,7 @@ impl fmt::Display for Error {
             ),
             Error::Cuda { op, message } => write!(f, "{op}: CUDA error: {message}"),
             Error::Config { key, problem } => write!(f, "config key `{key}`: {problem}"),
+            Error::Emulator { op, message } => write!(f, "{op}: emulator: {message}"),
             Error::InvalidArgument { op, arg, problem } => {
                 write!(f, "{op}: argument `{arg}`: {problem}")
             }

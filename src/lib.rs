@@ -50,6 +50,8 @@ pub mod attention;
 pub mod device;
 pub mod dtype;
 pub mod error;
+#[cfg(feature = "emulator")]
+pub mod emulator;
 pub mod layout;
 pub mod moe;
 pub mod rope;
@@ -57,6 +59,7 @@ pub mod timing;
 pub mod workloads;
 
 mod kernel_id;
+mod launch;
 mod sys;
 
 mod embedded {

@@ -187,10 +187,17 @@ fn reference_rejects_bad_input() {
 mod gpu {
     use super::*;
     use longctx::device::Device;
+    use longctx::emulator;
     use longctx::rope::{
         apply_rope, apply_rope_packed, AnglePrecision, Positions, RopeOptions, RopeTable,
     };
     use longctx::Error;
+
+    /// Where a parity case runs: the GPU, or the kernel source on the CPU emulator.
+    pub enum Backend<'a> {
+        Gpu(&'a Device),
+        Emulator,
+    }
 
     /// One parity case: a buffer holding Q and K (packed or separate), random data.
     #[derive(Debug, Clone)]
@@ -259,7 +266,7 @@ mod gpu {
     /// rotated pair's norm, after asserting that every element outside the rotated channels
     /// is bit-identical.
     pub fn run_case<T: Element>(
-        dev: &Device,
+        backend: &Backend<'_>,
         c: &Case,
         precision: AnglePrecision,
     ) -> Result<f64, TestCaseError> {
@@ -325,33 +332,37 @@ mod gpu {
             .map(|_| T::from_f64(rng.uniform()))
             .collect();
 
-        let table =
-            RopeTable::new(dev, &cfg, seq_len).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let pos =
-            Positions::upload(dev, &positions).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let opts = RopeOptions {
             style: c.style,
             direction: c.direction,
             precision,
         };
-        let mut dq = dev
-            .upload(&host_q)
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let mut dk = dev
-            .upload(&host_k)
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        if c.packed {
-            apply_rope_packed(dev, &table, &pos, &mut dq, &q, &k, opts)
-        } else {
-            apply_rope(dev, &table, &pos, &mut dq, &q, &mut dk, &k, opts)
-        }
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let got_q = dev
-            .download(&dq)
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let got_k = dev
-            .download(&dk)
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let fail = |e: Error| TestCaseError::fail(e.to_string());
+        let (got_q, got_k) = match backend {
+            Backend::Gpu(dev) => {
+                let table = RopeTable::new(dev, &cfg, seq_len).map_err(fail)?;
+                let pos = Positions::upload(dev, &positions).map_err(fail)?;
+                let mut dq = dev.upload(&host_q).map_err(fail)?;
+                let mut dk = dev.upload(&host_k).map_err(fail)?;
+                if c.packed {
+                    apply_rope_packed(dev, &table, &pos, &mut dq, &q, &k, opts)
+                } else {
+                    apply_rope(dev, &table, &pos, &mut dq, &q, &mut dk, &k, opts)
+                }
+                .map_err(fail)?;
+                (dev.download(&dq).map_err(fail)?, dev.download(&dk).map_err(fail)?)
+            }
+            Backend::Emulator => {
+                let (mut gq, mut gk) = (host_q.clone(), host_k.clone());
+                if c.packed {
+                    emulator::apply_rope_packed(&cfg, seq_len, &positions, &mut gq, &q, &k, opts)
+                } else {
+                    emulator::apply_rope(&cfg, seq_len, &positions, &mut gq, &q, &mut gk, &k, opts)
+                }
+                .map_err(fail)?;
+                (gq, gk)
+            }
+        };
 
         let inv = cfg.inv_freq_f64(seq_len);
         let f = f64::from(cfg.attention_factor());
@@ -427,6 +438,30 @@ mod gpu {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(96);
+        parity_on::<T>(name, &Backend::Gpu(&dev), cases);
+    }
+
+    /// The same cases through the emulator: the kernel source itself, on the CPU.
+    fn emu_parity<T: Element>(name: &str) {
+        parity_on::<T>(name, &Backend::Emulator, 48);
+    }
+
+    #[test]
+    fn emu_parity_f32() {
+        emu_parity::<f32>("emu_parity_f32");
+    }
+
+    #[test]
+    fn emu_parity_f16() {
+        emu_parity::<f16>("emu_parity_f16");
+    }
+
+    #[test]
+    fn emu_parity_bf16() {
+        emu_parity::<bf16>("emu_parity_bf16");
+    }
+
+    fn parity_on<T: Element>(name: &str, backend: &Backend<'_>, cases: u32) {
         let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
             cases,
             ..ProptestConfig::default()
@@ -437,7 +472,7 @@ mod gpu {
                 worst.set(
                     worst
                         .get()
-                        .max(run_case::<T>(&dev, &c, AnglePrecision::F64)?),
+                        .max(run_case::<T>(backend, &c, AnglePrecision::F64)?),
                 );
                 Ok(())
             })
@@ -482,8 +517,8 @@ mod gpu {
             seed: 7,
         };
         let exact =
-            run_case::<f32>(&dev, &c, AnglePrecision::F64).expect("f64 angle within tolerance");
-        let fast = run_case::<f32>(&dev, &c, AnglePrecision::F32).expect("f32 angle case runs");
+            run_case::<f32>(&Backend::Gpu(&dev), &c, AnglePrecision::F64).expect("f64 angle within tolerance");
+        let fast = run_case::<f32>(&Backend::Gpu(&dev), &c, AnglePrecision::F32).expect("f32 angle case runs");
         eprintln!(
             "relative error at positions near 2^20: f64 angle {exact:.2e}, f32 angle {fast:.2e}"
         );

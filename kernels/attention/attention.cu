@@ -2,13 +2,14 @@
 // (2 x 5 = 10). Masks, softcap, GQA ratio and variable lengths are runtime parameters. The
 // names are listed once more in src/kernel_id.rs (KernelId); keep the two in step.
 #include "attention/attention_kernel.cuh"
+#include "common/entry.cuh"
 
 using longctx::attn::attn_fwd_body;
 using longctx::attn::Traits;
 
 #define LONGCTX_ATTN_ENTRY(NAME, T, D, DV)                                       \
     extern "C" __global__ void __launch_bounds__(Traits<D, DV>::kThreads)        \
-        NAME(const __grid_constant__ LongctxAttnParams p) {                      \
+        LONGCTX_ENTRY_NAME(NAME)(const __grid_constant__ LongctxAttnParams p) {  \
         attn_fwd_body<T, D, DV>(p);                                              \
     }
 

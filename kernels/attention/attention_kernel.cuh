@@ -42,6 +42,7 @@
 // bounds are int32, which the host guarantees by admitting at most
 // LONGCTX_ATTN_MAX_TOKENS tokens and clamping windows to LONGCTX_ATTN_WINDOW_UNBOUNDED.
 #pragma once
+#include "common/smem.cuh"
 #include <math.h>
 #include <stdint.h>
 
@@ -163,12 +164,11 @@ __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
     constexpr int kOutChunks = DV / 8;  // 16-byte chunks per output row
     constexpr float kNegInf = -INFINITY;
 
-    extern __shared__ __align__(128) uint8_t smem[];
+    LONGCTX_DYNAMIC_SMEM(uint8_t, smem, 128);
     // The host sizes shared memory from the tile shape it believes the loaded code has;
     // a launch that gave less than this code's tiles need stops here with an error instead
     // of touching memory past the allocation.
-    uint32_t dyn_smem;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
+    const uint32_t dyn_smem = dynamic_smem_size();
     if (dyn_smem < uint32_t(Tr::kSmemBytes)) __trap();
 
     const int tid = threadIdx.x;

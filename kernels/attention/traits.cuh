@@ -7,8 +7,9 @@
 namespace longctx {
 namespace attn {
 
-// Keys per K/V tile of the code being compiled: the sm90 column for compute_90 and up.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// Keys per K/V tile of the code being compiled: the sm90 column for compute_90 and up (and
+// for the emulator's sm_90a build of the family).
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(LONGCTX_EMU_SM90)
 #define LONGCTX_ATTN_ARCH_BLOCK_N(PREFIX) LONGCTX_ATTN_##PREFIX##_SM90_BLOCK_N
 #else
 #define LONGCTX_ATTN_ARCH_BLOCK_N(PREFIX) LONGCTX_ATTN_##PREFIX##_BLOCK_N

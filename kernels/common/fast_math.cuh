@@ -7,16 +7,24 @@ namespace longctx {
 
 // 2^x: 2^-inf = +0, 2^+inf = +inf.
 __device__ __forceinline__ float fast_exp2(float x) {
+#ifdef LONGCTX_EMU
+    return ::longctx_emu::ex2_approx_ftz(x);
+#else
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
+#endif
 }
 
 // 1 / x: 1 / inf = +0.
 __device__ __forceinline__ float fast_rcp(float x) {
+#ifdef LONGCTX_EMU
+    return ::longctx_emu::rcp_approx_ftz(x);
+#else
     float y;
     asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
+#endif
 }
 
 // tanh(x) = 1 - 2 / (e^(2x) + 1). Absolute error below 5e-7 for every x (the exp2 error

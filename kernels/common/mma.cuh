@@ -41,6 +41,24 @@ template <> struct MmaType<__nv_bfloat16> {
     }
 };
 
+#ifdef LONGCTX_EMU
+// The emulator's twins: warp collectives of the runtime, each call site named (file:line)
+// so that lanes reaching different instructions are told apart.
+template <typename T> struct MmaKindOf;
+template <> struct MmaKindOf<__half> { static constexpr int value = ::longctx_emu::kMmaF16; };
+template <> struct MmaKindOf<__nv_bfloat16> { static constexpr int value = ::longctx_emu::kMmaBf16; };
+struct MmaSite {
+    const char* file;
+    int line;
+    template <typename T>
+    void call(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) const {
+        ::longctx_emu::mma_16816(file, line, MmaKindOf<T>::value, d, a, b0, b1);
+    }
+};
+#define mma_16816 ::longctx::MmaSite{__FILE__, __LINE__}.call
+#define ldmatrix_x4(r, addr) ::longctx_emu::ldmatrix(__FILE__, __LINE__, 4, false, (r), (addr))
+#define ldmatrix_x4_trans(r, addr) ::longctx_emu::ldmatrix(__FILE__, __LINE__, 4, true, (r), (addr))
+#else
 // d = a * b + d, one 16x8x16 tile (fragments as in the header comment).
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
@@ -77,5 +95,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t sme
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_addr));
 }
+
+#endif  // LONGCTX_EMU
 
 }  // namespace longctx

@@ -27,6 +27,7 @@
 // it and that lane's lowest slot with it; the owner lane retires the winner. Rank r is
 // kept by lane r and written at the end in one coalesced store.
 #pragma once
+#include "common/smem.cuh"
 #include <math.h>
 #include <stdint.h>
 
@@ -266,9 +267,9 @@ __device__ __forceinline__ float routing_score(const LongctxMoeGateParams& p, fl
 template <typename T>
 __device__ void gate_block_body(const LongctxMoeGateParams& p) {
     constexpr int kThreads = kGateBlockThreads;
-    extern __shared__ __align__(16) unsigned char gate_smem[];
-    __shared__ float red_v[32];
-    __shared__ int red_id[32];
+    LONGCTX_DYNAMIC_SMEM(unsigned char, gate_smem, 16);
+    LONGCTX_SHARED_ARRAY(float, red_v, 32);
+    LONGCTX_SHARED_ARRAY(int, red_id, 32);
 
     const int E = int(p.experts);
     const int n_group = (p.group_mode != LONGCTX_MOE_GROUP_NONE && p.n_group > 1) ? int(p.n_group) : 1;

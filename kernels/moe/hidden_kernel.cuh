@@ -13,6 +13,7 @@
 // One block per output row; 16-byte vectors along hidden when `vec` (hidden a multiple of
 // 16 / sizeof(T), so every row start is 16-byte aligned in a CUDA allocation), else scalars.
 #pragma once
+#include "common/smem.cuh"
 #include <stdint.h>
 
 #include "common/dtype.cuh"
@@ -115,7 +116,7 @@ __device__ __forceinline__ float dot_rows(const T* a, const T* b, int hidden) {
 template <typename T>
 __device__ void combine_dw_body(const LongctxMoeCombineDwParams& p) {
     constexpr int kW = 16 / int(sizeof(T));
-    __shared__ float scratch[32];
+    LONGCTX_SHARED_ARRAY(float, scratch, 32);
     const int64_t t = blockIdx.x;
     const int H = int(p.hidden);
     const int K = int(p.top_k);

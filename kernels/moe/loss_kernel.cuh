@@ -18,6 +18,7 @@
 //   + z:     (2 beta / T) lse softmax(z)[e]
 // Counts are constants (selection is not differentiable); the bias gets no gradient.
 #pragma once
+#include "common/smem.cuh"
 #include <math.h>
 #include <stdint.h>
 
@@ -117,9 +118,9 @@ __device__ void gate_bwd_body(const LongctxMoeGateBwdParams& p) {
 template <typename T>
 __device__ void stats_body(const LongctxMoeStatsParams& p) {
     constexpr int kThreads = kStatsThreads;
-    __shared__ float t_max[kStatsMaxChunkTokens];  // [chunk_tokens]
-    __shared__ float t_inv[kStatsMaxChunkTokens];  // [chunk_tokens]: 1 / (sum exp(z - max) or sum sigmoid)
-    __shared__ float t_lse2[kStatsMaxChunkTokens]; // [chunk_tokens]
+    LONGCTX_SHARED_ARRAY(float, t_max, kStatsMaxChunkTokens);  // [chunk_tokens]
+    LONGCTX_SHARED_ARRAY(float, t_inv, kStatsMaxChunkTokens);  // [chunk_tokens]: 1 / (sum exp(z - max) or sum sigmoid)
+    LONGCTX_SHARED_ARRAY(float, t_lse2, kStatsMaxChunkTokens); // [chunk_tokens]
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int E = int(p.experts);
@@ -169,7 +170,7 @@ __device__ void stats_body(const LongctxMoeStatsParams& p) {
 // A single block: P[e] = sum over chunks / T (chunk order), then the two losses.
 __device__ void loss_body(const LongctxMoeLossParams& p) {
     constexpr int kThreads = kLossThreads;
-    __shared__ double scratch[32];
+    LONGCTX_SHARED_ARRAY(double, scratch, 32);
     const int E = int(p.experts);
     const float* partial = reinterpret_cast<const float*>(p.partial_probs);
     const int32_t* counts = reinterpret_cast<const int32_t*>(p.counts);
@@ -200,7 +201,7 @@ __device__ void loss_body(const LongctxMoeLossParams& p) {
 // with the sign taken exactly in integers: mean - load[e] has the sign of total - E load[e].
 __device__ void bias_update_body(const LongctxMoeBiasParams& p) {
     constexpr int kThreads = kBiasThreads;
-    __shared__ long long scratch[32];
+    LONGCTX_SHARED_ARRAY(long long, scratch, 32);
     const int E = int(p.experts);
     const int32_t* counts = reinterpret_cast<const int32_t*>(p.counts);
     long long part = 0;

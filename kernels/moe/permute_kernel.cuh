@@ -17,6 +17,7 @@
 //              lower lanes of its match group). Rank < capacity: slot = offsets[e] + rank,
 //              else dropped (slot -1). Later tokens are the ones dropped.
 #pragma once
+#include "common/smem.cuh"
 #include <stdint.h>
 
 #include "moe/reduce.cuh"
@@ -72,7 +73,7 @@ __device__ __forceinline__ void walk_chunk(const LongctxMoePermuteParams& p, int
 }
 
 __device__ void count_body(const LongctxMoePermuteParams& p) {
-    extern __shared__ int perm_smem[];  // [warps, experts]
+    LONGCTX_DYNAMIC_SMEM(int, perm_smem, 16);  // [warps, experts]
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int E = int(p.experts);
@@ -113,7 +114,7 @@ __device__ __forceinline__ int scan_threads_per_expert(int experts) {
 
 __device__ void scan_body(const LongctxMoePermuteParams& p) {
     constexpr int kThreads = kScanThreads;
-    __shared__ int scratch[32];
+    LONGCTX_SHARED_ARRAY(int, scratch, 32);
     const int E = int(p.experts);
     const int B = int(p.block);
     const int C = int(p.chunks);
@@ -203,7 +204,7 @@ __device__ void scan_body(const LongctxMoePermuteParams& p) {
 }
 
 __device__ void scatter_body(const LongctxMoePermuteParams& p) {
-    extern __shared__ int perm_smem[];  // [warps, experts]
+    LONGCTX_DYNAMIC_SMEM(int, perm_smem, 16);  // [warps, experts]
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int E = int(p.experts);

@@ -17,6 +17,7 @@
 // [-pi, pi] in f64 before an accurate f32 sincosf; the error stays near 1e-7 rad at positions
 // up to 2^31, where an f32 product is already off by ~3e-2 rad at 2^20. See docs/NOTES.md.
 #pragma once
+#include "common/smem.cuh"
 #include <stdint.h>
 
 #include "common/dtype.cuh"
@@ -101,7 +102,7 @@ __device__ __forceinline__ void rotate_item(T* base, int j, int half, bool neox,
 
 template <typename T, int W>
 __device__ __forceinline__ void rope_kernel_body(const LongctxRopeParams& p) {
-    __shared__ float2 cs[kMaxPairs];  // [rotary_dim / 2]: (f cos, +-f sin) of each pair
+    LONGCTX_SHARED_ARRAY(float2, cs, kMaxPairs);  // [rotary_dim / 2]: (f cos, +-f sin) of each pair
 
     const int64_t token = blockIdx.x;
     const int half = int(p.rotary_dim / 2);

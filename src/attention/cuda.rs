@@ -1,6 +1,6 @@
 //! GPU path of attention forward: validated arguments -> LongctxAttnParams -> one launch.
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 use half::{bf16, f16};
 
 use super::plan::{TileConfig, MAX_TOKENS, TILES, WINDOW_UNBOUNDED};
@@ -11,6 +11,7 @@ use crate::device::{cuda_err, Device};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kernel_id::KernelId;
+use crate::launch::KernelLaunch;
 use crate::layout::HeadsLayout;
 use crate::sys;
 
@@ -444,25 +445,10 @@ pub fn attention_forward<T: AttnElement>(
         u32::try_from(cc.0 * 10 + cc.1).unwrap_or(0),
     )?;
     let smem = tiles.smem_bytes().max(native.smem_bytes());
-    let grid = tiles.grid(c.max_seqlen_q, c.heads_q, c.batch);
-    let to_u32 = |v: usize, what: &str| {
-        u32::try_from(v)
-            .map_err(|_| Error::invalid(OP, "seqlens", format!("{what} {v} exceeds u32")))
-    };
-    let cfg = LaunchConfig {
-        grid_dim: (
-            to_u32(grid.0, "query tiles")?,
-            to_u32(grid.1, "heads")?,
-            to_u32(grid.2, "batch")?,
-        ),
-        block_dim: (to_u32(tiles.threads(), "threads")?, 1, 1),
-        shared_mem_bytes: to_u32(smem, "shared memory")?,
-    };
     dev.allow_dynamic_smem(id, smem, OP, "head_dim")?;
     let func = dev.function(id)?;
 
     let stream = dev.stream();
-    let elem = T::DTYPE.size();
     let (q_ptr, _qg) = x.q.device_ptr(stream);
     let (k_ptr, _kg) = x.k.device_ptr(stream);
     let (v_ptr, _vg) = x.v.device_ptr(stream);
@@ -470,10 +456,6 @@ pub fn attention_forward<T: AttnElement>(
     let (cu_k_ptr, _ckg) = seqlens.cu_k.device_ptr(stream);
     let AttnOutput { o, o_layout, lse } = out;
     let (o_ptr, _og) = o.device_ptr_mut(stream);
-    check_alignment(&x.q_layout, q_ptr, elem, "q")?;
-    check_alignment(&x.k_layout, k_ptr, elem, "k")?;
-    check_alignment(&x.v_layout, v_ptr, elem, "v")?;
-    check_alignment(&o_layout, o_ptr, elem, "o")?;
     let mut lse_guard = None;
     let lse_ptr = match lse {
         Some(l) => {
@@ -483,19 +465,94 @@ pub fn attention_forward<T: AttnElement>(
         }
         None => 0,
     };
+    let l = plan_launch::<T>(
+        &c,
+        &tiles,
+        smem,
+        &Layouts {
+            q: x.q_layout,
+            k: x.k_layout,
+            v: x.v_layout,
+            o: o_layout,
+        },
+        &Addrs {
+            q: q_ptr,
+            k: k_ptr,
+            v: v_ptr,
+            o: o_ptr,
+            lse: lse_ptr,
+            cu_seqlens_q: cu_q_ptr,
+            cu_seqlens_k: cu_k_ptr,
+        },
+    )?;
+    let cfg = l.config();
+    let mut builder = stream.launch_builder(&func);
+    builder.arg(&l.params);
+    let launched = unsafe { builder.launch(cfg) };
+    drop(lse_guard);
+    launched.map(|_| ()).map_err(cuda_err(OP))
+}
+
+/// The views of one call.
+pub(crate) struct Layouts {
+    pub q: HeadsLayout,
+    pub k: HeadsLayout,
+    pub v: HeadsLayout,
+    pub o: HeadsLayout,
+}
+
+/// Where the buffers of one call start (LSE 0 when not written).
+pub(crate) struct Addrs {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o: u64,
+    pub lse: u64,
+    pub cu_seqlens_q: u64,
+    pub cu_seqlens_k: u64,
+}
+
+/// The one function from a validated call to a launch, shared by the CUDA and emulated
+/// backends: the kernel for the dtype and head dims, 16-byte alignment of every view, the
+/// grid for `tiles` (the loaded code's tile shape), `smem` bytes of dynamic shared memory,
+/// and the params.
+pub(crate) fn plan_launch<T: AttnElement>(
+    c: &Validated,
+    tiles: &TileConfig,
+    smem: usize,
+    views: &Layouts,
+    a: &Addrs,
+) -> Result<KernelLaunch<sys::LongctxAttnParams>> {
+    let id = kernel_id(T::DTYPE, c.tiles.head_dim, c.tiles.head_dim_v)?;
+    let elem = T::DTYPE.size();
+    check_alignment(&views.q, a.q, elem, "q")?;
+    check_alignment(&views.k, a.k, elem, "k")?;
+    check_alignment(&views.v, a.v, elem, "v")?;
+    check_alignment(&views.o, a.o, elem, "o")?;
+    let grid = tiles.grid(c.max_seqlen_q, c.heads_q, c.batch);
+    let to_u32 = |v: usize, what: &str| {
+        u32::try_from(v)
+            .map_err(|_| Error::invalid(OP, "seqlens", format!("{what} {v} exceeds u32")))
+    };
+    let grid = (
+        to_u32(grid.0, "query tiles")?,
+        to_u32(grid.1, "heads")?,
+        to_u32(grid.2, "batch")?,
+    );
     let params = sys::LongctxAttnParams {
-        q: tensor(&x.q_layout, q_ptr, elem),
-        k: tensor(&x.k_layout, k_ptr, elem),
-        v: tensor(&x.v_layout, v_ptr, elem),
-        o: tensor(&o_layout, o_ptr, elem),
-        lse: lse_ptr,
-        lse_head_stride: c.total_q as i64,
-        cu_seqlens_q: cu_q_ptr,
-        cu_seqlens_k: cu_k_ptr,
-        batch: cfg.grid_dim.2,
-        heads_q: cfg.grid_dim.1,
+        q: tensor(&views.q, a.q, elem),
+        k: tensor(&views.k, a.k, elem),
+        v: tensor(&views.v, a.v, elem),
+        o: tensor(&views.o, a.o, elem),
+        lse: a.lse,
+        lse_head_stride: i64::try_from(c.total_q)
+            .map_err(|_| Error::invalid(OP, "lse", "total_q exceeds i64"))?,
+        cu_seqlens_q: a.cu_seqlens_q,
+        cu_seqlens_k: a.cu_seqlens_k,
+        batch: grid.2,
+        heads_q: grid.1,
         heads_per_kv: to_u32(c.heads_q / c.heads_kv, "heads_q / heads_kv")?,
-        num_m_blocks: cfg.grid_dim.0,
+        num_m_blocks: grid.0,
         window_left: i32::try_from(c.window.0)
             .map_err(|_| Error::invalid(OP, "mask", "window side past i32"))?,
         window_right: i32::try_from(c.window.1)
@@ -503,22 +560,11 @@ pub fn attention_forward<T: AttnElement>(
         exp_scale: c.consts.exp_scale,
         softcap_in: c.consts.softcap_in,
     };
-    let mut builder = stream.launch_builder(&func);
-    builder.arg(&params);
-    // SAFETY: check_call (with CallShape::validate) proved that every (token, head, channel) address of the Q, K, V and
-    // O views lies inside its live buffer on this context and that O's rows do not overlap;
-    // O is borrowed mutably, so no input aliases it, and the LSE buffer (also &mut) holds
-    // heads_q x total_q floats at lse_head_stride = total_q. The offsets are validated on
-    // the host: nondecreasing from 0, ending at the views' token counts, at most MAX_TOKENS
-    // (so the kernel's int32 mask arithmetic cannot overflow), batch and heads within the
-    // grid limits, num_m_blocks covering the longest query sequence. heads_q is a multiple
-    // of heads_kv, so h / heads_per_kv < heads_kv. check_aligned proved 16-byte alignment of
-    // every row start the kernel's cp.async and vector stores use. The window sides are
-    // clamped to WINDOW_UNBOUNDED by the plan, the softmax constants are normal floats, and
-    // the dynamic shared memory was opted into above when over 48 KiB. The pointer guards
-    // (_qg, _kg, _vg, _og, _cqg, _ckg, lse_guard) live until this function returns, after
-    // the launch is queued.
-    let launched = unsafe { builder.launch(cfg) };
-    drop(lse_guard);
-    launched.map(|_| ()).map_err(cuda_err(OP))
+    Ok(KernelLaunch {
+        id,
+        params,
+        grid,
+        block: (to_u32(tiles.threads(), "threads")?, 1, 1),
+        smem_bytes: to_u32(smem, "shared memory")?,
+    })
 }

@@ -20,7 +20,7 @@
 //!
 //! [`HeadsLayout`]: crate::layout::HeadsLayout
 
-mod cuda;
+pub(crate) mod cuda;
 mod plan;
 pub mod reference;
 

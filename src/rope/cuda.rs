@@ -1,12 +1,13 @@
 //! GPU path of RoPE: validated arguments -> LongctxRopeParams -> one launch.
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
 use super::{AnglePrecision, Direction, RopeConfig, RopeOptions, RopeStyle};
 use crate::device::{cuda_err, Device};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kernel_id::KernelId;
+use crate::launch::KernelLaunch;
 use crate::layout::HeadsLayout;
 use crate::sys;
 
@@ -35,28 +36,22 @@ impl RopeTable {
     /// [`Error::InvalidArgument`] if rotary_dim exceeds the kernel's limit (512);
     /// [`Error::Cuda`] on upload failure.
     pub fn new(dev: &Device, config: &RopeConfig, seq_len: usize) -> Result<Self> {
-        let rotary_dim = config.rotary_dim();
-        if rotary_dim == 0
-            || rotary_dim % 2 != 0
-            || rotary_dim > MAX_ROTARY_DIM
-            || rotary_dim > config.head_dim()
-        {
-            return Err(Error::invalid(
-                OP,
-                "config",
-                format!(
-                    "rotary_dim {rotary_dim} must be even, nonzero, <= head_dim {} and <= {MAX_ROTARY_DIM}",
-                    config.head_dim()
-                ),
-            ));
-        }
-        let inv = config.inv_freq_f64(seq_len);
+        let (inv, info) = table_info(config, seq_len)?;
         Ok(RopeTable {
             inv_freq: dev.upload(&inv)?,
-            head_dim: config.head_dim(),
-            rotary_dim,
-            attention_factor: config.attention_factor(),
+            head_dim: info.head_dim,
+            rotary_dim: info.rotary_dim,
+            attention_factor: info.attention_factor,
         })
+    }
+
+    fn info(&self, inv_freq: u64) -> TableInfo {
+        TableInfo {
+            head_dim: self.head_dim,
+            rotary_dim: self.rotary_dim,
+            attention_factor: self.attention_factor,
+            inv_freq,
+        }
     }
 
     /// Channels rotated per head.
@@ -73,6 +68,57 @@ impl RopeTable {
     pub fn attention_factor(&self) -> f32 {
         self.attention_factor
     }
+}
+
+/// What a launch needs of a frequency table, wherever it lives.
+pub(crate) struct TableInfo {
+    pub head_dim: usize,
+    pub rotary_dim: usize,
+    pub attention_factor: f32,
+    /// Address of rotary_dim / 2 f64 inverse frequencies.
+    pub inv_freq: u64,
+}
+
+/// Validates `config` for the kernel and computes its inv_freq for `seq_len` tokens (the
+/// address in the returned info is 0 until the caller places the table).
+pub(crate) fn table_info(config: &RopeConfig, seq_len: usize) -> Result<(Vec<f64>, TableInfo)> {
+    let rotary_dim = config.rotary_dim();
+    if rotary_dim == 0
+        || rotary_dim % 2 != 0
+        || rotary_dim > MAX_ROTARY_DIM
+        || rotary_dim > config.head_dim()
+    {
+        return Err(Error::invalid(
+            OP,
+            "config",
+            format!(
+                "rotary_dim {rotary_dim} must be even, nonzero, <= head_dim {} and <= {MAX_ROTARY_DIM}",
+                config.head_dim()
+            ),
+        ));
+    }
+    let inv = config.inv_freq_f64(seq_len);
+    Ok((
+        inv,
+        TableInfo {
+            head_dim: config.head_dim(),
+            rotary_dim,
+            attention_factor: config.attention_factor(),
+            inv_freq: 0,
+        },
+    ))
+}
+
+/// Every position must lie in [0, 2^31).
+pub(crate) fn check_positions(positions: &[i32]) -> Result<()> {
+    if let Some((t, p)) = positions.iter().enumerate().find(|(_, &p)| p < 0) {
+        return Err(Error::invalid(
+            OP,
+            "positions",
+            format!("position {p} at token {t} is negative"),
+        ));
+    }
+    Ok(())
 }
 
 /// Token positions on the device, validated on upload (every entry in [0, 2^31)). Packed
@@ -92,13 +138,7 @@ impl Positions {
     /// [`Error::InvalidArgument`] naming the first negative position; [`Error::Cuda`] on
     /// upload failure.
     pub fn upload(dev: &Device, positions: &[i32]) -> Result<Self> {
-        if let Some((t, p)) = positions.iter().enumerate().find(|(_, &p)| p < 0) {
-            return Err(Error::invalid(
-                OP,
-                "positions",
-                format!("position {p} at token {t} is negative"),
-            ));
-        }
+        check_positions(positions)?;
         let data = if positions.is_empty() {
             dev.zeros(1)?
         } else {
@@ -149,14 +189,8 @@ fn kernel_id(dtype: DType, vectorized: bool) -> KernelId {
     }
 }
 
-/// Everything checked about one call, ready to become params.
-struct Checked {
-    tokens: u32,
-    vectorized: bool,
-}
-
 fn check_view(
-    table: &RopeTable,
+    table: &TableInfo,
     view: &HeadsLayout,
     arg: &'static str,
     buf_len: usize,
@@ -206,7 +240,7 @@ fn vector_ok<T: Element>(view: &HeadsLayout, rotary_dim: usize, base_addr: u64) 
             && rotary_dim % (2 * w) == 0)
 }
 
-fn check_common(table: &RopeTable, positions: &Positions, dev: &Device) -> Result<u32> {
+fn check_owned(table: &RopeTable, positions: &Positions, dev: &Device) -> Result<()> {
     if !dev.owns(&table.inv_freq) {
         return Err(Error::invalid(
             OP,
@@ -221,14 +255,18 @@ fn check_common(table: &RopeTable, positions: &Positions, dev: &Device) -> Resul
             "positions live on another device context",
         ));
     }
-    u32::try_from(positions.len())
+    Ok(())
+}
+
+fn check_tokens(tokens: usize) -> Result<u32> {
+    u32::try_from(tokens)
         .ok()
         .filter(|&t| t <= i32::MAX as u32)
         .ok_or_else(|| {
             Error::invalid(
                 OP,
                 "positions",
-                format!("{} tokens exceed the grid limit 2^31 - 1", positions.len()),
+                format!("{tokens} tokens exceed the grid limit 2^31 - 1"),
             )
         })
 }
@@ -243,21 +281,49 @@ fn tensor(view: &HeadsLayout, base: u64, elem: usize) -> sys::LongctxRopeTensor 
     }
 }
 
-fn make_params(
-    table: &RopeTable,
-    q: sys::LongctxRopeTensor,
-    k: sys::LongctxRopeTensor,
+/// One view of a launch: its layout, the length of its buffer (elements) and the
+/// buffer's address.
+pub(crate) struct ViewArg<'a> {
+    pub layout: &'a HeadsLayout,
+    pub buffer_len: usize,
+    pub base: u64,
+}
+
+/// The one function from arguments to a launch, shared by the CUDA and emulated backends:
+/// validates the views against the table and the token count, checks that Q and K are
+/// disjoint when `same_buffer`, picks the vector kernel where every access is 16-byte
+/// aligned, and fills the params. `None` when there is nothing to rotate.
+pub(crate) fn plan_launch<T: Element>(
+    table: &TableInfo,
     positions: u64,
-    inv_freq: u64,
-    checked: &Checked,
+    tokens: usize,
+    q: ViewArg<'_>,
+    k: ViewArg<'_>,
+    same_buffer: bool,
     opts: RopeOptions,
-) -> sys::LongctxRopeParams {
-    sys::LongctxRopeParams {
-        q,
-        k,
+) -> Result<Option<KernelLaunch<sys::LongctxRopeParams>>> {
+    let tokens32 = check_tokens(tokens)?;
+    check_view(table, q.layout, "q", q.buffer_len, tokens)?;
+    check_view(table, k.layout, "k", k.buffer_len, tokens)?;
+    if same_buffer && q.layout.heads > 0 && k.layout.heads > 0 && q.layout.may_overlap(k.layout, OP)? {
+        return Err(Error::invalid(
+            OP,
+            "q/k",
+            format!(
+                "views may overlap: q {:?}, k {:?}; in-place rotation needs disjoint views",
+                q.layout, k.layout
+            ),
+        ));
+    }
+    let vectorized = vector_ok::<T>(q.layout, table.rotary_dim, q.base)
+        && vector_ok::<T>(k.layout, table.rotary_dim, k.base);
+    let elem = T::DTYPE.size();
+    let params = sys::LongctxRopeParams {
+        q: tensor(q.layout, q.base, elem),
+        k: tensor(k.layout, k.base, elem),
         positions,
-        inv_freq,
-        tokens: checked.tokens,
+        inv_freq: table.inv_freq,
+        tokens: tokens32,
         rotary_dim: table.rotary_dim as u32,
         style: match opts.style {
             RopeStyle::Neox => sys::LONGCTX_ROPE_STYLE_NEOX,
@@ -272,28 +338,34 @@ fn make_params(
             AnglePrecision::F32 => sys::LONGCTX_ROPE_ANGLE_F32,
         },
         attention_factor: table.attention_factor,
+    };
+    if params.tokens == 0 || (params.q.heads == 0 && params.k.heads == 0) {
+        return Ok(None);
     }
+    Ok(Some(KernelLaunch {
+        id: kernel_id(T::DTYPE, vectorized),
+        params,
+        grid: (params.tokens, 1, 1),
+        block: (THREADS, 1, 1),
+        smem_bytes: 0,
+    }))
 }
 
-fn launch(dev: &Device, id: KernelId, params: &sys::LongctxRopeParams) -> Result<()> {
-    if params.tokens == 0 || (params.q.heads == 0 && params.k.heads == 0) {
+fn launch(dev: &Device, l: Option<KernelLaunch<sys::LongctxRopeParams>>) -> Result<()> {
+    let Some(l) = l else {
         return Ok(());
-    }
-    let func = dev.function(id)?;
-    let cfg = LaunchConfig {
-        grid_dim: (params.tokens, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
     };
+    let func = dev.function(l.id)?;
     let mut builder = dev.stream().launch_builder(&func);
-    builder.arg(params);
-    // SAFETY: the caller validated that every (token, head, channel < rotary_dim) address of
-    // q and k lies inside its live buffer, that q and k do not overlap, that positions has
-    // `tokens` non-negative entries and inv_freq rotary_dim / 2 entries on this context, that
-    // vectorized kernels see 16-byte aligned addresses and strides, and that all counts fit
-    // the kernel's 32-bit indexing. The device pointer guards are held by the caller until
-    // this returns, i.e. until the launch is queued.
-    unsafe { builder.launch(cfg) }
+    builder.arg(&l.params);
+    // SAFETY: plan_launch validated that every (token, head, channel < rotary_dim) address
+    // of q and k lies inside its live buffer, that q and k do not overlap, that vectorized
+    // kernels see 16-byte aligned addresses and strides, and that all counts fit the
+    // kernel's 32-bit indexing; positions has `tokens` non-negative entries and inv_freq
+    // rotary_dim / 2 entries on this context (checked on upload and by check_owned). The
+    // device pointer guards are held by the caller until this returns, i.e. until the
+    // launch is queued.
+    unsafe { builder.launch(l.config()) }
         .map(|_| ())
         .map_err(cuda_err(OP))
 }
@@ -320,9 +392,7 @@ pub fn apply_rope<T: Element>(
     k: &HeadsLayout,
     opts: RopeOptions,
 ) -> Result<()> {
-    let tokens = check_common(table, positions, dev)?;
-    check_view(table, q, "q", q_buf.len(), positions.len())?;
-    check_view(table, k, "k", k_buf.len(), positions.len())?;
+    check_owned(table, positions, dev)?;
     if !dev.owns(q_buf) || !dev.owns(k_buf) {
         return Err(Error::invalid(
             OP,
@@ -333,22 +403,19 @@ pub fn apply_rope<T: Element>(
     let stream = dev.stream();
     let (pos_ptr, _pg) = positions.data.device_ptr(stream);
     let (inv_ptr, _ig) = table.inv_freq.device_ptr(stream);
+    let (q_len, k_len) = (q_buf.len(), k_buf.len());
     let (q_ptr, _qg) = q_buf.device_ptr_mut(stream);
     let (k_ptr, _kg) = k_buf.device_ptr_mut(stream);
-    let vectorized =
-        vector_ok::<T>(q, table.rotary_dim, q_ptr) && vector_ok::<T>(k, table.rotary_dim, k_ptr);
-    let checked = Checked { tokens, vectorized };
-    let elem = T::DTYPE.size();
-    let params = make_params(
-        table,
-        tensor(q, q_ptr, elem),
-        tensor(k, k_ptr, elem),
+    let l = plan_launch::<T>(
+        &table.info(inv_ptr),
         pos_ptr,
-        inv_ptr,
-        &checked,
+        positions.len(),
+        ViewArg { layout: q, buffer_len: q_len, base: q_ptr },
+        ViewArg { layout: k, buffer_len: k_len, base: k_ptr },
+        false,
         opts,
-    );
-    launch(dev, kernel_id(T::DTYPE, checked.vectorized), &params)
+    )?;
+    launch(dev, l)
 }
 
 /// Rotates Q and K that are two views of one buffer (for example a packed QKV projection
@@ -366,9 +433,7 @@ pub fn apply_rope_packed<T: Element>(
     k: &HeadsLayout,
     opts: RopeOptions,
 ) -> Result<()> {
-    let tokens = check_common(table, positions, dev)?;
-    check_view(table, q, "q", buf.len(), positions.len())?;
-    check_view(table, k, "k", buf.len(), positions.len())?;
+    check_owned(table, positions, dev)?;
     if !dev.owns(buf) {
         return Err(Error::invalid(
             OP,
@@ -376,29 +441,19 @@ pub fn apply_rope_packed<T: Element>(
             "buffer lives on another device context",
         ));
     }
-    if q.heads > 0 && k.heads > 0 && q.may_overlap(k, OP)? {
-        return Err(Error::invalid(
-            OP,
-            "q/k",
-            format!("views may overlap: q {q:?}, k {k:?}; in-place rotation needs disjoint views"),
-        ));
-    }
     let stream = dev.stream();
     let (pos_ptr, _pg) = positions.data.device_ptr(stream);
     let (inv_ptr, _ig) = table.inv_freq.device_ptr(stream);
+    let len = buf.len();
     let (ptr, _bg) = buf.device_ptr_mut(stream);
-    let vectorized =
-        vector_ok::<T>(q, table.rotary_dim, ptr) && vector_ok::<T>(k, table.rotary_dim, ptr);
-    let checked = Checked { tokens, vectorized };
-    let elem = T::DTYPE.size();
-    let params = make_params(
-        table,
-        tensor(q, ptr, elem),
-        tensor(k, ptr, elem),
+    let l = plan_launch::<T>(
+        &table.info(inv_ptr),
         pos_ptr,
-        inv_ptr,
-        &checked,
+        positions.len(),
+        ViewArg { layout: q, buffer_len: len, base: ptr },
+        ViewArg { layout: k, buffer_len: len, base: ptr },
+        true,
         opts,
-    );
-    launch(dev, kernel_id(T::DTYPE, checked.vectorized), &params)
+    )?;
+    launch(dev, l)
 }

@@ -9,7 +9,7 @@
 mod plan;
 pub mod reference;
 
-mod cuda;
+pub(crate) mod cuda;
 
 pub use plan::*;
 

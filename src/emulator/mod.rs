@@ -1,0 +1,259 @@
+//! The CPU emulator: runs the crate's CUDA kernel sources themselves on the CPU, with race
+//! and bounds checkers, so kernels are proven on machines without a GPU.
+//!
+//! Enabled by the `emulator` feature (the crate's own tests always enable it). The kernel
+//! files in `kernels/` are compiled with the host C++ compiler against
+//! `kernels/emu/cuda_emu.h`; each launch runs every CTA of its grid, one after another, with
+//! every CUDA thread as a fiber that switches at barriers and warp collectives, so a run is
+//! deterministic. `mma.sync`, `ldmatrix`, `cp.async`, shuffles, votes and the MUFU
+//! approximations have exact twins written from the PTX ISA manual. A launch fails with
+//! [`Error::Emulator`] naming kernel, block, thread and address on: a shared-memory race
+//! (a byte written by one thread and touched by another with no barrier, or no `__syncwarp`
+//! or collective within a warp, between them), a read of shared memory never written, a
+//! shared access outside every allocation, a read of a `cp.async` destination before a wait
+//! covers it, a global access outside the launch's buffers or a write to an input, lanes
+//! that disagree at a warp collective, a barrier some threads skip or exit before, a trap.
+//!
+//! The op functions here mirror the GPU ones with host slices in place of device buffers;
+//! validation, params, grid and shared memory come from the same functions the CUDA path
+//! calls. What the emulator cannot show: speed, the real memory model (it runs threads in a
+//! fixed interleaving), and nvcc's code generation (FMA contraction, register allocation).
+//! docs/NOTES.md has the design.
+
+use std::any::TypeId;
+use std::ffi::{c_char, c_void, CStr};
+
+use crate::error::{Error, Result};
+use crate::kernel_id::KernelId;
+use crate::launch::KernelLaunch;
+use crate::sys;
+
+mod ops;
+pub use ops::*;
+
+#[repr(C)]
+struct EmuBuffer {
+    base: u64,
+    bytes: u64,
+    writable: u32,
+    pad: u32,
+    name: *const c_char,
+}
+
+#[repr(C)]
+struct EmuLaunch {
+    kernel: *const c_char,
+    tramp: unsafe extern "C" fn(*const c_void, *const c_void),
+    entry: *const c_void,
+    params: *const c_void,
+    grid: [u32; 3],
+    block: [u32; 3],
+    dyn_smem: u32,
+    pad: u32,
+    buffers: *const EmuBuffer,
+    n_buffers: u64,
+}
+
+extern "C" {
+    fn longctx_emu_launch(launch: *const EmuLaunch, err: *mut c_char, err_len: u64) -> i32;
+}
+
+/// Which compiled copy of a kernel runs: the portable code (what compute_80 PTX and the
+/// sm_80/86/89 cubins hold) or the sm_90a code (H100, H200), whose attention tiles differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Arch {
+    /// The portable tile shapes (PTX arch 80).
+    Sm80,
+    /// The sm_90a tile shapes (PTX arch 90).
+    Sm90,
+}
+
+impl Arch {
+    /// The PTX arch number the plan's tile table is keyed by.
+    pub fn ptx_arch(self) -> u32 {
+        match self {
+            Arch::Sm80 => 80,
+            Arch::Sm90 => 90,
+        }
+    }
+}
+
+/// One host buffer a launch may touch.
+pub(crate) struct HostBuf {
+    base: u64,
+    bytes: u64,
+    writable: bool,
+    name: &'static CStr,
+}
+
+impl HostBuf {
+    pub(crate) fn input<T>(s: &[T], name: &'static CStr) -> Self {
+        HostBuf {
+            base: s.as_ptr() as u64,
+            bytes: std::mem::size_of_val(s) as u64,
+            writable: false,
+            name,
+        }
+    }
+    pub(crate) fn output<T>(s: &mut [T], name: &'static CStr) -> Self {
+        HostBuf {
+            base: s.as_mut_ptr() as u64,
+            bytes: std::mem::size_of_val(s) as u64,
+            writable: true,
+            name,
+        }
+    }
+    pub(crate) fn addr(&self) -> u64 {
+        self.base
+    }
+}
+
+macro_rules! entries {
+    ($($id:ident => $sym:ident, $sym90:ident : $p:ty;)*) => {
+        extern "C" {
+            $(fn $sym(p: $p);)*
+        }
+        /// The emulated entry point of `id` for `arch` and the type of its params.
+        fn entry(id: KernelId, arch: Arch) -> (*const c_void, TypeId) {
+            match id {
+                $(KernelId::$id => {
+                    let f: unsafe extern "C" fn($p) = match arch {
+                        Arch::Sm80 => $sym,
+                        Arch::Sm90 => $sym90,
+                    };
+                    (f as *const c_void, TypeId::of::<$p>())
+                })*
+            }
+        }
+    };
+}
+
+macro_rules! sm90_entries {
+    ($($sym:ident : $p:ty;)*) => {
+        extern "C" {
+            $(fn $sym(p: $p);)*
+        }
+    };
+}
+
+sm90_entries! {
+    longctx_attn_fwd_f16_hd64_emu_sm90: sys::LongctxAttnParams;
+    longctx_attn_fwd_f16_hd96_emu_sm90: sys::LongctxAttnParams;
+    longctx_attn_fwd_f16_hd128_emu_sm90: sys::LongctxAttnParams;
+    longctx_attn_fwd_f16_hd192_dv128_emu_sm90: sys::LongctxAttnParams;
+    longctx_attn_fwd_f16_hd256_emu_sm90: sys::LongctxAttnParams;
+    longctx_attn_fwd_bf16_hd64_emu_sm90: sys::LongctxAttnParams;
+    longctx_attn_fwd_bf16_hd96_emu_sm90: sys::LongctxAttnParams;
+    longctx_attn_fwd_bf16_hd128_emu_sm90: sys::LongctxAttnParams;
+    longctx_attn_fwd_bf16_hd192_dv128_emu_sm90: sys::LongctxAttnParams;
+    longctx_attn_fwd_bf16_hd256_emu_sm90: sys::LongctxAttnParams;
+}
+
+entries! {
+    RopeF32Vec => longctx_rope_f32_vec, longctx_rope_f32_vec: sys::LongctxRopeParams;
+    RopeF32Scalar => longctx_rope_f32_scalar, longctx_rope_f32_scalar: sys::LongctxRopeParams;
+    RopeF16Vec => longctx_rope_f16_vec, longctx_rope_f16_vec: sys::LongctxRopeParams;
+    RopeF16Scalar => longctx_rope_f16_scalar, longctx_rope_f16_scalar: sys::LongctxRopeParams;
+    RopeBf16Vec => longctx_rope_bf16_vec, longctx_rope_bf16_vec: sys::LongctxRopeParams;
+    RopeBf16Scalar => longctx_rope_bf16_scalar, longctx_rope_bf16_scalar: sys::LongctxRopeParams;
+    AttnFwdF16Hd64 => longctx_attn_fwd_f16_hd64, longctx_attn_fwd_f16_hd64_emu_sm90: sys::LongctxAttnParams;
+    AttnFwdF16Hd96 => longctx_attn_fwd_f16_hd96, longctx_attn_fwd_f16_hd96_emu_sm90: sys::LongctxAttnParams;
+    AttnFwdF16Hd128 => longctx_attn_fwd_f16_hd128, longctx_attn_fwd_f16_hd128_emu_sm90: sys::LongctxAttnParams;
+    AttnFwdF16Hd192Dv128 => longctx_attn_fwd_f16_hd192_dv128, longctx_attn_fwd_f16_hd192_dv128_emu_sm90: sys::LongctxAttnParams;
+    AttnFwdF16Hd256 => longctx_attn_fwd_f16_hd256, longctx_attn_fwd_f16_hd256_emu_sm90: sys::LongctxAttnParams;
+    AttnFwdBf16Hd64 => longctx_attn_fwd_bf16_hd64, longctx_attn_fwd_bf16_hd64_emu_sm90: sys::LongctxAttnParams;
+    AttnFwdBf16Hd96 => longctx_attn_fwd_bf16_hd96, longctx_attn_fwd_bf16_hd96_emu_sm90: sys::LongctxAttnParams;
+    AttnFwdBf16Hd128 => longctx_attn_fwd_bf16_hd128, longctx_attn_fwd_bf16_hd128_emu_sm90: sys::LongctxAttnParams;
+    AttnFwdBf16Hd192Dv128 => longctx_attn_fwd_bf16_hd192_dv128, longctx_attn_fwd_bf16_hd192_dv128_emu_sm90: sys::LongctxAttnParams;
+    AttnFwdBf16Hd256 => longctx_attn_fwd_bf16_hd256, longctx_attn_fwd_bf16_hd256_emu_sm90: sys::LongctxAttnParams;
+    MoeGateWarpF32 => longctx_moe_gate_warp_f32, longctx_moe_gate_warp_f32: sys::LongctxMoeGateParams;
+    MoeGateWarpBf16 => longctx_moe_gate_warp_bf16, longctx_moe_gate_warp_bf16: sys::LongctxMoeGateParams;
+    MoeGateBlockF32 => longctx_moe_gate_block_f32, longctx_moe_gate_block_f32: sys::LongctxMoeGateParams;
+    MoeGateBlockBf16 => longctx_moe_gate_block_bf16, longctx_moe_gate_block_bf16: sys::LongctxMoeGateParams;
+    MoeGateBwdF32 => longctx_moe_gate_bwd_f32, longctx_moe_gate_bwd_f32: sys::LongctxMoeGateBwdParams;
+    MoeGateBwdBf16 => longctx_moe_gate_bwd_bf16, longctx_moe_gate_bwd_bf16: sys::LongctxMoeGateBwdParams;
+    MoeStatsF32 => longctx_moe_stats_f32, longctx_moe_stats_f32: sys::LongctxMoeStatsParams;
+    MoeStatsBf16 => longctx_moe_stats_bf16, longctx_moe_stats_bf16: sys::LongctxMoeStatsParams;
+    MoeLoss => longctx_moe_loss, longctx_moe_loss: sys::LongctxMoeLossParams;
+    MoeBiasUpdate => longctx_moe_bias_update, longctx_moe_bias_update: sys::LongctxMoeBiasParams;
+    MoeCount => longctx_moe_count, longctx_moe_count: sys::LongctxMoePermuteParams;
+    MoeScan => longctx_moe_scan, longctx_moe_scan: sys::LongctxMoePermuteParams;
+    MoeScatter => longctx_moe_scatter, longctx_moe_scatter: sys::LongctxMoePermuteParams;
+    MoeGatherF32 => longctx_moe_gather_f32, longctx_moe_gather_f32: sys::LongctxMoeGatherParams;
+    MoeGatherBf16 => longctx_moe_gather_bf16, longctx_moe_gather_bf16: sys::LongctxMoeGatherParams;
+    MoeCombineF32 => longctx_moe_combine_f32, longctx_moe_combine_f32: sys::LongctxMoeCombineParams;
+    MoeCombineBf16 => longctx_moe_combine_bf16, longctx_moe_combine_bf16: sys::LongctxMoeCombineParams;
+    MoeCombineDwF32 => longctx_moe_combine_dw_f32, longctx_moe_combine_dw_f32: sys::LongctxMoeCombineDwParams;
+    MoeCombineDwBf16 => longctx_moe_combine_dw_bf16, longctx_moe_combine_dw_bf16: sys::LongctxMoeCombineDwParams;
+}
+
+/// What every emulated CUDA thread runs: the kernel entry with the launch's params.
+unsafe extern "C" fn trampoline<P: Copy>(entry: *const c_void, params: *const c_void) {
+    // SAFETY: `run` pairs `entry` with a `P` whose TypeId matches the entry's declared
+    // params type, and `params` points at a live `P` for the whole launch.
+    unsafe {
+        let f: unsafe extern "C" fn(P) = std::mem::transmute(entry);
+        f(*(params as *const P))
+    }
+}
+
+/// Runs `l` on the CPU with `bufs` as the only memory it may touch outside shared memory.
+pub(crate) fn run<P: Copy + 'static>(
+    op: &'static str,
+    l: &KernelLaunch<P>,
+    arch: Arch,
+    bufs: &[HostBuf],
+) -> Result<()> {
+    let (entry_ptr, ty) = entry(l.id, arch);
+    if ty != TypeId::of::<P>() {
+        return Err(Error::Emulator {
+            op,
+            message: format!("params type does not match kernel {}", l.id.symbol()),
+        });
+    }
+    let name = std::ffi::CString::new(match arch {
+        Arch::Sm80 => l.id.symbol().to_string(),
+        Arch::Sm90 => format!("{} (sm_90a tiles)", l.id.symbol()),
+    })
+    .map_err(|_| Error::Emulator {
+        op,
+        message: "kernel name with a NUL".into(),
+    })?;
+    let raw: Vec<EmuBuffer> = bufs
+        .iter()
+        .filter(|b| b.bytes > 0)
+        .map(|b| EmuBuffer {
+            base: b.base,
+            bytes: b.bytes,
+            writable: u32::from(b.writable),
+            pad: 0,
+            name: b.name.as_ptr(),
+        })
+        .collect();
+    let desc = EmuLaunch {
+        kernel: name.as_ptr(),
+        tramp: trampoline::<P>,
+        entry: entry_ptr,
+        params: &l.params as *const P as *const c_void,
+        grid: [l.grid.0, l.grid.1, l.grid.2],
+        block: [l.block.0, l.block.1, l.block.2],
+        dyn_smem: l.smem_bytes,
+        pad: 0,
+        buffers: raw.as_ptr(),
+        n_buffers: raw.len() as u64,
+    };
+    let mut err = vec![0 as c_char; 4096];
+    // SAFETY: `desc` and everything it points at (name, params, buffer list) outlive the
+    // call, which runs the launch to completion before returning. The buffers are live host
+    // slices borrowed by the caller for the duration; the kernel's accesses outside them
+    // are caught by the runtime before they happen.
+    let rc = unsafe { longctx_emu_launch(&desc, err.as_mut_ptr(), err.len() as u64) };
+    if rc == 0 {
+        return Ok(());
+    }
+    // SAFETY: the runtime NUL-terminates the message within `err`.
+    let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    Err(Error::Emulator { op, message: msg })
+}

@@ -1,0 +1,215 @@
+//! The ops on host buffers, through the emulator. Each takes the GPU op's arguments with
+//! host slices in place of device buffers and runs the same validation and launch planning
+//! (the ops' `plan_launch`), then the real kernel on the CPU.
+
+use std::ffi::CStr;
+
+use super::{run, Arch, HostBuf};
+use crate::attention::cuda::{plan_launch as attn_plan, Addrs, Layouts};
+use crate::attention::{
+    validate_cu_seqlens, AttentionOptions, AttnElement, CallShape, TileConfig, ViewShape,
+};
+use crate::dtype::Element;
+use crate::error::Result;
+use crate::layout::HeadsLayout;
+use crate::rope::cuda::{check_positions, plan_launch as rope_plan, table_info, ViewArg};
+use crate::rope::{RopeConfig, RopeOptions};
+
+fn name(s: &'static [u8]) -> &'static CStr {
+    // Only called with literals ending in NUL.
+    CStr::from_bytes_with_nul(s).unwrap_or(c"buffer")
+}
+
+/// [`crate::rope::apply_rope`] on the CPU: rotates `q` and `k` (separate buffers) in place
+/// with `config`'s table for sequences of `seq_len` tokens.
+///
+/// # Errors
+/// As the GPU op, plus [`Error::Emulator`](crate::Error::Emulator) when the kernel misbehaves.
+#[allow(clippy::too_many_arguments)]
+pub fn apply_rope<T: Element>(
+    config: &RopeConfig,
+    seq_len: usize,
+    positions: &[i32],
+    q: &mut [T],
+    q_layout: &HeadsLayout,
+    k: &mut [T],
+    k_layout: &HeadsLayout,
+    opts: RopeOptions,
+) -> Result<()> {
+    check_positions(positions)?;
+    let (inv, mut info) = table_info(config, seq_len)?;
+    let inv_buf = HostBuf::input(&inv, name(b"inv_freq\0"));
+    let pos_buf = HostBuf::input(positions, name(b"positions\0"));
+    info.inv_freq = inv_buf.addr();
+    let (q_len, k_len) = (q.len(), k.len());
+    let q_buf = HostBuf::output(q, name(b"q\0"));
+    let k_buf = HostBuf::output(k, name(b"k\0"));
+    let l = rope_plan::<T>(
+        &info,
+        pos_buf.addr(),
+        positions.len(),
+        ViewArg {
+            layout: q_layout,
+            buffer_len: q_len,
+            base: q_buf.addr(),
+        },
+        ViewArg {
+            layout: k_layout,
+            buffer_len: k_len,
+            base: k_buf.addr(),
+        },
+        false,
+        opts,
+    )?;
+    match l {
+        Some(l) => run("rope", &l, Arch::Sm80, &[inv_buf, pos_buf, q_buf, k_buf]),
+        None => Ok(()),
+    }
+}
+
+/// [`crate::rope::apply_rope_packed`] on the CPU: Q and K are two disjoint views of `buf`.
+///
+/// # Errors
+/// As the GPU op, plus [`Error::Emulator`](crate::Error::Emulator) when the kernel misbehaves.
+pub fn apply_rope_packed<T: Element>(
+    config: &RopeConfig,
+    seq_len: usize,
+    positions: &[i32],
+    buf: &mut [T],
+    q_layout: &HeadsLayout,
+    k_layout: &HeadsLayout,
+    opts: RopeOptions,
+) -> Result<()> {
+    check_positions(positions)?;
+    let (inv, mut info) = table_info(config, seq_len)?;
+    let inv_buf = HostBuf::input(&inv, name(b"inv_freq\0"));
+    let pos_buf = HostBuf::input(positions, name(b"positions\0"));
+    info.inv_freq = inv_buf.addr();
+    let len = buf.len();
+    let b = HostBuf::output(buf, name(b"qk\0"));
+    let l = rope_plan::<T>(
+        &info,
+        pos_buf.addr(),
+        positions.len(),
+        ViewArg {
+            layout: q_layout,
+            buffer_len: len,
+            base: b.addr(),
+        },
+        ViewArg {
+            layout: k_layout,
+            buffer_len: len,
+            base: b.addr(),
+        },
+        true,
+        opts,
+    )?;
+    match l {
+        Some(l) => run("rope", &l, Arch::Sm80, &[inv_buf, pos_buf, b]),
+        None => Ok(()),
+    }
+}
+
+/// The inputs of one attention call on the host.
+#[derive(Debug, Clone, Copy)]
+pub struct HostQkv<'a, T> {
+    /// Holds Q.
+    pub q: &'a [T],
+    /// `[total_q, heads_q, head_dim]`.
+    pub q_layout: HeadsLayout,
+    /// Holds K.
+    pub k: &'a [T],
+    /// `[total_k, heads_kv, head_dim]`.
+    pub k_layout: HeadsLayout,
+    /// Holds V.
+    pub v: &'a [T],
+    /// `[total_k, heads_kv, head_dim_v]`.
+    pub v_layout: HeadsLayout,
+}
+
+/// [`crate::attention::attention_forward`] on the CPU, running the code compiled for
+/// `arch` (its tile shape). `lse`, if given, receives f32 `[heads_q, total_q]`.
+///
+/// # Errors
+/// As the GPU op, plus [`Error::Emulator`](crate::Error::Emulator) when the kernel misbehaves.
+pub fn attention_forward<T: AttnElement>(
+    arch: Arch,
+    x: &HostQkv<'_, T>,
+    o: &mut [T],
+    o_layout: HeadsLayout,
+    lse: Option<&mut [f32]>,
+    cu_seqlens_q: &[i32],
+    cu_seqlens_k: &[i32],
+    opts: &AttentionOptions,
+) -> Result<()> {
+    validate_cu_seqlens(cu_seqlens_q, cu_seqlens_k)?;
+    let lse_len = lse.as_ref().map(|l| l.len());
+    let c = CallShape {
+        q: ViewShape {
+            layout: x.q_layout,
+            buffer_len: x.q.len(),
+        },
+        k: ViewShape {
+            layout: x.k_layout,
+            buffer_len: x.k.len(),
+        },
+        v: ViewShape {
+            layout: x.v_layout,
+            buffer_len: x.v.len(),
+        },
+        o: ViewShape {
+            layout: o_layout,
+            buffer_len: o.len(),
+        },
+        lse_len,
+        cu_seqlens_q,
+        cu_seqlens_k,
+    }
+    .validate(opts)?;
+    if c.heads_q == 0 || c.total_q == 0 {
+        return Ok(());
+    }
+    let tiles = TileConfig::for_code(c.tiles.head_dim, c.tiles.head_dim_v, arch.ptx_arch())?;
+    let mut bufs = vec![
+        HostBuf::input(x.q, name(b"q\0")),
+        HostBuf::input(x.k, name(b"k\0")),
+        HostBuf::input(x.v, name(b"v\0")),
+        HostBuf::input(cu_seqlens_q, name(b"cu_seqlens_q\0")),
+        HostBuf::input(cu_seqlens_k, name(b"cu_seqlens_k\0")),
+        HostBuf::output(o, name(b"o\0")),
+    ];
+    let lse_addr = match lse {
+        Some(l) => {
+            let b = HostBuf::output(l, name(b"lse\0"));
+            let a = b.addr();
+            bufs.push(b);
+            a
+        }
+        None => 0,
+    };
+    let addrs = Addrs {
+        q: bufs[0].addr(),
+        k: bufs[1].addr(),
+        v: bufs[2].addr(),
+        cu_seqlens_q: bufs[3].addr(),
+        cu_seqlens_k: bufs[4].addr(),
+        o: bufs[5].addr(),
+        lse: lse_addr,
+    };
+    let l = attn_plan::<T>(
+        &c,
+        &tiles,
+        tiles.smem_bytes(),
+        &Layouts {
+            q: x.q_layout,
+            k: x.k_layout,
+            v: x.v_layout,
+            o: o_layout,
+        },
+        &addrs,
+    )?;
+    if l.grid.0 == 0 {
+        return Ok(());
+    }
+    run("attention", &l, arch, &bufs)
+}
