@@ -253,6 +253,8 @@ fn build_emulator(kernels: &Path) {
         .flag("-fno-rtti")
         .flag("-fno-strict-aliasing")
         .flag("-ffp-contract=off")
+        // Messages name kernel files relative to the crate, wherever it was built.
+        .flag(format!("-fmacro-prefix-map={}=kernels", kernels.display()))
         .flag("-include")
         .flag(kernels.join("emu/cuda_emu.h").to_str().expect("kernel path is UTF-8"));
     // One object per unit: each compiled through a wrapper that includes it (cc names objects

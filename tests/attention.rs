@@ -590,6 +590,7 @@ mod gpu {
     use cudarc::driver::CudaSlice;
     use longctx::attention::{attention_forward, AttnElement, AttnOutput, Qkv, SeqLens};
     use longctx::device::Device;
+    use longctx::emulator;
 
     /// How the tensors sit in their buffers.
     #[derive(Debug, Clone, Copy, PartialEq)]
@@ -725,18 +726,40 @@ mod gpu {
         }
     }
 
-    fn upload<T: Element>(dev: &Device, host: &[f64]) -> CudaSlice<T> {
-        let v: Vec<T> = host.iter().map(|&x| T::from_f64(x)).collect();
-        dev.upload(&v).expect("upload")
+    fn convert<T: Element>(host: &[f64]) -> Vec<T> {
+        host.iter().map(|&x| T::from_f64(x)).collect()
+    }
+
+    /// Host buffers and views of one case.
+    pub struct HostBufs<T> {
+        pub q: Vec<T>,
+        pub k: Option<Vec<T>>,
+        pub v: Option<Vec<T>>,
+        pub ql: HeadsLayout,
+        pub kl: HeadsLayout,
+        pub vl: HeadsLayout,
     }
 
     pub fn place<T: Element>(dev: &Device, h: &Host, placement: Placement) -> Bufs<T> {
+        let hb = place_host::<T>(h, placement);
+        let up = |v: &Vec<T>| dev.upload(v).expect("upload");
+        Bufs {
+            q: up(&hb.q),
+            k: hb.k.as_ref().map(up),
+            v: hb.v.as_ref().map(up),
+            ql: hb.ql,
+            kl: hb.kl,
+            vl: hb.vl,
+        }
+    }
+
+    pub fn place_host<T: Element>(h: &Host, placement: Placement) -> HostBufs<T> {
         let (tq, tk) = (h.cu_q[h.cu_q.len() - 1], h.cu_k[h.cu_k.len() - 1]);
         match placement {
-            Placement::Contiguous => Bufs {
-                q: upload(dev, &h.q),
-                k: Some(upload(dev, &h.k)),
-                v: Some(upload(dev, &h.v)),
+            Placement::Contiguous => HostBufs {
+                q: convert(&h.q),
+                k: Some(convert(&h.k)),
+                v: Some(convert(&h.v)),
                 ql: HeadsLayout::contiguous(tq, h.hq, h.d),
                 kl: HeadsLayout::contiguous(tk, h.hkv, h.d),
                 vl: HeadsLayout::contiguous(tk, h.hkv, h.dv),
@@ -751,11 +774,11 @@ mod gpu {
                 for (l, x) in [(&ql, &h.q), (&kl, &h.k), (&vl, &h.v)] {
                     let mut b = vec![0.0; l.offset + l.tokens * l.token_stride + 8];
                     scatter(&mut b, l, x);
-                    bufs.push(upload::<T>(dev, &b));
+                    bufs.push(convert::<T>(&b));
                 }
                 let v = bufs.pop();
                 let k = bufs.pop();
-                Bufs {
+                HostBufs {
                     q: bufs.remove(0),
                     k,
                     v,
@@ -791,8 +814,8 @@ mod gpu {
                 scatter(&mut b, &ql, &h.q);
                 scatter(&mut b, &kl, &h.k);
                 scatter(&mut b, &vl, &h.v);
-                Bufs {
-                    q: upload(dev, &b),
+                HostBufs {
+                    q: convert(&b),
                     k: None,
                     v: None,
                     ql,
@@ -852,8 +875,60 @@ mod gpu {
         Ok((gather(&raw, &ol), lse_host, raw, ol))
     }
 
+    /// Runs one case through the emulator (the kernel source, on the CPU), with the tile
+    /// shape of `arch`'s code. Returns what [`run_gpu`] returns.
+    pub fn run_emu<T: AttnElement>(
+        arch: emulator::Arch,
+        h: &Host,
+        b: &HostBufs<T>,
+        opts: &AttentionOptions,
+        o_padded: bool,
+        with_lse: bool,
+    ) -> Result<GpuOut<T>, Error> {
+        let tq = h.cu_q[h.cu_q.len() - 1];
+        let cu = |v: &[usize]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
+        let ol = if o_padded {
+            padded(tq, h.hq, h.dv)
+        } else {
+            HeadsLayout::contiguous(tq, h.hq, h.dv)
+        };
+        let o_len = if o_padded {
+            ol.offset + tq * ol.token_stride + 8
+        } else {
+            tq * h.hq * h.dv
+        }
+        .max(1);
+        let mut o = vec![T::from_f64(7.0); o_len];
+        let mut lse = vec![f32::NAN; (h.hq * tq).max(1)];
+        let qkv = emulator::HostQkv {
+            q: &b.q,
+            q_layout: b.ql,
+            k: b.k.as_deref().unwrap_or(&b.q),
+            k_layout: b.kl,
+            v: b.v.as_deref().unwrap_or(&b.q),
+            v_layout: b.vl,
+        };
+        emulator::attention_forward(
+            arch,
+            &qkv,
+            &mut o,
+            ol,
+            if with_lse { Some(&mut lse) } else { None },
+            &cu(&h.cu_q),
+            &cu(&h.cu_k),
+            opts,
+        )?;
+        Ok((gather(&o, &ol), lse, o, ol))
+    }
+
+    /// Where a parity case runs.
+    pub enum Backend<'a> {
+        Gpu(&'a Device),
+        Emulator(emulator::Arch),
+    }
+
     fn parity_case<T: AttnElement>(
-        dev: &Device,
+        backend: &Backend<'_>,
         c: &Case,
     ) -> Result<(ErrorStats, ErrorStats), TestCaseError> {
         let (d, dv) = c.dims;
@@ -878,15 +953,27 @@ mod gpu {
         let p = host.problem(scale, c.softcap.map(f64::from), c.mask);
         let want = attention_f64(&p).expect("reference");
         // The tile shape the device runs (the sm_90a cubin's on H100/H200).
-        let cfg = longctx::attention::device_tile_config::<T>(dev, d, dv).expect("supported");
+        let cfg = match backend {
+            Backend::Gpu(dev) => longctx::attention::device_tile_config::<T>(dev, d, dv),
+            Backend::Emulator(arch) => TileConfig::for_code(d, dv, arch.ptx_arch()),
+        }
+        .expect("supported");
         let (cpu, _) =
             attention_tiled_f32(&p, Tiles::from(&cfg), round32).expect("tiled reference");
         let cpu_err = compare(&cpu.o, &cpu.lse, &want);
 
-        let bufs = place::<T>(dev, &host, c.placement);
         let o_padded = c.placement == Placement::Padded;
-        let (o, lse, raw, ol) =
-            run_gpu(dev, &host, &bufs, &opts, o_padded, c.with_lse).expect("launch");
+        let (o, lse, raw, ol) = match backend {
+            Backend::Gpu(dev) => {
+                let bufs = place::<T>(dev, &host, c.placement);
+                run_gpu(dev, &host, &bufs, &opts, o_padded, c.with_lse).expect("launch")
+            }
+            Backend::Emulator(arch) => {
+                let bufs = place_host::<T>(&host, c.placement);
+                run_emu(*arch, &host, &bufs, &opts, o_padded, c.with_lse)
+                    .map_err(|e| TestCaseError::fail(format!("{c:?}: {e}")))?
+            }
+        };
         let lse_cmp: Vec<f32> = if c.with_lse {
             lse.clone()
         } else {
@@ -935,6 +1022,39 @@ mod gpu {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(64);
+        parity_on::<T>(name, &Backend::Gpu(&dev), cases);
+    }
+
+    /// The GPU parity cases through the emulator, for both compiled tile shapes.
+    fn emu_parity<T: AttnElement>(name: &str, arch: emulator::Arch) {
+        let cases = std::env::var("LONGCTX_EMU_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(24);
+        parity_on::<T>(name, &Backend::Emulator(arch), cases);
+    }
+
+    #[test]
+    fn emu_parity_f16_sm80() {
+        emu_parity::<f16>("emu_parity_f16_sm80", emulator::Arch::Sm80);
+    }
+
+    #[test]
+    fn emu_parity_bf16_sm80() {
+        emu_parity::<bf16>("emu_parity_bf16_sm80", emulator::Arch::Sm80);
+    }
+
+    #[test]
+    fn emu_parity_f16_sm90() {
+        emu_parity::<f16>("emu_parity_f16_sm90", emulator::Arch::Sm90);
+    }
+
+    #[test]
+    fn emu_parity_bf16_sm90() {
+        emu_parity::<bf16>("emu_parity_bf16_sm90", emulator::Arch::Sm90);
+    }
+
+    fn parity_on<T: AttnElement>(name: &str, backend: &Backend<'_>, cases: u32) {
         let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
             cases,
             ..ProptestConfig::default()
@@ -942,7 +1062,7 @@ mod gpu {
         let worst = std::cell::Cell::new((ErrorStats::default(), ErrorStats::default()));
         runner
             .run(&case_strategy(), |c| {
-                let (g, cpu) = parity_case::<T>(&dev, &c)?;
+                let (g, cpu) = parity_case::<T>(backend, &c)?;
                 let (mut wg, mut wc) = worst.get();
                 if g.max_o > wg.max_o {
                     wg = g;
@@ -975,6 +1095,21 @@ mod gpu {
         let Some(dev) = common::gpu("gpu_parity_edges") else {
             return;
         };
+        parity_edges(&Backend::Gpu(&dev));
+    }
+
+    /// The fixed edge cases through the emulator, for both compiled tile shapes.
+    #[test]
+    fn emu_parity_edges_sm80() {
+        parity_edges(&Backend::Emulator(emulator::Arch::Sm80));
+    }
+
+    #[test]
+    fn emu_parity_edges_sm90() {
+        parity_edges(&Backend::Emulator(emulator::Arch::Sm90));
+    }
+
+    fn parity_edges(backend: &Backend<'_>) {
         let dims_list = if sanitizer_run() {
             &SUPPORTED_HEAD_DIMS[2..3]
         } else {
@@ -982,7 +1117,13 @@ mod gpu {
         };
         for &dims in dims_list {
             // Edges of the tiles the device runs.
-            let cfg = longctx::attention::device_tile_config::<bf16>(&dev, dims.0, dims.1).unwrap();
+            let cfg = match backend {
+                Backend::Gpu(dev) => {
+                    longctx::attention::device_tile_config::<bf16>(dev, dims.0, dims.1)
+                }
+                Backend::Emulator(arch) => TileConfig::for_code(dims.0, dims.1, arch.ptx_arch()),
+            }
+            .unwrap();
             let (bm, bn) = (cfg.block_m, cfg.block_n);
             for (lens, mask) in [
                 (
@@ -1014,13 +1155,13 @@ mod gpu {
                         amp: 3.0,
                         seed: 1234,
                     };
-                    parity_case::<bf16>(&dev, &c).unwrap_or_else(|e| panic!("{e}"));
+                    parity_case::<bf16>(backend, &c).unwrap_or_else(|e| panic!("{e}"));
                     let c = Case {
                         softcap: None,
                         placement: Placement::Contiguous,
                         ..c
                     };
-                    parity_case::<f16>(&dev, &c).unwrap_or_else(|e| panic!("{e}"));
+                    parity_case::<f16>(backend, &c).unwrap_or_else(|e| panic!("{e}"));
                 }
             }
         }
