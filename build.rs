@@ -233,6 +233,7 @@ fn build_emulator(kernels: &Path) {
         ("rope/rope.cu", &[]),
         ("moe/moe.cu", &[]),
         ("attention/attention.cu", &[]),
+        ("emu/selftest.cu", &[]),
         // A namespace of its own, or the two copies' inline functions would be merged.
         (
             "attention/attention.cu",

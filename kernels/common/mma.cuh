@@ -56,6 +56,10 @@ struct MmaSite {
     }
 };
 #define mma_16816 ::longctx::MmaSite{__FILE__, __LINE__}.call
+#define ldmatrix_x1(r, addr) ::longctx_emu::ldmatrix(__FILE__, __LINE__, 1, false, (r), (addr))
+#define ldmatrix_x1_trans(r, addr) ::longctx_emu::ldmatrix(__FILE__, __LINE__, 1, true, (r), (addr))
+#define ldmatrix_x2(r, addr) ::longctx_emu::ldmatrix(__FILE__, __LINE__, 2, false, (r), (addr))
+#define ldmatrix_x2_trans(r, addr) ::longctx_emu::ldmatrix(__FILE__, __LINE__, 2, true, (r), (addr))
 #define ldmatrix_x4(r, addr) ::longctx_emu::ldmatrix(__FILE__, __LINE__, 4, false, (r), (addr))
 #define ldmatrix_x4_trans(r, addr) ::longctx_emu::ldmatrix(__FILE__, __LINE__, 4, true, (r), (addr))
 #else
@@ -80,6 +84,26 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
         "{%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// One 8x8 b16 matrix (lanes 0-7 give the row addresses), plain and transposed.
+__device__ __forceinline__ void ldmatrix_x1(uint32_t (&r)[1], uint32_t smem_addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(smem_addr));
+}
+__device__ __forceinline__ void ldmatrix_x1_trans(uint32_t (&r)[1], uint32_t smem_addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(smem_addr));
+}
+
+// Two 8x8 b16 matrices (lanes 0-15 give the row addresses), plain and transposed.
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], uint32_t smem_addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_addr));
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], uint32_t smem_addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_addr));
 }
 
 // Four 8x8 b16 matrices from shared memory (address: this lane's row, see the header).

@@ -3,6 +3,7 @@
 //   LONGCTX_SHARED_ARRAY(T, name, N)   a static array T name[N]
 //   LONGCTX_DYNAMIC_SMEM(T, name, A)   the launch's dynamic shared memory as T name[],
 //                                      aligned to A bytes
+//   smem_addr_of(p)                    shared-window address of a shared pointer
 //   dynamic_smem_size()                bytes of dynamic shared memory of the launch
 #pragma once
 #include <stdint.h>
@@ -19,6 +20,9 @@
 #endif
 
 namespace longctx {
+
+// The shared-window address of a pointer into shared memory (for cp.async and ldmatrix).
+__device__ __forceinline__ uint32_t smem_addr_of(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
 
 __device__ __forceinline__ uint32_t dynamic_smem_size() {
 #ifdef LONGCTX_EMU

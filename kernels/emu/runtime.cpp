@@ -498,6 +498,10 @@ void arrive_warp(const Coll& c) {
             o.site_line = c.line;
         }
         complete_warp_sync(warp, c.mask);
+        // The lane that completed the collective yields too, so that threads after it in
+        // the pass run up to their next synchronisation before this warp goes on: reads
+        // that need a barrier then see other warps' writes, and the race checker fires.
+        switch_to_scheduler();
     }
     block_until_runnable();
 }
@@ -805,6 +809,8 @@ void syncthreads(const char* file, int line) {
     }
     ++L.at_barrier;
     try_complete_barrier();
+    // Also the thread that completed the barrier: every thread resumes in order.
+    switch_to_scheduler();
     block_until_runnable();
 }
 

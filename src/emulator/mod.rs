@@ -29,6 +29,7 @@ use crate::launch::KernelLaunch;
 use crate::sys;
 
 mod ops;
+pub mod selftest;
 pub use ops::*;
 
 #[repr(C)]
@@ -189,8 +190,8 @@ entries! {
 
 /// What every emulated CUDA thread runs: the kernel entry with the launch's params.
 unsafe extern "C" fn trampoline<P: Copy>(entry: *const c_void, params: *const c_void) {
-    // SAFETY: `run` pairs `entry` with a `P` whose TypeId matches the entry's declared
-    // params type, and `params` points at a live `P` for the whole launch.
+    // SAFETY: `run_entry`'s contract pairs `entry` with its params type `P`, and `params`
+    // points at a live `P` for the whole launch.
     unsafe {
         let f: unsafe extern "C" fn(P) = std::mem::transmute(entry);
         f(*(params as *const P))
@@ -211,11 +212,31 @@ pub(crate) fn run<P: Copy + 'static>(
             message: format!("params type does not match kernel {}", l.id.symbol()),
         });
     }
-    let name = std::ffi::CString::new(match arch {
+    let name = match arch {
         Arch::Sm80 => l.id.symbol().to_string(),
         Arch::Sm90 => format!("{} (sm_90a tiles)", l.id.symbol()),
-    })
-    .map_err(|_| Error::Emulator {
+    };
+    // SAFETY: `entry` returned the entry point of `l.id`, whose params type is `P` (checked
+    // against the TypeId above).
+    unsafe { run_entry(op, &name, entry_ptr, &l.params, l.grid, l.block, l.smem_bytes, bufs) }
+}
+
+/// Runs the kernel at `entry_ptr` with `params`.
+///
+/// # Safety
+/// `entry_ptr` must be an emulated kernel entry (`extern "C" fn(P)`) taking exactly `P`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn run_entry<P: Copy>(
+    op: &'static str,
+    name: &str,
+    entry_ptr: *const c_void,
+    params: &P,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    smem_bytes: u32,
+    bufs: &[HostBuf],
+) -> Result<()> {
+    let name = std::ffi::CString::new(name).map_err(|_| Error::Emulator {
         op,
         message: "kernel name with a NUL".into(),
     })?;
@@ -234,17 +255,18 @@ pub(crate) fn run<P: Copy + 'static>(
         kernel: name.as_ptr(),
         tramp: trampoline::<P>,
         entry: entry_ptr,
-        params: &l.params as *const P as *const c_void,
-        grid: [l.grid.0, l.grid.1, l.grid.2],
-        block: [l.block.0, l.block.1, l.block.2],
-        dyn_smem: l.smem_bytes,
+        params: params as *const P as *const c_void,
+        grid: [grid.0, grid.1, grid.2],
+        block: [block.0, block.1, block.2],
+        dyn_smem: smem_bytes,
         pad: 0,
         buffers: raw.as_ptr(),
         n_buffers: raw.len() as u64,
     };
     let mut err = vec![0 as c_char; 4096];
     // SAFETY: `desc` and everything it points at (name, params, buffer list) outlive the
-    // call, which runs the launch to completion before returning. The buffers are live host
+    // call, which runs the launch to completion before returning; `entry` takes a `P` (the
+    // caller's contract), which the trampoline passes by value. The buffers are live host
     // slices borrowed by the caller for the duration; the kernel's accesses outside them
     // are caught by the runtime before they happen.
     let rc = unsafe { longctx_emu_launch(&desc, err.as_mut_ptr(), err.len() as u64) };
