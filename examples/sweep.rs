@@ -17,11 +17,42 @@ use longctx::rope::{AnglePrecision, Direction, RopeOptions, RopeStyle};
 use longctx::timing::{copy_bandwidth, time_gpu};
 use longctx::workloads::{attention_shapes, rope_shapes, AttnRun, RopeRun};
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Checks whose error exceeded its tolerance; the sweep exits non-zero when any did.
+static OVER_TOLERANCE: AtomicUsize = AtomicUsize::new(0);
+
+/// Records `err` against `tol` for the row `what`; prints a marked line when it is over.
+fn within(what: &str, err: f64, tol: f64) -> bool {
+    let ok = err <= tol; // NaN fails too
+    if !ok {
+        OVER_TOLERANCE.fetch_add(1, Ordering::Relaxed);
+        println!("  ^ TOLERANCE EXCEEDED: {what}: error {err:.3e} > {tol:.3e}");
+    }
+    ok
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("sweep failed: {e}");
         std::process::exit(1);
     }
+    let n = OVER_TOLERANCE.load(Ordering::Relaxed);
+    if n > 0 {
+        eprintln!("sweep: {n} check(s) exceeded their tolerance");
+        std::process::exit(2);
+    }
+}
+
+/// RoPE in bf16 storage: the output's rounding (2^-8 of the pair norm, twice for safety)
+/// plus the f64 angle's error.
+const ROPE_BF16_TOL: f64 = 2.0 * (1.0 / 256.0) + 1e-5;
+/// Attention in bf16 with inputs in [-1, 1): O within twice the bf16-storage CPU run's
+/// typical worst error; the LSE (f32) within 2e-4 plus 1e-5 ln(keys), below the 1 / keys
+/// that one key more or less would move it.
+const ATTN_O_TOL: f64 = 2e-2;
+fn attn_lse_tol(keys: usize) -> f64 {
+    2e-4 + 1e-5 * (keys.max(1) as f64).ln()
 }
 
 fn run() -> longctx::Result<()> {
@@ -73,6 +104,7 @@ fn run() -> longctx::Result<()> {
                 let ms = times.median_ms();
                 let gbs = r.bytes() as f64 / (ms * 1e-3) / 1e9;
                 let err = r.max_error(&dev, opts, 64)?;
+                within(&format!("rope {} {t} tokens", shape.name), err, ROPE_BF16_TOL);
                 println!(
                     "{:<18} {:>5} {:>8} {:>10.2} {:>9.0} {:>7.1}% {:>10.2e}",
                     shape.name,
@@ -103,6 +135,10 @@ fn run() -> longctx::Result<()> {
         };
         let ms = time_gpu(&dev, 5, 50, || r.run(&dev, opts))?.median_ms();
         let err = r.max_error(&dev, opts, 64)?;
+        // Only the default f64 angle has a bound; the f32 angle is shown for comparison.
+        if precision == AnglePrecision::F64 {
+            within("rope f64 angle near 2^20", err, ROPE_BF16_TOL);
+        }
         println!(
             "  {precision:?}: {:.2} us, max error {:.2e} (relative to pair norm)",
             ms * 1e3,
@@ -155,6 +191,9 @@ fn attention_rows(dev: &Device, quick: bool) -> longctx::Result<()> {
                 let mut r = AttnRun::new(dev, shape, batch, n, opts, 3)?;
                 let ms = time_gpu(dev, 3, 10, || r.run(dev))?.median_ms();
                 let (eo, el) = r.max_error(dev, 8)?;
+                let what = format!("attention {} seqlen {n}", shape.name);
+                within(&what, eo, ATTN_O_TOL);
+                within(&what, el, attn_lse_tol(n));
                 println!(
                     "{:<16} {:>6} {:>7} {:>5} {:>10.3} {:>8.1} {:>10.2e} {:>10.2e}",
                     shape.name,
@@ -178,6 +217,8 @@ fn attention_rows(dev: &Device, quick: bool) -> longctx::Result<()> {
         let mut r = AttnRun::new(dev, shape, 1, 1 << 20, opts, 5)?;
         let ms = time_gpu(dev, 0, 1, || r.run(dev))?.median_ms();
         let (eo, el) = r.max_error(dev, 4)?;
+        within("attention 1M-token sequence", eo, ATTN_O_TOL);
+        within("attention 1M-token sequence", el, attn_lse_tol(1 << 20));
         println!(
             "{:<16} {:>6} {:>7} {:>5} {:>10.1} {:>8.1} {:>10.2e} {:>10.2e}  (one 1M-token sequence)",
             shape.name,
@@ -213,6 +254,7 @@ fn cpu_only(why: &str) -> longctx::Result<()> {
             .zip(&y)
             .map(|(a, b)| (a * f * f - b).abs())
             .fold(0.0, f64::max);
+        within(&format!("rope reference round trip {}", shape.name), err, 1e-12);
         println!(
             "  {:<18} rotary_dim {:>3}  attention factor {:.6}  round-trip error {:.1e}",
             shape.name,
@@ -255,6 +297,14 @@ fn moe_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<()> {
         for &t in &tokens {
             let mut r = MoeRun::new(dev, &shape, t, 17)?;
             let check = r.check(dev, 256)?;
+            // Weights are f32 softmax/sigmoid values; the identity-expert round trip moves
+            // bf16 rows (relative error within twice bf16's rounding).
+            within(&format!("moe {} {t} weights", shape.name), check.weight_err, 1e-5);
+            within(
+                &format!("moe {} {t} combine", shape.name),
+                check.combine_err,
+                2.0 / 256.0,
+            );
             type Op = fn(&mut MoeRun, &Device) -> longctx::Result<()>;
             let ops: [(&str, Op, usize); 5] = [
                 ("gate", MoeRun::gate, r.gate_bytes()),

@@ -281,6 +281,9 @@ pub struct KernelResources {
     pub spill_loads: u32,
     /// Stack frame bytes.
     pub stack_frame: u32,
+    /// Whether the report had the entry's own "Function properties" block with its stack
+    /// and spill figures; when false the figures above are not measurements.
+    pub properties_found: bool,
 }
 
 /// Parses every `ptxas info` block of all embedded families. Empty without kernels.
@@ -351,6 +354,7 @@ fn parse_ptxas(report: &str, out: &mut Vec<KernelResources>) {
                 spill_stores: 0,
                 spill_loads: 0,
                 stack_frame: 0,
+                properties_found: false,
             });
             in_own_block = false;
         } else if let Some(cur) = current.as_mut() {
@@ -367,6 +371,7 @@ fn parse_ptxas(report: &str, out: &mut Vec<KernelResources>) {
                 }
                 if let Some(v) = number_before(line, "bytes spill loads") {
                     cur.spill_loads = v;
+                    cur.properties_found = true;
                 }
             }
             if line.contains("Used ") {
@@ -384,6 +389,23 @@ fn parse_ptxas(report: &str, out: &mut Vec<KernelResources>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_without_its_properties_block_is_flagged() {
+        let report = "\
+ptxas info    : Compiling entry function 'a' for 'sm_80'
+ptxas info    : Used 40 registers, used 1 barriers
+ptxas info    : Compiling entry function 'b' for 'sm_80'
+ptxas info    : Function properties for b
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 30 registers
+";
+        let mut out = Vec::new();
+        parse_ptxas(report, &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(!out[0].properties_found);
+        assert!(out[1].properties_found);
+    }
 
     #[test]
     fn ptxas_report_is_attributed_to_the_right_entry() {

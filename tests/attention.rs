@@ -984,7 +984,11 @@ mod gpu {
 
         let eps = T::DTYPE.epsilon();
         let o_tol = 2.0 * cpu_err.max_o + 0.5 * eps * c.amp;
-        let lse_tol = 2.0 * cpu_err.max_lse + 2e-3;
+        // One key more or less in a row of n similar keys moves its LSE by about 1 / n; the
+        // floor stays well below that for every length drawn (1e-5 (1 + ln n) < 1 / n up to
+        // n ~ 10^4), on top of twice the same-precision CPU run's error.
+        let max_k = c.lens.iter().map(|l| l.1).max().unwrap_or(0).max(1);
+        let lse_tol = 2.0 * cpu_err.max_lse + 1e-5 * (1.0 + (max_k as f64).ln());
         prop_assert!(
             gpu_err.max_o <= o_tol && gpu_err.max_lse <= lse_tol,
             "{c:?}: gpu {gpu_err:?} vs cpu same-precision {cpu_err:?} (tolerances O {o_tol:.3e}, LSE {lse_tol:.3e})"
@@ -1080,17 +1084,20 @@ mod gpu {
     }
 
     #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
     fn gpu_parity_f16() {
         parity::<f16>("gpu_parity_f16");
     }
 
     #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
     fn gpu_parity_bf16() {
         parity::<bf16>("gpu_parity_bf16");
     }
 
     /// Fixed edge cases every run sees, whatever proptest draws.
     #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
     fn gpu_parity_edges() {
         let Some(dev) = common::gpu("gpu_parity_edges") else {
             return;
@@ -1168,6 +1175,7 @@ mod gpu {
     }
 
     #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
     fn gpu_invariants() {
         let Some(dev) = common::gpu("gpu_invariants") else {
             return;
@@ -1260,6 +1268,7 @@ mod gpu {
     }
 
     #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
     fn gpu_rejects_bad_input() {
         let Some(dev) = common::gpu("gpu_rejects_bad_input") else {
             return;
@@ -1315,6 +1324,7 @@ mod gpu {
     /// One query block against 262144 keys (8192 key tiles): the online softmax's rescaling
     /// must not drift, so the LSE stays within f32 rounding of the f64 value.
     #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
     fn gpu_long_rows_keep_an_unbiased_lse() {
         let Some(dev) = common::gpu("gpu_long_rows_keep_an_unbiased_lse") else {
             return;
@@ -1344,6 +1354,7 @@ mod gpu {
     /// the last tokens hold data (the rest are zero); a causal sliding window keeps the work
     /// small, and the tail rows are checked against the reference.
     #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
     fn gpu_offsets_past_2_pow_31() {
         let Some(dev) = common::gpu("gpu_offsets_past_2_pow_31") else {
             return;

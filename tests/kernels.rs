@@ -34,6 +34,11 @@ fn hot_kernels_do_not_spill() {
                 .iter()
                 .find(|r| r.symbol == sym && r.arch == *arch)
                 .unwrap_or_else(|| panic!("{sym} was not compiled for {arch}"));
+            assert!(
+                r.properties_found,
+                "{sym} on {arch}: ptxas's report has no resource block (stack and spill \
+                 figures) for it, so its spills are unknown"
+            );
             assert_eq!(
                 (r.spill_stores, r.spill_loads),
                 (0, 0),
@@ -189,6 +194,20 @@ fn attention_sass_uses_tensor_cores_and_no_local_memory() {
         !attn.is_empty(),
         "no attention kernels in cuobjdump's output"
     );
+    // Every attention entry must be in the SASS of every arch that has any: a kernel
+    // missing from the disassembly is a failure, not a pass.
+    let archs: std::collections::BTreeSet<&String> = attn.iter().map(|((a, _), _)| a).collect();
+    for arch in &archs {
+        for sym in longctx::device::hot_kernel_symbols()
+            .into_iter()
+            .filter(|s| s.starts_with("longctx_attn_fwd_"))
+        {
+            assert!(
+                attn.iter().any(|((a, f), _)| a == *arch && f == sym),
+                "{sym} has no SASS for {arch} in cuobjdump's output"
+            );
+        }
+    }
     for ((arch, func), ops) in attn {
         let n = |op: &str| ops.get(op).copied().unwrap_or(0);
         let (d, dv) = head_dims(func).unwrap_or_else(|| panic!("head dims of {func}"));

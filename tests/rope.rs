@@ -481,16 +481,19 @@ mod gpu {
     }
 
     #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
     fn gpu_parity_f32() {
         parity::<f32>("gpu_parity_f32");
     }
 
     #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
     fn gpu_parity_f16() {
         parity::<f16>("gpu_parity_f16");
     }
 
     #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
     fn gpu_parity_bf16() {
         parity::<bf16>("gpu_parity_bf16");
     }
@@ -498,6 +501,7 @@ mod gpu {
     /// The f32 angle is measurably worse near 2^20; the default f64 angle is not. This keeps
     /// the precision claim honest: if both were equally good, the f64 path would be waste.
     #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
     fn gpu_f64_angle_beats_f32_angle_at_large_positions() {
         let Some(dev) = common::gpu("gpu_f64_angle_beats_f32_angle_at_large_positions") else {
             return;
@@ -530,6 +534,7 @@ mod gpu {
     }
 
     #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
     fn gpu_rejects_bad_input() {
         let Some(dev) = common::gpu("gpu_rejects_bad_input") else {
             return;

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Mutation check of the emulator-backed parity tests: plants one deliberate bug at a time in
+# a copy of the kernel sources (a dropped barrier, an off-by-one mask bound, a wrong sign, a
+# wrong swizzle, a biased LSE, a flipped tie rule, ...), runs the tests that should catch
+# it through the CPU emulator, and fails if any bug survives. Needs no GPU and no nvcc.
+#
+#   scripts/emulator-mutants.sh            # every mutant
+#   scripts/emulator-mutants.sh rope-sign  # the named ones
+#
+# Each mutant rebuilds the emulator library (about a minute on 2 cores); the whole list
+# takes 10 to 20 minutes, so it is not part of `cargo test`. docs/NOTES.md records the
+# last run.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+work="${LONGCTX_MUTANT_DIR:-$(mktemp -d)}"
+mkdir -p "$work/tree"
+tar -C "$root" --exclude=./target --exclude=./.git -cf - . | tar -C "$work/tree" -xf -
+export CARGO_TARGET_DIR="$work/target"
+# The emulator needs no CUDA compiler; keep nvcc out so each rebuild stays short.
+unset NVCC CUDA_HOME CUDA_PATH
+export LONGCTX_CUDA_CACHE="$work/no-cuda"
+export PATH="$(echo "$PATH" | tr ':' '\n' | grep -v -i cuda | paste -sd: -)"
+
+# name | file | sed program | cargo test arguments
+MUTANTS=(
+  "rope-dropped-barrier|kernels/rope/rope_kernel.cuh|0,/    __syncthreads();/s//    ;/|--test rope emu_parity"
+  "rope-sign|kernels/rope/rope_kernel.cuh|0,/x \* t.x - y \* t.y/s//x * t.x + y * t.y/|--test rope emu_parity"
+  "attn-dropped-barrier|kernels/attention/attention_kernel.cuh|s/        cp_async_wait<0>();\n        __syncthreads();/        cp_async_wait<0>();\n        ;/|--test attention emu_parity_edges_sm80"
+  "attn-mask-off-by-one|kernels/attention/attention_kernel.cuh|s/j > j_hi)/j > j_hi + 1)/|--test attention emu_parity_edges_sm80"
+  "attn-causal-bound|kernels/attention/block_info.cuh|s/return min(sk - 1, m1 - 1 + diag + right);/return min(sk, m1 - 1 + diag + right);/|--test attention emu_parity_edges_sm80"
+  "attn-biased-lse|kernels/attention/attention_kernel.cuh|s/log2f(l)) \* kLn2;/log2f(l)) * kLn2 + 1e-4f;/|--test attention emu_parity_edges_sm80"
+  "attn-softcap-sign|kernels/attention/attention_kernel.cuh|s/= fast_tanh(/= -fast_tanh(/|--test attention emu_parity_edges_sm80"
+  "attn-wrong-swizzle|kernels/attention/attention_kernel.cuh|s/swz\[0\] = uint32_t(row0 \* kRowBytes + ((chunk ^ (row0 \& 7)) << 4));/swz[0] = uint32_t(row0 * kRowBytes + ((chunk ^ (row0 \& 3)) << 4));/|--test attention emu_parity_edges_sm80"
+)
+if [ -f "$root/scripts/emulator-mutants.moe" ]; then
+  while IFS= read -r line; do
+    [ -n "$line" ] && [ "${line#\#}" = "$line" ] && MUTANTS+=("$line")
+  done < "$root/scripts/emulator-mutants.moe"
+fi
+
+want=("$@")
+survived=0
+for m in "${MUTANTS[@]}"; do
+  IFS='|' read -r name file prog args <<<"$m"
+  if [ ${#want[@]} -gt 0 ] && ! printf '%s\n' "${want[@]}" | grep -qx "$name"; then continue; fi
+  cp "$root/$file" "$work/tree/$file"
+  sed -i -z "$prog" "$work/tree/$file"
+  if cmp -s "$root/$file" "$work/tree/$file"; then
+    echo "MUTANT $name: the sed program did not change $file (stale mutant)"
+    survived=1
+    continue
+  fi
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  if (cd "$work/tree" && cargo test --release $args >"$work/$name.log" 2>&1); then
+    echo "MUTANT $name: SURVIVED (tests passed; log $work/$name.log)"
+    survived=1
+  else
+    reason="$(grep -m1 -o -E 'emulator: [^.]*|Test failed: [^\n]{0,160}|panicked at [^ ]*' "$work/$name.log" | head -c 200 || true)"
+    echo "MUTANT $name: caught in $(( $(date +%s) - start ))s (${reason:-see $work/$name.log})"
+  fi
+  cp "$root/$file" "$work/tree/$file"
+done
+exit $survived
