@@ -27,7 +27,7 @@ MUTANTS=(
   "rope-sign|kernels/rope/rope_kernel.cuh|0,/x \* t.x - y \* t.y/s//x * t.x + y * t.y/|--test rope emu_parity"
   "attn-dropped-barrier|kernels/attention/attention_kernel.cuh|s/        cp_async_wait<0>();\n        __syncthreads();/        cp_async_wait<0>();\n        ;/|--test attention emu_parity_edges_sm80"
   "attn-mask-off-by-one|kernels/attention/attention_kernel.cuh|s/j > j_hi)/j > j_hi + 1)/|--test attention emu_parity_edges_sm80"
-  "attn-causal-bound|kernels/attention/block_info.cuh|s/return min(sk - 1, m1 - 1 + diag + right);/return min(sk, m1 - 1 + diag + right);/|--test attention emu_parity_edges_sm80"
+  "attn-causal-diagonal|kernels/attention/block_info.cuh|s/diag = sk - sq;/diag = sk - sq + 1;/|--test attention emu_parity_edges_sm80"
   "attn-biased-lse|kernels/attention/attention_kernel.cuh|s/log2f(l)) \* kLn2;/log2f(l)) * kLn2 + 1e-4f;/|--test attention emu_parity_edges_sm80"
   "attn-softcap-sign|kernels/attention/attention_kernel.cuh|s/= fast_tanh(/= -fast_tanh(/|--test attention emu_parity_edges_sm80"
   "attn-wrong-swizzle|kernels/attention/attention_kernel.cuh|s/swz\[0\] = uint32_t(row0 \* kRowBytes + ((chunk ^ (row0 \& 7)) << 4));/swz[0] = uint32_t(row0 * kRowBytes + ((chunk ^ (row0 \& 3)) << 4));/|--test attention emu_parity_edges_sm80"

@@ -1059,8 +1059,15 @@ mod gpu {
     }
 
     fn parity_on<T: AttnElement>(name: &str, backend: &Backend<'_>, cases: u32) {
+        // Failing cases are kept (and replayed first) in the committed regression file;
+        // every failure message prints the case, seed included.
         let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
             cases,
+            failure_persistence: Some(Box::new(
+                proptest::test_runner::FileFailurePersistence::Direct(
+                    "tests/proptest-regressions/attention-parity.txt",
+                ),
+            )),
             ..ProptestConfig::default()
         });
         let worst = std::cell::Cell::new((ErrorStats::default(), ErrorStats::default()));
@@ -1114,6 +1121,72 @@ mod gpu {
     #[test]
     fn emu_parity_edges_sm90() {
         parity_edges(&Backend::Emulator(emulator::Arch::Sm90));
+    }
+
+    /// With Q = 0 every score is 0, so each row's LSE is exactly ln(its visible keys): a
+    /// per-row check of every mask boundary (causal diagonal, both window sides, sequence
+    /// ends, empty rows at -inf) that one key more or less fails by ln((n + 1) / n).
+    fn mask_boundaries_by_lse(backend: &Backend<'_>) {
+        for dims in [(64usize, 64usize), (128, 128)] {
+            for mask in masks() {
+                for lens in batches() {
+                    let mut host = random_host(5, &lens, 4, 2, dims.0, dims.1, 1.0, round_bf16);
+                    host.q.iter_mut().for_each(|x| *x = 0.0);
+                    let opts = AttentionOptions {
+                        softmax_scale: None,
+                        mask,
+                        softcap: None,
+                    };
+                    let p = host.problem(f64::from(opts.scale_for(dims.0)), None, mask);
+                    let want = attention_f64(&p).expect("reference");
+                    let (_, lse, _, _) = match backend {
+                        Backend::Gpu(dev) => {
+                            let b = place::<bf16>(dev, &host, Placement::Contiguous);
+                            run_gpu(dev, &host, &b, &opts, false, true).expect("launch")
+                        }
+                        Backend::Emulator(arch) => {
+                            let b = place_host::<bf16>(&host, Placement::Contiguous);
+                            run_emu(*arch, &host, &b, &opts, false, true)
+                                .unwrap_or_else(|e| panic!("{mask:?} {lens:?}: {e}"))
+                        }
+                    };
+                    for (row, (g, w)) in lse.iter().zip(&want.lse).enumerate() {
+                        let g = f64::from(*g);
+                        let ok = if *w == f64::NEG_INFINITY {
+                            g == f64::NEG_INFINITY
+                        } else {
+                            (g - w).abs() <= 1e-5
+                        };
+                        assert!(
+                            ok,
+                            "{mask:?} {lens:?} d {dims:?}: LSE row {row} is {g}, ln(visible keys) = {w} \
+                             (e^LSE = {:.3} keys, want {:.3})",
+                            g.exp(),
+                            w.exp()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn emu_mask_boundaries_by_lse_sm80() {
+        mask_boundaries_by_lse(&Backend::Emulator(emulator::Arch::Sm80));
+    }
+
+    #[test]
+    fn emu_mask_boundaries_by_lse_sm90() {
+        mask_boundaries_by_lse(&Backend::Emulator(emulator::Arch::Sm90));
+    }
+
+    #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+    fn gpu_mask_boundaries_by_lse() {
+        let Some(dev) = common::gpu("gpu_mask_boundaries_by_lse") else {
+            return;
+        };
+        mask_boundaries_by_lse(&Backend::Gpu(&dev));
     }
 
     fn parity_edges(backend: &Backend<'_>) {

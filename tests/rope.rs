@@ -464,6 +464,11 @@ mod gpu {
     fn parity_on<T: Element>(name: &str, backend: &Backend<'_>, cases: u32) {
         let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
             cases,
+            failure_persistence: Some(Box::new(
+                proptest::test_runner::FileFailurePersistence::Direct(
+                    "tests/proptest-regressions/rope-parity.txt",
+                ),
+            )),
             ..ProptestConfig::default()
         });
         let worst = std::cell::Cell::new(0.0f64);
