@@ -2,8 +2,6 @@
 //! host slices in place of device buffers and runs the same validation and launch planning
 //! (the ops' `plan_launch`), then the real kernel on the CPU.
 
-use std::ffi::CStr;
-
 use super::{run, Arch, HostBuf};
 use crate::attention::cuda::{plan_launch as attn_plan, Addrs, Layouts};
 use crate::attention::{
@@ -14,11 +12,6 @@ use crate::error::Result;
 use crate::layout::HeadsLayout;
 use crate::rope::cuda::{check_positions, plan_launch as rope_plan, table_info, ViewArg};
 use crate::rope::{RopeConfig, RopeOptions};
-
-fn name(s: &'static [u8]) -> &'static CStr {
-    // Only called with literals ending in NUL.
-    CStr::from_bytes_with_nul(s).unwrap_or(c"buffer")
-}
 
 /// [`crate::rope::apply_rope`] on the CPU: rotates `q` and `k` (separate buffers) in place
 /// with `config`'s table for sequences of `seq_len` tokens.
@@ -38,12 +31,12 @@ pub fn apply_rope<T: Element>(
 ) -> Result<()> {
     check_positions(positions)?;
     let (inv, mut info) = table_info(config, seq_len)?;
-    let inv_buf = HostBuf::input(&inv, name(b"inv_freq\0"));
-    let pos_buf = HostBuf::input(positions, name(b"positions\0"));
+    let inv_buf = HostBuf::input(&inv, c"inv_freq");
+    let pos_buf = HostBuf::input(positions, c"positions");
     info.inv_freq = inv_buf.addr();
     let (q_len, k_len) = (q.len(), k.len());
-    let q_buf = HostBuf::output(q, name(b"q\0"));
-    let k_buf = HostBuf::output(k, name(b"k\0"));
+    let q_buf = HostBuf::output(q, c"q");
+    let k_buf = HostBuf::output(k, c"k");
     let l = rope_plan::<T>(
         &info,
         pos_buf.addr(),
@@ -82,11 +75,11 @@ pub fn apply_rope_packed<T: Element>(
 ) -> Result<()> {
     check_positions(positions)?;
     let (inv, mut info) = table_info(config, seq_len)?;
-    let inv_buf = HostBuf::input(&inv, name(b"inv_freq\0"));
-    let pos_buf = HostBuf::input(positions, name(b"positions\0"));
+    let inv_buf = HostBuf::input(&inv, c"inv_freq");
+    let pos_buf = HostBuf::input(positions, c"positions");
     info.inv_freq = inv_buf.addr();
     let len = buf.len();
-    let b = HostBuf::output(buf, name(b"qk\0"));
+    let b = HostBuf::output(buf, c"qk");
     let l = rope_plan::<T>(
         &info,
         pos_buf.addr(),
@@ -132,6 +125,7 @@ pub struct HostQkv<'a, T> {
 ///
 /// # Errors
 /// As the GPU op, plus [`Error::Emulator`](crate::Error::Emulator) when the kernel misbehaves.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_forward<T: AttnElement>(
     arch: Arch,
     x: &HostQkv<'_, T>,
@@ -171,16 +165,16 @@ pub fn attention_forward<T: AttnElement>(
     }
     let tiles = TileConfig::for_code(c.tiles.head_dim, c.tiles.head_dim_v, arch.ptx_arch())?;
     let mut bufs = vec![
-        HostBuf::input(x.q, name(b"q\0")),
-        HostBuf::input(x.k, name(b"k\0")),
-        HostBuf::input(x.v, name(b"v\0")),
-        HostBuf::input(cu_seqlens_q, name(b"cu_seqlens_q\0")),
-        HostBuf::input(cu_seqlens_k, name(b"cu_seqlens_k\0")),
-        HostBuf::output(o, name(b"o\0")),
+        HostBuf::input(x.q, c"q"),
+        HostBuf::input(x.k, c"k"),
+        HostBuf::input(x.v, c"v"),
+        HostBuf::input(cu_seqlens_q, c"cu_seqlens_q"),
+        HostBuf::input(cu_seqlens_k, c"cu_seqlens_k"),
+        HostBuf::output(o, c"o"),
     ];
     let lse_addr = match lse {
         Some(l) => {
-            let b = HostBuf::output(l, name(b"lse\0"));
+            let b = HostBuf::output(l, c"lse");
             let a = b.addr();
             bufs.push(b);
             a
