@@ -1092,6 +1092,21 @@ LONGCTX_EMU_HOOK(16)
 #undef LONGCTX_EMU_HOOK
 void __tsan_read_range(void* p, unsigned long n) { access(p, n, false); }
 void __tsan_write_range(void* p, unsigned long n) { access(p, n, true); }
+// clang instruments memory intrinsics as calls to these.
+void* __tsan_memcpy(void* d, const void* s, unsigned long n) {
+    access(s, n, false);
+    access(d, n, true);
+    return memcpy(d, s, n);
+}
+void* __tsan_memmove(void* d, const void* s, unsigned long n) {
+    access(s, n, false);
+    access(d, n, true);
+    return memmove(d, s, n);
+}
+void* __tsan_memset(void* d, int c, unsigned long n) {
+    access(d, n, true);
+    return memset(d, c, n);
+}
 void __tsan_func_entry(void*) {}
 void __tsan_func_exit() {}
 void __tsan_init() {}
