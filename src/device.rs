@@ -44,6 +44,22 @@ pub(crate) fn cuda_err(op: &'static str) -> impl Fn(cudarc::driver::DriverError)
     }
 }
 
+/// Whether the CUDA driver library can be loaded, asked without cudarc (whose own probe
+/// exists only when it loads the library dynamically, and which panics on a missing one).
+fn driver_library_present() -> bool {
+    const NAMES: &[&str] = if cfg!(windows) {
+        &["nvcuda.dll"]
+    } else {
+        &["libcuda.so.1", "libcuda.so"]
+    };
+    NAMES.iter().any(|name| {
+        // SAFETY: loading the NVIDIA driver library runs its initialisers, which are made
+        // to be loaded into any process (cudarc loads the same library the same way); the
+        // handle is dropped at once and no symbol is called.
+        unsafe { libloading::Library::new(name) }.is_ok()
+    })
+}
+
 /// Whether this build embeds compiled kernels (false when nvcc was absent at build time).
 pub fn kernels_compiled() -> bool {
     Family::ALL.iter().all(|f| f.fatbin().is_some())
@@ -56,8 +72,7 @@ impl Device {
     /// [`Error::NoDevice`] when the CUDA driver library is missing, no GPU is visible or
     /// `ordinal` is out of range; [`Error::Cuda`] when the driver fails otherwise.
     pub fn new(ordinal: usize) -> Result<Self> {
-        // SAFETY: only probes whether the driver library can be loaded.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        if !driver_library_present() {
             return Err(Error::NoDevice {
                 reason: "the CUDA driver library (libcuda) was not found".into(),
             });
