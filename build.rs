@@ -48,14 +48,24 @@ fn main() {
 
     let require = env::var("LONGCTX_REQUIRE_KERNELS")
         .map(|v| v == "1")
-        .unwrap_or(false);
+        .unwrap_or(false)
+        || env::var_os("CARGO_FEATURE_REQUIRE_KERNELS").is_some();
     let want_cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
 
+    // Rebuild when nvcc appears later: PATH changes, or a file lands in a folder nvcc is
+    // looked for in (only folders that exist are watched; a missing one would rerun the
+    // script on every build).
+    println!("cargo:rerun-if-env-changed=PATH");
+    for dir in nvcc_candidates().iter().filter_map(|c| c.parent()) {
+        if dir.is_dir() {
+            println!("cargo:rerun-if-changed={}", dir.display());
+        }
+    }
     let nvcc = if want_cuda { find_nvcc() } else { None };
     let Some(nvcc) = nvcc else {
         if require {
             panic!(
-                "LONGCTX_REQUIRE_KERNELS=1 but no nvcc was found (looked in NVCC, CUDA_HOME, CUDA_PATH, \
+                "kernels are required (LONGCTX_REQUIRE_KERNELS=1 or the `require-kernels` feature) but no nvcc was found (looked in NVCC, CUDA_HOME, CUDA_PATH, \
                  PATH, /usr/local/cuda and the scripts/install-cuda-toolchain.sh cache; the `cuda` \
                  feature is {})",
                 if want_cuda { "on" } else { "off" }
@@ -137,6 +147,11 @@ fn watch_dir(dir: &Path) {
 }
 
 fn find_nvcc() -> Option<PathBuf> {
+    nvcc_candidates().into_iter().find(|p| p.is_file())
+}
+
+/// Where nvcc is looked for, in order.
+fn nvcc_candidates() -> Vec<PathBuf> {
     let exe = if cfg!(windows) { "nvcc.exe" } else { "nvcc" };
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(p) = env::var_os("NVCC") {
@@ -159,7 +174,7 @@ fn find_nvcc() -> Option<PathBuf> {
     if let Some(c) = cache {
         candidates.push(c.join("cuda/bin").join(exe));
     }
-    candidates.into_iter().find(|p| p.is_file())
+    candidates
 }
 
 fn compile(

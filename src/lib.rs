@@ -68,6 +68,11 @@ mod embedded {
 
 pub use error::{Error, Result};
 
+/// The cudarc and half versions this crate is built against, so callers name the same
+/// types (`longctx::cudarc::driver::CudaSlice`, `longctx::half::bf16`).
+pub use cudarc;
+pub use half;
+
 /// The README's Rust example, compiled as a doctest so it stays true.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
