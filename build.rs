@@ -272,7 +272,12 @@ fn build_emulator(kernels: &Path) {
         // Messages name kernel files relative to the crate, wherever it was built.
         .flag(format!("-fmacro-prefix-map={}=kernels", kernels.display()))
         .flag("-include")
-        .flag(kernels.join("emu/cuda_emu.h").to_str().expect("kernel path is UTF-8"));
+        .flag(
+            kernels
+                .join("emu/cuda_emu.h")
+                .to_str()
+                .expect("kernel path is UTF-8"),
+        );
     // One object per unit: each compiled through a wrapper that includes it (cc names objects
     // after their source, and the attention unit is compiled twice).
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("emu");

@@ -104,7 +104,11 @@ fn run() -> longctx::Result<()> {
                 let ms = times.median_ms();
                 let gbs = r.bytes() as f64 / (ms * 1e-3) / 1e9;
                 let err = r.max_error(&dev, opts, 64)?;
-                within(&format!("rope {} {t} tokens", shape.name), err, ROPE_BF16_TOL);
+                within(
+                    &format!("rope {} {t} tokens", shape.name),
+                    err,
+                    ROPE_BF16_TOL,
+                );
                 println!(
                     "{:<18} {:>5} {:>8} {:>10.2} {:>9.0} {:>7.1}% {:>10.2e}",
                     shape.name,
@@ -254,7 +258,11 @@ fn cpu_only(why: &str) -> longctx::Result<()> {
             .zip(&y)
             .map(|(a, b)| (a * f * f - b).abs())
             .fold(0.0, f64::max);
-        within(&format!("rope reference round trip {}", shape.name), err, 1e-12);
+        within(
+            &format!("rope reference round trip {}", shape.name),
+            err,
+            1e-12,
+        );
         println!(
             "  {:<18} rotary_dim {:>3}  attention factor {:.6}  round-trip error {:.1e}",
             shape.name,
@@ -299,7 +307,11 @@ fn moe_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<()> {
             let check = r.check(dev, 256)?;
             // Weights are f32 softmax/sigmoid values; the identity-expert round trip moves
             // bf16 rows (relative error within twice bf16's rounding).
-            within(&format!("moe {} {t} weights", shape.name), check.weight_err, 1e-5);
+            within(
+                &format!("moe {} {t} weights", shape.name),
+                check.weight_err,
+                1e-5,
+            );
             within(
                 &format!("moe {} {t} combine", shape.name),
                 check.combine_err,

@@ -31,12 +31,19 @@ MUTANTS=(
   "attn-biased-lse|kernels/attention/attention_kernel.cuh|s/log2f(l)) \* kLn2;/log2f(l)) * kLn2 + 1e-4f;/|--test attention emu_parity_edges_sm80"
   "attn-softcap-sign|kernels/attention/attention_kernel.cuh|s/= fast_tanh(/= -fast_tanh(/|--test attention emu_parity_edges_sm80"
   "attn-wrong-swizzle|kernels/attention/attention_kernel.cuh|s/swz\[0\] = uint32_t(row0 \* kRowBytes + ((chunk ^ (row0 \& 7)) << 4));/swz[0] = uint32_t(row0 * kRowBytes + ((chunk ^ (row0 \& 3)) << 4));/|--test attention emu_parity_edges_sm80"
+  "moe-tie-rule|kernels/moe/reduce.cuh|s/(v == best_v \&\& id < best_id)/(v == best_v \&\& id > best_id)/|--test moe emu_route_edges"
+  "moe-warp-lowest-slot|kernels/moe/gate_kernel.cuh|s/for (int j = kGateSlots - 1; j >= 0; --j) {/for (int j = 0; j < kGateSlots; ++j) {/|--test moe emu_route_edges"
+  "moe-warp-group-butterfly|kernels/moe/gate_kernel.cuh|s/for (int off = gl >> 1; off > 0; off >>= 1) {/for (int off = gl >> 2; off > 0; off >>= 1) {/|--test moe emu_route_edges"
+  "moe-block-gate-barrier|kernels/moe/gate_kernel.cuh|s/        avail\[e\] = grouped ? 0 : 1;\n    }\n    __syncthreads();/        avail[e] = grouped ? 0 : 1;\n    }\n    ;/|--test moe emu_route_edges"
+  "moe-scan-barrier|kernels/moe/reduce.cuh|s/    if (lane == 31) scratch\[warp\] = incl;\n    __syncthreads();/    if (lane == 31) scratch[warp] = incl;\n    ;/|--test moe emu_permutation_edges"
+  "moe-walk-syncwarp|kernels/moe/permute_kernel.cuh|0,/            __syncwarp();/s//            ;/|--test moe emu_permutation_edges"
+  "moe-capacity-off-by-one|kernels/moe/permute_kernel.cuh|s/if (uint32_t(rank) < cap) {/if (uint32_t(rank) <= cap) {/|--test moe emu_permutation_edges"
+  "moe-gather-no-padding|kernels/moe/hidden_kernel.cuh|s/for (int i = threadIdx.x; i < H; i += kRowThreads) dst\[i\] = DType<T>::from_f32(0.f);/;/|--test moe emu_gather_combine_parity_f32"
+  "moe-combine-rank-skip|kernels/moe/hidden_kernel.cuh|s/for (int j = 0; j < K; ++j) {\n            const int s = slot_of\[j\];\n            if (s < 0) continue;/for (int j = 1; j < K; ++j) {\n            const int s = slot_of[j];\n            if (s < 0) continue;/|--test moe emu_gather_combine_parity_f32"
+  "moe-stats-barrier|kernels/moe/loss_kernel.cuh|s/    __syncthreads();\n    float\* partial/    ;\n    float* partial/|--test moe emu_losses_and_backward_parity_f32"
+  "moe-bwd-sign|kernels/moe/loss_kernel.cuh|s/pe \* (dpe - S)/pe * (dpe + S)/|--test moe emu_losses_and_backward_parity_f32"
+  "moe-bias-sign-zero|kernels/moe/loss_kernel.cuh|s/(d < 0 ? -1.f : 0.f)/(d < 0 ? -1.f : 1.f)/|--test moe emu_identity_experts_and_bias_update"
 )
-if [ -f "$root/scripts/emulator-mutants.moe" ]; then
-  while IFS= read -r line; do
-    [ -n "$line" ] && [ "${line#\#}" = "$line" ] && MUTANTS+=("$line")
-  done < "$root/scripts/emulator-mutants.moe"
-fi
 
 want=("$@")
 survived=0

@@ -49,9 +49,9 @@
 pub mod attention;
 pub mod device;
 pub mod dtype;
-pub mod error;
 #[cfg(feature = "emulator")]
 pub mod emulator;
+pub mod error;
 pub mod layout;
 pub mod moe;
 pub mod rope;

@@ -70,8 +70,10 @@ fn mma_rows_follow_a() {
     let kind = MmaInput::F16;
     let mut a = [0u16; 256];
     let mut b = [0u16; 128];
-    a.iter_mut().for_each(|x| *x = random_bits(kind, &mut rng, 1.0));
-    b.iter_mut().for_each(|x| *x = random_bits(kind, &mut rng, 1.0));
+    a.iter_mut()
+        .for_each(|x| *x = random_bits(kind, &mut rng, 1.0));
+    b.iter_mut()
+        .for_each(|x| *x = random_bits(kind, &mut rng, 1.0));
     let mut d1 = [0f32; 128];
     selftest::mma(kind, &a, &b, &mut d1).unwrap();
     let mut a2 = a;
@@ -109,12 +111,17 @@ fn ldmatrix_forms_follow_the_ptx_layout() {
                         0
                     } else if !trans {
                         // Row lane / 4, columns 2 (lane % 4) and + 1 of matrix j.
-                        elem(j, lane / 4, 2 * (lane % 4)) | (elem(j, lane / 4, 2 * (lane % 4) + 1) << 16)
+                        elem(j, lane / 4, 2 * (lane % 4))
+                            | (elem(j, lane / 4, 2 * (lane % 4) + 1) << 16)
                     } else {
                         // Column lane / 4, rows 2 (lane % 4) and + 1 of matrix j.
-                        elem(j, 2 * (lane % 4), lane / 4) | (elem(j, 2 * (lane % 4) + 1, lane / 4) << 16)
+                        elem(j, 2 * (lane % 4), lane / 4)
+                            | (elem(j, 2 * (lane % 4) + 1, lane / 4) << 16)
                     };
-                    assert_eq!(got, want, "x{count} trans {trans}: lane {lane} register {j}");
+                    assert_eq!(
+                        got, want,
+                        "x{count} trans {trans}: lane {lane} register {j}"
+                    );
                 }
             }
         }
@@ -154,10 +161,19 @@ fn every_deliberate_bug_is_reported() {
     let expect: &[(Program, &[&str])] = &[
         (Program::MissingBarrier, &["race"]),
         (Program::MissingSyncwarp, &["race"]),
-        (Program::OffByOneBound, &["outside every buffer", "past the end"]),
-        (Program::WrongSwizzle, &["race", "outside every shared allocation"]),
+        (
+            Program::OffByOneBound,
+            &["outside every buffer", "past the end"],
+        ),
+        (
+            Program::WrongSwizzle,
+            &["race", "outside every shared allocation"],
+        ),
         (Program::PrematureCpAsyncRead, &["cp.async"]),
-        (Program::OutOfBoundsStore, &["outside every buffer", "past the end"]),
+        (
+            Program::OutOfBoundsStore,
+            &["outside every buffer", "past the end"],
+        ),
         (Program::DivergentShuffle, &["exit", "disagree"]),
         (Program::SkippedBarrier, &["exit"]),
         (Program::WritesInput, &["read-only"]),
@@ -165,7 +181,10 @@ fn every_deliberate_bug_is_reported() {
         (Program::Trap, &["__trap"]),
         (Program::UninitializedShared, &["never written"]),
         (Program::DifferentBarriers, &["different barriers"]),
-        (Program::SharedOutOfBounds, &["outside every shared allocation"]),
+        (
+            Program::SharedOutOfBounds,
+            &["outside every shared allocation"],
+        ),
     ];
     assert_eq!(expect.len() + 1, Program::ALL.len());
     let input: Vec<u32> = (0..256u32).collect();

@@ -350,7 +350,10 @@ mod gpu {
                     apply_rope(dev, &table, &pos, &mut dq, &q, &mut dk, &k, opts)
                 }
                 .map_err(fail)?;
-                (dev.download(&dq).map_err(fail)?, dev.download(&dk).map_err(fail)?)
+                (
+                    dev.download(&dq).map_err(fail)?,
+                    dev.download(&dk).map_err(fail)?,
+                )
             }
             Backend::Emulator => {
                 let (mut gq, mut gk) = (host_q.clone(), host_k.clone());
@@ -525,9 +528,10 @@ mod gpu {
             near_max: true,
             seed: 7,
         };
-        let exact =
-            run_case::<f32>(&Backend::Gpu(&dev), &c, AnglePrecision::F64).expect("f64 angle within tolerance");
-        let fast = run_case::<f32>(&Backend::Gpu(&dev), &c, AnglePrecision::F32).expect("f32 angle case runs");
+        let exact = run_case::<f32>(&Backend::Gpu(&dev), &c, AnglePrecision::F64)
+            .expect("f64 angle within tolerance");
+        let fast = run_case::<f32>(&Backend::Gpu(&dev), &c, AnglePrecision::F32)
+            .expect("f32 angle case runs");
         eprintln!(
             "relative error at positions near 2^20: f64 angle {exact:.2e}, f32 angle {fast:.2e}"
         );

@@ -28,8 +28,10 @@ use crate::kernel_id::KernelId;
 use crate::launch::KernelLaunch;
 use crate::sys;
 
+mod moe;
 mod ops;
 pub mod selftest;
+pub use moe::*;
 pub use ops::*;
 
 #[repr(C)]
@@ -218,7 +220,18 @@ pub(crate) fn run<P: Copy + 'static>(
     };
     // SAFETY: `entry` returned the entry point of `l.id`, whose params type is `P` (checked
     // against the TypeId above).
-    unsafe { run_entry(op, &name, entry_ptr, &l.params, l.grid, l.block, l.smem_bytes, bufs) }
+    unsafe {
+        run_entry(
+            op,
+            &name,
+            entry_ptr,
+            &l.params,
+            l.grid,
+            l.block,
+            l.smem_bytes,
+            bufs,
+        )
+    }
 }
 
 /// Runs the kernel at `entry_ptr` with `params`.

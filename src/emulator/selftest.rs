@@ -79,7 +79,11 @@ pub fn mma(kind: MmaInput, a: &[u16; 256], b: &[u16; 128], c: &mut [f32; 128]) -
 /// emulator reports a fault.
 pub fn ldmatrix(count: u32, trans: bool, smem: &[u32; 128]) -> Result<[u32; 128]> {
     if !matches!(count, 1 | 2 | 4) {
-        return Err(Error::invalid(OP, "count", format!("{count} matrices (1, 2 or 4)")));
+        return Err(Error::invalid(
+            OP,
+            "count",
+            format!("{count} matrices (1, 2 or 4)"),
+        ));
     }
     let mut out = [0u32; 128];
     let ib = HostBuf::input(&smem[..], c"smem");

@@ -1,10 +1,15 @@
-//! GPU path of MoE routing: validated arguments -> params structs -> launches.
+//! GPU path of MoE routing: device checks -> the shared launch plans -> launches.
+//!
+//! Each op's validation (after the device-ownership checks), params, grid, block and shared
+//! memory come from one pure `plan_*` function below that takes buffer addresses and
+//! lengths ([`Buf`]) and host-side facts; the CUDA path passes device pointers and the CPU
+//! emulator (`crate::emulator`) host addresses, so the two cannot disagree about a launch.
 //!
 //! Device index tensors that kernels dereference (expert ids, slots) only come from types
 //! whose constructors guarantee their range: [`ExpertIds`] (validated on upload, or written by
 //! the gating kernel) and [`Permutation`] (written by the permutation kernels).
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
 
 use super::plan::{
     aux_grad_scale, z_grad_scale, GatePath, GatePlan, PermutePlan, StatsPlan, BIAS_THREADS,
@@ -17,6 +22,7 @@ use crate::device::{cuda_err, Device};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernel_id::KernelId;
+use crate::launch::KernelLaunch;
 use crate::sys;
 
 const OP: &str = "moe";
@@ -29,35 +35,23 @@ fn pick<T: MoeElement>(f32_id: KernelId, bf16_id: KernelId) -> KernelId {
     }
 }
 
-/// Queues one launch of `id` with `params` by value.
+/// Queues `l` on `dev`'s stream; nothing for an empty grid.
 ///
 /// # Safety
-/// The caller guarantees that every device address in `params` points into a live
+/// The caller guarantees that every device address in `l.params` points into a live
 /// allocation of this context large enough for every access the kernel makes with those
 /// params (shapes, strides and index ranges validated), that outputs do not alias inputs
 /// unless the kernel is documented in place, and that the device pointer guards stay alive
 /// until this returns.
-unsafe fn launch<P: DeviceRepr>(
-    dev: &Device,
-    id: KernelId,
-    grid: u32,
-    threads: u32,
-    smem_bytes: u32,
-    params: &P,
-) -> Result<()> {
-    if grid == 0 {
+unsafe fn launch<P: DeviceRepr>(dev: &Device, l: &KernelLaunch<P>) -> Result<()> {
+    if l.grid.0 == 0 || l.grid.1 == 0 || l.grid.2 == 0 {
         return Ok(());
     }
-    let func = dev.function(id)?;
-    let cfg = LaunchConfig {
-        grid_dim: (grid, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: smem_bytes,
-    };
+    let func = dev.function(l.id)?;
     let mut builder = dev.stream().launch_builder(&func);
-    builder.arg(params);
+    builder.arg(&l.params);
     // SAFETY: forwarded from this function's contract (see each call site's SAFETY note).
-    unsafe { builder.launch(cfg) }
+    unsafe { builder.launch(l.config()) }
         .map(|_| ())
         .map_err(cuda_err(OP))
 }
@@ -73,6 +67,12 @@ fn u32_of(n: usize, arg: &'static str) -> Result<u32> {
     u32::try_from(n).map_err(|_| Error::invalid(OP, arg, format!("{n} does not fit in u32")))
 }
 
+/// a x b elements, or an error naming `arg` when that overflows.
+fn elems(a: usize, b: usize, arg: &'static str) -> Result<usize> {
+    a.checked_mul(b)
+        .ok_or_else(|| Error::invalid(OP, arg, format!("{a} x {b} elements overflow usize")))
+}
+
 fn check_owned<T>(dev: &Device, s: &CudaSlice<T>, arg: &'static str) -> Result<()> {
     if dev.owns(s) {
         Ok(())
@@ -85,16 +85,16 @@ fn check_owned<T>(dev: &Device, s: &CudaSlice<T>, arg: &'static str) -> Result<(
     }
 }
 
-/// A buffer must hold exactly `want` elements (CUDA has no empty allocations: a buffer of
-/// one element stands for an empty tensor).
-fn check_len<T>(s: &CudaSlice<T>, want: usize, arg: &'static str, what: &str) -> Result<()> {
-    if s.len() == want || (want == 0 && s.len() <= 1) {
+/// A buffer of `len` elements must hold exactly `want` (CUDA has no empty allocations: a
+/// buffer of one element stands for an empty tensor).
+fn check_len(len: usize, want: usize, arg: &'static str, what: &str) -> Result<()> {
+    if len == want || (want == 0 && len <= 1) {
         Ok(())
     } else {
         Err(Error::invalid(
             OP,
             arg,
-            format!("{} elements, expected {want} ({what})", s.len()),
+            format!("{len} elements, expected {want} ({what})"),
         ))
     }
 }
@@ -104,6 +104,615 @@ fn alloc<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
     len: usize,
 ) -> Result<CudaSlice<T>> {
     dev.zeros(len.max(1))
+}
+
+/// One buffer of a launch, wherever it lives: its address and its length in elements.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Buf {
+    pub addr: u64,
+    pub len: usize,
+}
+
+/// `s` as a launch buffer with the device pointer `addr` (whose guard the caller holds).
+fn dbuf<T>(s: &CudaSlice<T>, addr: u64) -> Buf {
+    Buf { addr, len: s.len() }
+}
+
+/// Whether `b`'s rows of `hidden` elements of `T` all start 16-byte aligned, so the
+/// 16-byte vector path may read or write them: hidden a multiple of the vector width and the
+/// buffer itself 16-byte aligned (CUDA allocations always are; host slices need not be).
+fn rows_vec_aligned<T: MoeElement>(hidden: usize, b: &Buf) -> bool {
+    hidden % (16 / T::DTYPE.size()) == 0 && b.addr % 16 == 0
+}
+
+fn scoring_of(s: Scoring) -> u32 {
+    match s {
+        Scoring::Softmax => sys::LONGCTX_MOE_SCORING_SOFTMAX,
+        Scoring::Sigmoid => sys::LONGCTX_MOE_SCORING_SIGMOID,
+    }
+}
+
+/// A coefficient as the kernels take it: finite in f32.
+fn coef(x: f64, arg: &'static str) -> Result<f32> {
+    let y = x as f32;
+    if y.is_finite() {
+        Ok(y)
+    } else {
+        Err(Error::invalid(OP, arg, format!("{x} is not finite in f32")))
+    }
+}
+
+/// A permutation must have been computed (by `permute`) before anything reads its tables.
+pub(crate) fn check_filled(filled: bool) -> Result<()> {
+    if filled {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            OP,
+            "perm",
+            "the permutation has not been computed yet (call permute first)",
+        ))
+    }
+}
+
+// ------------------------------------------------------------------ launch plans
+//
+// The pure functions from validated arguments and buffer addresses to launches, shared by
+// the CUDA path below and the emulator. They check every buffer length against the shape,
+// so a launch they return touches nothing outside the buffers they were given (given the
+// index tensors' ranges, which the callers guarantee).
+
+/// The buffers of one gating call (bias optional).
+pub(crate) struct RouteBufs {
+    pub logits: Buf,
+    pub bias: Option<Buf>,
+    pub ids: Buf,
+    pub weights: Buf,
+}
+
+/// The gating launch for `tokens` tokens of `cfg`, on the block kernel when `force_block`;
+/// `None` for 0 tokens. Validates the config and every buffer length (outputs under the
+/// name `out`), picks the warp kernel's 16-byte vector loads only where they are aligned.
+pub(crate) fn plan_route<T: MoeElement>(
+    cfg: &RouterConfig,
+    tokens: usize,
+    force_block: bool,
+    b: &RouteBufs,
+) -> Result<Option<KernelLaunch<sys::LongctxMoeGateParams>>> {
+    let plan = GatePlan::new(cfg, tokens, force_block)?;
+    check_len(
+        b.logits.len,
+        elems(tokens, cfg.experts, "logits")?,
+        "logits",
+        "tokens x experts",
+    )?;
+    let n = elems(tokens, cfg.top_k, "out")?;
+    check_len(b.ids.len, n, "out", "ids: tokens x top_k")?;
+    check_len(b.weights.len, n, "out", "weights: tokens x top_k")?;
+    if let Some(bias) = &b.bias {
+        check_len(bias.len, cfg.experts, "bias", "one per expert")?;
+    }
+    if tokens == 0 {
+        return Ok(None);
+    }
+    let group = cfg.effective_grouping();
+    let top2 = matches!(group.map(|g| g.score), Some(GroupScore::Top2Sum));
+    let params = sys::LongctxMoeGateParams {
+        logits: b.logits.addr,
+        bias: b.bias.map_or(0, |x| x.addr),
+        ids: b.ids.addr,
+        weights: b.weights.addr,
+        tokens: u32_of(tokens, "tokens")?,
+        experts: u32_of(cfg.experts, "experts")?,
+        top_k: u32_of(cfg.top_k, "top_k")?,
+        scoring: scoring_of(cfg.scoring),
+        group_mode: match group.map(|g| g.score) {
+            None => sys::LONGCTX_MOE_GROUP_NONE,
+            Some(GroupScore::Max) => sys::LONGCTX_MOE_GROUP_MAX,
+            Some(GroupScore::Top2Sum) => sys::LONGCTX_MOE_GROUP_TOP2_SUM,
+        },
+        n_group: u32_of(group.map_or(1, |g| g.n_group), "n_group")?,
+        topk_group: u32_of(group.map_or(1, |g| g.topk_group), "topk_group")?,
+        renormalize: u32::from(cfg.renormalize),
+        select_on_logits: u32::from(b.bias.is_none() && !top2),
+        routed_scaling_factor: coef(cfg.routed_scaling_factor, "routed_scaling_factor")?,
+        lanes: u32_of(plan.lanes, "experts")?,
+        slots: u32_of(plan.slots, "experts")?,
+        group_lanes: u32_of(plan.group_lanes, "n_group")?,
+        vec_loads: u32::from(
+            plan.path == GatePath::Warp
+                && b.logits.addr % 16 == 0
+                && (plan.slots * T::DTYPE.size()) % 16 == 0
+                && cfg.experts % plan.slots == 0,
+        ),
+    };
+    let id = match plan.path {
+        GatePath::Warp => pick::<T>(KernelId::MoeGateWarpF32, KernelId::MoeGateWarpBf16),
+        GatePath::Block => pick::<T>(KernelId::MoeGateBlockF32, KernelId::MoeGateBlockBf16),
+    };
+    Ok(Some(KernelLaunch {
+        id,
+        params,
+        grid: (plan.grid, 1, 1),
+        block: (plan.threads, 1, 1),
+        smem_bytes: plan.smem_bytes,
+    }))
+}
+
+/// The buffers of one permutation: the ids and every table and workspace.
+pub(crate) struct PermuteBufs {
+    pub ids: Buf,
+    pub chunk_counts: Buf,
+    pub routed_counts: Buf,
+    pub counts: Buf,
+    pub offsets: Buf,
+    pub slot_of: Buf,
+    pub slot_assignment: Buf,
+    pub block_expert: Buf,
+    pub dropped: Buf,
+}
+
+/// The permutation's three launches, in order: per-chunk counts, the one-block scan, the
+/// scatter (the count and scatter grids are empty when there are no assignments). Checks
+/// every table against `p`'s sizes (the ids under `ids`, the tables under `perm`).
+pub(crate) fn plan_permute(
+    p: &PermutePlan,
+    b: &PermuteBufs,
+) -> Result<[KernelLaunch<sys::LongctxMoePermuteParams>; 3]> {
+    check_len(b.ids.len, p.assignments, "ids", "tokens x top_k")?;
+    for (buf, want, what) in [
+        (
+            &b.chunk_counts,
+            elems(p.chunks, p.experts, "perm")?,
+            "chunks x experts",
+        ),
+        (&b.routed_counts, p.experts, "experts"),
+        (&b.counts, p.experts, "experts"),
+        (&b.offsets, p.experts + 1, "experts + 1"),
+        (&b.slot_of, p.assignments, "tokens x top_k"),
+        (&b.slot_assignment, p.max_slots, "max_slots"),
+        (&b.block_expert, p.max_blocks, "max_blocks"),
+        (&b.dropped, 1, "one count"),
+    ] {
+        check_len(buf.len, want, "perm", what)?;
+    }
+    let params = sys::LongctxMoePermuteParams {
+        ids: b.ids.addr,
+        chunk_counts: b.chunk_counts.addr,
+        routed_counts: b.routed_counts.addr,
+        counts: b.counts.addr,
+        offsets: b.offsets.addr,
+        slot_of: b.slot_of.addr,
+        slot_assignment: b.slot_assignment.addr,
+        block_expert: b.block_expert.addr,
+        dropped: b.dropped.addr,
+        assignments: u32_of(p.assignments, "ids")?,
+        experts: u32_of(p.experts, "experts")?,
+        block: u32_of(p.block, "block")?,
+        capacity: match p.capacity {
+            None => sys::LONGCTX_MOE_NO_CAPACITY,
+            Some(c) => u32::try_from(c.min(p.assignments)).map_err(|_| {
+                Error::invalid(OP, "capacity_factor", "capacity does not fit in u32")
+            })?,
+        },
+        chunk: u32_of(p.chunk, "ids")?,
+        chunks: u32_of(p.chunks, "ids")?,
+        warps: u32_of(p.warps, "experts")?,
+        max_slots: u32_of(p.max_slots, "block")?,
+        max_blocks: u32_of(p.max_blocks, "block")?,
+        pad0: 0,
+    };
+    let walk = |id| -> Result<KernelLaunch<sys::LongctxMoePermuteParams>> {
+        Ok(KernelLaunch {
+            id,
+            params,
+            grid: (grid_u32(p.count_grid(), "ids")?, 1, 1),
+            block: (u32_of(32 * p.warps, "experts")?, 1, 1),
+            smem_bytes: p.smem_bytes(),
+        })
+    };
+    Ok([
+        walk(KernelId::MoeCount)?,
+        KernelLaunch {
+            id: KernelId::MoeScan,
+            params,
+            grid: (1, 1, 1),
+            block: (SCAN_THREADS, 1, 1),
+            smem_bytes: 0,
+        },
+        walk(KernelId::MoeScatter)?,
+    ])
+}
+
+fn check_hidden(hidden: usize) -> Result<u32> {
+    if hidden == 0 {
+        return Err(Error::invalid(OP, "hidden", "hidden size 0"));
+    }
+    u32_of(hidden, "hidden")
+}
+
+/// The buffers of one gather: source rows in token order, optional per-assignment scales,
+/// the permutation's slot assignments and offsets, destination rows in expert order.
+pub(crate) struct GatherBufs {
+    pub x: Buf,
+    pub scale: Option<Buf>,
+    pub slot_assignment: Buf,
+    pub offsets: Buf,
+    pub out: Buf,
+}
+
+/// The gather launch over `p`'s max_slots rows of `hidden` elements: one block per slot
+/// row, 16-byte vectors where every row of source and destination is aligned.
+pub(crate) fn plan_gather<T: MoeElement>(
+    p: &PermutePlan,
+    hidden: usize,
+    b: &GatherBufs,
+) -> Result<KernelLaunch<sys::LongctxMoeGatherParams>> {
+    let h = check_hidden(hidden)?;
+    check_len(
+        b.x.len,
+        elems(p.tokens, hidden, "x")?,
+        "x",
+        "tokens x hidden",
+    )?;
+    check_len(
+        b.out.len,
+        elems(p.max_slots, hidden, "out")?,
+        "out",
+        "max_slots x hidden",
+    )?;
+    if let Some(s) = &b.scale {
+        check_len(s.len, p.assignments, "scale", "tokens x top_k")?;
+    }
+    check_len(b.slot_assignment.len, p.max_slots, "perm", "max_slots")?;
+    check_len(b.offsets.len, p.experts + 1, "perm", "experts + 1")?;
+    let params = sys::LongctxMoeGatherParams {
+        src: b.x.addr,
+        dst: b.out.addr,
+        slot_assignment: b.slot_assignment.addr,
+        scale: b.scale.map_or(0, |s| s.addr),
+        // offsets[experts], the padded total.
+        total: b.offsets.addr + 4 * u64::from(u32_of(p.experts, "experts")?),
+        rows: u32_of(p.max_slots, "out")?,
+        hidden: h,
+        top_k: u32_of(p.top_k, "top_k")?,
+        vec: u32::from(
+            rows_vec_aligned::<T>(hidden, &b.x) && rows_vec_aligned::<T>(hidden, &b.out),
+        ),
+    };
+    Ok(KernelLaunch {
+        id: pick::<T>(KernelId::MoeGatherF32, KernelId::MoeGatherBf16),
+        params,
+        grid: (grid_u32(p.max_slots, "out")?, 1, 1),
+        block: (ROW_THREADS, 1, 1),
+        smem_bytes: 0,
+    })
+}
+
+/// The buffers of one combine: rows in expert order, optional per-assignment weights, the
+/// permutation's slot of each assignment, destination rows in token order.
+pub(crate) struct CombineBufs {
+    pub src: Buf,
+    pub weights: Option<Buf>,
+    pub slot_of: Buf,
+    pub out: Buf,
+}
+
+/// The combine launch (also the gather's gradient, unweighted): one block per token row;
+/// `arg_in` names the source in errors.
+pub(crate) fn plan_combine<T: MoeElement>(
+    p: &PermutePlan,
+    hidden: usize,
+    b: &CombineBufs,
+    arg_in: &'static str,
+) -> Result<KernelLaunch<sys::LongctxMoeCombineParams>> {
+    let h = check_hidden(hidden)?;
+    check_len(
+        b.src.len,
+        elems(p.max_slots, hidden, arg_in)?,
+        arg_in,
+        "max_slots x hidden",
+    )?;
+    check_len(
+        b.out.len,
+        elems(p.tokens, hidden, "out")?,
+        "out",
+        "tokens x hidden",
+    )?;
+    if let Some(w) = &b.weights {
+        check_len(w.len, p.assignments, "weights", "tokens x top_k")?;
+    }
+    check_len(b.slot_of.len, p.assignments, "perm", "tokens x top_k")?;
+    let params = sys::LongctxMoeCombineParams {
+        src: b.src.addr,
+        dst: b.out.addr,
+        slot_of: b.slot_of.addr,
+        weights: b.weights.map_or(0, |w| w.addr),
+        tokens: u32_of(p.tokens, "out")?,
+        hidden: h,
+        top_k: u32_of(p.top_k, "top_k")?,
+        vec: u32::from(
+            rows_vec_aligned::<T>(hidden, &b.src) && rows_vec_aligned::<T>(hidden, &b.out),
+        ),
+    };
+    Ok(KernelLaunch {
+        id: pick::<T>(KernelId::MoeCombineF32, KernelId::MoeCombineBf16),
+        params,
+        grid: (grid_u32(p.tokens, "out")?, 1, 1),
+        block: (ROW_THREADS, 1, 1),
+        smem_bytes: 0,
+    })
+}
+
+/// The buffers of a combine backward.
+pub(crate) struct CombineBackwardBufs {
+    pub d_out: Buf,
+    pub expert_out: Buf,
+    pub weights: Buf,
+    pub slot_assignment: Buf,
+    pub offsets: Buf,
+    pub slot_of: Buf,
+    pub d_expert_out: Buf,
+    pub d_weights: Buf,
+}
+
+/// The combine's gradient, two launches in order: d_expert_out as the gather of d_out
+/// scaled by the weights (its errors name d_out `x` and d_expert_out `out`), then the
+/// weights' gradient as one dot product per assignment.
+pub(crate) fn plan_combine_backward<T: MoeElement>(
+    p: &PermutePlan,
+    hidden: usize,
+    b: &CombineBackwardBufs,
+) -> Result<(
+    KernelLaunch<sys::LongctxMoeGatherParams>,
+    KernelLaunch<sys::LongctxMoeCombineDwParams>,
+)> {
+    let gather = plan_gather::<T>(
+        p,
+        hidden,
+        &GatherBufs {
+            x: b.d_out,
+            scale: Some(b.weights),
+            slot_assignment: b.slot_assignment,
+            offsets: b.offsets,
+            out: b.d_expert_out,
+        },
+    )?;
+    let h = check_hidden(hidden)?;
+    check_len(
+        b.expert_out.len,
+        elems(p.max_slots, hidden, "expert_out")?,
+        "expert_out",
+        "max_slots x hidden",
+    )?;
+    check_len(
+        b.d_weights.len,
+        p.assignments,
+        "d_weights",
+        "tokens x top_k",
+    )?;
+    check_len(b.slot_of.len, p.assignments, "perm", "tokens x top_k")?;
+    let params = sys::LongctxMoeCombineDwParams {
+        d_out: b.d_out.addr,
+        expert_out: b.expert_out.addr,
+        slot_of: b.slot_of.addr,
+        d_weights: b.d_weights.addr,
+        tokens: u32_of(p.tokens, "d_out")?,
+        hidden: h,
+        top_k: u32_of(p.top_k, "top_k")?,
+        vec: u32::from(
+            rows_vec_aligned::<T>(hidden, &b.d_out) && rows_vec_aligned::<T>(hidden, &b.expert_out),
+        ),
+    };
+    let dw = KernelLaunch {
+        id: pick::<T>(KernelId::MoeCombineDwF32, KernelId::MoeCombineDwBf16),
+        params,
+        grid: (grid_u32(p.tokens, "d_out")?, 1, 1),
+        block: (ROW_THREADS, 1, 1),
+        smem_bytes: 0,
+    };
+    Ok((gather, dw))
+}
+
+/// The statistics chunking of [`router_losses`] for `tokens` tokens of `cfg`, after
+/// validating both (the losses are means over tokens, so there must be some).
+pub(crate) fn losses_plan(cfg: &RouterConfig, tokens: usize) -> Result<StatsPlan> {
+    cfg.validate()?;
+    if tokens == 0 {
+        return Err(Error::invalid(
+            OP,
+            "tokens",
+            "losses need at least one token",
+        ));
+    }
+    Ok(StatsPlan::new(tokens))
+}
+
+/// A permutation used for load balancing must be of the call's shape.
+fn check_balance_shape(p: &PermutePlan, cfg: &RouterConfig, tokens: usize) -> Result<()> {
+    if p.tokens != tokens || p.top_k != cfg.top_k || p.experts != cfg.experts {
+        return Err(Error::invalid(
+            OP,
+            "perm",
+            format!(
+                "made for {} tokens x top_k {} of {} experts; the call has {tokens} x {} of {}",
+                p.tokens, p.top_k, p.experts, cfg.top_k, cfg.experts
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The buffers of one losses call: logits, the permutation's routed counts, the
+/// statistics workspace and the outputs.
+pub(crate) struct LossBufs {
+    pub logits: Buf,
+    pub routed_counts: Buf,
+    pub partial_probs: Buf,
+    pub partial_lse2: Buf,
+    pub values: Buf,
+    pub mean_probs: Buf,
+}
+
+/// The losses' two launches, in order: one statistics block per chunk of tokens, then the
+/// single loss block. `perm` is the plan of the permutation whose routed counts are read.
+pub(crate) fn plan_losses<T: MoeElement>(
+    cfg: &RouterConfig,
+    tokens: usize,
+    perm: &PermutePlan,
+    opts: LossOptions,
+    b: &LossBufs,
+) -> Result<(
+    KernelLaunch<sys::LongctxMoeStatsParams>,
+    KernelLaunch<sys::LongctxMoeLossParams>,
+)> {
+    let plan = losses_plan(cfg, tokens)?;
+    check_len(
+        b.logits.len,
+        elems(tokens, cfg.experts, "logits")?,
+        "logits",
+        "tokens x experts",
+    )?;
+    check_balance_shape(perm, cfg, tokens)?;
+    check_len(b.routed_counts.len, cfg.experts, "perm", "experts")?;
+    for (buf, want, what) in [
+        (
+            &b.partial_probs,
+            elems(plan.chunks, cfg.experts, "out")?,
+            "chunks x experts",
+        ),
+        (&b.partial_lse2, plan.chunks, "chunks"),
+        (&b.values, 2, "two losses"),
+        (&b.mean_probs, cfg.experts, "experts"),
+    ] {
+        check_len(buf.len, want, "out", what)?;
+    }
+    let stats = sys::LongctxMoeStatsParams {
+        logits: b.logits.addr,
+        partial_probs: b.partial_probs.addr,
+        partial_lse2: b.partial_lse2.addr,
+        tokens: u32_of(tokens, "tokens")?,
+        experts: u32_of(cfg.experts, "experts")?,
+        scoring: scoring_of(cfg.scoring),
+        chunk_tokens: u32_of(plan.chunk_tokens, "tokens")?,
+    };
+    let loss = sys::LongctxMoeLossParams {
+        partial_probs: b.partial_probs.addr,
+        partial_lse2: b.partial_lse2.addr,
+        counts: b.routed_counts.addr,
+        losses: b.values.addr,
+        mean_probs: b.mean_probs.addr,
+        chunks: u32_of(plan.chunks, "tokens")?,
+        experts: stats.experts,
+        tokens: stats.tokens,
+        top_k: u32_of(cfg.top_k, "top_k")?,
+        aux_coef: coef(opts.aux_coef, "aux_coef")?,
+        z_coef: coef(opts.z_coef, "z_coef")?,
+    };
+    Ok((
+        KernelLaunch {
+            id: pick::<T>(KernelId::MoeStatsF32, KernelId::MoeStatsBf16),
+            params: stats,
+            grid: (grid_u32(plan.chunks, "tokens")?, 1, 1),
+            block: (STATS_THREADS, 1, 1),
+            smem_bytes: 0,
+        },
+        KernelLaunch {
+            id: KernelId::MoeLoss,
+            params: loss,
+            grid: (1, 1, 1),
+            block: (LOSS_THREADS, 1, 1),
+            smem_bytes: 0,
+        },
+    ))
+}
+
+/// The buffers of one router backward (the weights' gradient is an optional term).
+pub(crate) struct RouteBackwardBufs {
+    pub logits: Buf,
+    pub ids: Buf,
+    pub d_weights: Option<Buf>,
+    pub d_logits: Buf,
+}
+
+/// The router backward's launch, one warp per token; `None` for 0 tokens. `balance`, for
+/// the load-balancing term, is a permutation's plan and its routed counts.
+pub(crate) fn plan_route_backward<T: MoeElement>(
+    cfg: &RouterConfig,
+    tokens: usize,
+    balance: Option<(&PermutePlan, Buf)>,
+    opts: LossOptions,
+    b: &RouteBackwardBufs,
+) -> Result<Option<KernelLaunch<sys::LongctxMoeGateBwdParams>>> {
+    cfg.validate()?;
+    let rows = elems(tokens, cfg.experts, "logits")?;
+    check_len(b.logits.len, rows, "logits", "tokens x experts")?;
+    let assignments = elems(tokens, cfg.top_k, "ids")?;
+    check_len(b.ids.len, assignments, "ids", "tokens x top_k")?;
+    check_len(b.d_logits.len, rows, "d_logits", "tokens x experts")?;
+    if let Some(d) = &b.d_weights {
+        check_len(d.len, assignments, "d_weights", "tokens x top_k")?;
+    }
+    if let Some((p, counts)) = &balance {
+        check_balance_shape(p, cfg, tokens)?;
+        check_len(counts.len, cfg.experts, "perm", "experts")?;
+    }
+    if tokens == 0 {
+        // The gradient scales divide by the token count; the coefficients must still be
+        // finite.
+        coef(opts.aux_coef, "aux_coef")?;
+        coef(opts.z_coef, "z_coef")?;
+        return Ok(None);
+    }
+    let params = sys::LongctxMoeGateBwdParams {
+        logits: b.logits.addr,
+        ids: b.ids.addr,
+        d_weights: b.d_weights.map_or(0, |d| d.addr),
+        counts: balance.map_or(0, |(_, c)| c.addr),
+        d_logits: b.d_logits.addr,
+        tokens: u32_of(tokens, "tokens")?,
+        experts: u32_of(cfg.experts, "experts")?,
+        top_k: u32_of(cfg.top_k, "top_k")?,
+        scoring: scoring_of(cfg.scoring),
+        renormalize: u32::from(cfg.renormalize),
+        routed_scaling_factor: coef(cfg.routed_scaling_factor, "routed_scaling_factor")?,
+        aux_grad_scale: coef(
+            aux_grad_scale(opts.aux_coef, cfg.experts, tokens, cfg.top_k),
+            "aux_coef",
+        )?,
+        z_grad_scale: coef(z_grad_scale(opts.z_coef, tokens), "z_coef")?,
+    };
+    Ok(Some(KernelLaunch {
+        id: pick::<T>(KernelId::MoeGateBwdF32, KernelId::MoeGateBwdBf16),
+        params,
+        grid: (grid_u32(tokens.div_ceil(BWD_WARPS), "tokens")?, 1, 1),
+        block: (u32_of(BWD_WARPS * 32, "tokens")?, 1, 1),
+        smem_bytes: 0,
+    }))
+}
+
+/// The bias update's single-block launch over `experts` routed counts and biases.
+pub(crate) fn plan_bias_update(
+    experts: usize,
+    counts: Buf,
+    bias: Buf,
+    gamma: f64,
+) -> Result<KernelLaunch<sys::LongctxMoeBiasParams>> {
+    check_len(bias.len, experts, "bias", "one per expert")?;
+    check_len(counts.len, experts, "perm", "experts")?;
+    let params = sys::LongctxMoeBiasParams {
+        counts: counts.addr,
+        bias: bias.addr,
+        experts: u32_of(experts, "experts")?,
+        gamma: coef(gamma, "gamma")?,
+    };
+    Ok(KernelLaunch {
+        id: KernelId::MoeBiasUpdate,
+        params,
+        grid: (1, 1, 1),
+        block: (BIAS_THREADS, 1, 1),
+        smem_bytes: 0,
+    })
 }
 
 // ------------------------------------------------------------------ expert ids and routing
@@ -230,16 +839,6 @@ impl Routing {
     }
 }
 
-fn check_logits<T>(
-    dev: &Device,
-    cfg: &RouterConfig,
-    logits: &CudaSlice<T>,
-    tokens: usize,
-) -> Result<()> {
-    check_owned(dev, logits, "logits")?;
-    check_len(logits, tokens * cfg.experts, "logits", "tokens x experts")
-}
-
 fn route_impl<T: MoeElement>(
     dev: &Device,
     cfg: &RouterConfig,
@@ -249,8 +848,40 @@ fn route_impl<T: MoeElement>(
     out: &mut Routing,
     force_block: bool,
 ) -> Result<()> {
-    let plan = GatePlan::new(cfg, tokens, force_block)?;
-    check_logits(dev, cfg, logits, tokens)?;
+    check_owned(dev, logits, "logits")?;
+    check_owned(dev, &out.ids.data, "out")?;
+    check_owned(dev, &out.weights, "out")?;
+    if let Some(b) = bias {
+        check_owned(dev, b, "bias")?;
+    }
+    let stream = dev.stream();
+    let (logits_ptr, _lg) = logits.device_ptr(stream);
+    let bias_guard = bias.map(|b| (b.len(), b.device_ptr(stream)));
+    let (ids_len, w_len) = (out.ids.data.len(), out.weights.len());
+    let (ids_ptr, _ig) = out.ids.data.device_ptr_mut(stream);
+    let (w_ptr, _wg) = out.weights.device_ptr_mut(stream);
+    let l = plan_route::<T>(
+        cfg,
+        tokens,
+        force_block,
+        &RouteBufs {
+            logits: dbuf(logits, logits_ptr),
+            bias: bias_guard.as_ref().map(|(len, g)| Buf {
+                addr: g.0,
+                len: *len,
+            }),
+            ids: Buf {
+                addr: ids_ptr,
+                len: ids_len,
+            },
+            weights: Buf {
+                addr: w_ptr,
+                len: w_len,
+            },
+        },
+    )?;
+    // The ids' type promises ids in 0..experts of its shape: the outputs must have been
+    // made for this config.
     if out.ids.tokens != tokens || out.ids.top_k != cfg.top_k || out.ids.experts != cfg.experts {
         return Err(Error::invalid(
             OP,
@@ -261,67 +892,19 @@ fn route_impl<T: MoeElement>(
             ),
         ));
     }
-    check_owned(dev, &out.ids.data, "out")?;
-    check_owned(dev, &out.weights, "out")?;
-    if let Some(b) = bias {
-        check_owned(dev, b, "bias")?;
-        check_len(b, cfg.experts, "bias", "one per expert")?;
-    }
-    if tokens == 0 {
+    let Some(l) = l else {
         return Ok(());
-    }
-    let group = cfg.effective_grouping();
-    let top2 = matches!(group.map(|g| g.score), Some(GroupScore::Top2Sum));
-    let stream = dev.stream();
-    let (logits_ptr, _lg) = logits.device_ptr(stream);
-    let bias_guard = bias.map(|b| b.device_ptr(stream));
-    let (ids_ptr, _ig) = out.ids.data.device_ptr_mut(stream);
-    let (w_ptr, _wg) = out.weights.device_ptr_mut(stream);
-    let params = sys::LongctxMoeGateParams {
-        logits: logits_ptr,
-        bias: bias_guard.as_ref().map_or(0, |g| g.0),
-        ids: ids_ptr,
-        weights: w_ptr,
-        tokens: u32_of(tokens, "tokens")?,
-        experts: u32_of(cfg.experts, "experts")?,
-        top_k: u32_of(cfg.top_k, "top_k")?,
-        scoring: match cfg.scoring {
-            Scoring::Softmax => sys::LONGCTX_MOE_SCORING_SOFTMAX,
-            Scoring::Sigmoid => sys::LONGCTX_MOE_SCORING_SIGMOID,
-        },
-        group_mode: match group.map(|g| g.score) {
-            None => sys::LONGCTX_MOE_GROUP_NONE,
-            Some(GroupScore::Max) => sys::LONGCTX_MOE_GROUP_MAX,
-            Some(GroupScore::Top2Sum) => sys::LONGCTX_MOE_GROUP_TOP2_SUM,
-        },
-        n_group: u32_of(group.map_or(1, |g| g.n_group), "n_group")?,
-        topk_group: u32_of(group.map_or(1, |g| g.topk_group), "topk_group")?,
-        renormalize: u32::from(cfg.renormalize),
-        select_on_logits: u32::from(bias.is_none() && !top2),
-        routed_scaling_factor: cfg.routed_scaling_factor as f32,
-        lanes: u32_of(plan.lanes, "experts")?,
-        slots: u32_of(plan.slots, "experts")?,
-        group_lanes: u32_of(plan.group_lanes, "n_group")?,
-        vec_loads: u32::from(
-            plan.path == GatePath::Warp
-                && logits_ptr % 16 == 0
-                && (plan.slots * T::DTYPE.size()) % 16 == 0
-                && cfg.experts % plan.slots == 0,
-        ),
     };
-    let id = match plan.path {
-        GatePath::Warp => pick::<T>(KernelId::MoeGateWarpF32, KernelId::MoeGateWarpBf16),
-        GatePath::Block => pick::<T>(KernelId::MoeGateBlockF32, KernelId::MoeGateBlockBf16),
-    };
-    // SAFETY: logits holds tokens x experts elements of T and bias (if any) experts f32s on
-    // this context (checked above); ids and weights hold tokens x top_k elements each and
-    // are distinct buffers from the inputs (a &mut borrow); the plan's grid covers exactly
-    // the tokens (the warp kernel returns for the rounded-up tail) and its shared memory
-    // size matches gate_block_smem_bytes; vec_loads is set only when every lane's 16-byte
-    // vector loads are aligned and inside its token's row; the config is validated, so
-    // top_k never exceeds the eligible experts and the kernel writes only in-range,
-    // distinct ids. The pointer guards live until the end of this function.
-    unsafe { launch(dev, id, plan.grid, plan.threads, plan.smem_bytes, &params) }
+    // SAFETY: plan_route checked that logits holds tokens x experts elements of T, bias (if
+    // any) experts f32s, ids and weights tokens x top_k elements each, all on this context
+    // (checked above); ids and weights are distinct buffers from the inputs (a &mut borrow);
+    // the plan's grid covers exactly the tokens (the warp kernel returns for the rounded-up
+    // tail) and its shared memory size matches gate_block_smem_bytes; vec_loads is set only
+    // when every lane's 16-byte vector loads are aligned and inside its token's row; the
+    // config is validated, so top_k never exceeds the eligible experts and the kernel
+    // writes only in-range, distinct ids. The pointer guards live until the end of this
+    // function.
+    unsafe { launch(dev, &l) }
 }
 
 /// Routes `tokens` tokens: logits \[tokens, experts\] (f32 or bf16) -> `out`'s ids and
@@ -477,13 +1060,7 @@ impl Permutation {
     }
 
     fn check_filled(&self, dev: &Device) -> Result<()> {
-        if !self.filled {
-            return Err(Error::invalid(
-                OP,
-                "perm",
-                "the permutation has not been computed yet (call permute first)",
-            ));
-        }
+        check_filled(self.filled)?;
         check_owned(dev, &self.slot_of, "perm")
     }
 }
@@ -508,87 +1085,81 @@ pub fn permute(dev: &Device, ids: &ExpertIds, perm: &mut Permutation) -> Result<
         ));
     }
     check_owned(dev, &ids.data, "ids")?;
-    check_owned(dev, &perm.slot_of, "perm")?;
+    for s in [
+        &perm.chunk_counts,
+        &perm.routed_counts,
+        &perm.counts,
+        &perm.offsets,
+        &perm.slot_of,
+        &perm.slot_assignment,
+        &perm.block_expert,
+        &perm.dropped,
+    ] {
+        check_owned(dev, s, "perm")?;
+    }
     let stream = dev.stream();
-    let (ids_ptr, _g0) = ids.data.device_ptr(stream);
-    let (cc, _g1) = perm.chunk_counts.device_ptr_mut(stream);
-    let (routed, _g2) = perm.routed_counts.device_ptr_mut(stream);
-    let (counts, _g3) = perm.counts.device_ptr_mut(stream);
-    let (offsets, _g4) = perm.offsets.device_ptr_mut(stream);
-    let (slot_of, _g5) = perm.slot_of.device_ptr_mut(stream);
-    let (slot_assignment, _g6) = perm.slot_assignment.device_ptr_mut(stream);
-    let (block_expert, _g7) = perm.block_expert.device_ptr_mut(stream);
-    let (dropped, _g8) = perm.dropped.device_ptr_mut(stream);
-    let params = sys::LongctxMoePermuteParams {
-        ids: ids_ptr,
-        chunk_counts: cc,
-        routed_counts: routed,
+    let Permutation {
+        routed_counts,
         counts,
         offsets,
         slot_of,
         slot_assignment,
         block_expert,
         dropped,
-        assignments: u32_of(p.assignments, "ids")?,
-        experts: u32_of(p.experts, "experts")?,
-        block: u32_of(p.block, "block")?,
-        capacity: match p.capacity {
-            None => sys::LONGCTX_MOE_NO_CAPACITY,
-            Some(c) => u32::try_from(c.min(p.assignments)).map_err(|_| {
-                Error::invalid(OP, "capacity_factor", "capacity does not fit in u32")
-            })?,
+        chunk_counts,
+        ..
+    } = perm;
+    let lens = [
+        chunk_counts.len(),
+        routed_counts.len(),
+        counts.len(),
+        offsets.len(),
+        slot_of.len(),
+        slot_assignment.len(),
+        block_expert.len(),
+        dropped.len(),
+    ];
+    let (ids_ptr, _g0) = ids.data.device_ptr(stream);
+    let (cc, _g1) = chunk_counts.device_ptr_mut(stream);
+    let (routed, _g2) = routed_counts.device_ptr_mut(stream);
+    let (kept, _g3) = counts.device_ptr_mut(stream);
+    let (off, _g4) = offsets.device_ptr_mut(stream);
+    let (so, _g5) = slot_of.device_ptr_mut(stream);
+    let (sa, _g6) = slot_assignment.device_ptr_mut(stream);
+    let (be, _g7) = block_expert.device_ptr_mut(stream);
+    let (dr, _g8) = dropped.device_ptr_mut(stream);
+    let buf = |addr, len| Buf { addr, len };
+    let launches = plan_permute(
+        &p,
+        &PermuteBufs {
+            ids: dbuf(&ids.data, ids_ptr),
+            chunk_counts: buf(cc, lens[0]),
+            routed_counts: buf(routed, lens[1]),
+            counts: buf(kept, lens[2]),
+            offsets: buf(off, lens[3]),
+            slot_of: buf(so, lens[4]),
+            slot_assignment: buf(sa, lens[5]),
+            block_expert: buf(be, lens[6]),
+            dropped: buf(dr, lens[7]),
         },
-        chunk: u32_of(p.chunk, "ids")?,
-        chunks: u32_of(p.chunks, "ids")?,
-        warps: u32_of(p.warps, "experts")?,
-        max_slots: u32_of(p.max_slots, "block")?,
-        max_blocks: u32_of(p.max_blocks, "block")?,
-        pad0: 0,
-    };
-    let grid = grid_u32(p.count_grid(), "ids")?;
-    let threads = u32_of(32 * p.warps, "experts")?;
-    // SAFETY: ids holds `assignments` in-range expert ids (ExpertIds' invariant) and every
-    // table was allocated by Permutation::new from the same plan: chunk_counts chunks x
-    // experts, slot_of assignments, slot_assignment max_slots (a bound on the padded total),
-    // block_expert max_slots / block, offsets experts + 1. The dynamic shared memory is one
-    // int per expert per warp, as the count and scatter kernels index it; the scan is one
-    // block of its compiled size. All outputs are distinct allocations from ids; the guards
-    // live until the end of this function.
-    unsafe {
-        launch(
-            dev,
-            KernelId::MoeCount,
-            grid,
-            threads,
-            p.smem_bytes(),
-            &params,
-        )?;
-        launch(dev, KernelId::MoeScan, 1, SCAN_THREADS, 0, &params)?;
-        launch(
-            dev,
-            KernelId::MoeScatter,
-            grid,
-            threads,
-            p.smem_bytes(),
-            &params,
-        )?;
+    )?;
+    for l in &launches {
+        // SAFETY: ids holds `assignments` in-range expert ids (ExpertIds' invariant, shape
+        // checked above) and plan_permute checked every table against the plan:
+        // chunk_counts chunks x experts, slot_of assignments, slot_assignment max_slots (a
+        // bound on the padded total), block_expert max_slots / block, offsets experts + 1.
+        // The dynamic shared memory is one int per expert per warp, as the count and
+        // scatter kernels index it; the scan is one block of its compiled size. All outputs
+        // are distinct allocations from ids and from each other, on this context (checked
+        // above); the guards live until the end of this function. The launches run in
+        // stream order, each reading what the previous one wrote.
+        unsafe { launch(dev, l)? };
     }
     perm.filled = true;
     Ok(())
 }
 
 // ------------------------------------------------------------------ gather / combine
-
-fn check_hidden(hidden: usize) -> Result<u32> {
-    if hidden == 0 {
-        return Err(Error::invalid(OP, "hidden", "hidden size 0"));
-    }
-    u32_of(hidden, "hidden")
-}
-
-fn vec_ok<T: MoeElement>(hidden: usize) -> u32 {
-    u32::from(hidden % (16 / T::DTYPE.size()) == 0)
-}
 
 /// Hidden states `x` \[tokens, hidden\] into expert order `out` \[max_slots, hidden\]: row s =
 /// scale\[a\] x x\[a / top_k\] for the assignment a in slot s, zeros for padding inside the
@@ -606,52 +1177,45 @@ pub fn gather<T: MoeElement>(
     scale: Option<&CudaSlice<f32>>,
     out: &mut CudaSlice<T>,
 ) -> Result<()> {
-    let h = check_hidden(hidden)?;
     perm.check_filled(dev)?;
-    let p = &perm.plan;
     check_owned(dev, x, "x")?;
     check_owned(dev, out, "out")?;
-    check_len(x, p.tokens * hidden, "x", "tokens x hidden")?;
-    check_len(out, p.max_slots * hidden, "out", "max_slots x hidden")?;
     if let Some(s) = scale {
         check_owned(dev, s, "scale")?;
-        check_len(s, p.assignments, "scale", "tokens x top_k")?;
     }
     let stream = dev.stream();
+    let out_len = out.len();
     let (src, _g0) = x.device_ptr(stream);
     let (dst, _g1) = out.device_ptr_mut(stream);
     let (sa, _g2) = perm.slot_assignment.device_ptr(stream);
-    let scale_guard = scale.map(|s| s.device_ptr(stream));
+    let scale_guard = scale.map(|s| (s.len(), s.device_ptr(stream)));
     let (offsets, _g3) = perm.offsets.device_ptr(stream);
-    let params = sys::LongctxMoeGatherParams {
-        src,
-        dst,
-        slot_assignment: sa,
-        scale: scale_guard.as_ref().map_or(0, |g| g.0),
-        total: offsets + 4 * p.experts as u64,
-        rows: u32_of(p.max_slots, "out")?,
-        hidden: h,
-        top_k: u32_of(p.top_k, "top_k")?,
-        vec: vec_ok::<T>(hidden),
-    };
-    let id = pick::<T>(KernelId::MoeGatherF32, KernelId::MoeGatherBf16);
-    // SAFETY: out holds max_slots x hidden elements, one block per slot row; `total` points
-    // at offsets[experts] inside perm's experts + 1 offsets; each slot's
-    // assignment is -1 or in 0..tokens x top_k (written by permute), so the source row
-    // a / top_k < tokens lies in x (tokens x hidden, checked), and scale (if any) has an
-    // entry per assignment; vector access only when hidden is a multiple of the 16-byte
-    // width, so every row start is 16-byte aligned in these whole allocations. out is a
-    // distinct buffer (&mut). Guards live until the end of this function.
-    unsafe {
-        launch(
-            dev,
-            id,
-            grid_u32(p.max_slots, "out")?,
-            ROW_THREADS,
-            0,
-            &params,
-        )
-    }
+    let l = plan_gather::<T>(
+        &perm.plan,
+        hidden,
+        &GatherBufs {
+            x: dbuf(x, src),
+            scale: scale_guard.as_ref().map(|(len, g)| Buf {
+                addr: g.0,
+                len: *len,
+            }),
+            slot_assignment: dbuf(&perm.slot_assignment, sa),
+            offsets: dbuf(&perm.offsets, offsets),
+            out: Buf {
+                addr: dst,
+                len: out_len,
+            },
+        },
+    )?;
+    // SAFETY: plan_gather checked that out holds max_slots x hidden elements (one block per
+    // slot row), x tokens x hidden and scale (if any) one entry per assignment; `total`
+    // points at offsets[experts] inside perm's experts + 1 offsets; each slot's assignment
+    // is -1 or in 0..tokens x top_k (written by permute), so the source row a / top_k <
+    // tokens lies in x; vector access only when hidden is a multiple of the 16-byte width
+    // and both buffers are 16-byte aligned, so every row start is. All buffers are on this
+    // context (checked above); out is a distinct buffer (&mut). Guards live until the end
+    // of this function.
+    unsafe { launch(dev, &l) }
 }
 
 fn combine_impl<T: MoeElement>(
@@ -663,44 +1227,42 @@ fn combine_impl<T: MoeElement>(
     out: &mut CudaSlice<T>,
     arg_in: &'static str,
 ) -> Result<()> {
-    let h = check_hidden(hidden)?;
     perm.check_filled(dev)?;
-    let p = &perm.plan;
     check_owned(dev, expert_out, arg_in)?;
     check_owned(dev, out, "out")?;
-    check_len(
-        expert_out,
-        p.max_slots * hidden,
-        arg_in,
-        "max_slots x hidden",
-    )?;
-    check_len(out, p.tokens * hidden, "out", "tokens x hidden")?;
     if let Some(w) = weights {
         check_owned(dev, w, "weights")?;
-        check_len(w, p.assignments, "weights", "tokens x top_k")?;
     }
     let stream = dev.stream();
+    let out_len = out.len();
     let (src, _g0) = expert_out.device_ptr(stream);
     let (dst, _g1) = out.device_ptr_mut(stream);
     let (so, _g2) = perm.slot_of.device_ptr(stream);
-    let w_guard = weights.map(|w| w.device_ptr(stream));
-    let params = sys::LongctxMoeCombineParams {
-        src,
-        dst,
-        slot_of: so,
-        weights: w_guard.as_ref().map_or(0, |g| g.0),
-        tokens: u32_of(p.tokens, "out")?,
-        hidden: h,
-        top_k: u32_of(p.top_k, "top_k")?,
-        vec: vec_ok::<T>(hidden),
-    };
-    let id = pick::<T>(KernelId::MoeCombineF32, KernelId::MoeCombineBf16);
-    // SAFETY: one block per token row of out (tokens x hidden, checked); slot_of has
-    // tokens x top_k entries, each -1 or below max_slots (written by permute), and
-    // expert_out holds max_slots x hidden elements; weights (if any) one per assignment;
-    // vector access only with 16-byte aligned rows. out is a distinct buffer (&mut). Guards
-    // live until the end of this function.
-    unsafe { launch(dev, id, grid_u32(p.tokens, "out")?, ROW_THREADS, 0, &params) }
+    let w_guard = weights.map(|w| (w.len(), w.device_ptr(stream)));
+    let l = plan_combine::<T>(
+        &perm.plan,
+        hidden,
+        &CombineBufs {
+            src: dbuf(expert_out, src),
+            weights: w_guard.as_ref().map(|(len, g)| Buf {
+                addr: g.0,
+                len: *len,
+            }),
+            slot_of: dbuf(&perm.slot_of, so),
+            out: Buf {
+                addr: dst,
+                len: out_len,
+            },
+        },
+        arg_in,
+    )?;
+    // SAFETY: plan_combine checked that out holds tokens x hidden elements (one block per
+    // token row), expert_out max_slots x hidden and weights (if any) one per assignment;
+    // slot_of has tokens x top_k entries, each -1 or below max_slots (written by permute);
+    // vector access only with 16-byte aligned rows. All buffers are on this context
+    // (checked above); out is a distinct buffer (&mut). Guards live until the end of this
+    // function.
+    unsafe { launch(dev, &l) }
 }
 
 /// Back to token order: out\[t\] = sum_j weights\[t, j\] x expert_out\[slot_of\[t, j\]\] over
@@ -752,48 +1314,53 @@ pub fn combine_backward<T: MoeElement>(
     d_expert_out: &mut CudaSlice<T>,
     d_weights: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    gather(dev, perm, d_out, hidden, Some(weights), d_expert_out)?;
-    let h = check_hidden(hidden)?;
-    let p = &perm.plan;
+    perm.check_filled(dev)?;
+    check_owned(dev, d_out, "x")?;
+    check_owned(dev, d_expert_out, "out")?;
+    check_owned(dev, weights, "scale")?;
     check_owned(dev, expert_out, "expert_out")?;
     check_owned(dev, d_weights, "d_weights")?;
-    check_len(
-        expert_out,
-        p.max_slots * hidden,
-        "expert_out",
-        "max_slots x hidden",
-    )?;
-    check_len(d_weights, p.assignments, "d_weights", "tokens x top_k")?;
     let stream = dev.stream();
+    let (deo_len, dw_len) = (d_expert_out.len(), d_weights.len());
     let (g, _g0) = d_out.device_ptr(stream);
     let (x, _g1) = expert_out.device_ptr(stream);
-    let (so, _g2) = perm.slot_of.device_ptr(stream);
-    let (dw, _g3) = d_weights.device_ptr_mut(stream);
-    let params = sys::LongctxMoeCombineDwParams {
-        d_out: g,
-        expert_out: x,
-        slot_of: so,
-        d_weights: dw,
-        tokens: u32_of(p.tokens, "d_out")?,
-        hidden: h,
-        top_k: u32_of(p.top_k, "top_k")?,
-        vec: vec_ok::<T>(hidden),
-    };
-    let id = pick::<T>(KernelId::MoeCombineDwF32, KernelId::MoeCombineDwBf16);
-    // SAFETY: d_out (tokens x hidden, checked by the gather above) and expert_out
-    // (max_slots x hidden, checked) are read at rows t < tokens and slot_of entries that are
-    // -1 or below max_slots (written by permute); d_weights holds one f32 per assignment
-    // and is a distinct buffer (&mut); vector access only with 16-byte aligned rows. Guards
-    // live until the end of this function.
+    let (w, _g2) = weights.device_ptr(stream);
+    let (sa, _g3) = perm.slot_assignment.device_ptr(stream);
+    let (off, _g4) = perm.offsets.device_ptr(stream);
+    let (so, _g5) = perm.slot_of.device_ptr(stream);
+    let (deo, _g6) = d_expert_out.device_ptr_mut(stream);
+    let (dw, _g7) = d_weights.device_ptr_mut(stream);
+    let (gather_l, dw_l) = plan_combine_backward::<T>(
+        &perm.plan,
+        hidden,
+        &CombineBackwardBufs {
+            d_out: dbuf(d_out, g),
+            expert_out: dbuf(expert_out, x),
+            weights: dbuf(weights, w),
+            slot_assignment: dbuf(&perm.slot_assignment, sa),
+            offsets: dbuf(&perm.offsets, off),
+            slot_of: dbuf(&perm.slot_of, so),
+            d_expert_out: Buf {
+                addr: deo,
+                len: deo_len,
+            },
+            d_weights: Buf {
+                addr: dw,
+                len: dw_len,
+            },
+        },
+    )?;
+    // SAFETY: the gather's guarantees (see `gather`), with d_out as the source rows
+    // (tokens x hidden), the weights as scales (one per assignment) and d_expert_out
+    // (max_slots x hidden) as the destination, all checked by plan_combine_backward; then
+    // d_out and expert_out (max_slots x hidden, checked) are read at rows t < tokens and at
+    // slot_of entries that are -1 or below max_slots (written by permute); d_weights holds
+    // one f32 per assignment (checked). Every buffer is on this context (checked above);
+    // d_expert_out and d_weights are distinct buffers (&mut); vector access only with
+    // 16-byte aligned rows. Guards live until the end of this function.
     unsafe {
-        launch(
-            dev,
-            id,
-            grid_u32(p.tokens, "d_out")?,
-            ROW_THREADS,
-            0,
-            &params,
-        )
+        launch(dev, &gather_l)?;
+        launch(dev, &dw_l)
     }
 }
 
@@ -803,7 +1370,6 @@ pub fn combine_backward<T: MoeElement>(
 /// probability per expert, plus workspace.
 #[derive(Debug)]
 pub struct RouterLosses {
-    plan: StatsPlan,
     tokens: usize,
     experts: usize,
     partial_probs: CudaSlice<f32>,
@@ -819,17 +1385,8 @@ impl RouterLosses {
     /// [`RouterConfig::validate`]'s errors; [`Error::InvalidArgument`] for 0 tokens (the
     /// losses are means over tokens); [`Error::Cuda`] on allocation failure.
     pub fn new(dev: &Device, cfg: &RouterConfig, tokens: usize) -> Result<Self> {
-        cfg.validate()?;
-        if tokens == 0 {
-            return Err(Error::invalid(
-                OP,
-                "tokens",
-                "losses need at least one token",
-            ));
-        }
-        let plan = StatsPlan::new(tokens);
+        let plan = losses_plan(cfg, tokens)?;
         Ok(RouterLosses {
-            plan,
             tokens,
             experts: cfg.experts,
             partial_probs: alloc(dev, plan.chunks * cfg.experts)?,
@@ -862,14 +1419,6 @@ impl RouterLosses {
     }
 }
 
-fn coef(x: f64, arg: &'static str) -> Result<f32> {
-    if x.is_finite() {
-        Ok(x as f32)
-    } else {
-        Err(Error::invalid(OP, arg, format!("{x} is not finite")))
-    }
-}
-
 fn check_balance(
     dev: &Device,
     cfg: &RouterConfig,
@@ -877,18 +1426,8 @@ fn check_balance(
     perm: &Permutation,
 ) -> Result<()> {
     perm.check_filled(dev)?;
-    let p = &perm.plan;
-    if p.tokens != tokens || p.top_k != cfg.top_k || p.experts != cfg.experts {
-        return Err(Error::invalid(
-            OP,
-            "perm",
-            format!(
-                "made for {} tokens x top_k {} of {} experts; the call has {tokens} x {} of {}",
-                p.tokens, p.top_k, p.experts, cfg.top_k, cfg.experts
-            ),
-        ));
-    }
-    Ok(())
+    check_owned(dev, &perm.routed_counts, "perm")?;
+    check_balance_shape(&perm.plan, cfg, tokens)
 }
 
 /// The load-balancing loss alpha x E x sum_i f_i P_i (f_i from `perm`'s routed counts, before
@@ -907,70 +1446,72 @@ pub fn router_losses<T: MoeElement>(
     opts: LossOptions,
     out: &mut RouterLosses,
 ) -> Result<()> {
-    cfg.validate()?;
-    check_logits(dev, cfg, logits, tokens)?;
+    check_owned(dev, logits, "logits")?;
     check_balance(dev, cfg, tokens, perm)?;
-    if out.tokens != tokens || out.experts != cfg.experts {
+    for s in [
+        &out.partial_probs,
+        &out.partial_lse2,
+        &out.values,
+        &out.mean_probs,
+    ] {
+        check_owned(dev, s, "out")?;
+    }
+    let stream = dev.stream();
+    let RouterLosses {
+        tokens: out_tokens,
+        experts: out_experts,
+        partial_probs,
+        partial_lse2,
+        values,
+        mean_probs,
+    } = out;
+    let lens = [
+        partial_probs.len(),
+        partial_lse2.len(),
+        values.len(),
+        mean_probs.len(),
+    ];
+    let (logits_ptr, _g0) = logits.device_ptr(stream);
+    let (pp, _g1) = partial_probs.device_ptr_mut(stream);
+    let (pl, _g2) = partial_lse2.device_ptr_mut(stream);
+    let (vals, _g3) = values.device_ptr_mut(stream);
+    let (mp, _g4) = mean_probs.device_ptr_mut(stream);
+    let (counts, _g5) = perm.routed_counts.device_ptr(stream);
+    let buf = |addr, len| Buf { addr, len };
+    let (stats, loss) = plan_losses::<T>(
+        cfg,
+        tokens,
+        &perm.plan,
+        opts,
+        &LossBufs {
+            logits: dbuf(logits, logits_ptr),
+            routed_counts: dbuf(&perm.routed_counts, counts),
+            partial_probs: buf(pp, lens[0]),
+            partial_lse2: buf(pl, lens[1]),
+            values: buf(vals, lens[2]),
+            mean_probs: buf(mp, lens[3]),
+        },
+    )?;
+    if *out_tokens != tokens || *out_experts != cfg.experts {
         return Err(Error::invalid(
             OP,
             "out",
             format!(
-                "made for {} tokens of {} experts; the call has {tokens} of {}",
-                out.tokens, out.experts, cfg.experts
+                "made for {out_tokens} tokens of {out_experts} experts; the call has {tokens} of {}",
+                cfg.experts
             ),
         ));
     }
-    check_owned(dev, &out.values, "out")?;
-    let plan = out.plan;
-    let stream = dev.stream();
-    let (logits_ptr, _g0) = logits.device_ptr(stream);
-    let (pp, _g1) = out.partial_probs.device_ptr_mut(stream);
-    let (pl, _g2) = out.partial_lse2.device_ptr_mut(stream);
-    let (vals, _g3) = out.values.device_ptr_mut(stream);
-    let (mp, _g4) = out.mean_probs.device_ptr_mut(stream);
-    let (counts, _g5) = perm.routed_counts.device_ptr(stream);
-    let scoring = match cfg.scoring {
-        Scoring::Softmax => sys::LONGCTX_MOE_SCORING_SOFTMAX,
-        Scoring::Sigmoid => sys::LONGCTX_MOE_SCORING_SIGMOID,
-    };
-    let stats = sys::LongctxMoeStatsParams {
-        logits: logits_ptr,
-        partial_probs: pp,
-        partial_lse2: pl,
-        tokens: u32_of(tokens, "tokens")?,
-        experts: u32_of(cfg.experts, "experts")?,
-        scoring,
-        chunk_tokens: u32_of(plan.chunk_tokens, "tokens")?,
-    };
-    let loss = sys::LongctxMoeLossParams {
-        partial_probs: pp,
-        partial_lse2: pl,
-        counts,
-        losses: vals,
-        mean_probs: mp,
-        chunks: u32_of(plan.chunks, "tokens")?,
-        experts: stats.experts,
-        tokens: stats.tokens,
-        top_k: u32_of(cfg.top_k, "top_k")?,
-        aux_coef: coef(opts.aux_coef, "aux_coef")?,
-        z_coef: coef(opts.z_coef, "z_coef")?,
-    };
-    let id = pick::<T>(KernelId::MoeStatsF32, KernelId::MoeStatsBf16);
-    // SAFETY: logits holds tokens x experts elements (checked); one stats block per chunk of
-    // chunk_tokens (<= 256, the kernel's shared arrays) tokens, writing chunks x experts and
-    // chunks partials into buffers RouterLosses::new sized from the same plan; the loss
-    // kernel (one block) reads those, perm's experts routed counts, and writes 2 values and
-    // experts means. Outputs are distinct allocations; guards live until the end.
+    // SAFETY: plan_losses checked that logits holds tokens x experts elements and sized the
+    // workspace from the same StatsPlan: one stats block per chunk of chunk_tokens (<= 256,
+    // the kernel's shared arrays) tokens, writing chunks x experts and chunks partials; the
+    // loss kernel (one block) reads those and perm's experts routed counts, and writes 2
+    // values and experts means. All buffers are on this context (checked above); the
+    // outputs are distinct allocations (&mut); the second launch runs after the first in
+    // stream order. Guards live until the end.
     unsafe {
-        launch(
-            dev,
-            id,
-            grid_u32(plan.chunks, "tokens")?,
-            STATS_THREADS,
-            0,
-            &stats,
-        )?;
-        launch(dev, KernelId::MoeLoss, 1, LOSS_THREADS, 0, &loss)
+        launch(dev, &stats)?;
+        launch(dev, &loss)
     }
 }
 
@@ -996,8 +1537,52 @@ pub fn route_backward<T: MoeElement>(
     opts: LossOptions,
     d_logits: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    cfg.validate()?;
-    check_logits(dev, cfg, logits, tokens)?;
+    check_owned(dev, logits, "logits")?;
+    check_owned(dev, &ids.data, "ids")?;
+    check_owned(dev, d_logits, "d_logits")?;
+    if let Some(d) = d_weights {
+        check_owned(dev, d, "d_weights")?;
+    }
+    if let Some(perm) = balance {
+        check_balance(dev, cfg, tokens, perm)?;
+    }
+    let stream = dev.stream();
+    let out_len = d_logits.len();
+    let (logits_ptr, _g0) = logits.device_ptr(stream);
+    let (ids_ptr, _g1) = ids.data.device_ptr(stream);
+    let dw_guard = d_weights.map(|d| (d.len(), d.device_ptr(stream)));
+    let counts_guard = balance.map(|p| (p, p.routed_counts.device_ptr(stream)));
+    let (out, _g2) = d_logits.device_ptr_mut(stream);
+    let l = plan_route_backward::<T>(
+        cfg,
+        tokens,
+        counts_guard.as_ref().map(|(p, g)| {
+            (
+                &p.plan,
+                Buf {
+                    addr: g.0,
+                    len: p.routed_counts.len(),
+                },
+            )
+        }),
+        opts,
+        &RouteBackwardBufs {
+            logits: dbuf(logits, logits_ptr),
+            ids: Buf {
+                addr: ids_ptr,
+                len: ids.data.len(),
+            },
+            d_weights: dw_guard.as_ref().map(|(len, g)| Buf {
+                addr: g.0,
+                len: *len,
+            }),
+            d_logits: Buf {
+                addr: out,
+                len: out_len,
+            },
+        },
+    )?;
+    // The ids' type promises ids in 0..experts of its shape, which must be the call's.
     if ids.tokens != tokens || ids.top_k != cfg.top_k || ids.experts != cfg.experts {
         return Err(Error::invalid(
             OP,
@@ -1008,69 +1593,16 @@ pub fn route_backward<T: MoeElement>(
             ),
         ));
     }
-    check_owned(dev, &ids.data, "ids")?;
-    check_owned(dev, d_logits, "d_logits")?;
-    check_len(
-        d_logits,
-        tokens * cfg.experts,
-        "d_logits",
-        "tokens x experts",
-    )?;
-    if let Some(d) = d_weights {
-        check_owned(dev, d, "d_weights")?;
-        check_len(d, tokens * cfg.top_k, "d_weights", "tokens x top_k")?;
-    }
-    if let Some(perm) = balance {
-        check_balance(dev, cfg, tokens, perm)?;
-    }
-    let aux = coef(
-        aux_grad_scale(opts.aux_coef, cfg.experts, tokens, cfg.top_k),
-        "aux_coef",
-    )?;
-    let zs = coef(z_grad_scale(opts.z_coef, tokens), "z_coef")?;
-    if tokens == 0 {
+    let Some(l) = l else {
         return Ok(());
-    }
-    let stream = dev.stream();
-    let (logits_ptr, _g0) = logits.device_ptr(stream);
-    let (ids_ptr, _g1) = ids.data.device_ptr(stream);
-    let dw_guard = d_weights.map(|d| d.device_ptr(stream));
-    let counts_guard = balance.map(|p| p.routed_counts.device_ptr(stream));
-    let (out, _g2) = d_logits.device_ptr_mut(stream);
-    let params = sys::LongctxMoeGateBwdParams {
-        logits: logits_ptr,
-        ids: ids_ptr,
-        d_weights: dw_guard.as_ref().map_or(0, |g| g.0),
-        counts: counts_guard.as_ref().map_or(0, |g| g.0),
-        d_logits: out,
-        tokens: u32_of(tokens, "tokens")?,
-        experts: u32_of(cfg.experts, "experts")?,
-        top_k: u32_of(cfg.top_k, "top_k")?,
-        scoring: match cfg.scoring {
-            Scoring::Softmax => sys::LONGCTX_MOE_SCORING_SOFTMAX,
-            Scoring::Sigmoid => sys::LONGCTX_MOE_SCORING_SIGMOID,
-        },
-        renormalize: u32::from(cfg.renormalize),
-        routed_scaling_factor: cfg.routed_scaling_factor as f32,
-        aux_grad_scale: aux,
-        z_grad_scale: zs,
     };
-    let id = pick::<T>(KernelId::MoeGateBwdF32, KernelId::MoeGateBwdBf16);
-    // SAFETY: logits and d_logits hold tokens x experts elements, ids and d_weights (if any)
-    // tokens x top_k, counts (if any) experts (checked above or by construction); every id
-    // is in 0..experts (ExpertIds' invariant), so row[ids[j]] stays in the row. One warp per
-    // token, the grid rounded up and the tail returning. d_logits is a distinct buffer
-    // (&mut). Guards live until the end of this function.
-    unsafe {
-        launch(
-            dev,
-            id,
-            grid_u32(tokens.div_ceil(BWD_WARPS), "tokens")?,
-            (BWD_WARPS * 32) as u32,
-            0,
-            &params,
-        )
-    }
+    // SAFETY: plan_route_backward checked that logits and d_logits hold tokens x experts
+    // elements, d_weights (if any) tokens x top_k and counts (if any) experts; ids holds
+    // tokens x top_k ids, every one in 0..experts (ExpertIds' invariant, its shape checked
+    // above), so row[ids[j]] stays in the row. One warp per token, the grid rounded up and
+    // the tail returning. All buffers are on this context (checked above); d_logits is a
+    // distinct buffer (&mut). Guards live until the end of this function.
+    unsafe { launch(dev, &l) }
 }
 
 /// DeepSeek's auxiliary-loss-free balancing step on `bias` (f32 \[experts\], in place):
@@ -1087,20 +1619,24 @@ pub fn update_bias(
     bias: &mut CudaSlice<f32>,
 ) -> Result<()> {
     perm.check_filled(dev)?;
+    check_owned(dev, &perm.routed_counts, "perm")?;
     check_owned(dev, bias, "bias")?;
-    let experts = perm.plan.experts;
-    check_len(bias, experts, "bias", "one per expert")?;
     let stream = dev.stream();
+    let bias_len = bias.len();
     let (counts, _g0) = perm.routed_counts.device_ptr(stream);
     let (b, _g1) = bias.device_ptr_mut(stream);
-    let params = sys::LongctxMoeBiasParams {
-        counts,
-        bias: b,
-        experts: u32_of(experts, "experts")?,
-        gamma: coef(gamma, "gamma")?,
-    };
-    // SAFETY: counts and bias hold `experts` elements each (perm's plan, checked); one block
-    // of the kernel's compiled size; bias is updated in place through a &mut borrow and
-    // counts is another allocation. Guards live until the end of this function.
-    unsafe { launch(dev, KernelId::MoeBiasUpdate, 1, BIAS_THREADS, 0, &params) }
+    let l = plan_bias_update(
+        perm.plan.experts,
+        dbuf(&perm.routed_counts, counts),
+        Buf {
+            addr: b,
+            len: bias_len,
+        },
+        gamma,
+    )?;
+    // SAFETY: plan_bias_update checked that counts and bias hold `experts` elements each;
+    // one block of the kernel's compiled size; bias is updated in place through a &mut
+    // borrow and counts is another allocation, both on this context (checked above).
+    // Guards live until the end of this function.
+    unsafe { launch(dev, &l) }
 }

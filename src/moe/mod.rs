@@ -25,8 +25,8 @@
 //! -inf). With non-negative biased scores, as in every released checkpoint's routing, the two
 //! agree.
 
-mod cuda;
-mod plan;
+pub(crate) mod cuda;
+pub(crate) mod plan;
 pub mod reference;
 
 pub use cuda::{

@@ -305,7 +305,11 @@ pub(crate) fn plan_launch<T: Element>(
     let tokens32 = check_tokens(tokens)?;
     check_view(table, q.layout, "q", q.buffer_len, tokens)?;
     check_view(table, k.layout, "k", k.buffer_len, tokens)?;
-    if same_buffer && q.layout.heads > 0 && k.layout.heads > 0 && q.layout.may_overlap(k.layout, OP)? {
+    if same_buffer
+        && q.layout.heads > 0
+        && k.layout.heads > 0
+        && q.layout.may_overlap(k.layout, OP)?
+    {
         return Err(Error::invalid(
             OP,
             "q/k",
@@ -410,8 +414,16 @@ pub fn apply_rope<T: Element>(
         &table.info(inv_ptr),
         pos_ptr,
         positions.len(),
-        ViewArg { layout: q, buffer_len: q_len, base: q_ptr },
-        ViewArg { layout: k, buffer_len: k_len, base: k_ptr },
+        ViewArg {
+            layout: q,
+            buffer_len: q_len,
+            base: q_ptr,
+        },
+        ViewArg {
+            layout: k,
+            buffer_len: k_len,
+            base: k_ptr,
+        },
         false,
         opts,
     )?;
@@ -450,8 +462,16 @@ pub fn apply_rope_packed<T: Element>(
         &table.info(inv_ptr),
         pos_ptr,
         positions.len(),
-        ViewArg { layout: q, buffer_len: len, base: ptr },
-        ViewArg { layout: k, buffer_len: len, base: ptr },
+        ViewArg {
+            layout: q,
+            buffer_len: len,
+            base: ptr,
+        },
+        ViewArg {
+            layout: k,
+            buffer_len: len,
+            base: ptr,
+        },
         true,
         opts,
     )?;
