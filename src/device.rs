@@ -44,6 +44,10 @@ pub(crate) fn cuda_err(op: &'static str) -> impl Fn(cudarc::driver::DriverError)
     }
 }
 
+/// Per kernel: the PTX arch of the loaded code (once asked) and the dynamic shared memory
+/// it was opted into.
+type KernelInfo = (Option<u32>, usize);
+
 /// Whether the CUDA driver library can be loaded, asked without cudarc (whose own probe
 /// exists only when it loads the library dynamically, and which panics on a missing one).
 fn driver_library_present() -> bool {
@@ -200,7 +204,7 @@ impl Device {
         Ok(f)
     }
 
-    fn kernel_info(&self) -> Result<std::sync::MutexGuard<'_, Vec<(Option<u32>, usize)>>> {
+    fn kernel_info(&self) -> Result<std::sync::MutexGuard<'_, Vec<KernelInfo>>> {
         self.kernel_info.lock().map_err(|_| Error::Cuda {
             op: "load kernel",
             message: "kernel info lock poisoned".into(),
