@@ -97,9 +97,24 @@ impl Device {
         .map_err(|_| Error::NoDevice {
             reason: "the CUDA driver could not be initialised".into(),
         })??;
-        // The context's default stream: one stream needs no cross-stream event tracking, which
-        // keeps per-launch host overhead low.
-        let stream = ctx.default_stream();
+        // A stream of its own, never the legacy NULL stream (which serialises with every
+        // other stream of the process and cannot be captured into a CUDA graph).
+        let stream = ctx.new_stream().map_err(cuda_err("device"))?;
+        Self::with_stream(ctx, stream)
+    }
+
+    /// Wraps the caller's stream: every op on the returned handle is queued on `stream`,
+    /// and buffers allocated through any cudarc handle on the same CUDA context (candle's,
+    /// the trainer's own) are accepted.
+    ///
+    /// # Errors
+    /// [`Error::Cuda`] when the device cannot be queried.
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        let ctx = stream.context().clone();
+        Self::with_stream(ctx, stream)
+    }
+
+    fn with_stream(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Self> {
         let name = ctx.name().map_err(cuda_err("device"))?;
         let capability = ctx.compute_capability().map_err(cuda_err("device"))?;
         let sm_count = ctx
@@ -183,8 +198,11 @@ impl Device {
     }
 
     /// Whether `slice` was allocated in this handle's context.
+    /// Whether `slice` lives on this handle's CUDA context. The context itself is compared,
+    /// not the `Arc`: every cudarc handle on one device's primary context wraps the same
+    /// `CUcontext`.
     pub(crate) fn owns<T>(&self, slice: &CudaSlice<T>) -> bool {
-        Arc::ptr_eq(slice.context(), &self.ctx)
+        slice.context().cu_ctx() == self.ctx.cu_ctx()
     }
 
     /// The loaded function for `id`, loading its family's fatbin on first use.
