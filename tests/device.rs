@@ -9,24 +9,42 @@ use longctx::cudarc::driver::CudaContext;
 use longctx::device::Device;
 use longctx::layout::HeadsLayout;
 use longctx::rope::reference::apply_rope_f64;
-use longctx::rope::{apply_rope, Direction, Positions, RopeConfig, RopeOptions, RopeStyle, RopeTable};
+use longctx::rope::{
+    apply_rope, Direction, Positions, RopeConfig, RopeOptions, RopeStyle, RopeTable,
+};
 
 /// RoPE on `dev` with Q uploaded through `upload_stream`'s context; checks the result
 /// against the f64 reference.
 fn rope_roundtrip(dev: &Device, other: &Arc<longctx::cudarc::driver::CudaStream>) {
-    let config = RopeConfig::builder(64).base(10000.0).build().expect("config");
+    let config = RopeConfig::builder(64)
+        .base(10000.0)
+        .build()
+        .expect("config");
     let (tokens, heads, d) = (5usize, 3usize, 64usize);
     let l = HeadsLayout::contiguous(tokens, heads, d);
     let mut rng = common::Rng(3);
-    let x: Vec<f32> = (0..tokens * heads * d).map(|_| rng.uniform() as f32).collect();
+    let x: Vec<f32> = (0..tokens * heads * d)
+        .map(|_| rng.uniform() as f32)
+        .collect();
     let pos: Vec<i32> = (0..tokens as i32).map(|t| 7 * t).collect();
     let table = RopeTable::new(dev, &config, 4096).expect("table");
     let positions = Positions::upload(dev, &pos).expect("positions");
-    let mut q = other.clone_htod(&x).expect("upload through the other handle");
+    let mut q = other
+        .clone_htod(&x)
+        .expect("upload through the other handle");
     let mut k = dev.zeros::<f32>(1).expect("k");
     let kl = HeadsLayout { heads: 0, ..l };
-    apply_rope(dev, &table, &positions, &mut q, &l, &mut k, &kl, RopeOptions::default())
-        .expect("a buffer of the same context is accepted");
+    apply_rope(
+        dev,
+        &table,
+        &positions,
+        &mut q,
+        &l,
+        &mut k,
+        &kl,
+        RopeOptions::default(),
+    )
+    .expect("a buffer of the same context is accepted");
     dev.synchronize().expect("sync");
     let got = other.clone_dtoh(&q).expect("download");
     let mut want: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();

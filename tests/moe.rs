@@ -281,7 +281,10 @@ fn bad_input_is_a_typed_error() {
             &[0.0; 16],
             2,
             &[1; 7],
-            LossOptions::default()
+            LossOptions {
+                aux_coef: 1.0,
+                z_coef: 1.0
+            }
         )),
         "routed_counts"
     );
@@ -2634,7 +2637,10 @@ mod gpu {
                 &ids5,
                 None,
                 None,
-                LossOptions::default(),
+                LossOptions {
+                    aux_coef: 1.0,
+                    z_coef: 1.0
+                },
                 &mut dl
             )),
             "ids"
@@ -2774,7 +2780,10 @@ mod gpu {
         // Router backward: ids for another token count, out of range, duplicated; output
         // of the wrong length; a permutation of another shape; no tokens is fine.
         let mut dl = vec![0f32; 4 * 8];
-        let lo = LossOptions::default();
+        let lo = LossOptions {
+            aux_coef: 1.0,
+            z_coef: 1.0,
+        };
         let rb = |ids: &[i32], dl: &mut [f32], bal: Option<&emulator::HostPermutation>| {
             emulator::route_backward(&cfg, &z, 4, ids, None, bal, lo, dl)
         };

@@ -31,6 +31,18 @@
 /* Most top_k of the one-warp-per-token gating kernel (one chosen expert per lane). */
 #define LONGCTX_MOE_WARP_MAX_TOP_K 32u
 
+/* Launch shapes of the MoE kernels (the reasons are in moe/traits.cuh). */
+#define LONGCTX_MOE_GATE_WARPS 4u           /* gating, one warp per token                */
+#define LONGCTX_MOE_GATE_BLOCK_THREADS 256u /* gating, one block per token               */
+#define LONGCTX_MOE_BWD_WARPS 4u            /* gating backward, one warp per token       */
+#define LONGCTX_MOE_STATS_THREADS 256u      /* router statistics, one block per chunk    */
+#define LONGCTX_MOE_STATS_MAX_CHUNK_TOKENS 256u
+#define LONGCTX_MOE_LOSS_THREADS 1024u      /* the loss kernel, one block                */
+#define LONGCTX_MOE_SCAN_THREADS 1024u      /* the permutation scan, one block           */
+#define LONGCTX_MOE_MAX_PERMUTE_WARPS 8u    /* count and scatter, warps per block        */
+#define LONGCTX_MOE_ROW_THREADS 128u        /* gather / combine, one block per row       */
+#define LONGCTX_MOE_BIAS_THREADS 1024u      /* bias update, one block                    */
+
 /* "No capacity limit" for LongctxMoePermuteParams.capacity. */
 #define LONGCTX_MOE_NO_CAPACITY 0xFFFFFFFFu
 

@@ -44,6 +44,9 @@ typedef struct LongctxRopeParams {
 
 #define LONGCTX_ROPE_MAX_ROTARY_DIM 512u
 
+/* Threads per block of the RoPE kernel (one block per token; see rope/traits.cuh). */
+#define LONGCTX_ROPE_THREADS 128u
+
 #ifdef __cplusplus
 static_assert(sizeof(LongctxRopeTensor) == 32, "LongctxRopeTensor layout");
 static_assert(sizeof(LongctxRopeParams) == 104, "LongctxRopeParams layout");

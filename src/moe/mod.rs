@@ -403,7 +403,8 @@ pub struct PermuteOptions {
     pub capacity_factor: Option<f64>,
 }
 
-/// Coefficients of the router's training losses.
+/// Coefficients of the router's training losses. There is no default: each term's weight is
+/// a training decision (0 turns a term off), so callers name both.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LossOptions {
     /// alpha of the Switch load-balancing loss alpha x E x sum_i f_i P_i, with f_i the
@@ -414,15 +415,6 @@ pub struct LossOptions {
     pub aux_coef: f64,
     /// beta of the ST-MoE router z-loss beta x mean over tokens of logsumexp(logits)^2.
     pub z_coef: f64,
-}
-
-impl Default for LossOptions {
-    fn default() -> Self {
-        LossOptions {
-            aux_coef: 1.0,
-            z_coef: 1.0,
-        }
-    }
 }
 
 /// Host copy of everything [`permute`] produces (also what [`reference::permute_f64`]

@@ -14,22 +14,22 @@ pub const WARP_MAX_EXPERTS: usize = sys::LONGCTX_MOE_WARP_MAX_EXPERTS as usize;
 pub const WARP_MAX_TOP_K: usize = sys::LONGCTX_MOE_WARP_MAX_TOP_K as usize;
 
 /// Tokens per block of the warp gating kernel (kernels/moe/traits.cuh: kGateWarps).
-pub(crate) const GATE_WARPS: usize = 4;
+pub(crate) const GATE_WARPS: usize = sys::LONGCTX_MOE_GATE_WARPS as usize;
 /// Threads of the block gating kernel (kGateBlockThreads).
-pub(crate) const GATE_BLOCK_THREADS: u32 = 256;
+pub(crate) const GATE_BLOCK_THREADS: u32 = sys::LONGCTX_MOE_GATE_BLOCK_THREADS;
 /// Tokens per block of the gating backward (kBwdWarps).
-pub(crate) const BWD_WARPS: usize = 4;
+pub(crate) const BWD_WARPS: usize = sys::LONGCTX_MOE_BWD_WARPS as usize;
 /// Threads of the statistics kernel (kStatsThreads) and its chunk limit (kStatsMaxChunkTokens).
-pub(crate) const STATS_THREADS: u32 = 256;
-pub(crate) const STATS_MAX_CHUNK_TOKENS: usize = 256;
+pub(crate) const STATS_THREADS: u32 = sys::LONGCTX_MOE_STATS_THREADS;
+pub(crate) const STATS_MAX_CHUNK_TOKENS: usize = sys::LONGCTX_MOE_STATS_MAX_CHUNK_TOKENS as usize;
 /// Threads of the single-block loss, scan and bias kernels.
-pub(crate) const LOSS_THREADS: u32 = 1024;
-pub(crate) const SCAN_THREADS: u32 = 1024;
-pub(crate) const BIAS_THREADS: u32 = 1024;
+pub(crate) const LOSS_THREADS: u32 = sys::LONGCTX_MOE_LOSS_THREADS;
+pub(crate) const SCAN_THREADS: u32 = sys::LONGCTX_MOE_SCAN_THREADS;
+pub(crate) const BIAS_THREADS: u32 = sys::LONGCTX_MOE_BIAS_THREADS;
 /// Most warp chunks per block of the count and scatter kernels (kMaxPermuteWarps).
-pub(crate) const MAX_PERMUTE_WARPS: usize = 8;
+pub(crate) const MAX_PERMUTE_WARPS: usize = sys::LONGCTX_MOE_MAX_PERMUTE_WARPS as usize;
 /// Threads per row of gather / combine (kRowThreads).
-pub(crate) const ROW_THREADS: u32 = 128;
+pub(crate) const ROW_THREADS: u32 = sys::LONGCTX_MOE_ROW_THREADS;
 /// Shared memory the permutation's counters may take per block.
 const PERMUTE_SMEM_BUDGET: usize = 32 * 1024;
 /// Fewest assignments per warp chunk, and most chunks the single-block scan walks: 4k tokens

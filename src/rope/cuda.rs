@@ -12,8 +12,8 @@ use crate::layout::HeadsLayout;
 use crate::sys;
 
 const OP: &str = "rope";
-/// Threads per block; kernels/rope/traits.cuh has the same number.
-const THREADS: u32 = 128;
+/// Threads per block (params/rope_params.h, shared with kernels/rope/traits.cuh).
+const THREADS: u32 = sys::LONGCTX_ROPE_THREADS;
 /// Most heads per tensor: keeps the kernel's per-token work-item index in 32 bits.
 const MAX_HEADS: usize = 1 << 16;
 /// Largest rotary_dim the kernel keeps cos/sin for (LONGCTX_ROPE_MAX_ROTARY_DIM).

@@ -9,6 +9,7 @@ pub const LONGCTX_ROPE_BACKWARD: u32 = 1;
 pub const LONGCTX_ROPE_ANGLE_F64: u32 = 0;
 pub const LONGCTX_ROPE_ANGLE_F32: u32 = 1;
 pub const LONGCTX_ROPE_MAX_ROTARY_DIM: u32 = 512;
+pub const LONGCTX_ROPE_THREADS: u32 = 128;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct LongctxRopeTensor {
