@@ -633,3 +633,46 @@ fn empty_views_validate() {
     )
     .unwrap();
 }
+
+/// A table whose frequencies depend on the length (dynamic NTK, LongRoPE) serves positions
+/// below that length only; other scalings take any position.
+#[test]
+fn length_dependent_tables_reject_positions_past_their_length() {
+    use longctx::emulator;
+    use longctx::rope::RopeOptions;
+    let dynamic = RopeConfig::builder(64)
+        .base(10000.0)
+        .max_position_embeddings(4096)
+        .scaling(RopeScaling::Dynamic { factor: 2.0 })
+        .build()
+        .unwrap();
+    assert!(dynamic.depends_on_length());
+    let plain = RopeConfig::builder(64).base(10000.0).build().unwrap();
+    assert!(!plain.depends_on_length());
+    let l = HeadsLayout::contiguous(2, 1, 64);
+    let none = HeadsLayout { heads: 0, ..l };
+    let run = |cfg: &RopeConfig, seq_len: usize, pos: &[i32]| {
+        let mut q = vec![0.5f32; 128];
+        let mut k = vec![0.0f32; 1];
+        emulator::apply_rope(
+            cfg,
+            seq_len,
+            pos,
+            &mut q,
+            &l,
+            &mut k,
+            &none,
+            RopeOptions::default(),
+        )
+    };
+    // Position 8191 is the last one an 8192-token table serves.
+    run(&dynamic, 8192, &[0, 8191]).expect("inside the table's length");
+    match run(&dynamic, 8192, &[0, 8192]) {
+        Err(longctx::Error::InvalidArgument { arg, problem, .. }) => {
+            assert_eq!(arg, "positions");
+            assert!(problem.contains("8193 tokens"), "{problem}");
+        }
+        other => panic!("expected a positions error, got {other:?}"),
+    }
+    run(&plain, 8192, &[0, 1 << 20]).expect("default scaling ignores the length");
+}

@@ -41,6 +41,7 @@ pub fn apply_rope<T: Element>(
         &info,
         pos_buf.addr(),
         positions.len(),
+        positions.iter().copied().max(),
         ViewArg {
             layout: q_layout,
             buffer_len: q_len,
@@ -84,6 +85,7 @@ pub fn apply_rope_packed<T: Element>(
         &info,
         pos_buf.addr(),
         positions.len(),
+        positions.iter().copied().max(),
         ViewArg {
             layout: q_layout,
             buffer_len: len,

@@ -27,6 +27,8 @@ pub struct RopeTable {
     head_dim: usize,
     rotary_dim: usize,
     attention_factor: f32,
+    /// Positions must stay below this when the frequencies depend on the length.
+    max_positions: Option<usize>,
 }
 
 impl RopeTable {
@@ -42,6 +44,7 @@ impl RopeTable {
             head_dim: info.head_dim,
             rotary_dim: info.rotary_dim,
             attention_factor: info.attention_factor,
+            max_positions: info.max_positions,
         })
     }
 
@@ -51,6 +54,7 @@ impl RopeTable {
             rotary_dim: self.rotary_dim,
             attention_factor: self.attention_factor,
             inv_freq,
+            max_positions: self.max_positions,
         }
     }
 
@@ -77,6 +81,9 @@ pub(crate) struct TableInfo {
     pub attention_factor: f32,
     /// Address of rotary_dim / 2 f64 inverse frequencies.
     pub inv_freq: u64,
+    /// The sequence length the table was built for, when its frequencies depend on it
+    /// (dynamic NTK, LongRoPE): positions must stay below it.
+    pub max_positions: Option<usize>,
 }
 
 /// Validates `config` for the kernel and computes its inv_freq for `seq_len` tokens (the
@@ -105,6 +112,7 @@ pub(crate) fn table_info(config: &RopeConfig, seq_len: usize) -> Result<(Vec<f64
             rotary_dim,
             attention_factor: config.attention_factor(),
             inv_freq: 0,
+            max_positions: config.depends_on_length().then_some(seq_len),
         },
     ))
 }
@@ -129,6 +137,8 @@ pub struct Positions {
     /// At least one element (CUDA has no empty allocations); `len` says how many count.
     data: CudaSlice<i32>,
     len: usize,
+    /// The largest position (None when empty), checked against length-dependent tables.
+    max: Option<i32>,
 }
 
 impl Positions {
@@ -147,6 +157,7 @@ impl Positions {
         Ok(Positions {
             data,
             len: positions.len(),
+            max: positions.iter().copied().max(),
         })
     }
 
@@ -297,12 +308,27 @@ pub(crate) fn plan_launch<T: Element>(
     table: &TableInfo,
     positions: u64,
     tokens: usize,
+    max_position: Option<i32>,
     q: ViewArg<'_>,
     k: ViewArg<'_>,
     same_buffer: bool,
     opts: RopeOptions,
 ) -> Result<Option<KernelLaunch<sys::LongctxRopeParams>>> {
     let tokens32 = check_tokens(tokens)?;
+    if let (Some(limit), Some(p)) = (table.max_positions, max_position) {
+        if usize::try_from(p).map_or(true, |p| p >= limit) {
+            return Err(Error::invalid(
+                OP,
+                "positions",
+                format!(
+                    "position {p} is past the {limit} tokens the table was built for, and this \
+                     config's frequencies depend on the length (dynamic NTK or LongRoPE): build \
+                     the table for at least {} tokens",
+                    i64::from(p) + 1
+                ),
+            ));
+        }
+    }
     check_view(table, q.layout, "q", q.buffer_len, tokens)?;
     check_view(table, k.layout, "k", k.buffer_len, tokens)?;
     if same_buffer
@@ -414,6 +440,7 @@ pub fn apply_rope<T: Element>(
         &table.info(inv_ptr),
         pos_ptr,
         positions.len(),
+        positions.max,
         ViewArg {
             layout: q,
             buffer_len: q_len,
@@ -462,6 +489,7 @@ pub fn apply_rope_packed<T: Element>(
         &table.info(inv_ptr),
         pos_ptr,
         positions.len(),
+        positions.max,
         ViewArg {
             layout: q,
             buffer_len: len,

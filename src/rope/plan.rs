@@ -237,6 +237,16 @@ impl RopeConfig {
             .collect()
     }
 
+    /// Whether the frequencies depend on the sequence length they are built for
+    /// ([`RopeScaling::Dynamic`] and [`RopeScaling::LongRope`]). A table built from such a
+    /// config serves positions below that length only; the ops reject larger ones.
+    pub fn depends_on_length(&self) -> bool {
+        matches!(
+            self.scaling,
+            RopeScaling::Dynamic { .. } | RopeScaling::LongRope { .. }
+        )
+    }
+
     /// The inverse frequencies in f64, one per rotated pair (`rotary_dim / 2` entries): pair
     /// `i` turns by `position * inv[i]` radians.
     ///
