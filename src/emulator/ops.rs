@@ -10,7 +10,9 @@ use crate::attention::{
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::layout::HeadsLayout;
-use crate::rope::cuda::{check_positions, plan_launch as rope_plan, table_info, ViewArg};
+use crate::rope::cuda::{
+    check_positions, plan_launch as rope_plan, table_info, PositionsArg, ViewArg,
+};
 use crate::rope::{RopeConfig, RopeOptions};
 
 /// [`crate::rope::apply_rope`] on the CPU: rotates `q` and `k` (separate buffers) in place
@@ -39,9 +41,11 @@ pub fn apply_rope<T: Element>(
     let k_buf = HostBuf::output(k, c"k");
     let l = rope_plan::<T>(
         &info,
-        pos_buf.addr(),
-        positions.len(),
-        positions.iter().copied().max(),
+        PositionsArg {
+            addr: pos_buf.addr(),
+            len: positions.len(),
+            max: positions.iter().copied().max(),
+        },
         ViewArg {
             layout: q_layout,
             buffer_len: q_len,
@@ -83,9 +87,11 @@ pub fn apply_rope_packed<T: Element>(
     let b = HostBuf::output(buf, c"qk");
     let l = rope_plan::<T>(
         &info,
-        pos_buf.addr(),
-        positions.len(),
-        positions.iter().copied().max(),
+        PositionsArg {
+            addr: pos_buf.addr(),
+            len: positions.len(),
+            max: positions.iter().copied().max(),
+        },
         ViewArg {
             layout: q_layout,
             buffer_len: len,

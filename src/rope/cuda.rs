@@ -292,6 +292,13 @@ fn tensor(view: &HeadsLayout, base: u64, elem: usize) -> sys::LongctxRopeTensor 
     }
 }
 
+/// The positions of a launch: address, count and largest value (None when empty).
+pub(crate) struct PositionsArg {
+    pub addr: u64,
+    pub len: usize,
+    pub max: Option<i32>,
+}
+
 /// One view of a launch: its layout, the length of its buffer (elements) and the
 /// buffer's address.
 pub(crate) struct ViewArg<'a> {
@@ -306,14 +313,17 @@ pub(crate) struct ViewArg<'a> {
 /// aligned, and fills the params. `None` when there is nothing to rotate.
 pub(crate) fn plan_launch<T: Element>(
     table: &TableInfo,
-    positions: u64,
-    tokens: usize,
-    max_position: Option<i32>,
+    positions: PositionsArg,
     q: ViewArg<'_>,
     k: ViewArg<'_>,
     same_buffer: bool,
     opts: RopeOptions,
 ) -> Result<Option<KernelLaunch<sys::LongctxRopeParams>>> {
+    let PositionsArg {
+        addr: positions,
+        len: tokens,
+        max: max_position,
+    } = positions;
     let tokens32 = check_tokens(tokens)?;
     if let (Some(limit), Some(p)) = (table.max_positions, max_position) {
         if usize::try_from(p).map_or(true, |p| p >= limit) {
@@ -438,9 +448,11 @@ pub fn apply_rope<T: Element>(
     let (k_ptr, _kg) = k_buf.device_ptr_mut(stream);
     let l = plan_launch::<T>(
         &table.info(inv_ptr),
-        pos_ptr,
-        positions.len(),
-        positions.max,
+        PositionsArg {
+            addr: pos_ptr,
+            len: positions.len(),
+            max: positions.max,
+        },
         ViewArg {
             layout: q,
             buffer_len: q_len,
@@ -487,9 +499,11 @@ pub fn apply_rope_packed<T: Element>(
     let (ptr, _bg) = buf.device_ptr_mut(stream);
     let l = plan_launch::<T>(
         &table.info(inv_ptr),
-        pos_ptr,
-        positions.len(),
-        positions.max,
+        PositionsArg {
+            addr: pos_ptr,
+            len: positions.len(),
+            max: positions.max,
+        },
         ViewArg {
             layout: q,
             buffer_len: len,
