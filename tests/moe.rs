@@ -1420,8 +1420,15 @@ mod gpu {
     }
 
     fn runner(cases: u32) -> proptest::test_runner::TestRunner {
+        // Failing cases are kept (and replayed first) in the committed regression file;
+        // every failure message prints the case, seed included.
         proptest::test_runner::TestRunner::new(ProptestConfig {
             cases,
+            failure_persistence: Some(Box::new(
+                proptest::test_runner::FileFailurePersistence::Direct(
+                    "tests/proptest-regressions/moe-parity.txt",
+                ),
+            )),
             ..ProptestConfig::default()
         })
     }
