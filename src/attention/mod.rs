@@ -15,7 +15,10 @@
 //! log. Query head h reads KV head `h / (heads_q / heads_kv)` (GQA, MQA). Causal masks with
 //! seqlen_q != seqlen_k align bottom-right; windows are `(left, right)` around that
 //! diagonal; softcap maps a score s to `cap * tanh(s / cap)` before masking. Rows that see no
-//! key get O = 0 and LSE = -inf. Results are deterministic: every output element is
+//! key get O = 0 and LSE = -inf (the log of an empty sum: such a row merges with other
+//! partial states as "nothing", and the backward turns -inf into +inf as it loads the LSE so
+//! that exp(s - LSE) = 0 and the row's gradients are 0; FlashAttention instead writes +inf
+//! in its final LSE and -inf in split partials). Results are deterministic: every output element is
 //! computed by one CTA in a fixed order.
 //!
 //! [`HeadsLayout`]: crate::layout::HeadsLayout
