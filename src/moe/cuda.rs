@@ -324,9 +324,17 @@ pub(crate) fn plan_permute(
     ])
 }
 
+/// The kernels index a row with `int`: hidden sizes from 1 to i32::MAX.
 fn check_hidden(hidden: usize) -> Result<u32> {
     if hidden == 0 {
         return Err(Error::invalid(OP, "hidden", "hidden size 0"));
+    }
+    if i32::try_from(hidden).is_err() {
+        return Err(Error::invalid(
+            OP,
+            "hidden",
+            format!("hidden size {hidden} does not fit the kernels' 32-bit row index"),
+        ));
     }
     u32_of(hidden, "hidden")
 }
