@@ -34,7 +34,10 @@ for line in sys.stdin:
   cargo build --release --examples --message-format=json
 } 2> >(grep -v '^\s*$' >&2) | collect | while read -r kind name path; do
   case "$kind" in
-    test) [ "$name" = bindings ] && continue  # needs libclang and sources, not a GPU
+    test) case "$name" in
+            bindings) continue ;;          # needs libclang and sources, not a GPU
+            emulator | rope_plan) continue ;;  # CPU-only tests: they ran where the bundle was built
+          esac
           dest="$OUT/tests/$name" ;;
     bench) dest="$OUT/benches/$name" ;;
     example) dest="$OUT/examples/$name" ;;
