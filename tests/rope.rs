@@ -777,4 +777,156 @@ mod device_handles {
         };
         assert!(!dev.stream().cu_stream().is_null());
     }
+
+    /// RoPE, attention forward, MoE gating and permutation captured into one CUDA graph and
+    /// replayed: no op allocates, synchronises or copies from the host inside its launch,
+    /// and the replay gives bit-identical outputs.
+    #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+    fn gpu_rope_attention_moe_capture_into_a_cuda_graph() {
+        use longctx::attention::{
+            attention_forward, AttentionOptions, AttnOutput, Mask, Qkv, SeqLens,
+        };
+        use longctx::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        use longctx::half::bf16;
+        use longctx::moe::{permute, route, Permutation, PermuteOptions, RouterConfig, Routing};
+        use longctx::rope::apply_rope_packed;
+        let Some(dev) = common::gpu("gpu_rope_attention_moe_capture_into_a_cuda_graph") else {
+            return;
+        };
+        let (tokens, hq, hkv, d) = (192usize, 4usize, 2usize, 64usize);
+        let ts = (hq + 2 * hkv) * d;
+        let mut rng = common::Rng(21);
+        let x: Vec<bf16> = (0..tokens * ts)
+            .map(|_| bf16::from_f64(rng.uniform()))
+            .collect();
+        let logits: Vec<f32> = (0..tokens * 64).map(|_| rng.uniform() as f32).collect();
+        let config = RopeConfig::builder(d)
+            .base(500000.0)
+            .build()
+            .expect("config");
+        let table = RopeTable::new(&dev, &config, tokens).expect("table");
+        let positions = Positions::arange(&dev, 0, tokens).expect("positions");
+        let pristine = dev.upload(&x).expect("upload");
+        let mut qkv = dev.upload(&x).expect("upload");
+        let q = HeadsLayout {
+            offset: 0,
+            tokens,
+            heads: hq,
+            head_dim: d,
+            token_stride: ts,
+            head_stride: d,
+        };
+        let k = HeadsLayout {
+            offset: hq * d,
+            heads: hkv,
+            ..q
+        };
+        let v = HeadsLayout {
+            offset: (hq + hkv) * d,
+            heads: hkv,
+            ..q
+        };
+        let seqlens = SeqLens::uniform(&dev, 1, tokens, tokens).expect("seqlens");
+        let mut o = dev.zeros::<bf16>(tokens * hq * d).expect("o");
+        let mut lse = dev.zeros::<f32>(tokens * hq).expect("lse");
+        let router = RouterConfig::mixtral(64, 4);
+        let logits_d = dev.upload(&logits).expect("upload");
+        let mut routing = Routing::new(&dev, &router, tokens).expect("routing");
+        let mut perm = Permutation::new(
+            &dev,
+            tokens,
+            4,
+            64,
+            PermuteOptions {
+                block: 16,
+                capacity_factor: None,
+            },
+        )
+        .expect("permutation");
+        let opts = AttentionOptions {
+            softmax_scale: None,
+            mask: Mask::causal(),
+            softcap: None,
+        };
+        let stream = dev.stream().clone();
+        let step = |qkv: &mut longctx::cudarc::driver::CudaSlice<bf16>,
+                    o: &mut longctx::cudarc::driver::CudaSlice<bf16>,
+                    lse: &mut longctx::cudarc::driver::CudaSlice<f32>,
+                    routing: &mut Routing,
+                    perm: &mut Permutation| {
+            stream.memcpy_dtod(&pristine, qkv).expect("reset");
+            apply_rope_packed(
+                &dev,
+                &table,
+                &positions,
+                qkv,
+                &q,
+                &k,
+                RopeOptions::default(),
+            )
+            .expect("rope");
+            let x = Qkv {
+                q: &*qkv,
+                q_layout: q,
+                k: &*qkv,
+                k_layout: k,
+                v: &*qkv,
+                v_layout: v,
+            };
+            let out = AttnOutput {
+                o,
+                o_layout: HeadsLayout::contiguous(tokens, hq, d),
+                lse: Some(lse),
+            };
+            attention_forward(&dev, &x, out, &seqlens, &opts).expect("attention");
+            route(&dev, &router, &logits_d, tokens, None, routing).expect("route");
+            permute(&dev, routing.ids(), perm).expect("permute");
+        };
+        // Eager once: loads the modules (not capturable) and gives the expected outputs.
+        step(&mut qkv, &mut o, &mut lse, &mut routing, &mut perm);
+        dev.synchronize().expect("sync");
+        let want = (
+            dev.download(&o).unwrap(),
+            dev.download(&lse).unwrap(),
+            routing.download(&dev).unwrap(),
+            perm.download(&dev).unwrap(),
+        );
+        let mut o2 = dev.zeros::<bf16>(tokens * hq * d).expect("o");
+        let mut lse2 = dev.zeros::<f32>(tokens * hq).expect("lse");
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .expect("begin capture");
+        step(&mut qkv, &mut o2, &mut lse2, &mut routing, &mut perm);
+        let graph = stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .expect("end capture")
+            .expect("a graph");
+        for _ in 0..2 {
+            graph.launch().expect("replay");
+        }
+        dev.synchronize().expect("sync");
+        let got = (
+            dev.download(&o2).unwrap(),
+            dev.download(&lse2).unwrap(),
+            routing.download(&dev).unwrap(),
+            perm.download(&dev).unwrap(),
+        );
+        assert!(
+            got.0
+                .iter()
+                .zip(&want.0)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "O differs after replay"
+        );
+        assert!(
+            got.1
+                .iter()
+                .zip(&want.1)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "LSE differs after replay"
+        );
+        assert_eq!(got.2, want.2, "routing differs after replay");
+        assert_eq!(got.3, want.3, "permutation differs after replay");
+    }
 }
