@@ -55,7 +55,11 @@ pub mod error;
 pub mod layout;
 pub mod moe;
 pub mod rope;
+// Benchmark helpers shared by the benches, the sweep and the GPU tests: public so those
+// targets can use them, but not part of the documented API.
+#[doc(hidden)]
 pub mod timing;
+#[doc(hidden)]
 pub mod workloads;
 
 mod kernel_id;
