@@ -1512,3 +1512,89 @@ mod gpu {
         assert!(e.max_o < 0.02 && e.max_lse < 1e-3, "{e:?}");
     }
 }
+
+/// The raw-pointer entry point gives the same bits as the safe one, and rejects what the
+/// safe one rejects (a view past its buffer) before launching.
+#[test]
+#[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+fn gpu_raw_entry_point_matches_the_safe_one() {
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    use longctx::attention::{
+        attention_forward, attention_forward_raw, AttnOutput, Qkv, RawTensor, SeqLens,
+    };
+    let Some(dev) = common::gpu("gpu_raw_entry_point_matches_the_safe_one") else {
+        return;
+    };
+    let (t, hq, hkv, d) = (77usize, 4usize, 2usize, 64usize);
+    let host = random_host(9, &[(t, t)], hq, hkv, d, d, 1.0, round_bf16);
+    let up = |x: &[f64]| {
+        dev.upload(&x.iter().map(|&v| bf16::from_f64(v)).collect::<Vec<_>>())
+            .unwrap()
+    };
+    let (q, k, v) = (up(&host.q), up(&host.k), up(&host.v));
+    let (ql, kl, ol) = (
+        HeadsLayout::contiguous(t, hq, d),
+        HeadsLayout::contiguous(t, hkv, d),
+        HeadsLayout::contiguous(t, hq, d),
+    );
+    let seqlens = SeqLens::uniform(&dev, 1, t, t).unwrap();
+    let opts = AttentionOptions {
+        softmax_scale: None,
+        mask: Mask::causal(),
+        softcap: None,
+    };
+    let mut o1 = dev.zeros::<bf16>(t * hq * d).unwrap();
+    let x = Qkv {
+        q: &q,
+        q_layout: ql,
+        k: &k,
+        k_layout: kl,
+        v: &v,
+        v_layout: kl,
+    };
+    let out = AttnOutput {
+        o: &mut o1,
+        o_layout: ol,
+        lse: None,
+    };
+    attention_forward(&dev, &x, out, &seqlens, &opts).unwrap();
+    let mut o2 = dev.zeros::<bf16>(t * hq * d).unwrap();
+    let stream = dev.stream().clone();
+    {
+        let (qp, _g1) = q.device_ptr(&stream);
+        let (kp, _g2) = k.device_ptr(&stream);
+        let (vp, _g3) = v.device_ptr(&stream);
+        let (op, _g4) = o2.device_ptr_mut(&stream);
+        let raw = |ptr, len, layout| RawTensor { ptr, len, layout };
+        // SAFETY: the four buffers are live allocations of dev's context with the lengths
+        // given; O is a separate buffer; all outlive the synchronize below.
+        unsafe {
+            let short = raw(qp, t * hq * d - 1, ql);
+            assert!(attention_forward_raw::<bf16>(
+                &dev,
+                short,
+                raw(kp, t * hkv * d, kl),
+                raw(vp, t * hkv * d, kl),
+                raw(op, t * hq * d, ol),
+                None,
+                &seqlens,
+                &opts
+            )
+            .is_err());
+            attention_forward_raw::<bf16>(
+                &dev,
+                raw(qp, t * hq * d, ql),
+                raw(kp, t * hkv * d, kl),
+                raw(vp, t * hkv * d, kl),
+                raw(op, t * hq * d, ol),
+                None,
+                &seqlens,
+                &opts,
+            )
+            .unwrap();
+        }
+    }
+    dev.synchronize().unwrap();
+    let (a, b) = (dev.download(&o1).unwrap(), dev.download(&o2).unwrap());
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+}

@@ -358,6 +358,30 @@ fn check_call<T: AttnElement>(
             return Err(Error::invalid(OP, arg, "lives on another device context"));
         }
     }
+    check_shapes(
+        dev,
+        &[
+            (x.q_layout, x.q.len()),
+            (x.k_layout, x.k.len()),
+            (x.v_layout, x.v.len()),
+            (out.o_layout, out.o.len()),
+        ],
+        out.lse.as_ref().map(|l| l.len()),
+        seqlens,
+        opts,
+    )
+}
+
+/// Everything checked without looking at buffers: the device's arch, then
+/// [`CallShape::validate`] of Q, K, V and O (each a layout and its buffer's length) against
+/// the batch layout and options.
+fn check_shapes(
+    dev: &Device,
+    views: &[(HeadsLayout, usize); 4],
+    lse_len: Option<usize>,
+    seqlens: &SeqLens,
+    opts: &AttentionOptions,
+) -> Result<Validated> {
     let cc = dev.compute_capability();
     if cc < (8, 0) {
         return Err(Error::invalid(
@@ -369,24 +393,13 @@ fn check_call<T: AttnElement>(
             ),
         ));
     }
+    let shape = |(layout, buffer_len): (HeadsLayout, usize)| ViewShape { layout, buffer_len };
     let mut v = CallShape {
-        q: ViewShape {
-            layout: x.q_layout,
-            buffer_len: x.q.len(),
-        },
-        k: ViewShape {
-            layout: x.k_layout,
-            buffer_len: x.k.len(),
-        },
-        v: ViewShape {
-            layout: x.v_layout,
-            buffer_len: x.v.len(),
-        },
-        o: ViewShape {
-            layout: out.o_layout,
-            buffer_len: out.o.len(),
-        },
-        lse_len: out.lse.as_ref().map(|l| l.len()),
+        q: shape(views[0]),
+        k: shape(views[1]),
+        v: shape(views[2]),
+        o: shape(views[3]),
+        lse_len,
         cu_seqlens_q: &seqlens.host_q,
         cu_seqlens_k: &seqlens.host_k,
     }
@@ -432,22 +445,6 @@ pub fn attention_forward<T: AttnElement>(
     if c.heads_q == 0 || c.total_q == 0 {
         return Ok(());
     }
-    let id = kernel_id(T::DTYPE, c.tiles.head_dim, c.tiles.head_dim_v)?;
-    // The key tile depends on which code the driver loaded (the sm_90a cubin or code for
-    // compute_80); query rows and warps, and so the grid, do not.
-    let tiles = device_tile_config::<T>(dev, c.tiles.head_dim, c.tiles.head_dim_v)?;
-    // Shared memory for the larger of the loaded code's tiles and those of the device's own
-    // arch, so it suffices whichever code runs (the kernel traps if given too little).
-    let cc = dev.compute_capability();
-    let native = TileConfig::for_code(
-        c.tiles.head_dim,
-        c.tiles.head_dim_v,
-        u32::try_from(cc.0 * 10 + cc.1).unwrap_or(0),
-    )?;
-    let smem = tiles.smem_bytes().max(native.smem_bytes());
-    dev.allow_dynamic_smem(id, smem, OP, "head_dim")?;
-    let func = dev.function(id)?;
-
     let stream = dev.stream();
     let (q_ptr, _qg) = x.q.device_ptr(stream);
     let (k_ptr, _kg) = x.k.device_ptr(stream);
@@ -465,32 +462,169 @@ pub fn attention_forward<T: AttnElement>(
         }
         None => 0,
     };
-    let l = plan_launch::<T>(
-        &c,
-        &tiles,
-        smem,
-        &Layouts {
-            q: x.q_layout,
-            k: x.k_layout,
-            v: x.v_layout,
-            o: o_layout,
-        },
-        &Addrs {
-            q: q_ptr,
-            k: k_ptr,
-            v: v_ptr,
-            o: o_ptr,
-            lse: lse_ptr,
-            cu_seqlens_q: cu_q_ptr,
-            cu_seqlens_k: cu_k_ptr,
-        },
-    )?;
-    let cfg = l.config();
-    let mut builder = stream.launch_builder(&func);
-    builder.arg(&l.params);
-    let launched = unsafe { builder.launch(cfg) };
+    // SAFETY: check_call proved every view inside its live buffer on this context, O's rows
+    // disjoint, the LSE buffer large enough; O and the LSE are borrowed mutably, so no
+    // input aliases them; the pointer guards (_qg, _kg, _vg, _og, _cqg, _ckg, lse_guard)
+    // live until this returns, after the launch is queued.
+    let launched = unsafe {
+        launch_validated::<T>(
+            dev,
+            &c,
+            &Layouts {
+                q: x.q_layout,
+                k: x.k_layout,
+                v: x.v_layout,
+                o: o_layout,
+            },
+            &Addrs {
+                q: q_ptr,
+                k: k_ptr,
+                v: v_ptr,
+                o: o_ptr,
+                lse: lse_ptr,
+                cu_seqlens_q: cu_q_ptr,
+                cu_seqlens_k: cu_k_ptr,
+            },
+        )
+    };
     drop(lse_guard);
-    launched.map(|_| ()).map_err(cuda_err(OP))
+    launched
+}
+
+/// Sizes, plans and queues the launch of a validated call.
+///
+/// # Safety
+/// Every view of `views` lies inside a live device allocation of `dev`'s context starting
+/// at the matching address of `a` (as `c` was validated against), O does not overlap Q, K,
+/// V or the LSE, the LSE (when its address is not 0) holds heads_q x total_q floats, the
+/// sequence offsets are the device copies of the ones `c` was validated with, and all of it
+/// stays alive and unwritten by other work until the launch completes.
+unsafe fn launch_validated<T: AttnElement>(
+    dev: &Device,
+    c: &Validated,
+    views: &Layouts,
+    a: &Addrs,
+) -> Result<()> {
+    if c.heads_q == 0 || c.total_q == 0 {
+        return Ok(());
+    }
+    let id = kernel_id(T::DTYPE, c.tiles.head_dim, c.tiles.head_dim_v)?;
+    // The key tile depends on which code the driver loaded (the sm_90a cubin or code for
+    // compute_80); query rows and warps, and so the grid, do not.
+    let tiles = device_tile_config::<T>(dev, c.tiles.head_dim, c.tiles.head_dim_v)?;
+    // Shared memory for the larger of the loaded code's tiles and those of the device's own
+    // arch, so it suffices whichever code runs (the kernel traps if given too little).
+    let cc = dev.compute_capability();
+    let native = TileConfig::for_code(
+        c.tiles.head_dim,
+        c.tiles.head_dim_v,
+        u32::try_from(cc.0 * 10 + cc.1).unwrap_or(0),
+    )?;
+    let smem = tiles.smem_bytes().max(native.smem_bytes());
+    dev.allow_dynamic_smem(id, smem, OP, "head_dim")?;
+    let func = dev.function(id)?;
+    let l = plan_launch::<T>(c, &tiles, smem, views, a)?;
+    let mut builder = dev.stream().launch_builder(&func);
+    builder.arg(&l.params);
+    // SAFETY: check_shapes (CallShape::validate) and plan_launch proved that every (token,
+    // head, channel) address of the Q, K, V and O views lies inside its buffer (the caller
+    // guarantees the buffers are live allocations of this context at those addresses) and
+    // that O's rows do not overlap; the caller guarantees no input aliases O or the LSE,
+    // which holds heads_q x total_q floats at lse_head_stride = total_q. The offsets are
+    // validated on the host: nondecreasing from 0, ending at the views' token counts, at
+    // most MAX_TOKENS (so the kernel's int32 mask arithmetic cannot overflow), batch and
+    // heads within the grid limits, num_m_blocks covering the longest query sequence.
+    // heads_q is a multiple of heads_kv, so h / heads_per_kv < heads_kv. plan_launch's
+    // check_alignment proved 16-byte alignment of every row start the kernel's cp.async and
+    // vector stores use. The window sides are clamped to WINDOW_UNBOUNDED by the plan, the
+    // softmax constants are normal floats, and the dynamic shared memory was opted into
+    // above when over 48 KiB.
+    unsafe { builder.launch(l.config()) }
+        .map(|_| ())
+        .map_err(cuda_err(OP))
+}
+
+/// A tensor given by its raw device address, for frameworks that expose only pointers.
+#[derive(Debug, Clone, Copy)]
+pub struct RawTensor {
+    /// Device address of element 0 of the buffer (`CUdeviceptr`).
+    pub ptr: u64,
+    /// Elements in the buffer from `ptr` on; views are checked against it.
+    pub len: usize,
+    /// The view of the tensor in that buffer.
+    pub layout: HeadsLayout,
+}
+
+/// [`attention_forward`] on raw device pointers (burn/cubecl-style frameworks).
+/// Everything [`attention_forward`] checks about shapes, lengths, alignment and options is
+/// checked here too; what cannot be checked is the contract below. `lse` is the address and
+/// length (floats) of the LSE buffer, if one is written.
+///
+/// # Safety
+/// Each `ptr` is the start of a live device allocation (or a part of one) of `dev`'s CUDA
+/// context holding at least `len` elements of `T` (`f32` for the LSE); O and the LSE do not
+/// overlap each other or Q, K, V; no other work writes Q, K, V or reads or writes O and the
+/// LSE until the launch, queued on `dev`'s stream, has completed; and the memory stays
+/// allocated until then.
+///
+/// # Errors
+/// As [`attention_forward`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn attention_forward_raw<T: AttnElement>(
+    dev: &Device,
+    q: RawTensor,
+    k: RawTensor,
+    v: RawTensor,
+    o: RawTensor,
+    lse: Option<(u64, usize)>,
+    seqlens: &SeqLens,
+    opts: &AttentionOptions,
+) -> Result<()> {
+    if !(dev.owns(&seqlens.cu_q) && dev.owns(&seqlens.cu_k)) {
+        return Err(Error::invalid(
+            OP,
+            "seqlens",
+            "lives on another device context",
+        ));
+    }
+    let c = check_shapes(
+        dev,
+        &[
+            (q.layout, q.len),
+            (k.layout, k.len),
+            (v.layout, v.len),
+            (o.layout, o.len),
+        ],
+        lse.map(|l| l.1),
+        seqlens,
+        opts,
+    )?;
+    let stream = dev.stream();
+    let (cu_q_ptr, _cqg) = seqlens.cu_q.device_ptr(stream);
+    let (cu_k_ptr, _ckg) = seqlens.cu_k.device_ptr(stream);
+    // SAFETY: the caller's contract (above) for the raw tensors; the offsets are this
+    // handle's own, guarded until the launch is queued.
+    unsafe {
+        launch_validated::<T>(
+            dev,
+            &c,
+            &Layouts {
+                q: q.layout,
+                k: k.layout,
+                v: v.layout,
+                o: o.layout,
+            },
+            &Addrs {
+                q: q.ptr,
+                k: k.ptr,
+                v: v.ptr,
+                o: o.ptr,
+                lse: lse.map_or(0, |l| l.0),
+                cu_seqlens_q: cu_q_ptr,
+                cu_seqlens_k: cu_k_ptr,
+            },
+        )
+    }
 }
 
 /// The views of one call.

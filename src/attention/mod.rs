@@ -27,7 +27,10 @@ pub(crate) mod cuda;
 mod plan;
 pub mod reference;
 
-pub use cuda::{attention_forward, device_tile_config, AttnElement, AttnOutput, Qkv, SeqLens};
+pub use cuda::{
+    attention_forward, attention_forward_raw, device_tile_config, AttnElement, AttnOutput, Qkv,
+    RawTensor, SeqLens,
+};
 pub use plan::*;
 
 /// Per-call options of attention forward.
