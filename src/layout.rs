@@ -146,3 +146,14 @@ impl HeadsLayout {
         Ok(!disjoint)
     }
 }
+
+/// A tensor given by its raw device address, for frameworks that expose only pointers.
+#[derive(Debug, Clone, Copy)]
+pub struct RawTensor {
+    /// Device address of element 0 of the buffer (`CUdeviceptr`).
+    pub ptr: u64,
+    /// Elements in the buffer from `ptr` on; views are checked against it.
+    pub len: usize,
+    /// The view of the tensor in that buffer.
+    pub layout: HeadsLayout,
+}

@@ -929,4 +929,96 @@ mod device_handles {
         assert_eq!(got.2, want.2, "routing differs after replay");
         assert_eq!(got.3, want.3, "permutation differs after replay");
     }
+
+    /// The raw-pointer entry point rotates like the safe packed op and rejects a view past
+    /// its buffer.
+    #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+    fn gpu_raw_entry_point_matches_the_safe_one() {
+        use longctx::cudarc::driver::DevicePtrMut;
+        use longctx::layout::RawTensor;
+        use longctx::rope::{apply_rope_packed, apply_rope_raw};
+        let Some(dev) = common::gpu("gpu_rope_raw_entry_point_matches_the_safe_one") else {
+            return;
+        };
+        let (tokens, hq, hkv, d) = (9usize, 4usize, 2usize, 128usize);
+        let ts = (hq + 2 * hkv) * d;
+        let mut rng = common::Rng(5);
+        let x: Vec<f32> = (0..tokens * ts).map(|_| rng.uniform() as f32).collect();
+        let config = RopeConfig::builder(d).base(10000.0).build().unwrap();
+        let table = RopeTable::new(&dev, &config, 64).unwrap();
+        let positions = Positions::arange(&dev, 3, tokens).unwrap();
+        let q = HeadsLayout {
+            offset: 0,
+            tokens,
+            heads: hq,
+            head_dim: d,
+            token_stride: ts,
+            head_stride: d,
+        };
+        let k = HeadsLayout {
+            offset: hq * d,
+            heads: hkv,
+            ..q
+        };
+        let mut a = dev.upload(&x).unwrap();
+        apply_rope_packed(
+            &dev,
+            &table,
+            &positions,
+            &mut a,
+            &q,
+            &k,
+            RopeOptions::default(),
+        )
+        .unwrap();
+        let mut b = dev.upload(&x).unwrap();
+        let stream = dev.stream().clone();
+        {
+            let (p, _g) = b.device_ptr_mut(&stream);
+            let n = tokens * ts;
+            // SAFETY: `b` is a live allocation of n f32 on dev's context, rotated only by
+            // these calls, and outlives the synchronize below.
+            unsafe {
+                let short = RawTensor {
+                    ptr: p,
+                    len: n - 1,
+                    layout: q,
+                };
+                assert!(apply_rope_raw::<f32>(
+                    &dev,
+                    &table,
+                    &positions,
+                    short,
+                    RawTensor {
+                        ptr: p,
+                        len: n,
+                        layout: k
+                    },
+                    RopeOptions::default()
+                )
+                .is_err());
+                apply_rope_raw::<f32>(
+                    &dev,
+                    &table,
+                    &positions,
+                    RawTensor {
+                        ptr: p,
+                        len: n,
+                        layout: q,
+                    },
+                    RawTensor {
+                        ptr: p,
+                        len: n,
+                        layout: k,
+                    },
+                    RopeOptions::default(),
+                )
+                .unwrap();
+            }
+        }
+        dev.synchronize().unwrap();
+        let (ga, gb) = (dev.download(&a).unwrap(), dev.download(&b).unwrap());
+        assert!(ga.iter().zip(&gb).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
 }

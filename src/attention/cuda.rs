@@ -12,7 +12,7 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kernel_id::KernelId;
 use crate::launch::KernelLaunch;
-use crate::layout::HeadsLayout;
+use crate::layout::{HeadsLayout, RawTensor};
 use crate::sys;
 
 const OP: &str = "attention";
@@ -542,17 +542,6 @@ unsafe fn launch_validated<T: AttnElement>(
     unsafe { builder.launch(l.config()) }
         .map(|_| ())
         .map_err(cuda_err(OP))
-}
-
-/// A tensor given by its raw device address, for frameworks that expose only pointers.
-#[derive(Debug, Clone, Copy)]
-pub struct RawTensor {
-    /// Device address of element 0 of the buffer (`CUdeviceptr`).
-    pub ptr: u64,
-    /// Elements in the buffer from `ptr` on; views are checked against it.
-    pub len: usize,
-    /// The view of the tensor in that buffer.
-    pub layout: HeadsLayout,
 }
 
 /// [`attention_forward`] on raw device pointers (burn/cubecl-style frameworks).

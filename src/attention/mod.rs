@@ -27,9 +27,10 @@ pub(crate) mod cuda;
 mod plan;
 pub mod reference;
 
+pub use crate::layout::RawTensor;
 pub use cuda::{
     attention_forward, attention_forward_raw, device_tile_config, AttnElement, AttnOutput, Qkv,
-    RawTensor, SeqLens,
+    SeqLens,
 };
 pub use plan::*;
 

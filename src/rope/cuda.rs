@@ -8,7 +8,7 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kernel_id::KernelId;
 use crate::launch::KernelLaunch;
-use crate::layout::HeadsLayout;
+use crate::layout::{HeadsLayout, RawTensor};
 use crate::sys;
 
 const OP: &str = "rope";
@@ -517,5 +517,59 @@ pub fn apply_rope_packed<T: Element>(
         true,
         opts,
     )?;
+    launch(dev, l)
+}
+
+/// [`apply_rope`] on raw device pointers (burn/cubecl-style frameworks): rotates Q and K in
+/// place. For a packed QKV buffer pass the same `ptr` for both, with the views' offsets
+/// saying where Q and K start: their elements are then checked to be disjoint, as
+/// [`apply_rope_packed`] does. Everything the safe ops check about shapes, lengths,
+/// alignment and positions is checked here too; what cannot be checked is the contract
+/// below.
+///
+/// # Safety
+/// `q.ptr` and `k.ptr` are starts of live device allocations (or parts of one) of `dev`'s
+/// CUDA context holding at least `q.len` and `k.len` elements of `T`; when the two pointers
+/// differ, the `len`-element ranges they start do not overlap; no other work reads or
+/// writes them until the launch, queued on `dev`'s stream, has completed; and the memory
+/// stays allocated until then.
+///
+/// # Errors
+/// As [`apply_rope`].
+pub unsafe fn apply_rope_raw<T: Element>(
+    dev: &Device,
+    table: &RopeTable,
+    positions: &Positions,
+    q: RawTensor,
+    k: RawTensor,
+    opts: RopeOptions,
+) -> Result<()> {
+    check_owned(table, positions, dev)?;
+    let stream = dev.stream();
+    let (pos_ptr, _pg) = positions.data.device_ptr(stream);
+    let (inv_ptr, _ig) = table.inv_freq.device_ptr(stream);
+    let l = plan_launch::<T>(
+        &table.info(inv_ptr),
+        PositionsArg {
+            addr: pos_ptr,
+            len: positions.len(),
+            max: positions.max,
+        },
+        ViewArg {
+            layout: &q.layout,
+            buffer_len: q.len,
+            base: q.ptr,
+        },
+        ViewArg {
+            layout: &k.layout,
+            buffer_len: k.len,
+            base: k.ptr,
+        },
+        q.ptr == k.ptr,
+        opts,
+    )?;
+    // SAFETY (of the launch inside): plan_launch checked the views against the lengths the
+    // caller vouches for; the caller's contract covers liveness and aliasing; the table's
+    // and positions' guards live until the launch is queued.
     launch(dev, l)
 }

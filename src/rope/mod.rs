@@ -13,7 +13,7 @@ pub(crate) mod cuda;
 
 pub use plan::*;
 
-pub use cuda::{apply_rope, apply_rope_packed, Positions, RopeTable};
+pub use cuda::{apply_rope, apply_rope_packed, apply_rope_raw, Positions, RopeTable};
 
 /// Which channels form a rotation pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
