@@ -205,6 +205,11 @@ impl Device {
         slice.context().cu_ctx() == self.ctx.cu_ctx()
     }
 
+    /// [`Device::owns`] for any cudarc buffer or view.
+    pub(crate) fn owns_any<T, S: cudarc::driver::DeviceSlice<T> + ?Sized>(&self, s: &S) -> bool {
+        s.stream().context().cu_ctx() == self.ctx.cu_ctx()
+    }
+
     /// The loaded function for `id`, loading its family's fatbin on first use.
     pub(crate) fn function(&self, id: KernelId) -> Result<CudaFunction> {
         let mut functions = self.functions.lock().map_err(|_| Error::Cuda {

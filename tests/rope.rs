@@ -1021,4 +1021,57 @@ mod device_handles {
         let (ga, gb) = (dev.download(&a).unwrap(), dev.download(&b).unwrap());
         assert!(ga.iter().zip(&gb).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
+
+    /// A view into a larger buffer (starting at an odd element, so the scalar kernel runs)
+    /// is rotated in place and nothing outside it changes.
+    #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+    fn gpu_views_into_a_larger_buffer_are_accepted() {
+        let Some(dev) = common::gpu("gpu_views_into_a_larger_buffer_are_accepted") else {
+            return;
+        };
+        let (tokens, heads, d) = (6usize, 2usize, 64usize);
+        let n = tokens * heads * d;
+        let mut rng = common::Rng(8);
+        let x: Vec<f32> = (0..n + 10).map(|_| rng.uniform() as f32).collect();
+        let config = RopeConfig::builder(d).base(10000.0).build().unwrap();
+        let table = RopeTable::new(&dev, &config, 64).unwrap();
+        let pos: Vec<i32> = (0..tokens as i32).collect();
+        let positions = Positions::upload(&dev, &pos).unwrap();
+        let l = HeadsLayout::contiguous(tokens, heads, d);
+        let none = HeadsLayout { heads: 0, ..l };
+        let mut big = dev.upload(&x).unwrap();
+        let mut k = dev.zeros::<f32>(1).unwrap();
+        {
+            let mut view = big.slice_mut(3..3 + n);
+            apply_rope(
+                &dev,
+                &table,
+                &positions,
+                &mut view,
+                &l,
+                &mut k,
+                &none,
+                RopeOptions::default(),
+            )
+            .expect("a view is accepted");
+        }
+        let got = dev.download(&big).unwrap();
+        let mut want: Vec<f64> = x[3..3 + n].iter().map(|&v| f64::from(v)).collect();
+        apply_rope_f64(
+            &mut want,
+            &l,
+            &pos,
+            &config.inv_freq_f64(64),
+            1.0,
+            RopeStyle::Neox,
+            Direction::Forward,
+        )
+        .unwrap();
+        for (i, w) in want.iter().enumerate() {
+            assert!((f64::from(got[3 + i]) - w).abs() <= 1e-5, "element {i}");
+        }
+        assert_eq!(&got[..3], &x[..3]);
+        assert_eq!(&got[3 + n..], &x[3 + n..]);
+    }
 }

@@ -413,8 +413,9 @@ fn launch(dev: &Device, l: Option<KernelLaunch<sys::LongctxRopeParams>>) -> Resu
 /// Rotates Q and K, two separate buffers, in place with one launch.
 ///
 /// `q` and `k` are [tokens, heads, head_dim] views (see [`HeadsLayout`]) of `q_buf` and
-/// `k_buf`; `k.heads` may be 0 to rotate Q alone. head_dim must be the table's; channels
-/// past its rotary_dim are untouched.
+/// `k_buf`, each a cudarc `CudaSlice` or `CudaViewMut` (a view into a larger buffer; the
+/// vector kernel is chosen from the view's actual address); `k.heads` may be 0 to rotate Q
+/// alone. head_dim must be the table's; channels past its rotary_dim are untouched.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] when a view leaves its buffer or overlaps itself, token counts
@@ -426,14 +427,14 @@ pub fn apply_rope<T: Element>(
     dev: &Device,
     table: &RopeTable,
     positions: &Positions,
-    q_buf: &mut CudaSlice<T>,
+    q_buf: &mut impl DevicePtrMut<T>,
     q: &HeadsLayout,
-    k_buf: &mut CudaSlice<T>,
+    k_buf: &mut impl DevicePtrMut<T>,
     k: &HeadsLayout,
     opts: RopeOptions,
 ) -> Result<()> {
     check_owned(table, positions, dev)?;
-    if !dev.owns(q_buf) || !dev.owns(k_buf) {
+    if !dev.owns_any(q_buf) || !dev.owns_any(k_buf) {
         return Err(Error::invalid(
             OP,
             "q/k",
@@ -479,13 +480,13 @@ pub fn apply_rope_packed<T: Element>(
     dev: &Device,
     table: &RopeTable,
     positions: &Positions,
-    buf: &mut CudaSlice<T>,
+    buf: &mut impl DevicePtrMut<T>,
     q: &HeadsLayout,
     k: &HeadsLayout,
     opts: RopeOptions,
 ) -> Result<()> {
     check_owned(table, positions, dev)?;
-    if !dev.owns(buf) {
+    if !dev.owns_any(buf) {
         return Err(Error::invalid(
             OP,
             "buf",
