@@ -264,32 +264,56 @@ impl SeqLens {
 }
 
 /// The inputs of one call: Q, K and V as views of device buffers (K and V may be views of
-/// one packed buffer, as may all three).
-#[derive(Debug, Clone, Copy)]
+/// one packed buffer, as may all three). Each buffer is any cudarc device buffer: a
+/// `CudaSlice`, or a `CudaView` into a larger one (alignment is checked on the view's own
+/// address).
+#[derive(Clone, Copy)]
 pub struct Qkv<'a, T> {
     /// Holds Q.
-    pub q: &'a CudaSlice<T>,
+    pub q: &'a dyn DevicePtr<T>,
     /// `[total_q, heads_q, head_dim]`.
     pub q_layout: HeadsLayout,
     /// Holds K.
-    pub k: &'a CudaSlice<T>,
+    pub k: &'a dyn DevicePtr<T>,
     /// `[total_k, heads_kv, head_dim]`.
     pub k_layout: HeadsLayout,
     /// Holds V.
-    pub v: &'a CudaSlice<T>,
+    pub v: &'a dyn DevicePtr<T>,
     /// `[total_k, heads_kv, head_dim_v]`.
     pub v_layout: HeadsLayout,
 }
 
-/// The outputs of one call.
-#[derive(Debug)]
+impl<T> std::fmt::Debug for Qkv<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qkv")
+            .field("q_len", &self.q.len())
+            .field("q_layout", &self.q_layout)
+            .field("k_len", &self.k.len())
+            .field("k_layout", &self.k_layout)
+            .field("v_len", &self.v.len())
+            .field("v_layout", &self.v_layout)
+            .finish()
+    }
+}
+
+/// The outputs of one call; O and the LSE may be `CudaSlice`s or `CudaViewMut`s.
 pub struct AttnOutput<'a, T> {
     /// Receives O.
-    pub o: &'a mut CudaSlice<T>,
+    pub o: &'a mut dyn DevicePtrMut<T>,
     /// `[total_q, heads_q, head_dim_v]`.
     pub o_layout: HeadsLayout,
     /// Receives the LSE, f32 `[heads_q, total_q]` (dense, natural log), if given.
-    pub lse: Option<&'a mut CudaSlice<f32>>,
+    pub lse: Option<&'a mut dyn DevicePtrMut<f32>>,
+}
+
+impl<T> std::fmt::Debug for AttnOutput<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttnOutput")
+            .field("o_len", &self.o.len())
+            .field("o_layout", &self.o_layout)
+            .field("lse_len", &self.lse.as_ref().map(|l| l.len()))
+            .finish()
+    }
 }
 
 fn kernel_id(dtype: DType, head_dim: usize, head_dim_v: usize) -> Result<KernelId> {
@@ -344,11 +368,11 @@ fn check_call<T: AttnElement>(
     opts: &AttentionOptions,
 ) -> Result<Validated> {
     for (same_ctx, arg) in [
-        (dev.owns(x.q), "q"),
-        (dev.owns(x.k), "k"),
-        (dev.owns(x.v), "v"),
-        (dev.owns(out.o), "o"),
-        (out.lse.as_ref().map_or(true, |l| dev.owns(l)), "lse"),
+        (dev.owns_any(x.q), "q"),
+        (dev.owns_any(x.k), "k"),
+        (dev.owns_any(x.v), "v"),
+        (dev.owns_any(&*out.o), "o"),
+        (out.lse.as_ref().map_or(true, |l| dev.owns_any(&**l)), "lse"),
         (
             dev.owns(&seqlens.cu_q) && dev.owns(&seqlens.cu_k),
             "seqlens",
