@@ -1598,3 +1598,92 @@ fn gpu_raw_entry_point_matches_the_safe_one() {
     let (a, b) = (dev.download(&o1).unwrap(), dev.download(&o2).unwrap());
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
 }
+
+/// The f64 backward against central finite differences of `attention_f64` (loss
+/// L = sum dO * O) on every mask, with and without softcap, under GQA and MQA, and at
+/// head dims 192/128; rows that see no key get zero gradients.
+#[test]
+fn backward_f64_matches_finite_differences() {
+    use longctx::attention::reference::attention_backward_f64;
+    let batches: [Vec<(usize, usize)>; 2] = [vec![(5, 7), (0, 3), (4, 4), (3, 0)], vec![(9, 4)]];
+    let shapes = [
+        (2usize, 1usize, (8usize, 8usize)),
+        (4, 2, (8, 16)),
+        (2, 2, (192, 128)),
+    ];
+    let mut rng = common::Rng(77);
+    let mut checked = 0usize;
+    for mask in masks() {
+        for softcap in [None, Some(2.0f64)] {
+            for (bi, lens) in batches.iter().enumerate() {
+                for &(hq, hkv, (d, dv)) in &shapes {
+                    if d == 192 && (bi == 1 || softcap.is_none()) {
+                        continue; // one 192/128 case per mask keeps the test short
+                    }
+                    let host = random_host(rng.next_u64(), lens, hq, hkv, d, dv, 1.0, |x| x);
+                    let scale = 0.7;
+                    let p = host.problem(scale, softcap, mask);
+                    let tq = host.cu_q[host.cu_q.len() - 1];
+                    let dout: Vec<f64> = (0..tq * hq * dv).map(|_| rng.uniform()).collect();
+                    let g = attention_backward_f64(&p, &dout).unwrap();
+                    let loss = |q: &[f64], k: &[f64], v: &[f64]| {
+                        let pp = Problem { q, k, v, ..p };
+                        let o = attention_f64(&pp).unwrap().o;
+                        o.iter().zip(&dout).map(|(a, b)| a * b).sum::<f64>()
+                    };
+                    let h = 1e-5;
+                    for which in 0..3 {
+                        let (x, grad) = match which {
+                            0 => (&host.q, &g.dq),
+                            1 => (&host.k, &g.dk),
+                            _ => (&host.v, &g.dv),
+                        };
+                        if x.is_empty() {
+                            continue;
+                        }
+                        for _ in 0..6 {
+                            let idx = rng.below(x.len() as u64) as usize;
+                            let mut plus = x.clone();
+                            let mut minus = x.clone();
+                            plus[idx] += h;
+                            minus[idx] -= h;
+                            let (lp, lm) = match which {
+                                0 => (
+                                    loss(&plus, &host.k, &host.v),
+                                    loss(&minus, &host.k, &host.v),
+                                ),
+                                1 => (
+                                    loss(&host.q, &plus, &host.v),
+                                    loss(&host.q, &minus, &host.v),
+                                ),
+                                _ => (
+                                    loss(&host.q, &host.k, &plus),
+                                    loss(&host.q, &host.k, &minus),
+                                ),
+                            };
+                            let fd = (lp - lm) / (2.0 * h);
+                            assert!(
+                                (fd - grad[idx]).abs() <= 1e-6 * (1.0 + grad[idx].abs()),
+                                "{mask:?} softcap {softcap:?} lens {lens:?} heads {hq}/{hkv} dims {d}/{dv}: \
+                                 d{}[{idx}] = {}, finite difference {fd}",
+                                ["q", "k", "v"][which],
+                                grad[idx]
+                            );
+                            checked += 1;
+                        }
+                    }
+                    // Rows that see no key: zero dq.
+                    let want = attention_f64(&p).unwrap();
+                    for hh in 0..hq {
+                        for t in 0..tq {
+                            if want.lse[hh * tq + t] == f64::NEG_INFINITY {
+                                assert!(g.dq[(t * hq + hh) * d..][..d].iter().all(|&x| x == 0.0));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 1000, "only {checked} coordinates checked");
+}

@@ -1,4 +1,5 @@
-//! CPU references of the attention forward pass.
+//! CPU references of the attention forward pass, and of its backward
+//! ([`attention_backward_f64`]).
 //!
 //! * [`attention_f64`]: naive, written from the math. Inputs are f64 values already rounded
 //!   to the device dtype; every score, the softmax and the output accumulate in f64.
@@ -20,6 +21,9 @@ use super::plan::{Mask, SoftmaxConsts, TileConfig, RESCALE_THRESHOLD};
 use crate::error::{Error, Result};
 
 const OP: &str = "attention reference";
+
+mod backward;
+pub use backward::{attention_backward_f64, Grads};
 
 /// One attention problem on the host.
 #[derive(Debug, Clone, Copy)]
