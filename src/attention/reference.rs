@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 const OP: &str = "attention reference";
 
 mod backward;
-pub use backward::{attention_backward_f64, Grads};
+pub use backward::{attention_backward_f64, attention_backward_tiled_f32, Grads};
 
 /// One attention problem on the host.
 #[derive(Debug, Clone, Copy)]
