@@ -36,7 +36,7 @@ for line in sys.stdin:
   case "$kind" in
     test) case "$name" in
             bindings) continue ;;          # needs libclang and sources, not a GPU
-            emulator | rope_plan) continue ;;  # CPU-only tests: they ran where the bundle was built
+            emulator | rope_plan | adversarial) continue ;;  # CPU-only: they ran where the bundle was built
           esac
           dest="$OUT/tests/$name" ;;
     bench) dest="$OUT/benches/$name" ;;

@@ -3,6 +3,11 @@
 
 use crate::error::{Error, Result};
 
+/// The largest offset an empty view may have: no allocation holds more than `isize::MAX`
+/// bytes and no element is wider than 16 bytes, so a larger offset lies outside any buffer,
+/// and its byte offset could overflow the address arithmetic of a launch.
+const MAX_EMPTY_OFFSET: usize = isize::MAX as usize / 16;
+
 /// A [tokens, heads, head_dim] view into a flat buffer: element (t, h, c) lives at
 /// `offset + t * token_stride + h * head_stride + c`. The last dim is contiguous.
 ///
@@ -27,15 +32,23 @@ pub struct HeadsLayout {
 
 impl HeadsLayout {
     /// A dense [tokens, heads, head_dim] tensor at the start of its buffer.
+    ///
+    /// Never fails: when `heads x head_dim` overflows usize the token stride saturates at
+    /// `usize::MAX`, and every op rejects the view (it addresses past usize).
     pub fn contiguous(tokens: usize, heads: usize, head_dim: usize) -> Self {
         HeadsLayout {
             offset: 0,
             tokens,
             heads,
             head_dim,
-            token_stride: heads * head_dim,
+            token_stride: heads.saturating_mul(head_dim),
             head_stride: head_dim,
         }
+    }
+
+    /// Whether the view addresses no element (no token, no head or no channel).
+    pub fn is_empty(&self) -> bool {
+        self.tokens == 0 || self.heads == 0 || self.head_dim == 0
     }
 
     /// Number of addressed elements (tokens x heads x head_dim), if it fits in usize.
@@ -65,11 +78,24 @@ impl HeadsLayout {
     }
 
     /// Checks that the view lies inside a buffer of `len` elements and that no two of its
-    /// (token, head) rows overlap.
+    /// (token, head) rows overlap. An empty view addresses nothing and may start past its
+    /// buffer (an empty slice of a packed tensor), but not past [`MAX_EMPTY_OFFSET`], so
+    /// that byte-address arithmetic on its offset cannot overflow.
     pub(crate) fn validate(&self, op: &'static str, arg: &'static str, len: usize) -> Result<()> {
         let end = self.end(op, arg)?;
-        if self.tokens == 0 || self.heads == 0 || self.head_dim == 0 {
-            // An empty view addresses nothing; its strides are irrelevant.
+        if self.is_empty() {
+            // Its strides are irrelevant.
+            if self.offset > MAX_EMPTY_OFFSET {
+                return Err(Error::invalid(
+                    op,
+                    arg,
+                    format!(
+                        "empty view {self:?} starts at element {}, past any allocation (at most \
+                         {MAX_EMPTY_OFFSET})",
+                        self.offset
+                    ),
+                ));
+            }
             return Ok(());
         }
         if end > len {
@@ -133,16 +159,26 @@ impl HeadsLayout {
             return Ok(true);
         }
         let ts = self.token_stride;
-        let foot = |l: &HeadsLayout| (l.heads - 1) * l.head_stride + l.head_dim;
-        let (fa, fb) = (foot(self), foot(other));
+        // Both views are nonempty here (their ranges intersect), so heads >= 1; the
+        // footprints are at most `end`, which did not overflow, but stay checked anyway.
+        let foot = |l: &HeadsLayout| {
+            l.heads
+                .saturating_sub(1)
+                .checked_mul(l.head_stride)
+                .and_then(|x| x.checked_add(l.head_dim))
+        };
+        let (Some(fa), Some(fb)) = (foot(self), foot(other)) else {
+            return Ok(true);
+        };
         if fa > ts || fb > ts {
             return Ok(true);
         }
         // Residue intervals [ra, ra + fa) and [rb, rb + fb) on a circle of length ts.
         let ra = self.offset % ts;
         let rb = other.offset % ts;
-        let d = (rb + ts - ra) % ts; // start of b relative to a
-        let disjoint = d >= fa && d + fb <= ts;
+        // Start of b relative to a, in [0, ts), without forming rb + ts.
+        let d = if rb >= ra { rb - ra } else { ts - (ra - rb) };
+        let disjoint = d >= fa && fb <= ts - d;
         Ok(!disjoint)
     }
 }

@@ -175,7 +175,7 @@ fn config_errors_name_the_key() {
     );
     assert_eq!(
         key(r#"{"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 9}"#),
-        "top_k"
+        "num_experts_per_tok"
     );
     assert_eq!(
         key(
@@ -489,7 +489,7 @@ proptest! {
             let zt = &z[t * experts..(t + 1) * experts];
             let ids = &r.ids[t * k..(t + 1) * k];
             let w = &r.weights[t * k..(t + 1) * k];
-            let choice = choice_scores(&cfg, zt, bias_arg);
+            let choice = choice_scores(&cfg, zt, bias_arg).unwrap();
             // In range, distinct, descending choice, ties to the lower id.
             for j in 0..k {
                 prop_assert!(ids[j] >= 0 && (ids[j] as usize) < experts);
@@ -507,7 +507,7 @@ proptest! {
                 groups.sort();
                 groups.dedup();
                 prop_assert!(groups.len() <= g.topk_group);
-                let gs = group_scores(&cfg, &choice);
+                let gs = group_scores(&cfg, &choice).unwrap();
                 prop_assert_eq!(gs.len(), g.n_group);
             }
             let p = probabilities(cfg.scoring, zt);
@@ -579,7 +579,7 @@ fn emulate_warp_gate(cfg: &RouterConfig, z: &[f64], bias: Option<&[f64]>) -> Vec
     assert_eq!(plan.path, GatePath::Warp);
     let (l, s, gl) = (plan.lanes, plan.slots, plan.group_lanes);
     let e_n = cfg.experts;
-    let choice = choice_scores(cfg, z, bias);
+    let choice = choice_scores(cfg, z, bias).unwrap();
     let mut avail: Vec<Vec<bool>> = (0..l)
         .map(|sl| (0..s).map(|j| sl * s + j < e_n).collect())
         .collect();
@@ -1483,7 +1483,7 @@ mod gpu {
             return (Tie::None, vec![], vec![]);
         }
         let p = probabilities(cfg.scoring, z);
-        let c = choice_scores(cfg, z, bias);
+        let c = choice_scores(cfg, z, bias).unwrap();
         let err: Vec<f64> = p.iter().zip(&c).map(|(&p, &c)| choice_err(p, c)).collect();
         let by_choice = |ids: &mut Vec<usize>| {
             ids.sort_by(|&a, &b| c[b].total_cmp(&c[a]).then(a.cmp(&b)));
@@ -1512,7 +1512,7 @@ mod gpu {
                 return (Tie::Set, c, err);
             }
         }
-        let el = eligible(cfg, &c);
+        let el = eligible(cfg, &c).unwrap();
         let mut top: Vec<usize> = (0..cfg.experts).filter(|&e| el[e]).collect();
         by_choice(&mut top);
         top.truncate(cfg.top_k + 1);

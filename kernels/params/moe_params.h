@@ -129,7 +129,7 @@ typedef struct LongctxMoePermuteParams {
     uint32_t chunk;         /* assignments per warp chunk, a multiple of 32                */
     uint32_t chunks;        /* ceil(assignments / chunk)                                   */
     uint32_t warps;         /* warp chunks per block of the count and scatter kernels      */
-    uint32_t max_slots;     /* assignments + experts * (block - 1), capped by the host     */
+    uint32_t max_slots;     /* the plan's padded-slot bound (PermutePlan::max_slots)     */
     uint32_t max_blocks;    /* ceil(max_slots / block)                                     */
     uint32_t pad0;
 } LongctxMoePermuteParams;

@@ -121,8 +121,9 @@ const fn tile(
 
 /// Shared-memory rows are padded to a multiple of 64 elements (128 bytes) so the XOR swizzle
 /// of 16-byte chunks by `row % 8` stays inside the row; only d = 96 is padded (to 128).
+/// Saturates at the largest multiple of 64 instead of overflowing.
 pub const fn smem_row_elems(dim: usize) -> usize {
-    dim.div_ceil(64) * 64
+    dim.div_ceil(64).saturating_mul(64)
 }
 
 impl TileConfig {
@@ -167,27 +168,54 @@ impl TileConfig {
         &TILES
     }
 
-    /// Threads per CTA.
-    pub fn threads(&self) -> usize {
-        32 * self.warps
+    /// Checks that the shape is one the kernels are built with (one of
+    /// [`TileConfig::all`]). The fields are public, so a hand-made shape can be anything;
+    /// the methods below never panic on one, but only a shape from the table describes a
+    /// real launch.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (arg `tiles`) when the shape is not in the table.
+    pub fn validate(&self) -> Result<()> {
+        if TILES.contains(self) {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                "attention",
+                "tiles",
+                format!("{self:?} is not one of the compiled tile shapes (TileConfig::all())"),
+            ))
+        }
     }
 
-    /// Query rows owned by each warp (a multiple of 16, the MMA's M).
+    /// Threads per CTA (saturating for a hand-made shape with absurd `warps`).
+    pub fn threads(&self) -> usize {
+        self.warps.saturating_mul(32)
+    }
+
+    /// Query rows owned by each warp (a multiple of 16, the MMA's M); 0 for a hand-made
+    /// shape with no warps.
     pub fn rows_per_warp(&self) -> usize {
-        self.block_m / self.warps
+        self.block_m.checked_div(self.warps).unwrap_or(0)
     }
 
     /// Dynamic shared memory of one CTA: the Q tile, one K tile and one V tile, rows padded
-    /// per [`smem_row_elems`]. The output tile is staged in the Q tile's space.
+    /// per [`smem_row_elems`]. The output tile is staged in the Q tile's space. Saturates
+    /// at `usize::MAX` for hand-made shapes too large to address.
     pub fn smem_bytes(&self) -> usize {
-        ELEM_BYTES
-            * (self.block_m * smem_row_elems(self.head_dim)
-                + self.block_n * smem_row_elems(self.head_dim)
-                + self.block_n * smem_row_elems(self.head_dim_v))
+        let q = self.block_m.saturating_mul(smem_row_elems(self.head_dim));
+        let k = self.block_n.saturating_mul(smem_row_elems(self.head_dim));
+        let v = self.block_n.saturating_mul(smem_row_elems(self.head_dim_v));
+        q.saturating_add(k)
+            .saturating_add(v)
+            .saturating_mul(ELEM_BYTES)
     }
 
-    /// Query tiles needed to cover the longest query sequence.
+    /// Query tiles needed to cover the longest query sequence (0 for a hand-made shape with
+    /// `block_m` 0, which covers nothing).
     pub fn num_m_blocks(&self, max_seqlen_q: usize) -> usize {
+        if self.block_m == 0 {
+            return 0;
+        }
         max_seqlen_q.div_ceil(self.block_m)
     }
 
@@ -198,10 +226,13 @@ impl TileConfig {
     }
 
     /// Rows `[m0, m1)` of query tile `m_block` that exist in a sequence of `seqlen_q` rows,
-    /// or `None` past the end.
+    /// or `None` past the end (and for a hand-made shape with `block_m` 0).
     pub fn m_rows(&self, m_block: usize, seqlen_q: usize) -> Option<Range<usize>> {
+        if self.block_m == 0 {
+            return None;
+        }
         let m0 = m_block.checked_mul(self.block_m)?;
-        (m0 < seqlen_q).then(|| m0..(m0 + self.block_m).min(seqlen_q))
+        (m0 < seqlen_q).then(|| m0..m0.saturating_add(self.block_m).min(seqlen_q))
     }
 
     /// Key tiles `[n_min, n_max)` that query tile `m_block` visits: the tiles holding at
@@ -214,14 +245,19 @@ impl TileConfig {
         seqlen_q: usize,
         seqlen_k: usize,
     ) -> Option<Range<usize>> {
+        if self.block_n == 0 {
+            return None;
+        }
         let rows = self.m_rows(m_block, seqlen_q)?;
         let keys = mask.visible_union(rows, seqlen_q, seqlen_k)?;
+        // keys is nonempty, and (keys.end - 1) / block_n + 1 <= keys.end.
         Some(keys.start / self.block_n..(keys.end - 1) / self.block_n + 1)
     }
 
     /// Whether key tile `n_block` needs element-wise masking for query tile `m_block`: it is
     /// partial (passes seqlen_k), or some existing row of the tile does not see all of its
-    /// keys. Tiles for which this is false are processed with no mask at all.
+    /// keys. Tiles for which this is false are processed with no mask at all. A hand-made
+    /// shape with `block_n` 0 has empty key tiles, which this reports as needing a mask.
     pub fn needs_mask(
         &self,
         mask: &Mask,
@@ -233,23 +269,32 @@ impl TileConfig {
         let Some(rows) = self.m_rows(m_block, seqlen_q) else {
             return true;
         };
-        let k0 = n_block * self.block_n;
-        let k_last = k0 + self.block_n - 1;
-        if k_last >= seqlen_k {
+        if self.block_n == 0 {
             return true;
         }
-        let (left, right) = mask.bounds();
-        let c = seqlen_k as i64 - seqlen_q as i64;
+        // A tile that starts past usize::MAX starts past every sequence: it is partial.
+        let Some(k0) = n_block.checked_mul(self.block_n) else {
+            return true;
+        };
+        // i128 holds sums and differences of a few usizes exactly.
+        let k0 = wide(k0);
+        let k_last = k0 + wide(self.block_n) - 1;
+        if k_last >= wide(seqlen_k) {
+            return true;
+        }
+        let (left, right) = mask.exact_sides();
+        let c = wide(seqlen_k) - wide(seqlen_q);
         // The last row has the largest lower bound, the first row the smallest upper bound.
-        let lo_of_last = (rows.end - 1) as i64 + c - left;
-        let hi_of_first = rows.start as i64 + c + right;
-        !(lo_of_last <= k0 as i64 && hi_of_first >= k_last as i64)
+        let lo_of_last = wide(rows.end - 1) + c - left;
+        let hi_of_first = wide(rows.start) + c + right;
+        !(lo_of_last <= k0 && hi_of_first >= k_last)
     }
 
     /// [`TileConfig::needs_mask`] in the interval form the kernel uses: key tiles
     /// `n` in the returned range need no mask, all others do. With
     /// `A = m1 - 1 + c - left` and `U = min(seqlen_k - block_n, m0 + c + right - block_n + 1)`,
-    /// tile `n` is unmasked iff `A <= n * block_n <= U`. Empty past the sequence's end.
+    /// tile `n` is unmasked iff `A <= n * block_n <= U`. Empty past the sequence's end (and
+    /// for a hand-made shape with `block_n` 0).
     pub fn unmasked_blocks(
         &self,
         mask: &Mask,
@@ -260,14 +305,17 @@ impl TileConfig {
         let Some(rows) = self.m_rows(m_block, seqlen_q) else {
             return 0..0;
         };
-        let (left, right) = mask.bounds();
-        let bn = self.block_n as i64;
-        let c = seqlen_k as i64 - seqlen_q as i64;
-        let a = (rows.end - 1) as i64 + c - left;
-        let u = (seqlen_k as i64 - bn).min(rows.start as i64 + c + right - bn + 1);
+        if self.block_n == 0 {
+            return 0..0;
+        }
+        let (left, right) = mask.exact_sides();
+        let bn = wide(self.block_n);
+        let c = wide(seqlen_k) - wide(seqlen_q);
+        let a = wide(rows.end - 1) + c - left;
+        let u = (wide(seqlen_k) - bn).min(wide(rows.start) + c + right - bn + 1);
         let lo = if a <= 0 { 0 } else { (a + bn - 1) / bn };
         let hi = if u < 0 { 0 } else { u / bn + 1 };
-        lo as usize..(hi.max(lo)) as usize
+        narrow(lo)..narrow(hi.max(lo))
     }
 }
 
@@ -348,16 +396,32 @@ impl Mask {
         self.bounds() == (WINDOW_UNBOUNDED as i64, WINDOW_UNBOUNDED as i64)
     }
 
-    /// Keys row `row` sees, as a range (empty when it sees none).
+    /// (left, right) as exact integers for the host-side formulas: a `None` side is larger
+    /// than any distance between two usize positions. Equal in effect to [`Mask::bounds`]
+    /// for sequences of up to [`MAX_TOKENS`] (the kernel's range), and correct beyond it.
+    fn exact_sides(&self) -> (i128, i128) {
+        let side = |s: Option<usize>| s.map_or(UNBOUNDED_SIDE, wide);
+        let left = side(self.window_left);
+        let right = if self.causal {
+            0
+        } else {
+            side(self.window_right)
+        };
+        (left, right)
+    }
+
+    /// Keys row `row` sees, as a range (empty when it sees none). Any arguments are
+    /// accepted (a row past `seqlen_q` sees what the formula gives it).
     pub fn visible_keys(&self, row: usize, seqlen_q: usize, seqlen_k: usize) -> Range<usize> {
-        let (left, right) = self.bounds();
-        let c = seqlen_k as i64 - seqlen_q as i64;
-        let lo = (row as i64 + c - left).max(0);
-        let hi = (row as i64 + c + right).min(seqlen_k as i64 - 1);
+        let (left, right) = self.exact_sides();
+        let c = wide(seqlen_k) - wide(seqlen_q);
+        let lo = (wide(row) + c - left).max(0);
+        let hi = (wide(row) + c + right).min(wide(seqlen_k) - 1);
         if hi < lo {
             0..0
         } else {
-            lo as usize..hi as usize + 1
+            // 0 <= lo <= hi < seqlen_k, so both ends fit in usize.
+            narrow(lo)..narrow(hi + 1)
         }
     }
 
@@ -379,24 +443,75 @@ impl Mask {
         if rows.is_empty() || seqlen_k == 0 {
             return None;
         }
-        let (left, right) = self.bounds();
-        let c = seqlen_k as i64 - seqlen_q as i64;
-        let lo = (rows.start as i64 + c - left).max(0);
-        let hi = ((rows.end - 1) as i64 + c + right).min(seqlen_k as i64 - 1);
-        (lo <= hi).then(|| lo as usize..hi as usize + 1)
+        let (left, right) = self.exact_sides();
+        let c = wide(seqlen_k) - wide(seqlen_q);
+        let lo = (wide(rows.start) + c - left).max(0);
+        let hi = (wide(rows.end - 1) + c + right).min(wide(seqlen_k) - 1);
+        (lo <= hi).then(|| narrow(lo)..narrow(hi + 1))
     }
 
-    /// Number of (row, key) pairs the mask keeps in a `seqlen_q` x `seqlen_k` sequence.
+    /// Number of (row, key) pairs the mask keeps in a `seqlen_q` x `seqlen_k` sequence,
+    /// saturating at `u64::MAX`. Computed in closed form: constant time for any lengths.
     pub fn visible_pairs(&self, seqlen_q: usize, seqlen_k: usize) -> u64 {
-        (0..seqlen_q)
-            .map(|i| self.visible_keys(i, seqlen_q, seqlen_k).len() as u64)
-            .sum()
+        if seqlen_q == 0 || seqlen_k == 0 {
+            return 0;
+        }
+        // Pair (i, j) is kept iff c - left <= j - i <= c + right. Count by the diagonal
+        // d = j - i: cnt(d) = min(seqlen_q, seqlen_k - d) - max(0, -d) pairs lie on it for
+        // d in [-(seqlen_q - 1), seqlen_k - 1], and cnt is linear between the breakpoints
+        // d = 0 and d = seqlen_k - seqlen_q.
+        let (sq, sk) = (wide(seqlen_q), wide(seqlen_k));
+        let (left, right) = self.exact_sides();
+        let c = sk - sq;
+        let lo = (c - left).max(1 - sq);
+        let hi = (c + right).min(sk - 1);
+        if lo > hi {
+            return 0;
+        }
+        let cnt = |d: i128| sq.min(sk - d) - (-d).max(0);
+        // Sum of cnt over [a, b], on which cnt is linear with slope -1, 0 or 1. Each term is
+        // at least 1, and the whole sum is at most seqlen_q x seqlen_k < 2^128, so halving
+        // the even factor first keeps the product inside u128.
+        let segment = |a: i128, b: i128| -> u128 {
+            if a > b {
+                return 0;
+            }
+            let n = (b - a + 1).unsigned_abs();
+            let ends = (cnt(a) + cnt(b)).unsigned_abs();
+            if n % 2 == 0 {
+                (n / 2) * ends
+            } else {
+                n * (ends / 2)
+            }
+        };
+        let (p1, p2) = if c < 0 { (c, 0) } else { (0, c) };
+        let p1 = p1.clamp(lo, hi + 1);
+        let p2 = p2.clamp(p1, hi + 1);
+        let total = segment(lo, p1 - 1)
+            .saturating_add(segment(p1, p2 - 1))
+            .saturating_add(segment(p2, hi));
+        u64::try_from(total).unwrap_or(u64::MAX)
     }
+}
+
+/// A `None` window side in [`Mask::exact_sides`]: more than any two usize positions apart.
+const UNBOUNDED_SIDE: i128 = 1 << 70;
+
+/// A usize as i128 (lossless).
+fn wide(x: usize) -> i128 {
+    x as i128
+}
+
+/// An i128 known to lie in `0..=usize::MAX` as usize; out-of-range values saturate.
+fn narrow(x: i128) -> usize {
+    usize::try_from(x.max(0)).unwrap_or(usize::MAX)
 }
 
 /// FLOPs of a forward run, counted as FlashAttention 3's benchmarks do:
 /// `2 * heads_q * sum over rows of visible keys * (head_dim + head_dim_v)`, exact for every
-/// mask. `seqlens` lists (seqlen_q, seqlen_k) per sequence.
+/// mask. `seqlens` lists (seqlen_q, seqlen_k) per sequence. Constant time per sequence
+/// (see [`Mask::visible_pairs`]); the pair count saturates at `u64::MAX` and the product
+/// is formed in f64, so no argument overflows.
 pub fn forward_flops(
     mask: &Mask,
     seqlens: &[(usize, usize)],
@@ -407,8 +522,8 @@ pub fn forward_flops(
     let pairs: u64 = seqlens
         .iter()
         .map(|&(sq, sk)| mask.visible_pairs(sq, sk))
-        .sum();
-    2.0 * heads_q as f64 * pairs as f64 * (head_dim + head_dim_v) as f64
+        .fold(0, u64::saturating_add);
+    2.0 * heads_q as f64 * pairs as f64 * (head_dim as f64 + head_dim_v as f64)
 }
 
 /// Softmax constants folded on the host. Scores go to the log2 domain as

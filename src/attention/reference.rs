@@ -18,9 +18,19 @@
 //! O = 0 and LSE = -inf.
 
 use super::plan::{Mask, SoftmaxConsts, TileConfig, RESCALE_THRESHOLD};
+use super::MAX_GRID_YZ;
 use crate::error::{Error, Result};
 
 const OP: &str = "attention reference";
+
+/// The largest `head_dim` and `head_dim_v` the references accept. Real models use 64 to 576;
+/// the bound keeps a problem with no keys (whose V is empty whatever its head dim) from
+/// asking for an output of absurd size.
+pub const MAX_HEAD_DIM: usize = 1 << 12;
+
+/// The largest `block_m` and `block_n` of [`Tiles`]. The kernels use 64 and 128; the bound
+/// keeps the tiled run's per-tile buffers and work per key tile small.
+pub const MAX_TILE: usize = 1 << 10;
 
 mod backward;
 pub use backward::{attention_backward_f64, attention_backward_tiled_f32, Grads};
@@ -84,10 +94,17 @@ impl Problem<'_> {
         )
     }
 
-    /// Checks shapes and offsets.
+    /// Checks shapes and offsets: after it passes, every index the references form is in
+    /// bounds and every output size is at most [`MAX_HEAD_DIM`] times an input's.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] naming the first inconsistent argument.
+    /// [`Error::InvalidArgument`] naming the first inconsistent argument: offsets lists of
+    /// different lengths or fewer than 2 entries, not starting at 0 or decreasing
+    /// (`cu_seqlens_q` / `cu_seqlens_k`); heads_q or heads_kv of 0, heads_kv not dividing
+    /// heads_q, or heads_q above [`MAX_GRID_YZ`] (`heads`); a
+    /// head dim outside 1..=[`MAX_HEAD_DIM`] (`head_dim`); a Q, K or V length other than
+    /// tokens x heads x head dim, or a product that overflows usize (`q`, `k`, `v`); a scale
+    /// or softcap that is not finite and positive (`softmax_scale`).
     pub fn validate(&self) -> Result<()> {
         let bad = |arg: &'static str, problem: String| Err(Error::invalid(OP, arg, problem));
         if self.cu_seqlens_q.len() < 2 || self.cu_seqlens_q.len() != self.cu_seqlens_k.len() {
@@ -115,17 +132,35 @@ impl Problem<'_> {
                 );
             }
         }
-        if self.heads_kv == 0 || self.heads_q % self.heads_kv != 0 {
+        // heads_q >= 1 and head_dim >= 1 tie total_q to q's length, so a loop over query
+        // tokens is bounded by the input; heads_q itself is bounded as in the kernel (a
+        // problem with no query token would otherwise loop over any number of heads).
+        if self.heads_q == 0
+            || self.heads_q > MAX_GRID_YZ
+            || self.heads_kv == 0
+            || self.heads_q % self.heads_kv != 0
+        {
             return bad(
                 "heads",
                 format!(
-                    "heads_q {} is not a multiple of heads_kv {}",
+                    "heads_q {} must be a positive multiple of heads_kv {}, at most {MAX_GRID_YZ}",
                     self.heads_q, self.heads_kv
                 ),
             );
         }
+        for (arg, dim) in [("head_dim", self.head_dim), ("head_dim_v", self.head_dim_v)] {
+            if dim == 0 || dim > MAX_HEAD_DIM {
+                return bad(
+                    "head_dim",
+                    format!("{arg} {dim} is outside 1..={MAX_HEAD_DIM}"),
+                );
+            }
+        }
         let (tq, tk) = (self.total_q(), self.total_k());
-        if self.q.len() != tq * self.heads_q * self.head_dim {
+        let size = |tokens: usize, heads: usize, dim: usize| {
+            tokens.checked_mul(heads).and_then(|x| x.checked_mul(dim))
+        };
+        if Some(self.q.len()) != size(tq, self.heads_q, self.head_dim) {
             return bad(
                 "q",
                 format!(
@@ -136,7 +171,7 @@ impl Problem<'_> {
                 ),
             );
         }
-        if self.k.len() != tk * self.heads_kv * self.head_dim {
+        if Some(self.k.len()) != size(tk, self.heads_kv, self.head_dim) {
             return bad(
                 "k",
                 format!(
@@ -147,7 +182,7 @@ impl Problem<'_> {
                 ),
             );
         }
-        if self.v.len() != tk * self.heads_kv * self.head_dim_v {
+        if Some(self.v.len()) != size(tk, self.heads_kv, self.head_dim_v) {
             return bad(
                 "v",
                 format!(
@@ -188,16 +223,35 @@ impl Problem<'_> {
     }
 }
 
+/// Output sizes of a validated problem: (O elements, LSE elements). Checked, although
+/// validation bounds both by the input sizes: heads_q x total_q <= q.len() (head_dim >= 1).
+fn output_sizes(p: &Problem) -> Result<(usize, usize)> {
+    let lse = p
+        .heads_q
+        .checked_mul(p.total_q())
+        .ok_or_else(|| Error::invalid(OP, "q", "heads_q x total_q overflows usize"))?;
+    let o = lse
+        .checked_mul(p.head_dim_v)
+        .ok_or_else(|| Error::invalid(OP, "v", "total_q x heads_q x head_dim_v overflows usize"))?;
+    Ok((o, lse))
+}
+
 /// Naive attention in f64: scores, softcap, mask, softmax and P V for every row.
 ///
+/// The work is heads_q x (sum over sequences of seqlen_q x seqlen_k) x (head_dim +
+/// head_dim_v): proportional to the sizes of Q and K, whose lengths validation ties to the
+/// offsets.
+///
 /// # Errors
-/// [`Error::InvalidArgument`] when the problem's shapes are inconsistent.
+/// [`Error::InvalidArgument`] when the problem's shapes are inconsistent (see
+/// [`Problem::validate`]).
 pub fn attention_f64(p: &Problem) -> Result<Output<f64>> {
     p.validate()?;
     let (tq, dv) = (p.total_q(), p.head_dim_v);
     let group = p.heads_q / p.heads_kv;
-    let mut o = vec![0.0f64; tq * p.heads_q * dv];
-    let mut lse = vec![f64::NEG_INFINITY; p.heads_q * tq];
+    let (o_len, lse_len) = output_sizes(p)?;
+    let mut o = vec![0.0f64; o_len];
+    let mut lse = vec![f64::NEG_INFINITY; lse_len];
     let mut scores = Vec::new();
     for b in 0..p.batch() {
         let (qs, ks) = p.sequence(b);
@@ -313,8 +367,10 @@ pub struct TileStats {
 /// run, or the identity for pure f32.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] when the problem's shapes are inconsistent, or a tile size is
-/// zero.
+/// [`Error::InvalidArgument`] when the problem's shapes are inconsistent (see
+/// [`Problem::validate`]), a tile side is zero or `block_m` or `block_n` exceeds
+/// [`MAX_TILE`] (`tiles`), or the scale and softcap do not fold into normal f32 constants
+/// (`softmax_scale`, `softcap`).
 pub fn attention_tiled_f32(
     p: &Problem,
     tiles: Tiles,
@@ -328,20 +384,37 @@ pub fn attention_tiled_f32(
             format!("{tiles:?} has a zero side"),
         ));
     }
+    if tiles.block_m > MAX_TILE || tiles.block_n > MAX_TILE {
+        return Err(Error::invalid(
+            OP,
+            "tiles",
+            format!("{tiles:?}: block_m and block_n must be at most {MAX_TILE}"),
+        ));
+    }
     let consts = SoftmaxConsts::new(p.scale as f32, p.softcap.map(|c| c as f32))?;
     let cfg = tiles.config(p);
     let (tq, d, dv) = (p.total_q(), p.head_dim, p.head_dim_v);
     let group = p.heads_q / p.heads_kv;
-    let mut o = vec![0.0f32; tq * p.heads_q * dv];
-    let mut lse = vec![f32::NEG_INFINITY; p.heads_q * tq];
+    let (o_len, lse_len) = output_sizes(p)?;
+    let mut o = vec![0.0f32; o_len];
+    let mut lse = vec![f32::NEG_INFINITY; lse_len];
     let mut stats = TileStats::default();
     let (bm, bn) = (tiles.block_m, tiles.block_n);
-    // Per query tile: the running max (raw units), the running sum and the O accumulator.
-    let mut row_max = vec![0.0f32; bm];
-    let mut row_sum = vec![0.0f32; bm];
-    let mut m_new = vec![0.0f32; bm];
-    let mut acc = vec![0.0f32; bm * dv];
-    let mut s = vec![0.0f32; bm * bn];
+    // Per query tile: the running max (raw units), the running sum and the O accumulator,
+    // for the rows a tile can actually have (at most the longest query sequence).
+    let longest_q = p
+        .cu_seqlens_q
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or(0);
+    let rows_cap = bm.min(longest_q);
+    let mut row_max = vec![0.0f32; rows_cap];
+    let mut row_sum = vec![0.0f32; rows_cap];
+    let mut m_new = vec![0.0f32; rows_cap];
+    // rows_cap <= MAX_TILE, bn <= MAX_TILE and dv <= MAX_HEAD_DIM: no overflow.
+    let mut acc = vec![0.0f32; rows_cap * dv];
+    let mut s = vec![0.0f32; rows_cap * bn];
     let zeros_d = vec![0.0f32; d];
     let zeros_dv = vec![0.0f32; dv];
     let to32 = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();

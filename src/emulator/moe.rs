@@ -452,6 +452,31 @@ pub fn router_losses<T: MoeElement>(
 ) -> Result<HostRouterLosses> {
     let plan = losses_plan(cfg, tokens)?;
     let perm = filled(perm)?;
+    // Shapes first, so a bad token count allocates nothing.
+    if perm.plan.tokens != tokens {
+        return Err(crate::Error::invalid(
+            OP,
+            "perm",
+            format!(
+                "a permutation of {} tokens, the call has {tokens}",
+                perm.plan.tokens
+            ),
+        ));
+    }
+    let want_logits = tokens
+        .checked_mul(cfg.experts)
+        .ok_or_else(|| crate::Error::invalid(OP, "tokens", "tokens x experts overflows usize"))?;
+    if logits.len() < want_logits {
+        return Err(crate::Error::invalid(
+            OP,
+            "logits",
+            format!(
+                "{} values, expected {tokens} x {}",
+                logits.len(),
+                cfg.experts
+            ),
+        ));
+    }
     let workspace = plan.chunks.checked_mul(cfg.experts).ok_or_else(|| {
         crate::Error::invalid(OP, "tokens", "chunks x experts partials overflow usize")
     })?;

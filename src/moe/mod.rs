@@ -34,7 +34,7 @@ pub use cuda::{
     route_block_kernel, router_losses, update_bias, ExpertIds, Permutation, RouterLosses, Routing,
 };
 pub use plan::{
-    capacity, GatePath, GatePlan, PermutePlan, StatsPlan, MAX_EXPERTS, WARP_MAX_EXPERTS,
+    capacity, GatePath, GatePlan, PermutePlan, StatsPlan, MAX_BLOCK, MAX_EXPERTS, WARP_MAX_EXPERTS,
     WARP_MAX_TOP_K,
 };
 
@@ -183,7 +183,10 @@ impl RouterConfig {
     /// # Errors
     /// [`Error::Config`] naming the key that is missing, of the wrong type or unsupported
     /// (an unknown `model_type`, a `scoring_func` or `topk_method` other than the model's),
-    /// and the errors of [`RouterConfig::validate`].
+    /// and the errors of [`RouterConfig::validate`] as [`Error::Config`] naming the
+    /// config.json key of the field (`num_local_experts` / `num_experts` /
+    /// `n_routed_experts`, `num_experts_per_tok`, `n_group`, `topk_group`,
+    /// `routed_scaling_factor`).
     pub fn from_hf_config(json: &str) -> Result<Self> {
         let v: serde_json::Value = serde_json::from_str(json)
             .map_err(|e| Error::config("config.json", format!("not valid JSON: {e}")))?;
@@ -227,6 +230,11 @@ impl RouterConfig {
                     .map(str::to_string)
                     .ok_or_else(|| Error::config(key, "not a string")),
             }
+        };
+        let experts_key = match model_type {
+            "mixtral" => "num_local_experts",
+            "qwen2_moe" | "qwen3_moe" => "num_experts",
+            _ => "n_routed_experts",
         };
         let cfg = match model_type {
             "mixtral" => Self::mixtral(uint("num_local_experts")?, uint("num_experts_per_tok")?),
@@ -303,7 +311,14 @@ impl RouterConfig {
             }
         };
         cfg.validate().map_err(|e| match e {
-            Error::InvalidArgument { arg, problem, .. } => Error::config(arg, problem),
+            Error::InvalidArgument { arg, problem, .. } => {
+                let key = match arg {
+                    "experts" => experts_key,
+                    "top_k" => "num_experts_per_tok",
+                    other => other,
+                };
+                Error::config(key, problem)
+            }
             other => other,
         })?;
         Ok(cfg)
@@ -314,10 +329,11 @@ impl RouterConfig {
         self.grouping.filter(|g| g.n_group > 1)
     }
 
-    /// Experts a token may choose from after group limiting.
+    /// Experts a token may choose from after group limiting (saturating, for a config that
+    /// has not been validated).
     pub fn eligible_experts(&self) -> usize {
         match self.effective_grouping() {
-            Some(g) if g.n_group > 0 => g.topk_group * (self.experts / g.n_group),
+            Some(g) if g.n_group > 0 => g.topk_group.saturating_mul(self.experts / g.n_group),
             _ => self.experts,
         }
     }
@@ -328,7 +344,8 @@ impl RouterConfig {
     /// [`Error::InvalidArgument`] naming the field: `experts` outside 1..=4096, `top_k` of 0
     /// or more than the eligible experts, `n_group` of 0 or not dividing `experts`,
     /// `topk_group` of 0 or more than `n_group`, [`GroupScore::Top2Sum`] with one expert per
-    /// group, or a `routed_scaling_factor` that is not finite.
+    /// group, or a `routed_scaling_factor` that is not finite and positive, or rounds to 0
+    /// or infinity in f32 (the kernels take it as f32).
     pub fn validate(&self) -> Result<()> {
         if self.experts == 0 || self.experts > MAX_EXPERTS {
             return Err(Error::invalid(
@@ -381,11 +398,13 @@ impl RouterConfig {
                 ),
             ));
         }
-        if !self.routed_scaling_factor.is_finite() {
+        let scale = self.routed_scaling_factor;
+        let single = scale as f32;
+        if !(scale.is_finite() && scale > 0.0 && single.is_finite() && single > 0.0) {
             return Err(Error::invalid(
                 OP,
                 "routed_scaling_factor",
-                format!("{} is not finite", self.routed_scaling_factor),
+                format!("{scale} must be finite and positive, in f64 and in f32"),
             ));
         }
         Ok(())
@@ -396,7 +415,7 @@ impl RouterConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct PermuteOptions {
     /// Each expert's segment is padded with empty slots to a multiple of this (the M tile of
-    /// a grouped GEMM); 0 or 1 means no padding.
+    /// a grouped GEMM); 0 or 1 means no padding; at most [`MAX_BLOCK`].
     pub block: usize,
     /// Per-expert capacity = ceil(capacity_factor x tokens x top_k / experts); assignments
     /// past it are dropped in token order (later tokens first). `None`: no limit.

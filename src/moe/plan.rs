@@ -12,6 +12,9 @@ pub const MAX_EXPERTS: usize = sys::LONGCTX_MOE_MAX_EXPERTS as usize;
 pub const WARP_MAX_EXPERTS: usize = sys::LONGCTX_MOE_WARP_MAX_EXPERTS as usize;
 /// Most top_k of the one-warp-per-token gating kernel (one chosen expert per lane).
 pub const WARP_MAX_TOP_K: usize = sys::LONGCTX_MOE_WARP_MAX_TOP_K as usize;
+/// Largest padding multiple [`PermuteOptions::block`] may ask for. Grouped-GEMM M tiles are
+/// 16 to 256 rows; the bound keeps one token's padding from sizing buffers absurdly.
+pub const MAX_BLOCK: usize = 1 << 12;
 
 /// Tokens per block of the warp gating kernel (kernels/moe/traits.cuh: kGateWarps).
 pub(crate) const GATE_WARPS: usize = sys::LONGCTX_MOE_GATE_WARPS as usize;
@@ -164,11 +167,12 @@ fn check_assignments(tokens: usize, top_k: usize) -> Result<usize> {
         })
 }
 
-/// Per-expert capacity ceil(capacity_factor x tokens x top_k / experts).
+/// Per-expert capacity ceil(capacity_factor x tokens x top_k / experts), at most tokens x
+/// top_k (a capacity that large drops nothing).
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] when capacity_factor is not a positive finite number or
-/// `experts` is 0.
+/// [`Error::InvalidArgument`] when capacity_factor is not a positive finite number,
+/// `experts` is 0, or tokens x top_k overflows usize (`tokens`).
 pub fn capacity(
     capacity_factor: f64,
     tokens: usize,
@@ -185,10 +189,21 @@ pub fn capacity(
     if experts == 0 {
         return Err(Error::invalid(OP, "experts", "0 experts"));
     }
+    let assignments = tokens.checked_mul(top_k).ok_or_else(|| {
+        Error::invalid(
+            OP,
+            "tokens",
+            format!("{tokens} tokens x top_k {top_k} overflows usize"),
+        )
+    })?;
     let c = (capacity_factor * tokens as f64 * top_k as f64 / experts as f64).ceil();
-    // Anything at or past the assignment count means no assignment is dropped.
-    let all = (tokens * top_k) as f64;
-    Ok(if c >= all { tokens * top_k } else { c as usize })
+    // Anything at or past the assignment count means no assignment is dropped. c is finite
+    // and below `assignments` here, so the conversion cannot saturate.
+    Ok(if c >= assignments as f64 {
+        assignments
+    } else {
+        c as usize
+    })
 }
 
 /// Sizes and chunking of one permutation shape.
@@ -221,9 +236,13 @@ pub struct PermutePlan {
 impl PermutePlan {
     /// Plans the permutation of `tokens` x `top_k` assignments over `experts`.
     ///
+    /// `max_slots` bounds the padded total tightly: only experts that keep an assignment
+    /// are padded, so it is at most `assignments x block`.
+    ///
     /// # Errors
     /// [`Error::InvalidArgument`] for 0 or more than 4096 experts, top_k of 0 or more than
-    /// `experts`, a capacity factor that is not positive and finite, or sizes past i32.
+    /// `experts`, a capacity factor that is not positive and finite, a `block` above
+    /// [`MAX_BLOCK`], or sizes past i32.
     pub fn new(tokens: usize, top_k: usize, experts: usize, opts: PermuteOptions) -> Result<Self> {
         if experts == 0 || experts > MAX_EXPERTS {
             return Err(Error::invalid(
@@ -240,18 +259,29 @@ impl PermutePlan {
             ));
         }
         let assignments = check_assignments(tokens, top_k)?;
+        if opts.block > MAX_BLOCK {
+            return Err(Error::invalid(
+                OP,
+                "block",
+                format!("padding multiple {} exceeds {MAX_BLOCK}", opts.block),
+            ));
+        }
         let block = opts.block.max(1);
         let capacity = opts
             .capacity_factor
             .map(|f| capacity(f, tokens, top_k, experts))
             .transpose()?;
-        // The padded total is at most sum_e (kept_e + block - 1) rounded, i.e. bounded by
-        // min(assignments, experts x capacity) + experts x (block - 1), and a multiple of block.
+        // The padded total is sum_e ceil(kept_e / block) x block: at most kept_e + block - 1
+        // for each expert that keeps an assignment, 0 for the others. So it is bounded by
+        // K + min(experts, K) x (block - 1) with K = min(assignments, experts x capacity)
+        // the kept total, and it is a multiple of block.
         let kept_bound =
             capacity.map_or(assignments, |c| assignments.min(c.saturating_mul(experts)));
-        let max_slots = kept_bound
-            .checked_add(experts.saturating_mul(block - 1))
-            .map(|s| s.div_ceil(block) * block)
+        let padded_experts = experts.min(kept_bound);
+        let max_slots = padded_experts
+            .checked_mul(block - 1)
+            .and_then(|pad| kept_bound.checked_add(pad))
+            .and_then(|s| s.div_ceil(block).checked_mul(block))
             .filter(|&s| s <= i32::MAX as usize)
             .ok_or_else(|| {
                 Error::invalid(
@@ -324,7 +354,9 @@ pub(crate) fn z_grad_scale(z_coef: f64, tokens: usize) -> f64 {
 }
 
 /// Checks a \[tokens, top_k\] expert-id table: its length, every id in 0..experts, and no
-/// expert twice in one token. Shared by the GPU upload and the CPU reference.
+/// expert twice in one token. Shared by the GPU upload and the CPU reference. The work is
+/// O(ids.len() x log top_k) whatever the arguments (rows past 32 entries are checked for
+/// duplicates by sorting a copy, so a huge top_k cannot make it quadratic).
 pub(crate) fn validate_ids(
     op: &'static str,
     ids: &[i32],
@@ -339,22 +371,33 @@ pub(crate) fn validate_ids(
             format!("{} ids for {tokens} tokens x top_k {top_k}", ids.len()),
         ));
     }
+    let in_range = |e: i32| usize::try_from(e).is_ok_and(|e| e < experts);
+    let mut sorted = Vec::new();
     for (t, row) in ids.chunks(top_k.max(1)).enumerate() {
-        for (j, &e) in row.iter().enumerate() {
-            if e < 0 || e as usize >= experts {
-                return Err(Error::invalid(
-                    op,
-                    "ids",
-                    format!("id {e} at token {t} rank {j} is outside 0..{experts}"),
-                ));
-            }
-            if row[..j].contains(&e) {
-                return Err(Error::invalid(
-                    op,
-                    "ids",
-                    format!("expert {e} appears twice at token {t}"),
-                ));
-            }
+        if let Some((j, &e)) = row.iter().enumerate().find(|(_, &e)| !in_range(e)) {
+            return Err(Error::invalid(
+                op,
+                "ids",
+                format!("id {e} at token {t} rank {j} is outside 0..{experts}"),
+            ));
+        }
+        let twice = if row.len() <= 32 {
+            row.iter()
+                .enumerate()
+                .find(|&(j, e)| row[..j].contains(e))
+                .map(|(_, &e)| e)
+        } else {
+            sorted.clear();
+            sorted.extend_from_slice(row);
+            sorted.sort_unstable();
+            sorted.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
+        };
+        if let Some(e) = twice {
+            return Err(Error::invalid(
+                op,
+                "ids",
+                format!("expert {e} appears twice at token {t}"),
+            ));
         }
     }
     Ok(())

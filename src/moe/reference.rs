@@ -12,7 +12,7 @@
 //! * gather / combine and their gradients, the load-balancing and z losses, and the
 //!   router's backward through explicit Jacobians (not the kernels' simplified forms).
 
-use super::plan::{aux_grad_scale, z_grad_scale, PermutePlan};
+use super::plan::{aux_grad_scale, z_grad_scale, PermutePlan, MAX_BLOCK};
 use super::{GroupScore, LossOptions, PermutationTables, RouterConfig, Scoring};
 use crate::error::{Error, Result};
 
@@ -38,7 +38,19 @@ fn check_len(arg: &'static str, got: usize, want: usize) -> Result<()> {
     Ok(())
 }
 
-/// Routing probabilities of one token's logits.
+/// `a x b`, or an error naming `arg` when it overflows usize.
+fn product(arg: &'static str, a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b)
+        .ok_or_else(|| Error::invalid(OP, arg, format!("{a} x {b} overflows usize")))
+}
+
+/// Checks that `len` is `rows x cols`, with the product checked.
+fn check_shape(arg: &'static str, len: usize, rows: usize, cols: usize) -> Result<()> {
+    check_len(arg, len, product(arg, rows, cols)?)
+}
+
+/// Routing probabilities of one token's logits (any length; an empty slice gives an empty
+/// vector).
 pub fn probabilities(scoring: Scoring, z: &[f64]) -> Vec<f64> {
     match scoring {
         Scoring::Softmax => {
@@ -72,7 +84,21 @@ fn logsumexp(z: &[f64]) -> f64 {
 /// The values one token's experts are ranked by, NaN ranked as -inf: the logits when there
 /// is no bias and no top-2 group sum (the same order as the probabilities), else
 /// probability + bias.
-pub fn choice_scores(cfg: &RouterConfig, z: &[f64], bias: Option<&[f64]>) -> Vec<f64> {
+///
+/// # Errors
+/// [`RouterConfig::validate`]'s errors, and [`Error::InvalidArgument`] when `z` (`logits`)
+/// or `bias` does not have one entry per expert.
+pub fn choice_scores(cfg: &RouterConfig, z: &[f64], bias: Option<&[f64]>) -> Result<Vec<f64>> {
+    cfg.validate()?;
+    check_len("logits", z.len(), cfg.experts)?;
+    if let Some(b) = bias {
+        check_len("bias", b.len(), cfg.experts)?;
+    }
+    Ok(choice_scores_of(cfg, z, bias))
+}
+
+/// [`choice_scores`] of a validated config, `z` and `bias` of `cfg.experts` entries.
+fn choice_scores_of(cfg: &RouterConfig, z: &[f64], bias: Option<&[f64]>) -> Vec<f64> {
     let top2 = matches!(
         cfg.effective_grouping().map(|g| g.score),
         Some(GroupScore::Top2Sum)
@@ -83,7 +109,7 @@ pub fn choice_scores(cfg: &RouterConfig, z: &[f64], bias: Option<&[f64]>) -> Vec
         let p = probabilities(cfg.scoring, z);
         p.iter()
             .enumerate()
-            .map(|(e, &x)| x + bias.map_or(0.0, |b| b[e]))
+            .map(|(e, &x)| x + bias.and_then(|b| b.get(e)).copied().unwrap_or(0.0))
             .collect()
     };
     c.into_iter()
@@ -97,7 +123,9 @@ fn ranks_before(a: (f64, usize), b: (f64, usize)) -> bool {
 }
 
 fn top_indices(values: &[f64], eligible: &[bool], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..values.len()).filter(|&i| eligible[i]).collect();
+    let mut idx: Vec<usize> = (0..values.len())
+        .filter(|&i| eligible.get(i).copied().unwrap_or(false))
+        .collect();
     idx.sort_by(|&a, &b| {
         if ranks_before((values[a], a), (values[b], b)) {
             std::cmp::Ordering::Less
@@ -111,19 +139,34 @@ fn top_indices(values: &[f64], eligible: &[bool], k: usize) -> Vec<usize> {
     idx
 }
 
-/// Group scores of one token (max, or sum of the two largest choices of each group).
-pub fn group_scores(cfg: &RouterConfig, choice: &[f64]) -> Vec<f64> {
+/// Group scores of one token (max, or sum of the two largest choices of each group); empty
+/// without group limiting.
+///
+/// # Errors
+/// [`RouterConfig::validate`]'s errors, and [`Error::InvalidArgument`] when `choice` does
+/// not have one entry per expert.
+pub fn group_scores(cfg: &RouterConfig, choice: &[f64]) -> Result<Vec<f64>> {
+    cfg.validate()?;
+    check_len("choice", choice.len(), cfg.experts)?;
+    Ok(group_scores_of(cfg, choice))
+}
+
+/// [`group_scores`] of a validated config and a `choice` of `cfg.experts` entries.
+fn group_scores_of(cfg: &RouterConfig, choice: &[f64]) -> Vec<f64> {
     let Some(g) = cfg.effective_grouping() else {
         return vec![];
     };
     let size = cfg.experts / g.n_group;
-    (0..g.n_group)
-        .map(|i| {
-            let mut v: Vec<f64> = choice[i * size..(i + 1) * size].to_vec();
+    choice
+        .chunks(size.max(1))
+        .take(g.n_group)
+        .map(|group| {
+            let mut v: Vec<f64> = group.to_vec();
             v.sort_by(|a, b| b.total_cmp(a));
+            let first = v.first().copied().unwrap_or(f64::NEG_INFINITY);
             let s = match g.score {
-                GroupScore::Max => v[0],
-                GroupScore::Top2Sum => v[0] + v[1],
+                GroupScore::Max => first,
+                GroupScore::Top2Sum => first + v.get(1).copied().unwrap_or(f64::NEG_INFINITY),
             };
             if s.is_nan() {
                 f64::NEG_INFINITY
@@ -135,13 +178,23 @@ pub fn group_scores(cfg: &RouterConfig, choice: &[f64]) -> Vec<f64> {
 }
 
 /// Experts eligible for one token after group limiting.
-pub fn eligible(cfg: &RouterConfig, choice: &[f64]) -> Vec<bool> {
+///
+/// # Errors
+/// As [`group_scores`].
+pub fn eligible(cfg: &RouterConfig, choice: &[f64]) -> Result<Vec<bool>> {
+    cfg.validate()?;
+    check_len("choice", choice.len(), cfg.experts)?;
+    Ok(eligible_of(cfg, choice))
+}
+
+/// [`eligible`] of a validated config and a `choice` of `cfg.experts` entries.
+fn eligible_of(cfg: &RouterConfig, choice: &[f64]) -> Vec<bool> {
     let Some(g) = cfg.effective_grouping() else {
         return vec![true; cfg.experts];
     };
     let size = cfg.experts / g.n_group;
-    let gs = group_scores(cfg, choice);
-    let kept = top_indices(&gs, &vec![true; g.n_group], g.topk_group);
+    let gs = group_scores_of(cfg, choice);
+    let kept = top_indices(&gs, &vec![true; gs.len()], g.topk_group);
     let mut el = vec![false; cfg.experts];
     for gi in kept {
         for e in el.iter_mut().skip(gi * size).take(size) {
@@ -156,7 +209,7 @@ pub fn eligible(cfg: &RouterConfig, choice: &[f64]) -> Vec<bool> {
 ///
 /// # Errors
 /// [`RouterConfig::validate`]'s errors, and [`Error::InvalidArgument`] for a logits or bias
-/// length that does not match.
+/// length that does not match (or a tokens x experts product that overflows usize).
 pub fn route_f64(
     cfg: &RouterConfig,
     logits: &[f64],
@@ -164,17 +217,19 @@ pub fn route_f64(
     bias: Option<&[f64]>,
 ) -> Result<RoutingF64> {
     cfg.validate()?;
-    check_len("logits", logits.len(), tokens * cfg.experts)?;
+    check_shape("logits", logits.len(), tokens, cfg.experts)?;
     if let Some(b) = bias {
         check_len("bias", b.len(), cfg.experts)?;
     }
     let k = cfg.top_k;
-    let mut ids = Vec::with_capacity(tokens * k);
-    let mut weights = Vec::with_capacity(tokens * k);
+    // top_k <= experts after validation, so tokens x top_k <= logits.len().
+    let n = product("logits", tokens, k)?;
+    let mut ids = Vec::with_capacity(n);
+    let mut weights = Vec::with_capacity(n);
     for z in logits.chunks(cfg.experts.max(1)).take(tokens) {
         let p = probabilities(cfg.scoring, z);
-        let choice = choice_scores(cfg, z, bias);
-        let el = eligible(cfg, &choice);
+        let choice = choice_scores_of(cfg, z, bias);
+        let el = eligible_of(cfg, &choice);
         let chosen = top_indices(&choice, &el, k);
         let sum: f64 = chosen.iter().map(|&e| p[e]).sum();
         let scale = if cfg.renormalize {
@@ -246,8 +301,62 @@ pub fn permute_f64(
     Ok(out)
 }
 
-fn check_perm(p: &PermutationTables, tokens: usize, top_k: usize) -> Result<()> {
-    check_len("slot_of", p.slot_of.len(), tokens * top_k)
+/// Checks hand-made (or foreign) permutation tables for what gather and combine index with,
+/// and returns the token count `slot_of.len() / top_k`: `top_k >= 1`; `slot_of` a whole
+/// number of tokens; every `slot_of` entry -1 or a slot of `slot_assignment`, every
+/// `slot_assignment` entry -1 or an assignment of `slot_of`; and `slot_assignment` of a size
+/// a permutation of these assignments can have (at least one slot when there is an
+/// assignment, at most assignments x [`MAX_BLOCK`]), which bounds every output by the inputs.
+fn check_perm(p: &PermutationTables, top_k: usize) -> Result<usize> {
+    if top_k == 0 {
+        return Err(Error::invalid(OP, "top_k", "top_k 0; need at least 1"));
+    }
+    let (assignments, slots) = (p.slot_of.len(), p.slot_assignment.len());
+    if assignments % top_k != 0 {
+        return Err(Error::invalid(
+            OP,
+            "perm",
+            format!("slot_of has {assignments} entries, not a multiple of top_k {top_k}"),
+        ));
+    }
+    if (assignments > 0 && slots == 0) || slots > assignments.saturating_mul(MAX_BLOCK) {
+        return Err(Error::invalid(
+            OP,
+            "perm",
+            format!(
+                "slot_assignment has {slots} slots; a permutation of {assignments} assignments \
+                 has between 1 and assignments x {MAX_BLOCK} (none for no assignment)"
+            ),
+        ));
+    }
+    let in_range = |x: i32, n: usize| x == -1 || usize::try_from(x).is_ok_and(|x| x < n);
+    if let Some((a, &s)) = p
+        .slot_of
+        .iter()
+        .enumerate()
+        .find(|&(_, &s)| !in_range(s, slots))
+    {
+        return Err(Error::invalid(
+            OP,
+            "perm",
+            format!("slot_of[{a}] = {s} is neither -1 nor a slot below {slots}"),
+        ));
+    }
+    if let Some((s, &a)) = p
+        .slot_assignment
+        .iter()
+        .enumerate()
+        .find(|&(_, &a)| !in_range(a, assignments))
+    {
+        return Err(Error::invalid(
+            OP,
+            "perm",
+            format!(
+                "slot_assignment[{s}] = {a} is neither -1 nor an assignment below {assignments}"
+            ),
+        ));
+    }
+    Ok(assignments / top_k)
 }
 
 /// Hidden states [tokens, hidden] into expert order [slots, hidden]: row s is
@@ -255,7 +364,9 @@ fn check_perm(p: &PermutationTables, tokens: usize, top_k: usize) -> Result<()> 
 /// padding.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] on length mismatches.
+/// [`Error::InvalidArgument`] on length mismatches (or products that overflow usize), a
+/// `top_k` of 0, or tables that fail the checks of a permutation (`perm`: entries out of
+/// range, a slot count no permutation of these assignments has).
 pub fn gather_f64(
     x: &[f64],
     hidden: usize,
@@ -263,17 +374,16 @@ pub fn gather_f64(
     perm: &PermutationTables,
     scale: Option<&[f64]>,
 ) -> Result<Vec<f64>> {
-    let tokens = perm.slot_of.len() / top_k.max(1);
-    check_len("x", x.len(), tokens * hidden)?;
+    let tokens = check_perm(perm, top_k)?;
+    check_shape("x", x.len(), tokens, hidden)?;
     if let Some(s) = scale {
         check_len("scale", s.len(), perm.slot_of.len())?;
     }
-    let mut out = vec![0.0; perm.slot_assignment.len() * hidden];
+    let mut out = vec![0.0; product("perm", perm.slot_assignment.len(), hidden)?];
     for (s, &a) in perm.slot_assignment.iter().enumerate() {
-        if a < 0 {
+        let Ok(a) = usize::try_from(a) else {
             continue;
-        }
-        let a = a as usize;
+        };
         let t = a / top_k;
         let w = scale.map_or(1.0, |sc| sc[a]);
         for c in 0..hidden {
@@ -287,7 +397,7 @@ pub fn gather_f64(
 /// `None`): the combine, and with `None` the gather's gradient.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] on length mismatches.
+/// As [`gather_f64`].
 pub fn combine_f64(
     expert_out: &[f64],
     hidden: usize,
@@ -295,25 +405,26 @@ pub fn combine_f64(
     perm: &PermutationTables,
     weights: Option<&[f64]>,
 ) -> Result<Vec<f64>> {
-    let tokens = perm.slot_of.len() / top_k.max(1);
-    check_perm(perm, tokens, top_k)?;
-    check_len(
+    let tokens = check_perm(perm, top_k)?;
+    check_shape(
         "expert_out",
         expert_out.len(),
-        perm.slot_assignment.len() * hidden,
+        perm.slot_assignment.len(),
+        hidden,
     )?;
     if let Some(w) = weights {
         check_len("weights", w.len(), perm.slot_of.len())?;
     }
-    let mut out = vec![0.0; tokens * hidden];
+    // At least one slot when there is a token, so hidden <= expert_out.len() then.
+    let mut out = vec![0.0; product("expert_out", tokens, hidden)?];
     for (a, &s) in perm.slot_of.iter().enumerate() {
-        if s < 0 {
+        let Ok(s) = usize::try_from(s) else {
             continue;
-        }
+        };
         let t = a / top_k;
         let w = weights.map_or(1.0, |w| w[a]);
         for c in 0..hidden {
-            out[t * hidden + c] += w * expert_out[s as usize * hidden + c];
+            out[t * hidden + c] += w * expert_out[s * hidden + c];
         }
     }
     Ok(out)
@@ -324,7 +435,7 @@ pub fn combine_f64(
 /// (0 when dropped).
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] on length mismatches.
+/// As [`gather_f64`].
 pub fn combine_backward_f64(
     d_out: &[f64],
     expert_out: &[f64],
@@ -333,12 +444,13 @@ pub fn combine_backward_f64(
     perm: &PermutationTables,
     weights: &[f64],
 ) -> Result<(Vec<f64>, Vec<f64>)> {
-    let tokens = perm.slot_of.len() / top_k.max(1);
-    check_len("d_out", d_out.len(), tokens * hidden)?;
-    check_len(
+    let tokens = check_perm(perm, top_k)?;
+    check_shape("d_out", d_out.len(), tokens, hidden)?;
+    check_shape(
         "expert_out",
         expert_out.len(),
-        perm.slot_assignment.len() * hidden,
+        perm.slot_assignment.len(),
+        hidden,
     )?;
     check_len("weights", weights.len(), perm.slot_of.len())?;
     let d_expert = gather_f64(d_out, hidden, top_k, perm, Some(weights))?;
@@ -347,12 +459,12 @@ pub fn combine_backward_f64(
         .iter()
         .enumerate()
         .map(|(a, &s)| {
-            if s < 0 {
+            let Ok(s) = usize::try_from(s) else {
                 return 0.0;
-            }
+            };
             let t = a / top_k;
             (0..hidden)
-                .map(|c| d_out[t * hidden + c] * expert_out[s as usize * hidden + c])
+                .map(|c| d_out[t * hidden + c] * expert_out[s * hidden + c])
                 .sum()
         })
         .collect();
@@ -363,7 +475,8 @@ pub fn combine_backward_f64(
 /// routed_counts\[i\] / (tokens x top_k) and P_i the mean balance probability.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] on length mismatches or zero tokens.
+/// [`RouterConfig::validate`]'s errors, and [`Error::InvalidArgument`] on length mismatches
+/// or zero tokens.
 pub fn router_losses_f64(
     cfg: &RouterConfig,
     logits: &[f64],
@@ -371,7 +484,8 @@ pub fn router_losses_f64(
     routed_counts: &[i32],
     opts: LossOptions,
 ) -> Result<(f64, f64, Vec<f64>)> {
-    check_len("logits", logits.len(), tokens * cfg.experts)?;
+    cfg.validate()?;
+    check_shape("logits", logits.len(), tokens, cfg.experts)?;
     check_len("routed_counts", routed_counts.len(), cfg.experts)?;
     if tokens == 0 {
         return Err(Error::invalid(
@@ -389,7 +503,7 @@ pub fn router_losses_f64(
         }
         z2 += logsumexp(z).powi(2);
     }
-    let a = (tokens * cfg.top_k) as f64;
+    let a = tokens as f64 * cfg.top_k as f64;
     let aux = opts.aux_coef
         * e_n as f64
         * routed_counts
@@ -420,7 +534,8 @@ fn prob_jacobian(scoring: Scoring, p: &[f64], m: usize, e: usize) -> f64 {
 /// The chosen set is fixed (not differentiable); the bias gets no gradient.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] on length mismatches or ids out of range.
+/// [`RouterConfig::validate`]'s errors, and [`Error::InvalidArgument`] on length mismatches
+/// or ids out of range or repeated in a token.
 #[allow(clippy::too_many_arguments)]
 pub fn route_backward_f64(
     cfg: &RouterConfig,
@@ -431,12 +546,13 @@ pub fn route_backward_f64(
     routed_counts: Option<&[i32]>,
     opts: LossOptions,
 ) -> Result<Vec<f64>> {
+    cfg.validate()?;
     let e_n = cfg.experts;
     let k = cfg.top_k;
-    check_len("logits", logits.len(), tokens * e_n)?;
+    check_shape("logits", logits.len(), tokens, e_n)?;
     check_ids(ids, tokens, k, e_n)?;
     if let Some(d) = d_weights {
-        check_len("d_weights", d.len(), tokens * k)?;
+        check_len("d_weights", d.len(), ids.len())?;
     }
     if let Some(c) = routed_counts {
         check_len("routed_counts", c.len(), e_n)?;
@@ -515,13 +631,14 @@ pub fn route_backward_f64(
 /// [`Error::InvalidArgument`] when the lengths differ.
 pub fn update_bias_f64(bias: &[f64], routed_counts: &[i32], gamma: f64) -> Result<Vec<f64>> {
     check_len("bias", bias.len(), routed_counts.len())?;
-    let e_n = routed_counts.len() as i64;
-    let total: i64 = routed_counts.iter().map(|&c| i64::from(c)).sum();
+    // i128 holds the sum of any slice of i32 and its product with the slice length exactly.
+    let e_n = routed_counts.len() as i128;
+    let total: i128 = routed_counts.iter().map(|&c| i128::from(c)).sum();
     Ok(bias
         .iter()
         .zip(routed_counts)
         .map(|(&b, &c)| {
-            let d = total - e_n * i64::from(c);
+            let d = total - e_n * i128::from(c);
             b + gamma * (d.signum() as f64)
         })
         .collect())

@@ -66,8 +66,9 @@ pub enum RopeScaling {
     },
     /// Dynamic NTK-aware scaling (bloc97 and emozilla, 2023): the base grows with the
     /// sequence length. With `L = max_position_embeddings` and `l = max(seq_len, L)`:
-    /// `base' = base * (factor * l / L - (factor - 1))^(dim / (dim - 2))`. Equal to
-    /// [`RopeScaling::Default`] while `seq_len <= L`. Attention factor 1.
+    /// `base' = base * (factor * l / L - (factor - 1))^(dim / (dim - 2))`, computed as
+    /// `1 + factor * (l - L) / L` inside the power (the same number, without cancellation).
+    /// Equal to [`RopeScaling::Default`] while `seq_len <= L`. Attention factor 1.
     Dynamic {
         /// The scaling factor.
         factor: f64,
@@ -254,6 +255,10 @@ impl RopeConfig {
     /// Only [`RopeScaling::Dynamic`] (which grows the base past `max_position_embeddings`)
     /// and [`RopeScaling::LongRope`] (which switches to `long_factor` past
     /// `original_max_position_embeddings`) depend on it; the others ignore it.
+    ///
+    /// Never fails: validation ([`RopeConfigBuilder::build`]) proved every entry finite and
+    /// positive, and nonzero and finite in f32, at every `seq_len`; the work is
+    /// `rotary_dim / 2 <= MAX_HEAD_DIM / 2` entries.
     pub fn inv_freq_f64(&self, seq_len: usize) -> Vec<f64> {
         let dim = self.rotary_dim();
         match &self.scaling {
@@ -269,7 +274,13 @@ impl RopeConfig {
                     // bit for bit.
                     default_inv_freq(self.base, dim)
                 } else {
-                    let ratio = factor * seq_len as f64 / l as f64 - (factor - 1.0);
+                    // factor x seq_len / L - (factor - 1), HF's form, written as
+                    // 1 + factor x (seq_len - L) / L: the same number without the
+                    // cancellation that turns HF's form to 0 (and the base to 0) for a large
+                    // factor and seq_len just past L. It is at least 1 and grows with seq_len,
+                    // so validation can check the frequencies at the longest length.
+                    let excess = (seq_len - l) as f64 / l as f64;
+                    let ratio = 1.0 + factor * excess;
                     let d = dim as f64;
                     let base = self.base * ratio.powf(d / (d - 2.0));
                     default_inv_freq(base, dim)
@@ -483,7 +494,13 @@ impl RopeConfigBuilder {
     /// * `short_factor` or `long_factor` does not have `rotary_dim / 2` entries;
     /// * dynamic NTK lacks `max_position_embeddings` or has a rotary dimension of 2 (its
     ///   exponent `dim / (dim - 2)` would divide by zero);
-    /// * the resulting attention factor is not finite and positive.
+    /// * YaRN's `beta_fast` or `beta_slow` puts a ramp bound at an infinite pair index;
+    /// * some inverse frequency, at some sequence length, is not finite and positive in f64
+    ///   or rounds to 0 or infinity in f32 (the key named is `rope_theta` when the unscaled
+    ///   frequencies already fail, the LongRoPE entry responsible, else the scaling
+    ///   `factor`);
+    /// * the resulting attention factor is not finite and positive, in f64 and rounded to
+    ///   f32.
     pub fn build(self) -> Result<RopeConfig> {
         let config = RopeConfig {
             base: self.base,
@@ -666,6 +683,27 @@ fn validate(config: &RopeConfig, section: &str) -> Result<()> {
             if let Some(a) = attention_factor {
                 positive(*a, key("attention_factor"))?;
             }
+            // The ramp bounds must be finite, or the ramp is NaN for every pair: a tiny
+            // beta_fast puts d(beta_fast) at +inf, a huge beta_slow d(beta_slow) at -inf.
+            let (low, high) = yarn_correction_range(
+                *beta_fast,
+                *beta_slow,
+                dim,
+                config.base,
+                *original_max_position_embeddings,
+                true,
+            );
+            for (bound, name) in [(low, "beta_fast"), (high, "beta_slow")] {
+                if !bound.is_finite() {
+                    return Err(Error::config(
+                        key(name),
+                        format!(
+                            "puts YaRN's ramp bound at {bound}; beta_fast and beta_slow must give \
+                             finite correction dimensions"
+                        ),
+                    ));
+                }
+            }
         }
         RopeScaling::LongRope {
             short_factor,
@@ -741,24 +779,110 @@ fn validate(config: &RopeConfig, section: &str) -> Result<()> {
         }
     }
 
+    check_frequencies(config, section)?;
+
     let a = config.attention_factor_f64();
-    if !(a.is_finite() && a > 0.0) {
+    if !usable(a) {
         let k = match &config.scaling {
             RopeScaling::Yarn {
-                mscale,
+                attention_factor: Some(_),
+                ..
+            }
+            | RopeScaling::LongRope {
+                attention_factor: Some(_),
+                ..
+            } => key("attention_factor"),
+            RopeScaling::Yarn {
+                factor,
+                mscale: Some(m),
                 mscale_all_dim,
                 ..
-            } if nonzero(*mscale).is_some() && nonzero(*mscale_all_dim).is_some() => {
-                key("mscale_all_dim")
+            } if *m != 0.0 && nonzero(*mscale_all_dim).is_some() => {
+                // The ratio g(factor, mscale) / g(factor, mscale_all_dim): blame the
+                // numerator when it is already unusable, else the denominator.
+                if usable(yarn_mscale(*factor, *m)) {
+                    key("mscale_all_dim")
+                } else {
+                    key("mscale")
+                }
             }
             _ => key("factor"),
         };
         return Err(Error::config(
             k,
-            format!("gives an attention factor of {a}; it must be finite and positive"),
+            format!(
+                "gives an attention factor of {a}; it must be finite and positive in f64 and in \
+                 f32 (the kernels take it as f32)"
+            ),
         ));
     }
     Ok(())
+}
+
+/// Whether a frequency or factor is usable by both the f64 reference and the f32 kernels:
+/// finite and positive in f64, and still finite and nonzero when rounded to f32.
+fn usable(v: f64) -> bool {
+    let single = v as f32;
+    v.is_finite() && v > 0.0 && single.is_finite() && single > 0.0
+}
+
+/// The first pair whose inverse frequency is not [`usable`], with its value.
+fn first_unusable(inv: &[f64]) -> Option<(usize, f64)> {
+    inv.iter().copied().enumerate().find(|&(_, v)| !usable(v))
+}
+
+/// Checks that the frequencies are usable at every sequence length, naming the key that
+/// breaks them: `rope_theta` when the unscaled frequencies already fail, the offending
+/// LongRoPE entry, else the scaling `factor`. Dynamic NTK's base grows with the length, so
+/// its frequencies are checked at the longest length there is (`usize::MAX`), where they are
+/// smallest; LongRoPE's at a short and a long length (each factor list once). The other
+/// variants do not depend on the length.
+fn check_frequencies(config: &RopeConfig, section: &str) -> Result<()> {
+    let dim = config.rotary_dim();
+    let problem = |i: usize, v: f64| {
+        format!(
+            "gives inverse frequency {v} for rotated pair {i}; every frequency must be finite \
+             and positive in f64 and nonzero and finite in f32"
+        )
+    };
+    if let Some((i, v)) = first_unusable(&default_inv_freq(config.base, dim)) {
+        return Err(Error::config("rope_theta", problem(i, v)));
+    }
+    match &config.scaling {
+        RopeScaling::Default => Ok(()),
+        RopeScaling::LongRope {
+            original_max_position_embeddings,
+            ..
+        } => {
+            let long_len = original_max_position_embeddings.saturating_add(1);
+            for (name, seq_len) in [("short_factor", 0), ("long_factor", long_len)] {
+                if let Some((i, v)) = first_unusable(&config.inv_freq_f64(seq_len)) {
+                    return Err(Error::config(
+                        format!("{section}.{name}[{i}]"),
+                        problem(i, v),
+                    ));
+                }
+            }
+            Ok(())
+        }
+        RopeScaling::Dynamic { .. } => match first_unusable(&config.inv_freq_f64(usize::MAX)) {
+            Some((i, v)) => Err(Error::config(
+                format!("{section}.factor"),
+                format!(
+                    "{} at the longest sequence length (dynamic NTK grows the base with the \
+                     length, so factor x length / max_position_embeddings must stay moderate)",
+                    problem(i, v)
+                ),
+            )),
+            None => Ok(()),
+        },
+        RopeScaling::Linear { .. } | RopeScaling::Yarn { .. } | RopeScaling::Llama3 { .. } => {
+            match first_unusable(&config.inv_freq_f64(0)) {
+                Some((i, v)) => Err(Error::config(format!("{section}.factor"), problem(i, v))),
+                None => Ok(()),
+            }
+        }
+    }
 }
 
 fn finite(v: f64, key: String) -> Result<()> {

@@ -11,12 +11,13 @@ use crate::layout::HeadsLayout;
 /// Rotates the view `layout` of `buf` in place, in f64.
 ///
 /// `inv_freq` has one entry per pair (rotary_dim / 2 of them); channels from rotary_dim on
-/// are left untouched.
+/// are left untouched. Everything is checked before `buf` is touched, so on an error `buf`
+/// is unchanged.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] when the view leaves `buf`, `positions` does not have one
-/// entry per token, a position is negative, or rotary_dim = 2 x inv_freq.len() exceeds
-/// head_dim.
+/// [`Error::InvalidArgument`] when the view leaves `buf` or its rows overlap, `positions`
+/// does not have one entry per token, a position is negative, or rotary_dim = 2 x
+/// inv_freq.len() exceeds head_dim.
 pub fn apply_rope_f64(
     buf: &mut [f64],
     layout: &HeadsLayout,
@@ -35,26 +36,34 @@ pub fn apply_rope_f64(
             format!("{} positions for {} tokens", positions.len(), layout.tokens),
         ));
     }
+    if let Some((t, pos)) = positions.iter().enumerate().find(|(_, &p)| p < 0) {
+        return Err(Error::invalid(
+            OP,
+            "positions",
+            format!("position {pos} at token {t} is negative"),
+        ));
+    }
     let half = inv_freq.len();
-    if 2 * half > layout.head_dim {
+    // A slice of f64 holds at most isize::MAX / 8 entries, so 2 x half cannot overflow;
+    // compare without forming it anyway.
+    if half > layout.head_dim / 2 {
         return Err(Error::invalid(
             OP,
             "inv_freq",
-            format!("rotary_dim {} > head_dim {}", 2 * half, layout.head_dim),
+            format!("rotary_dim 2 x {half} > head_dim {}", layout.head_dim),
         ));
+    }
+    if layout.is_empty() || half == 0 {
+        // Nothing to rotate; the loops below would only count heads.
+        return Ok(());
     }
     let sign = match direction {
         Direction::Forward => 1.0,
         Direction::Backward => -1.0,
     };
+    // `validate` proved offset + (tokens - 1) x token_stride + (heads - 1) x head_stride +
+    // head_dim <= buf.len(), so none of the index arithmetic below overflows or leaves buf.
     for (t, &pos) in positions.iter().enumerate() {
-        if pos < 0 {
-            return Err(Error::invalid(
-                OP,
-                "positions",
-                format!("position {pos} at token {t} is negative"),
-            ));
-        }
         for h in 0..layout.heads {
             let base = layout.offset + t * layout.token_stride + h * layout.head_stride;
             for (i, &inv) in inv_freq.iter().enumerate() {
