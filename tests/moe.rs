@@ -204,6 +204,7 @@ fn config_errors_name_the_key() {
     );
 }
 
+#[track_caller]
 fn invalid_arg(r: Result<impl std::fmt::Debug, Error>) -> &'static str {
     match r {
         Err(Error::InvalidArgument { arg, .. }) => arg,
@@ -2563,9 +2564,10 @@ mod gpu {
         let z = dev.zeros::<f32>(4 * 8).unwrap();
         let mut out = Routing::new(&dev, &cfg, 4).unwrap();
         route(&dev, &cfg, &z, 4, None, &mut out).unwrap();
-        // Logits of the wrong length; outputs for another token count; bias of wrong length.
+        // Logits too short; outputs made for another token count; bias of wrong length.
+        let z2 = dev.zeros::<f32>(2 * 8).unwrap();
         assert_eq!(
-            invalid_arg(route(&dev, &cfg, &z, 3, None, &mut out)),
+            invalid_arg(route(&dev, &cfg, &z2, 3, None, &mut out)),
             "logits"
         );
         let z3 = dev.zeros::<f32>(3 * 8).unwrap();
@@ -2616,7 +2618,7 @@ mod gpu {
         );
         permute(&dev, out.ids(), &mut perm).unwrap();
         gather(&dev, &perm, &x, 16, None, &mut xp).unwrap();
-        assert_eq!(invalid_arg(gather(&dev, &perm, &x, 8, None, &mut xp)), "x");
+        assert_eq!(invalid_arg(gather(&dev, &perm, &x, 32, None, &mut xp)), "x");
         let mut short = dev.zeros::<f32>(7 * 16).unwrap();
         assert_eq!(
             invalid_arg(gather(&dev, &perm, &x, 16, None, &mut short)),
@@ -2663,11 +2665,11 @@ mod gpu {
         let z = vec![0f32; 4 * 8];
         let (mut ids, mut w) = (vec![0i32; 8], vec![0f32; 8]);
         emulator::route(&cfg, &z, 4, None, &mut ids, &mut w).unwrap();
-        // Logits of the wrong length; outputs for another token count; bias of wrong length.
+        // Logits too short; outputs too short; bias of wrong length.
         assert_eq!(
             invalid_arg(emulator::route(
                 &cfg,
-                &z,
+                &z[..23],
                 3,
                 None,
                 &mut ids[..6],
@@ -2675,8 +2677,10 @@ mod gpu {
             )),
             "logits"
         );
+        // Outputs longer than needed are used from their start; shorter ones are refused.
+        emulator::route(&cfg, &z[..24], 3, None, &mut ids, &mut w).unwrap();
         assert_eq!(
-            invalid_arg(emulator::route(&cfg, &z[..24], 3, None, &mut ids, &mut w)),
+            invalid_arg(emulator::route(&cfg, &z, 4, None, &mut ids[..7], &mut w)),
             "out"
         );
         assert_eq!(
@@ -2724,7 +2728,7 @@ mod gpu {
         emulator::permute(&ids, &mut perm).unwrap();
         emulator::gather(&perm, &x, 16, None, &mut xp).unwrap();
         assert_eq!(
-            invalid_arg(emulator::gather(&perm, &x, 8, None, &mut xp)),
+            invalid_arg(emulator::gather(&perm, &x, 32, None, &mut xp)),
             "x"
         );
         assert_eq!(
