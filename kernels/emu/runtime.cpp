@@ -6,6 +6,10 @@
 // the end of this file. See runtime.h for the model and docs/NOTES.md for the design.
 #include "emu/runtime.h"
 
+// The storage types (and the vector types they use) of emulated kernels.
+#include "emu/cuda_emu.h"
+#include "emu/cuda_bf16.h"
+
 #include <link.h>
 #include <math.h>
 #include <stdarg.h>
@@ -515,33 +519,10 @@ uint16_t smem_u16(uint32_t addr, int reader_lane_linear) {
     return v;
 }
 
+// An mma input element as f32 (exact for both types).
 float mma_in(uint16_t bits, int kind) {
-    uint32_t u;
-    if (kind == kMmaBf16) {
-        u = uint32_t(bits) << 16;
-    } else {
-        // binary16 -> binary32, exact.
-        const uint32_t sign = uint32_t(bits & 0x8000u) << 16;
-        const uint32_t exp = (bits >> 10) & 0x1fu;
-        uint32_t man = bits & 0x3ffu;
-        if (exp == 0x1f) {
-            u = sign | 0x7f800000u | (man << 13) | (man ? 0x00400000u : 0u);
-        } else if (exp != 0) {
-            u = sign | ((exp + 112u) << 23) | (man << 13);
-        } else if (man == 0) {
-            u = sign;
-        } else {
-            int e = -1;
-            do {
-                man <<= 1;
-                ++e;
-            } while ((man & 0x400u) == 0);
-            u = sign | (uint32_t(112 - e) << 23) | ((man & 0x3ffu) << 13);
-        }
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
+    if (kind == kMmaBf16) return __bfloat162float(__nv_bfloat16{bits});
+    return __half2float(__half{bits});
 }
 
 void compute_collective(int warp, unsigned mask) {
