@@ -26,6 +26,30 @@ extern "C" {
 
 const OP: &str = "emulator selftest";
 
+/// Runs one self-test kernel as a single block of `threads` threads.
+fn launch(
+    name: &str,
+    f: unsafe extern "C" fn(Params),
+    p: &Params,
+    threads: u32,
+    smem: u32,
+    bufs: &[HostBuf],
+) -> Result<()> {
+    // SAFETY: every self-test entry takes `Params`, which `f`'s type states.
+    unsafe {
+        run_entry(
+            OP,
+            name,
+            f as *const c_void,
+            p,
+            (1, 1, 1),
+            (threads, 1, 1),
+            smem,
+            bufs,
+        )
+    }
+}
+
 /// The input type of an `mma.sync.m16n8k16` with f32 accumulation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MmaInput {
@@ -53,20 +77,14 @@ pub fn mma(kind: MmaInput, a: &[u16; 256], b: &[u16; 128], c: &mut [f32; 128]) -
         n: 128,
         mode: i32::from(kind == MmaInput::Bf16),
     };
-    let f: unsafe extern "C" fn(Params) = longctx_emu_selftest_mma;
-    // SAFETY: the entry takes `Params`.
-    unsafe {
-        run_entry(
-            OP,
-            "longctx_emu_selftest_mma",
-            f as *const c_void,
-            &p,
-            (1, 1, 1),
-            (32, 1, 1),
-            0,
-            &[ib, ob],
-        )
-    }
+    launch(
+        "longctx_emu_selftest_mma",
+        longctx_emu_selftest_mma,
+        &p,
+        32,
+        0,
+        &[ib, ob],
+    )
 }
 
 /// `ldmatrix` with `count` (1, 2 or 4) matrices, transposed or not. `smem` holds four 8x8
@@ -94,20 +112,14 @@ pub fn ldmatrix(count: u32, trans: bool, smem: &[u32; 128]) -> Result<[u32; 128]
         n: 128,
         mode: count as i32 + if trans { 8 } else { 0 },
     };
-    let f: unsafe extern "C" fn(Params) = longctx_emu_selftest_ldmatrix;
-    // SAFETY: the entry takes `Params`.
-    unsafe {
-        run_entry(
-            OP,
-            "longctx_emu_selftest_ldmatrix",
-            f as *const c_void,
-            &p,
-            (1, 1, 1),
-            (32, 1, 1),
-            0,
-            &[ib, ob],
-        )?;
-    }
+    launch(
+        "longctx_emu_selftest_ldmatrix",
+        longctx_emu_selftest_ldmatrix,
+        &p,
+        32,
+        0,
+        &[ib, ob],
+    )?;
     Ok(out)
 }
 
@@ -186,18 +198,12 @@ pub fn program(prog: Program, input: &[u32], output: &mut [u32]) -> Result<()> {
         n: 256,
         mode: prog as i32,
     };
-    let f: unsafe extern "C" fn(Params) = longctx_emu_selftest_bugs;
-    // SAFETY: the entry takes `Params`.
-    unsafe {
-        run_entry(
-            OP,
-            "longctx_emu_selftest_bugs",
-            f as *const c_void,
-            &p,
-            (1, 1, 1),
-            (64, 1, 1),
-            1024,
-            &[ib, ob],
-        )
-    }
+    launch(
+        "longctx_emu_selftest_bugs",
+        longctx_emu_selftest_bugs,
+        &p,
+        64,
+        1024,
+        &[ib, ob],
+    )
 }

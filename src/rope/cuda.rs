@@ -569,7 +569,7 @@ pub unsafe fn apply_rope_raw<T: Element>(
         q.ptr == k.ptr,
         opts,
     )?;
-    // SAFETY (of the launch inside): plan_launch checked the views against the lengths the
+    // The launch inside relies on plan_launch having checked the views against the lengths the
     // caller vouches for; the caller's contract covers liveness and aliasing; the table's
     // and positions' guards live until the launch is queued.
     launch(dev, l)
