@@ -17,6 +17,7 @@ use std::process::Command;
 const FAMILIES: &[(&str, &str)] = &[
     ("rope", "rope/rope.cu"),
     ("attention", "attention/attention.cu"),
+    ("attention_bwd", "attention/attention_bwd.cu"),
     ("moe", "moe/moe.cu"),
 ];
 
@@ -248,6 +249,7 @@ fn build_emulator(kernels: &Path) {
         ("rope/rope.cu", &[]),
         ("moe/moe.cu", &[]),
         ("attention/attention.cu", &[]),
+        ("attention/attention_bwd.cu", &[]),
         ("emu/selftest.cu", &[]),
         // A namespace of its own, or the two copies' inline functions would be merged.
         (

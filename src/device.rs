@@ -347,6 +347,7 @@ pub fn embedded_fatbins() -> Vec<(&'static str, &'static [u8])> {
             let name = match f {
                 Family::Rope => "rope",
                 Family::Attention => "attention",
+                Family::AttentionBwd => "attention_bwd",
                 Family::Moe => "moe",
             };
             f.fatbin().map(|b| (name, b))

@@ -7,11 +7,17 @@
 pub(crate) enum Family {
     Rope,
     Attention,
+    AttentionBwd,
     Moe,
 }
 
 impl Family {
-    pub(crate) const ALL: &'static [Family] = &[Family::Rope, Family::Attention, Family::Moe];
+    pub(crate) const ALL: &'static [Family] = &[
+        Family::Rope,
+        Family::Attention,
+        Family::AttentionBwd,
+        Family::Moe,
+    ];
 
     pub(crate) fn index(self) -> usize {
         self as usize
@@ -21,6 +27,7 @@ impl Family {
         match self {
             Family::Rope => crate::embedded::ROPE_FATBIN,
             Family::Attention => crate::embedded::ATTENTION_FATBIN,
+            Family::AttentionBwd => crate::embedded::ATTENTION_BWD_FATBIN,
             Family::Moe => crate::embedded::MOE_FATBIN,
         }
     }
@@ -30,6 +37,7 @@ impl Family {
         match self {
             Family::Rope => crate::embedded::ROPE_PTXAS,
             Family::Attention => crate::embedded::ATTENTION_PTXAS,
+            Family::AttentionBwd => crate::embedded::ATTENTION_BWD_PTXAS,
             Family::Moe => crate::embedded::MOE_PTXAS,
         }
     }
@@ -54,6 +62,20 @@ pub(crate) enum KernelId {
     AttnFwdBf16Hd128,
     AttnFwdBf16Hd192Dv128,
     AttnFwdBf16Hd256,
+    AttnBwdPreF16,
+    AttnBwdPreBf16,
+    AttnBwdDqF16,
+    AttnBwdDqBf16,
+    AttnBwdF16Hd64,
+    AttnBwdF16Hd96,
+    AttnBwdF16Hd128,
+    AttnBwdF16Hd192Dv128,
+    AttnBwdF16Hd256,
+    AttnBwdBf16Hd64,
+    AttnBwdBf16Hd96,
+    AttnBwdBf16Hd128,
+    AttnBwdBf16Hd192Dv128,
+    AttnBwdBf16Hd256,
     MoeGateWarpF32,
     MoeGateWarpBf16,
     MoeGateBlockF32,
@@ -93,6 +115,20 @@ impl KernelId {
         KernelId::AttnFwdBf16Hd128,
         KernelId::AttnFwdBf16Hd192Dv128,
         KernelId::AttnFwdBf16Hd256,
+        KernelId::AttnBwdPreF16,
+        KernelId::AttnBwdPreBf16,
+        KernelId::AttnBwdDqF16,
+        KernelId::AttnBwdDqBf16,
+        KernelId::AttnBwdF16Hd64,
+        KernelId::AttnBwdF16Hd96,
+        KernelId::AttnBwdF16Hd128,
+        KernelId::AttnBwdF16Hd192Dv128,
+        KernelId::AttnBwdF16Hd256,
+        KernelId::AttnBwdBf16Hd64,
+        KernelId::AttnBwdBf16Hd96,
+        KernelId::AttnBwdBf16Hd128,
+        KernelId::AttnBwdBf16Hd192Dv128,
+        KernelId::AttnBwdBf16Hd256,
         KernelId::MoeGateWarpF32,
         KernelId::MoeGateWarpBf16,
         KernelId::MoeGateBlockF32,
@@ -145,6 +181,20 @@ impl KernelId {
             | KernelId::MoeCombineBf16
             | KernelId::MoeCombineDwF32
             | KernelId::MoeCombineDwBf16 => Family::Moe,
+            KernelId::AttnBwdPreF16
+            | KernelId::AttnBwdPreBf16
+            | KernelId::AttnBwdDqF16
+            | KernelId::AttnBwdDqBf16
+            | KernelId::AttnBwdF16Hd64
+            | KernelId::AttnBwdF16Hd96
+            | KernelId::AttnBwdF16Hd128
+            | KernelId::AttnBwdF16Hd192Dv128
+            | KernelId::AttnBwdF16Hd256
+            | KernelId::AttnBwdBf16Hd64
+            | KernelId::AttnBwdBf16Hd96
+            | KernelId::AttnBwdBf16Hd128
+            | KernelId::AttnBwdBf16Hd192Dv128
+            | KernelId::AttnBwdBf16Hd256 => Family::AttentionBwd,
             _ => Family::Attention,
         }
     }
@@ -168,6 +218,20 @@ impl KernelId {
             KernelId::AttnFwdBf16Hd128 => "longctx_attn_fwd_bf16_hd128",
             KernelId::AttnFwdBf16Hd192Dv128 => "longctx_attn_fwd_bf16_hd192_dv128",
             KernelId::AttnFwdBf16Hd256 => "longctx_attn_fwd_bf16_hd256",
+            KernelId::AttnBwdPreF16 => "longctx_attn_bwd_pre_f16",
+            KernelId::AttnBwdPreBf16 => "longctx_attn_bwd_pre_bf16",
+            KernelId::AttnBwdDqF16 => "longctx_attn_bwd_dq_f16",
+            KernelId::AttnBwdDqBf16 => "longctx_attn_bwd_dq_bf16",
+            KernelId::AttnBwdF16Hd64 => "longctx_attn_bwd_f16_hd64",
+            KernelId::AttnBwdF16Hd96 => "longctx_attn_bwd_f16_hd96",
+            KernelId::AttnBwdF16Hd128 => "longctx_attn_bwd_f16_hd128",
+            KernelId::AttnBwdF16Hd192Dv128 => "longctx_attn_bwd_f16_hd192_dv128",
+            KernelId::AttnBwdF16Hd256 => "longctx_attn_bwd_f16_hd256",
+            KernelId::AttnBwdBf16Hd64 => "longctx_attn_bwd_bf16_hd64",
+            KernelId::AttnBwdBf16Hd96 => "longctx_attn_bwd_bf16_hd96",
+            KernelId::AttnBwdBf16Hd128 => "longctx_attn_bwd_bf16_hd128",
+            KernelId::AttnBwdBf16Hd192Dv128 => "longctx_attn_bwd_bf16_hd192_dv128",
+            KernelId::AttnBwdBf16Hd256 => "longctx_attn_bwd_bf16_hd256",
             KernelId::MoeGateWarpF32 => "longctx_moe_gate_warp_f32",
             KernelId::MoeGateWarpBf16 => "longctx_moe_gate_warp_bf16",
             KernelId::MoeGateBlockF32 => "longctx_moe_gate_block_f32",

@@ -58,6 +58,34 @@
 #define LONGCTX_ATTN_HD192_SM90_BLOCK_N 32
 #define LONGCTX_ATTN_HD256_SM90_BLOCK_N 64
 
+/* Backward (longctx_attn_bwd_*). One CTA owns BLOCK_N keys of one KV head and loops over
+ * the query heads of its group and the query tiles of BLOCK_M rows that see those keys.
+ * Its warps are (BLOCK_N / 16) key groups x DIM_SPLIT column slices: warp w owns keys
+ * 16 (w % (BLOCK_N / 16)) .. + 16 and slice w / (BLOCK_N / 16) of dK's and dV's columns.
+ * Every warp count is BLOCK_N / 16 x DIM_SPLIT. */
+#define LONGCTX_ATTN_BWD_HD64_BLOCK_M 64
+#define LONGCTX_ATTN_BWD_HD64_BLOCK_N 64
+#define LONGCTX_ATTN_BWD_HD64_DIM_SPLIT 1
+#define LONGCTX_ATTN_BWD_HD96_BLOCK_M 64
+#define LONGCTX_ATTN_BWD_HD96_BLOCK_N 64
+#define LONGCTX_ATTN_BWD_HD96_DIM_SPLIT 1
+#define LONGCTX_ATTN_BWD_HD128_BLOCK_M 64
+#define LONGCTX_ATTN_BWD_HD128_BLOCK_N 64
+#define LONGCTX_ATTN_BWD_HD128_DIM_SPLIT 1
+#define LONGCTX_ATTN_BWD_HD192_BLOCK_M 64
+#define LONGCTX_ATTN_BWD_HD192_BLOCK_N 64
+#define LONGCTX_ATTN_BWD_HD192_DIM_SPLIT 2
+#define LONGCTX_ATTN_BWD_HD256_BLOCK_M 32
+#define LONGCTX_ATTN_BWD_HD256_BLOCK_N 32
+#define LONGCTX_ATTN_BWD_HD256_DIM_SPLIT 2
+/* Warps per CTA of the row-wise passes (preprocess, dQ conversion): one warp per
+ * (token, head) row. */
+#define LONGCTX_ATTN_BWD_ROW_WARPS 4
+/* flags: add the gradients to dq, dk, dv instead of overwriting them. */
+#define LONGCTX_ATTN_BWD_ACCUMULATE 1u
+/* flags: the main kernel leaves dQ to the separate dQ kernel (deterministic mode). */
+#define LONGCTX_ATTN_BWD_SKIP_DQ 2u
+
 typedef struct LongctxAttnTensor {
     uint64_t data;         /* device address of element [0, 0, 0]               */
     int64_t token_stride;  /* elements between consecutive tokens (multiple of 8) */
@@ -83,12 +111,49 @@ typedef struct LongctxAttnParams {
     float softcap_in;         /* scale / softcap, or 0 for no softcap                        */
 } LongctxAttnParams;
 
+/* Backward. Inputs q, k, v, o, dout (dO, O's layout), lse (the forward's, -inf for rows
+ * that saw no key); outputs dq, dk, dv (Q's, K's, V's layouts). Workspace, dense f32:
+ * dq_accum [total_q, heads_q, head_dim], lse_log2 and dot [heads_q, total_q]. */
+typedef struct LongctxAttnBwdParams {
+    LongctxAttnTensor q;
+    LongctxAttnTensor k;
+    LongctxAttnTensor v;
+    LongctxAttnTensor o;
+    LongctxAttnTensor dout;
+    LongctxAttnTensor dq;
+    LongctxAttnTensor dk;
+    LongctxAttnTensor dv;
+    uint64_t lse;             /* float [heads_q, total_q], read                              */
+    int64_t lse_head_stride;  /* elements between heads of lse                              */
+    uint64_t dq_accum;        /* float [total_q, heads_q, head_dim]                         */
+    uint64_t lse_log2;        /* float [heads_q, total_q]: LSE * log2(e), +inf for no key   */
+    uint64_t dot;             /* float [heads_q, total_q]: rowsum(dO * O)                    */
+    uint64_t cu_seqlens_q;
+    uint64_t cu_seqlens_k;
+    uint32_t batch;           /* sequences (gridDim.z of the main kernel)                    */
+    uint32_t heads_q;
+    uint32_t heads_per_kv;
+    uint32_t num_n_blocks;    /* ceil(max seqlen_k / BLOCK_N) (gridDim.x of the main kernel) */
+    uint32_t total_q;
+    uint32_t head_dim;        /* D, for the row-wise passes                                  */
+    uint32_t head_dim_v;      /* DV, for the row-wise passes                                 */
+    uint32_t flags;           /* LONGCTX_ATTN_BWD_*                                          */
+    int32_t window_left;
+    int32_t window_right;
+    float exp_scale;          /* as the forward's                                            */
+    float softcap_in;         /* as the forward's                                            */
+    float scale;              /* d(logit) / d(q . k) without softcap: the softmax scale      */
+    uint32_t reserved;
+} LongctxAttnBwdParams;
+
 #ifdef __cplusplus
 static_assert(sizeof(LongctxAttnTensor) == 24, "LongctxAttnTensor layout");
 static_assert(sizeof(LongctxAttnParams) == 160, "LongctxAttnParams layout");
+static_assert(sizeof(LongctxAttnBwdParams) == 304, "LongctxAttnBwdParams layout");
 #else
 _Static_assert(sizeof(LongctxAttnTensor) == 24, "LongctxAttnTensor layout");
 _Static_assert(sizeof(LongctxAttnParams) == 160, "LongctxAttnParams layout");
+_Static_assert(sizeof(LongctxAttnBwdParams) == 304, "LongctxAttnBwdParams layout");
 #endif
 
 #endif

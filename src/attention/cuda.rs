@@ -253,6 +253,22 @@ impl SeqLens {
         &self.host_k
     }
 
+    /// Whether both device copies live on `dev`'s context.
+    pub(crate) fn owned_by(&self, dev: &Device) -> bool {
+        dev.owns(&self.cu_q) && dev.owns(&self.cu_k)
+    }
+
+    /// Device addresses of the two offset lists, with the guard that keeps them recorded
+    /// on `stream` until it drops.
+    pub(crate) fn device_ptrs<'s>(
+        &'s self,
+        stream: &'s std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> (u64, u64, impl Sized + 's) {
+        let (q, gq) = self.cu_q.device_ptr(stream);
+        let (k, gk) = self.cu_k.device_ptr(stream);
+        (q, k, (gq, gk))
+    }
+
     /// (seqlen_q, seqlen_k) of each sequence.
     pub fn lengths(&self) -> Vec<(usize, usize)> {
         self.host_q
@@ -316,7 +332,7 @@ impl<T> std::fmt::Debug for AttnOutput<'_, T> {
     }
 }
 
-fn kernel_id(dtype: DType, head_dim: usize, head_dim_v: usize) -> Result<KernelId> {
+pub(crate) fn kernel_id(dtype: DType, head_dim: usize, head_dim_v: usize) -> Result<KernelId> {
     use KernelId::*;
     let id = match (dtype, head_dim, head_dim_v) {
         (DType::F16, 64, 64) => AttnFwdF16Hd64,

@@ -23,6 +23,7 @@
 //!
 //! [`HeadsLayout`]: crate::layout::HeadsLayout
 
+mod backward;
 pub(crate) mod cuda;
 mod plan;
 pub mod reference;
@@ -32,6 +33,11 @@ pub use cuda::{
     attention_forward, attention_forward_raw, device_tile_config, AttnElement, AttnOutput, Qkv,
     SeqLens,
 };
+pub use backward::{
+    attention_backward, backward_workspace_len, AttnGrads, BackwardInputs, BackwardOptions,
+    BackwardShape, BackwardTiles, BACKWARD_TILES,
+};
+pub(crate) use backward::{plan_backward, BwdAddrs, BwdLayouts};
 pub use plan::*;
 
 /// Per-call options of attention forward.

@@ -5,7 +5,8 @@
 use super::{run, Arch, HostBuf};
 use crate::attention::cuda::{plan_launch as attn_plan, Addrs, Layouts};
 use crate::attention::{
-    validate_cu_seqlens, AttentionOptions, AttnElement, CallShape, TileConfig, ViewShape,
+    plan_backward, validate_cu_seqlens, AttentionOptions, AttnElement, BackwardOptions,
+    BackwardShape, BwdAddrs, BwdLayouts, CallShape, TileConfig, ViewShape,
 };
 use crate::dtype::Element;
 use crate::error::Result;
@@ -214,4 +215,131 @@ pub fn attention_forward<T: AttnElement>(
         return Ok(());
     }
     run("attention", &l, arch, &bufs)
+}
+
+/// The forward's output and the loss gradient of one backward call on the host.
+#[derive(Debug, Clone, Copy)]
+pub struct HostBackwardInputs<'a, T> {
+    /// The forward's O.
+    pub o: &'a [T],
+    /// `[total_q, heads_q, head_dim_v]`.
+    pub o_layout: HeadsLayout,
+    /// dL/dO.
+    pub dout: &'a [T],
+    /// O's shape.
+    pub dout_layout: HeadsLayout,
+    /// The forward's LSE, `[heads_q, total_q]`.
+    pub lse: &'a [f32],
+}
+
+/// The gradients of one backward call on the host.
+#[derive(Debug)]
+pub struct HostGrads<'a, T> {
+    /// dQ.
+    pub dq: &'a mut [T],
+    /// Q's shape.
+    pub dq_layout: HeadsLayout,
+    /// dK.
+    pub dk: &'a mut [T],
+    /// K's shape.
+    pub dk_layout: HeadsLayout,
+    /// dV.
+    pub dv: &'a mut [T],
+    /// V's shape.
+    pub dv_layout: HeadsLayout,
+}
+
+/// [`crate::attention::attention_backward`] on the CPU: the three backward kernels, with
+/// `workspace` of at least [`backward_workspace_len`](crate::attention::backward_workspace_len)
+/// floats.
+///
+/// # Errors
+/// As the GPU op, plus [`Error::Emulator`](crate::Error::Emulator) when a kernel misbehaves.
+pub fn attention_backward<T: AttnElement>(
+    x: &HostQkv<'_, T>,
+    inputs: &HostBackwardInputs<'_, T>,
+    grads: HostGrads<'_, T>,
+    workspace: &mut [f32],
+    cu_seqlens_q: &[i32],
+    cu_seqlens_k: &[i32],
+    opts: &BackwardOptions,
+) -> Result<()> {
+    let shape = |layout: HeadsLayout, buffer_len: usize| ViewShape { layout, buffer_len };
+    let c = BackwardShape {
+        forward: CallShape {
+            q: shape(x.q_layout, x.q.len()),
+            k: shape(x.k_layout, x.k.len()),
+            v: shape(x.v_layout, x.v.len()),
+            o: shape(inputs.o_layout, inputs.o.len()),
+            lse_len: Some(inputs.lse.len()),
+            cu_seqlens_q,
+            cu_seqlens_k,
+        },
+        dout: shape(inputs.dout_layout, inputs.dout.len()),
+        dq: shape(grads.dq_layout, grads.dq.len()),
+        dk: shape(grads.dk_layout, grads.dk.len()),
+        dv: shape(grads.dv_layout, grads.dv.len()),
+        workspace_len: workspace.len(),
+    }
+    .validate(opts)?;
+    if c.heads_q == 0 || (c.total_q == 0 && c.total_k == 0) {
+        return Ok(());
+    }
+    let HostGrads {
+        dq,
+        dq_layout,
+        dk,
+        dk_layout,
+        dv,
+        dv_layout,
+    } = grads;
+    let bufs = vec![
+        HostBuf::input(x.q, c"q"),
+        HostBuf::input(x.k, c"k"),
+        HostBuf::input(x.v, c"v"),
+        HostBuf::input(inputs.o, c"o"),
+        HostBuf::input(inputs.dout, c"dout"),
+        HostBuf::input(inputs.lse, c"lse"),
+        HostBuf::input(cu_seqlens_q, c"cu_seqlens_q"),
+        HostBuf::input(cu_seqlens_k, c"cu_seqlens_k"),
+        HostBuf::output(dq, c"dq"),
+        HostBuf::output(dk, c"dk"),
+        HostBuf::output(dv, c"dv"),
+        HostBuf::output(workspace, c"workspace"),
+    ];
+    let a = BwdAddrs {
+        q: bufs[0].addr(),
+        k: bufs[1].addr(),
+        v: bufs[2].addr(),
+        o: bufs[3].addr(),
+        dout: bufs[4].addr(),
+        lse: bufs[5].addr(),
+        cu_seqlens_q: bufs[6].addr(),
+        cu_seqlens_k: bufs[7].addr(),
+        dq: bufs[8].addr(),
+        dk: bufs[9].addr(),
+        dv: bufs[10].addr(),
+        workspace: bufs[11].addr(),
+    };
+    let plan = plan_backward::<T>(
+        &c,
+        opts,
+        &BwdLayouts {
+            q: x.q_layout,
+            k: x.k_layout,
+            v: x.v_layout,
+            o: inputs.o_layout,
+            dout: inputs.dout_layout,
+            dq: dq_layout,
+            dk: dk_layout,
+            dv: dv_layout,
+        },
+        &a,
+    )?;
+    for l in [&plan.pre, &plan.main, &plan.dq] {
+        if l.grid.0 != 0 {
+            run("attention_backward", l, Arch::Sm80, &bufs)?;
+        }
+    }
+    Ok(())
 }

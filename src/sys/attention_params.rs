@@ -25,6 +25,24 @@ pub const LONGCTX_ATTN_HD96_SM90_BLOCK_N: u32 = 64;
 pub const LONGCTX_ATTN_HD128_SM90_BLOCK_N: u32 = 64;
 pub const LONGCTX_ATTN_HD192_SM90_BLOCK_N: u32 = 32;
 pub const LONGCTX_ATTN_HD256_SM90_BLOCK_N: u32 = 64;
+pub const LONGCTX_ATTN_BWD_HD64_BLOCK_M: u32 = 64;
+pub const LONGCTX_ATTN_BWD_HD64_BLOCK_N: u32 = 64;
+pub const LONGCTX_ATTN_BWD_HD64_DIM_SPLIT: u32 = 1;
+pub const LONGCTX_ATTN_BWD_HD96_BLOCK_M: u32 = 64;
+pub const LONGCTX_ATTN_BWD_HD96_BLOCK_N: u32 = 64;
+pub const LONGCTX_ATTN_BWD_HD96_DIM_SPLIT: u32 = 1;
+pub const LONGCTX_ATTN_BWD_HD128_BLOCK_M: u32 = 64;
+pub const LONGCTX_ATTN_BWD_HD128_BLOCK_N: u32 = 64;
+pub const LONGCTX_ATTN_BWD_HD128_DIM_SPLIT: u32 = 1;
+pub const LONGCTX_ATTN_BWD_HD192_BLOCK_M: u32 = 64;
+pub const LONGCTX_ATTN_BWD_HD192_BLOCK_N: u32 = 64;
+pub const LONGCTX_ATTN_BWD_HD192_DIM_SPLIT: u32 = 2;
+pub const LONGCTX_ATTN_BWD_HD256_BLOCK_M: u32 = 32;
+pub const LONGCTX_ATTN_BWD_HD256_BLOCK_N: u32 = 32;
+pub const LONGCTX_ATTN_BWD_HD256_DIM_SPLIT: u32 = 2;
+pub const LONGCTX_ATTN_BWD_ROW_WARPS: u32 = 4;
+pub const LONGCTX_ATTN_BWD_ACCUMULATE: u32 = 1;
+pub const LONGCTX_ATTN_BWD_SKIP_DQ: u32 = 2;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct LongctxAttnTensor {
@@ -122,4 +140,133 @@ const _: () = {
     [
         "Offset of field: LongctxAttnParams::softcap_in",
     ][::std::mem::offset_of!(LongctxAttnParams, softcap_in) - 156usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LongctxAttnBwdParams {
+    pub q: LongctxAttnTensor,
+    pub k: LongctxAttnTensor,
+    pub v: LongctxAttnTensor,
+    pub o: LongctxAttnTensor,
+    pub dout: LongctxAttnTensor,
+    pub dq: LongctxAttnTensor,
+    pub dk: LongctxAttnTensor,
+    pub dv: LongctxAttnTensor,
+    pub lse: u64,
+    pub lse_head_stride: i64,
+    pub dq_accum: u64,
+    pub lse_log2: u64,
+    pub dot: u64,
+    pub cu_seqlens_q: u64,
+    pub cu_seqlens_k: u64,
+    pub batch: u32,
+    pub heads_q: u32,
+    pub heads_per_kv: u32,
+    pub num_n_blocks: u32,
+    pub total_q: u32,
+    pub head_dim: u32,
+    pub head_dim_v: u32,
+    pub flags: u32,
+    pub window_left: i32,
+    pub window_right: i32,
+    pub exp_scale: f32,
+    pub softcap_in: f32,
+    pub scale: f32,
+    pub reserved: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of LongctxAttnBwdParams",
+    ][::std::mem::size_of::<LongctxAttnBwdParams>() - 304usize];
+    [
+        "Alignment of LongctxAttnBwdParams",
+    ][::std::mem::align_of::<LongctxAttnBwdParams>() - 8usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::q",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, q) - 0usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::k",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, k) - 24usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::v",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, v) - 48usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::o",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, o) - 72usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::dout",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, dout) - 96usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::dq",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, dq) - 120usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::dk",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, dk) - 144usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::dv",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, dv) - 168usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::lse",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, lse) - 192usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::lse_head_stride",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, lse_head_stride) - 200usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::dq_accum",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, dq_accum) - 208usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::lse_log2",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, lse_log2) - 216usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::dot",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, dot) - 224usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::cu_seqlens_q",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, cu_seqlens_q) - 232usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::cu_seqlens_k",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, cu_seqlens_k) - 240usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::batch",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, batch) - 248usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::heads_q",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, heads_q) - 252usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::heads_per_kv",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, heads_per_kv) - 256usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::num_n_blocks",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, num_n_blocks) - 260usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::total_q",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, total_q) - 264usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::head_dim",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, head_dim) - 268usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::head_dim_v",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, head_dim_v) - 272usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::flags",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, flags) - 276usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::window_left",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, window_left) - 280usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::window_right",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, window_right) - 284usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::exp_scale",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, exp_scale) - 288usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::softcap_in",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, softcap_in) - 292usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::scale",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, scale) - 296usize];
+    [
+        "Offset of field: LongctxAttnBwdParams::reserved",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, reserved) - 300usize];
 };

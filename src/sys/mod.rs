@@ -29,6 +29,8 @@ pub(crate) use moe::*;
 unsafe impl cudarc::driver::DeviceRepr for LongctxRopeParams {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for LongctxAttnParams {}
+// SAFETY: as above: plain integers and floats, #[repr(C)], layout asserted by bindgen.
+unsafe impl cudarc::driver::DeviceRepr for LongctxAttnBwdParams {}
 // SAFETY: as above (the MoE params structs, kernels/params/moe_params.h).
 unsafe impl cudarc::driver::DeviceRepr for LongctxMoeGateParams {}
 // SAFETY: as above.
