@@ -64,8 +64,13 @@ for m in "${MUTANTS[@]}"; do
     continue
   fi
   start=$(date +%s)
+  # A mutant that does not build proves nothing: report it instead of counting it caught.
   # shellcheck disable=SC2086
-  if (cd "$work/tree" && cargo test --release $args >"$work/$name.log" 2>&1); then
+  if ! (cd "$work/tree" && cargo test --release --no-run $args >"$work/$name.log" 2>&1); then
+    echo "MUTANT $name: BROKEN (does not build; log $work/$name.log)"
+    survived=1
+  # shellcheck disable=SC2086
+  elif (cd "$work/tree" && cargo test --release $args >>"$work/$name.log" 2>&1); then
     echo "MUTANT $name: SURVIVED (tests passed; log $work/$name.log)"
     survived=1
   else

@@ -76,6 +76,16 @@ pub(crate) enum KernelId {
     AttnBwdBf16Hd128,
     AttnBwdBf16Hd192Dv128,
     AttnBwdBf16Hd256,
+    AttnBwdDqDetF16Hd64,
+    AttnBwdDqDetF16Hd96,
+    AttnBwdDqDetF16Hd128,
+    AttnBwdDqDetF16Hd192Dv128,
+    AttnBwdDqDetF16Hd256,
+    AttnBwdDqDetBf16Hd64,
+    AttnBwdDqDetBf16Hd96,
+    AttnBwdDqDetBf16Hd128,
+    AttnBwdDqDetBf16Hd192Dv128,
+    AttnBwdDqDetBf16Hd256,
     MoeGateWarpF32,
     MoeGateWarpBf16,
     MoeGateBlockF32,
@@ -129,6 +139,16 @@ impl KernelId {
         KernelId::AttnBwdBf16Hd128,
         KernelId::AttnBwdBf16Hd192Dv128,
         KernelId::AttnBwdBf16Hd256,
+        KernelId::AttnBwdDqDetF16Hd64,
+        KernelId::AttnBwdDqDetF16Hd96,
+        KernelId::AttnBwdDqDetF16Hd128,
+        KernelId::AttnBwdDqDetF16Hd192Dv128,
+        KernelId::AttnBwdDqDetF16Hd256,
+        KernelId::AttnBwdDqDetBf16Hd64,
+        KernelId::AttnBwdDqDetBf16Hd96,
+        KernelId::AttnBwdDqDetBf16Hd128,
+        KernelId::AttnBwdDqDetBf16Hd192Dv128,
+        KernelId::AttnBwdDqDetBf16Hd256,
         KernelId::MoeGateWarpF32,
         KernelId::MoeGateWarpBf16,
         KernelId::MoeGateBlockF32,
@@ -194,7 +214,17 @@ impl KernelId {
             | KernelId::AttnBwdBf16Hd96
             | KernelId::AttnBwdBf16Hd128
             | KernelId::AttnBwdBf16Hd192Dv128
-            | KernelId::AttnBwdBf16Hd256 => Family::AttentionBwd,
+            | KernelId::AttnBwdBf16Hd256
+            | KernelId::AttnBwdDqDetF16Hd64
+            | KernelId::AttnBwdDqDetF16Hd96
+            | KernelId::AttnBwdDqDetF16Hd128
+            | KernelId::AttnBwdDqDetF16Hd192Dv128
+            | KernelId::AttnBwdDqDetF16Hd256
+            | KernelId::AttnBwdDqDetBf16Hd64
+            | KernelId::AttnBwdDqDetBf16Hd96
+            | KernelId::AttnBwdDqDetBf16Hd128
+            | KernelId::AttnBwdDqDetBf16Hd192Dv128
+            | KernelId::AttnBwdDqDetBf16Hd256 => Family::AttentionBwd,
             _ => Family::Attention,
         }
     }
@@ -232,6 +262,16 @@ impl KernelId {
             KernelId::AttnBwdBf16Hd128 => "longctx_attn_bwd_bf16_hd128",
             KernelId::AttnBwdBf16Hd192Dv128 => "longctx_attn_bwd_bf16_hd192_dv128",
             KernelId::AttnBwdBf16Hd256 => "longctx_attn_bwd_bf16_hd256",
+            KernelId::AttnBwdDqDetF16Hd64 => "longctx_attn_bwd_dq_det_f16_hd64",
+            KernelId::AttnBwdDqDetF16Hd96 => "longctx_attn_bwd_dq_det_f16_hd96",
+            KernelId::AttnBwdDqDetF16Hd128 => "longctx_attn_bwd_dq_det_f16_hd128",
+            KernelId::AttnBwdDqDetF16Hd192Dv128 => "longctx_attn_bwd_dq_det_f16_hd192_dv128",
+            KernelId::AttnBwdDqDetF16Hd256 => "longctx_attn_bwd_dq_det_f16_hd256",
+            KernelId::AttnBwdDqDetBf16Hd64 => "longctx_attn_bwd_dq_det_bf16_hd64",
+            KernelId::AttnBwdDqDetBf16Hd96 => "longctx_attn_bwd_dq_det_bf16_hd96",
+            KernelId::AttnBwdDqDetBf16Hd128 => "longctx_attn_bwd_dq_det_bf16_hd128",
+            KernelId::AttnBwdDqDetBf16Hd192Dv128 => "longctx_attn_bwd_dq_det_bf16_hd192_dv128",
+            KernelId::AttnBwdDqDetBf16Hd256 => "longctx_attn_bwd_dq_det_bf16_hd256",
             KernelId::MoeGateWarpF32 => "longctx_moe_gate_warp_f32",
             KernelId::MoeGateWarpBf16 => "longctx_moe_gate_warp_bf16",
             KernelId::MoeGateBlockF32 => "longctx_moe_gate_block_f32",

@@ -125,7 +125,11 @@ struct Outcome {
 /// Runs one case: random inputs rounded to T, the forward's O and LSE from the f64
 /// reference (O rounded to T, the LSE to f32), the backward through the emulator with the
 /// gradients initialised to `init` (accumulated into when `accumulate`).
-fn run_case<T: AttnElement>(c: &Case, accumulate: bool) -> Result<Outcome, Error> {
+fn run_case<T: AttnElement>(
+    c: &Case,
+    accumulate: bool,
+    deterministic: bool,
+) -> Result<Outcome, Error> {
     let (d, dv) = c.dims;
     let hq = c.hkv * c.group;
     let cu_q = offsets(c.lens.iter().map(|l| l.0));
@@ -232,7 +236,7 @@ fn run_case<T: AttnElement>(c: &Case, accumulate: bool) -> Result<Outcome, Error
         &BackwardOptions {
             attention: opts,
             accumulate,
-            deterministic: false,
+            deterministic,
         },
     )?;
     for (b, l, name) in [(&dqb, &ql, "dq"), (&dkb, &kl, "dk"), (&dvb, &vl, "dv")] {
@@ -256,9 +260,32 @@ fn run_case<T: AttnElement>(c: &Case, accumulate: bool) -> Result<Outcome, Error
     })
 }
 
+/// Deterministic mode gives the same bits on every run (on the emulator the atomic path is
+/// ordered too, so this checks the mode's plumbing; the GPU test checks the property).
+#[test]
+fn emu_backward_deterministic_is_repeatable() {
+    let c = Case {
+        lens: vec![(70, 70), (33, 100)],
+        hkv: 2,
+        group: 2,
+        dims: (128, 128),
+        mask: Mask::causal(),
+        softcap: None,
+        amp: 1.0,
+        seed: 3,
+        padded: false,
+    };
+    let a = run_case::<bf16>(&c, false, true).unwrap();
+    let b = run_case::<bf16>(&c, false, true).unwrap();
+    assert_eq!(a.emu, b.emu);
+    check::<bf16>(&c, &a, false).unwrap();
+}
+
 /// FlashAttention's criterion: the kernel's error is at most 3x that of a same-precision
 /// CPU run of the same decomposition, plus a floor of a few units of the dtype's roundoff
-/// relative to the gradient's magnitude. With `accumulate`, the gradients went through one
+/// relative to the gradient's magnitude, and 1e-5 absolute: where dP - D cancels exactly (a
+/// row with one visible key), the kernel's D and dP are f32 sums in different orders whose
+/// residue (about 2^-24 x head_dim x |dO| |v|) stands against a zero reference. With `accumulate`, the gradients went through one
 /// more rounding (init + grad), which the floor's extra term covers.
 fn check<T: AttnElement>(c: &Case, out: &Outcome, accumulate: bool) -> Result<(), TestCaseError> {
     let eps = T::DTYPE.epsilon();
@@ -266,7 +293,7 @@ fn check<T: AttnElement>(c: &Case, out: &Outcome, accumulate: bool) -> Result<()
         let scale = max_abs(&out.want[i]);
         let e_emu = max_err(&out.emu[i], &out.want[i]);
         let e_cpu = max_err(&out.cpu[i], &out.want[i]);
-        let floor = 4.0 * eps * scale + if accumulate { 4.0 * eps } else { 0.0 } + 1e-6;
+        let floor = 4.0 * eps * scale + if accumulate { 4.0 * eps } else { 0.0 } + 1e-5;
         let tol = 3.0 * e_cpu + floor;
         prop_assert!(
             e_emu <= tol,
@@ -340,7 +367,7 @@ fn emu_parity<T: AttnElement>(name: &str) {
     runner
         .run(&case_strategy(), |c| {
             let out =
-                run_case::<T>(&c, false).map_err(|e| TestCaseError::fail(format!("{c:?}: {e}")))?;
+                run_case::<T>(&c, false, c.seed % 2 == 0).map_err(|e| TestCaseError::fail(format!("{c:?}: {e}")))?;
             check::<T>(&c, &out, false)
         })
         .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -412,10 +439,14 @@ fn edge_cases() -> Vec<Case> {
 fn emu_backward_edges() {
     for c in edge_cases() {
         for accumulate in [false, true] {
-            let out = run_case::<bf16>(&c, accumulate).unwrap_or_else(|e| panic!("{c:?}: {e}"));
-            check::<bf16>(&c, &out, accumulate).unwrap_or_else(|e| panic!("{e}"));
+            for det in [false, true] {
+                let out = run_case::<bf16>(&c, accumulate, det)
+                    .unwrap_or_else(|e| panic!("{c:?} det {det}: {e}"));
+                check::<bf16>(&c, &out, accumulate)
+                    .unwrap_or_else(|e| panic!("det {det} accumulate {accumulate}: {e}"));
+            }
         }
-        let out = run_case::<f16>(&c, false).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+        let out = run_case::<f16>(&c, false, false).unwrap_or_else(|e| panic!("{c:?}: {e}"));
         check::<f16>(&c, &out, false).unwrap_or_else(|e| panic!("{e}"));
     }
 }
@@ -436,7 +467,7 @@ fn emu_backward_rows_without_keys_give_zero_gradients() {
         seed: 11,
         padded: false,
     };
-    let out = run_case::<bf16>(&c, false).unwrap();
+    let out = run_case::<bf16>(&c, false, false).unwrap();
     // Rows 0..24 see no key (row i sees keys <= i - 24).
     let (hq, d) = (2, 64);
     for t in 0..24 {
@@ -455,7 +486,11 @@ fn emu_backward_rows_without_keys_give_zero_gradients() {
         },
         ..c
     };
-    let out = run_case::<bf16>(&c2, false).unwrap();
+    let out = run_case::<bf16>(&c2, false, false).unwrap();
+    let det = run_case::<bf16>(&c2, false, true).unwrap();
+    for (g, (a, b)) in out.emu.iter().zip(&det.emu).enumerate().skip(1) {
+        assert_eq!(a, b, "gradient {g}: dK and dV do not depend on the mode");
+    }
     // Row i (0..16) sees keys i + 24 - 2 ..= i + 24: keys 0..22 are unseen.
     for j in 0..22 {
         for (g, dim) in [(1usize, 64usize), (2, 64)] {
@@ -480,7 +515,7 @@ fn backward_rejects_bad_input() {
         padded: false,
     };
     // A good call runs.
-    run_case::<bf16>(&c, false).unwrap();
+    run_case::<bf16>(&c, false, false).unwrap();
     let l = HeadsLayout::contiguous(16, 1, 64);
     let x = vec![bf16::ZERO; 16 * 64];
     let lse = vec![0.0f32; 16];
@@ -534,7 +569,7 @@ fn backward_rejects_bad_input() {
         arg(call(need, HeadsLayout::contiguous(16, 1, 32), &lse, false)),
         "dq"
     );
-    assert_eq!(arg(call(need, l, &lse, true)), "deterministic");
     call(need, l, &lse, false).unwrap();
+    call(need, l, &lse, true).unwrap();
     assert!(backward_workspace_len(usize::MAX, 2, 64).is_err());
 }

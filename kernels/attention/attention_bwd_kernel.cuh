@@ -538,5 +538,248 @@ __device__ __forceinline__ void attn_bwd_body(const LongctxAttnBwdParams& p) {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// 4. Deterministic mode's dQ: one CTA per (query tile, query head, sequence), the
+//    forward's structure. Each warp keeps dQ of its 16 rows in registers while the key
+//    tiles pass in ascending order, recomputing S, P, dP and dS:
+//      S = Q K^T, dP = dO V^T (A: Q / dO rows, B: K / V rows), P, dS as above,
+//      dQ += dS K (A: dS from the C registers, B: K by ldmatrix.trans),
+//    then writes dQ = scale * acc once. Every element has one writer and a fixed order of
+//    additions, so the result is bit-stable; the main kernel skips dQ in this mode.
+template <int D> struct DqShape {
+    static constexpr int kBlockM = LONGCTX_ATTN_BWD_DQ_BLOCK_M;
+    static constexpr int kBlockN = D >= 256 ? LONGCTX_ATTN_BWD_DQ_HD256_BLOCK_N : LONGCTX_ATTN_BWD_DQ_BLOCK_N;
+    static constexpr int kWarps = kBlockM / 16;
+    static constexpr int kThreads = 32 * kWarps;
+};
+
+template <int D, int DV> struct DqTraits {
+    static constexpr int kBlockM = DqShape<D>::kBlockM;
+    static constexpr int kBlockN = DqShape<D>::kBlockN;
+    static constexpr int kThreads = DqShape<D>::kThreads;
+    static constexpr int kRowQK = round_up_64(D);
+    static constexpr int kRowV = round_up_64(DV);
+    static constexpr int kOffQ = 0;
+    static constexpr int kOffDo = kOffQ + kBlockM * kRowQK * 2;
+    static constexpr int kOffK = kOffDo + kBlockM * kRowV * 2;
+    static constexpr int kOffV = kOffK + kBlockN * kRowQK * 2;
+    static constexpr int kOffLse = kOffV + kBlockN * kRowV * 2;
+    static constexpr int kOffDot = kOffLse + kBlockM * 4;
+    static constexpr int kSmemBytes = kOffDot + kBlockM * 4;
+    static_assert(kSmemBytes <= 99 * 1024, "fits the smallest per-block shared memory (sm86/sm89)");
+    static_assert(kBlockN % 16 == 0, "key tiles are whole k16 steps");
+};
+
+template <typename T, int D, int DV>
+__device__ __forceinline__ void attn_bwd_dq_det_body(const LongctxAttnBwdParams& p) {
+    using Tr = DqTraits<D, DV>;
+    constexpr int kBlockM = Tr::kBlockM;
+    constexpr int kBlockN = Tr::kBlockN;
+    constexpr int kThreads = Tr::kThreads;
+    constexpr int kRowQK = Tr::kRowQK;
+    constexpr int kRowV = Tr::kRowV;
+    constexpr int kNTiles = kBlockN / 8;
+    constexpr float kNegInf = -INFINITY;
+
+    LONGCTX_DYNAMIC_SMEM(uint8_t, smem, 128);
+    if (dynamic_smem_size() < uint32_t(Tr::kSmemBytes)) __trap();
+    float* s_lse = reinterpret_cast<float*>(smem + Tr::kOffLse);
+    float* s_dot = reinterpret_cast<float*>(smem + Tr::kOffDot);
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int g = lane >> 2;
+    const int t4 = lane & 3;
+    const int head = blockIdx.y;
+    const int m_block = int(p.num_m_blocks) - 1 - int(blockIdx.x);
+    const BlockInfo<kBlockM, kBlockN> bi(p, blockIdx.z, m_block);
+    if (!bi.has_rows()) return;
+    const int rows_here = bi.m1 - bi.m0;
+    const bool add = (p.flags & LONGCTX_ATTN_BWD_ACCUMULATE) != 0;
+    T* dq_tile = reinterpret_cast<T*>(p.dq.data) + (int64_t(bi.q_start) + bi.m0) * p.dq.token_stride +
+                 int64_t(head) * p.dq.head_stride;
+
+    float acc[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+    }
+
+    const int key_lo = bi.key_lo();
+    const int key_hi = bi.key_hi();
+    if (key_hi >= key_lo) {
+        const int n_min = key_lo / kBlockN;
+        const int n_max = key_hi / kBlockN + 1;
+        const int sk = bi.sk;
+        const int head_kv = head / int(p.heads_per_kv);
+        const uint32_t s_base = smem_addr_of(smem);
+        const TileLoader<kBlockM, D, kRowQK, kThreads> q_loader(tid);
+        const TileLoader<kBlockM, DV, kRowV, kThreads> do_loader(tid);
+        const TileLoader<kBlockN, D, kRowQK, kThreads> k_loader(tid);
+        const TileLoader<kBlockN, DV, kRowV, kThreads> v_loader(tid);
+        const T* q_base = reinterpret_cast<const T*>(p.q.data);
+        const T* do_base = reinterpret_cast<const T*>(p.dout.data);
+        const T* k_base = reinterpret_cast<const T*>(p.k.data);
+        const T* v_base = reinterpret_cast<const T*>(p.v.data);
+        q_loader.load(s_base + Tr::kOffQ,
+                      q_base + (int64_t(bi.q_start) + bi.m0) * p.q.token_stride + int64_t(head) * p.q.head_stride +
+                          q_loader.thread_offset(p.q.token_stride),
+                      q_base, p.q.token_stride, rows_here);
+        do_loader.load(s_base + Tr::kOffDo,
+                       do_base + (int64_t(bi.q_start) + bi.m0) * p.dout.token_stride +
+                           int64_t(head) * p.dout.head_stride + do_loader.thread_offset(p.dout.token_stride),
+                       do_base, p.dout.token_stride, rows_here);
+        const T* k_thread = k_base + int64_t(bi.k_start) * p.k.token_stride + int64_t(head_kv) * p.k.head_stride +
+                            k_loader.thread_offset(p.k.token_stride);
+        const T* v_thread = v_base + int64_t(bi.k_start) * p.v.token_stride + int64_t(head_kv) * p.v.head_stride +
+                            v_loader.thread_offset(p.v.token_stride);
+        if (tid < kBlockM) {
+            const int64_t at = int64_t(head) * p.total_q + bi.q_start + bi.m0 + tid;
+            s_lse[tid] = tid < rows_here ? reinterpret_cast<const float*>(p.lse_log2)[at] : INFINITY;
+            s_dot[tid] = tid < rows_here ? reinterpret_cast<const float*>(p.dot)[at] : 0.f;
+        }
+
+        const int a_row = lane & 15, a_hi = lane >> 4;
+        const int b_row = (lane & 7) + ((lane >> 4) << 3), b_hi = (lane >> 3) & 1;
+        const LdsmAddr<kRowQK> q_as_a(s_base + uint32_t(warp * 16 * kRowQK * 2), a_row, a_hi, lane);
+        const LdsmAddr<kRowV> do_as_a(s_base + uint32_t(warp * 16 * kRowV * 2), a_row, a_hi, lane);
+        const LdsmAddr<kRowQK> k_as_b(s_base, b_row, b_hi, lane);
+        const LdsmAddr<kRowV> v_as_b(s_base, b_row, b_hi, lane);
+        const LdsmAddr<kRowQK> k_as_bt(s_base, a_row, a_hi, lane);
+        const float exp_scale = p.exp_scale;
+        const float softcap_in = p.softcap_in;
+        // Row mask as in the forward: tile row 16 warp + g + 8h sees keys
+        // [lane_key_lo + 8h, min(lane_key_lo + 8h + span, sk - 1)].
+        const int lane_key_lo = bi.m0 + warp * 16 + g + bi.diag - bi.left;
+        const int span = p.window_left + p.window_right;
+        const int unmasked_lo = bi.unmasked_lo();
+        const int unmasked_hi = bi.unmasked_hi();
+
+        for (int n = n_min; n < n_max; ++n) {
+            const int k0 = n * kBlockN;
+            k_loader.load(s_base + Tr::kOffK, k_thread + int64_t(k0) * p.k.token_stride, k_base, p.k.token_stride,
+                          sk - k0);
+            v_loader.load(s_base + Tr::kOffV, v_thread + int64_t(k0) * p.v.token_stride, v_base, p.v.token_stride,
+                          sk - k0);
+            cp_async_commit();
+            cp_async_wait<0>();
+            __syncthreads();
+            float lse2[2], dot[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                lse2[h] = s_lse[warp * 16 + g + 8 * h];
+                dot[h] = s_dot[warp * 16 + g + 8 * h];
+            }
+
+            float s[kNTiles][4];
+            float dp[kNTiles][4];
+#pragma unroll
+            for (int nj = 0; nj < kNTiles; ++nj) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    s[nj][e] = 0.f;
+                    dp[nj][e] = 0.f;
+                }
+            }
+#pragma unroll
+            for (int ks = 0; ks < D / 16; ++ks) {
+                uint32_t a[4];
+                ldmatrix_x4(a, q_as_a.template at<Tr::kOffQ>(0, ks));
+#pragma unroll
+                for (int np = 0; np < kNTiles / 2; ++np) {
+                    uint32_t b[4];
+                    ldmatrix_x4(b, k_as_b.template at<Tr::kOffK>(np, ks));
+                    mma_16816<T>(s[2 * np], a, b[0], b[1]);
+                    mma_16816<T>(s[2 * np + 1], a, b[2], b[3]);
+                }
+            }
+#pragma unroll
+            for (int ks = 0; ks < DV / 16; ++ks) {
+                uint32_t a[4];
+                ldmatrix_x4(a, do_as_a.template at<Tr::kOffDo>(0, ks));
+#pragma unroll
+                for (int np = 0; np < kNTiles / 2; ++np) {
+                    uint32_t b[4];
+                    ldmatrix_x4(b, v_as_b.template at<Tr::kOffV>(np, ks));
+                    mma_16816<T>(dp[2 * np], a, b[0], b[1]);
+                    mma_16816<T>(dp[2 * np + 1], a, b[2], b[3]);
+                }
+            }
+            if (softcap_in != 0.f) {
+#pragma unroll
+                for (int nj = 0; nj < kNTiles; ++nj) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[nj][e] = fast_tanh(s[nj][e] * softcap_in);
+                }
+            }
+            if (n < unmasked_lo || n >= unmasked_hi) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int j_lo = lane_key_lo + 8 * h;
+                    const int j_hi = min(j_lo + span, sk - 1);
+#pragma unroll
+                    for (int nj = 0; nj < kNTiles; ++nj) {
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int j = k0 + nj * 8 + 2 * t4 + e;
+                            if (j < j_lo || j > j_hi) s[nj][2 * h + e] = kNegInf;
+                        }
+                    }
+                }
+            }
+            uint32_t ds_frag[kBlockN / 16][4];
+#pragma unroll
+            for (int nj = 0; nj < kNTiles; ++nj) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    float dsv[2];
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float t = s[nj][2 * h + e];
+                        const float pr = fast_exp2(fmaf(t, exp_scale, -lse2[h]));
+                        float ds = pr * (dp[nj][2 * h + e] - dot[h]);
+                        if (softcap_in != 0.f) ds = pr == 0.f ? 0.f : ds * (1.f - t * t);
+                        dsv[e] = ds;
+                    }
+                    ds_frag[nj / 2][(nj & 1) * 2 + h] = MmaType<T>::pack(dsv[0], dsv[1]);
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < kBlockN / 16; ++kk) {
+#pragma unroll
+                for (int dpair = 0; dpair < D / 16; ++dpair) {
+                    uint32_t b[4];
+                    ldmatrix_x4_trans(b, k_as_bt.template at<Tr::kOffK>(kk, dpair));
+                    mma_16816<T>(acc[2 * dpair], ds_frag[kk], b[0], b[1]);
+                    mma_16816<T>(acc[2 * dpair + 1], ds_frag[kk], b[2], b[3]);
+                }
+            }
+            __syncthreads();
+        }
+    }
+
+    // dQ = scale * acc (plus the caller's when accumulating); rows past the sequence are not
+    // written. Rows that saw no key store 0 (or leave the caller's value).
+    const float scale = p.scale;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = warp * 16 + g + 8 * h;
+        if (r < rows_here) {
+            T* dst = dq_tile + int64_t(r) * p.dq.token_stride + 2 * t4;
+#pragma unroll
+            for (int j = 0; j < D / 8; ++j) {
+                float a = acc[j][2 * h] * scale, b = acc[j][2 * h + 1] * scale;
+                if (add) {
+                    a += DType<T>::to_f32(dst[j * 8]);
+                    b += DType<T>::to_f32(dst[j * 8 + 1]);
+                }
+                *reinterpret_cast<uint32_t*>(dst + j * 8) = MmaType<T>::pack(a, b);
+            }
+        }
+    }
+}
+
 }  // namespace attn
 }  // namespace longctx

@@ -19,7 +19,9 @@ template <int kBlockM, int kBlockN> struct BlockInfo {
     int left;     // window sides, 0 .. LONGCTX_ATTN_WINDOW_UNBOUNDED
     int right;
 
-    __device__ __forceinline__ BlockInfo(const LongctxAttnParams& p, int batch, int m_block) {
+    // P is LongctxAttnParams or LongctxAttnBwdParams (same offsets and window fields).
+    template <typename P>
+    __device__ __forceinline__ BlockInfo(const P& p, int batch, int m_block) {
         const int* cu_q = reinterpret_cast<const int*>(p.cu_seqlens_q);
         const int* cu_k = reinterpret_cast<const int*>(p.cu_seqlens_k);
         q_start = cu_q[batch];

@@ -78,6 +78,11 @@
 #define LONGCTX_ATTN_BWD_HD256_BLOCK_M 32
 #define LONGCTX_ATTN_BWD_HD256_BLOCK_N 32
 #define LONGCTX_ATTN_BWD_HD256_DIM_SPLIT 2
+/* Deterministic mode's dQ kernel: one CTA per (query tile of BLOCK_M rows, query head,
+ * sequence), 4 warps of 16 rows, key tiles of BLOCK_N keys (HD256_BLOCK_N for d = 256). */
+#define LONGCTX_ATTN_BWD_DQ_BLOCK_M 64
+#define LONGCTX_ATTN_BWD_DQ_BLOCK_N 64
+#define LONGCTX_ATTN_BWD_DQ_HD256_BLOCK_N 32
 /* Warps per CTA of the row-wise passes (preprocess, dQ conversion): one warp per
  * (token, head) row. */
 #define LONGCTX_ATTN_BWD_ROW_WARPS 4
@@ -143,7 +148,7 @@ typedef struct LongctxAttnBwdParams {
     float exp_scale;          /* as the forward's                                            */
     float softcap_in;         /* as the forward's                                            */
     float scale;              /* d(logit) / d(q . k) without softcap: the softmax scale      */
-    uint32_t reserved;
+    uint32_t num_m_blocks;    /* ceil(max seqlen_q / DQ_BLOCK_M) (gridDim.x of the dQ kernel)  */
 } LongctxAttnBwdParams;
 
 #ifdef __cplusplus

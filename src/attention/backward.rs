@@ -150,9 +150,9 @@ pub struct BackwardOptions {
     /// Add the gradients to what dQ, dK and dV hold (gradient accumulation) instead of
     /// overwriting them.
     pub accumulate: bool,
-    /// Bit-identical results on every run. Not available yet: dQ is accumulated with f32
-    /// atomics whose order varies; a call asking for it returns
-    /// [`Error::InvalidArgument`] rather than silently running the order-dependent path.
+    /// Bit-identical results on every run: dQ comes from a separate kernel that recomputes
+    /// S, P and dS per query tile (about 1.4x the main pass's tensor-core work in all)
+    /// instead of f32 atomics whose order varies. dK and dV are deterministic either way.
     pub deterministic: bool,
 }
 
@@ -193,16 +193,8 @@ impl BackwardShape<'_> {
     /// # Errors
     /// [`Error::InvalidArgument`] for everything [`CallShape::validate`] rejects, a missing
     /// LSE, a gradient or dO whose shape differs from its tensor's, a view that leaves its
-    /// buffer, a workspace shorter than [`backward_workspace_len`], and deterministic mode
-    /// (not available yet).
+    /// buffer, or a workspace shorter than [`backward_workspace_len`].
     pub fn validate(&self, opts: &BackwardOptions) -> Result<Validated> {
-        if opts.deterministic {
-            return Err(Error::invalid(
-                OP,
-                "deterministic",
-                "deterministic mode is not implemented yet (dQ uses order-dependent f32 atomics)",
-            ));
-        }
         if self.forward.lse_len.is_none() {
             return Err(Error::invalid(OP, "lse", "the backward needs the forward's LSE"));
         }
@@ -280,21 +272,25 @@ pub(crate) struct BwdLaunches {
     pub dq: KernelLaunch<sys::LongctxAttnBwdParams>,
 }
 
-fn ids(dtype: DType, head_dim: usize, head_dim_v: usize) -> Result<(KernelId, KernelId, KernelId)> {
+fn ids(
+    dtype: DType,
+    head_dim: usize,
+    head_dim_v: usize,
+) -> Result<(KernelId, KernelId, KernelId, KernelId)> {
     use KernelId::*;
     // The forward's id check rejects the same (dtype, dims) combinations.
     fwd_kernel_id(dtype, head_dim, head_dim_v)?;
-    let main = match (dtype, head_dim, head_dim_v) {
-        (DType::F16, 64, 64) => AttnBwdF16Hd64,
-        (DType::F16, 96, 96) => AttnBwdF16Hd96,
-        (DType::F16, 128, 128) => AttnBwdF16Hd128,
-        (DType::F16, 192, 128) => AttnBwdF16Hd192Dv128,
-        (DType::F16, 256, 256) => AttnBwdF16Hd256,
-        (DType::BF16, 64, 64) => AttnBwdBf16Hd64,
-        (DType::BF16, 96, 96) => AttnBwdBf16Hd96,
-        (DType::BF16, 128, 128) => AttnBwdBf16Hd128,
-        (DType::BF16, 192, 128) => AttnBwdBf16Hd192Dv128,
-        (DType::BF16, 256, 256) => AttnBwdBf16Hd256,
+    let (main, det) = match (dtype, head_dim, head_dim_v) {
+        (DType::F16, 64, 64) => (AttnBwdF16Hd64, AttnBwdDqDetF16Hd64),
+        (DType::F16, 96, 96) => (AttnBwdF16Hd96, AttnBwdDqDetF16Hd96),
+        (DType::F16, 128, 128) => (AttnBwdF16Hd128, AttnBwdDqDetF16Hd128),
+        (DType::F16, 192, 128) => (AttnBwdF16Hd192Dv128, AttnBwdDqDetF16Hd192Dv128),
+        (DType::F16, 256, 256) => (AttnBwdF16Hd256, AttnBwdDqDetF16Hd256),
+        (DType::BF16, 64, 64) => (AttnBwdBf16Hd64, AttnBwdDqDetBf16Hd64),
+        (DType::BF16, 96, 96) => (AttnBwdBf16Hd96, AttnBwdDqDetBf16Hd96),
+        (DType::BF16, 128, 128) => (AttnBwdBf16Hd128, AttnBwdDqDetBf16Hd128),
+        (DType::BF16, 192, 128) => (AttnBwdBf16Hd192Dv128, AttnBwdDqDetBf16Hd192Dv128),
+        (DType::BF16, 256, 256) => (AttnBwdBf16Hd256, AttnBwdDqDetBf16Hd256),
         _ => {
             return Err(Error::invalid(
                 OP,
@@ -304,9 +300,27 @@ fn ids(dtype: DType, head_dim: usize, head_dim_v: usize) -> Result<(KernelId, Ke
         }
     };
     Ok(match dtype {
-        DType::F16 => (AttnBwdPreF16, main, AttnBwdDqF16),
-        _ => (AttnBwdPreBf16, main, AttnBwdDqBf16),
+        DType::F16 => (AttnBwdPreF16, main, AttnBwdDqF16, det),
+        _ => (AttnBwdPreBf16, main, AttnBwdDqBf16, det),
     })
+}
+
+/// Deterministic mode's dQ kernel: (query rows, keys) per CTA, 4 warps.
+pub(crate) fn dq_det_tiles(head_dim: usize) -> (usize, usize) {
+    let n = if head_dim >= 256 {
+        sys::LONGCTX_ATTN_BWD_DQ_HD256_BLOCK_N
+    } else {
+        sys::LONGCTX_ATTN_BWD_DQ_BLOCK_N
+    };
+    (sys::LONGCTX_ATTN_BWD_DQ_BLOCK_M as usize, n as usize)
+}
+
+/// Dynamic shared memory of the deterministic dQ kernel: Q and dO tiles, K and V tiles,
+/// two floats per row.
+fn dq_det_smem(head_dim: usize, head_dim_v: usize) -> usize {
+    let (m, n) = dq_det_tiles(head_dim);
+    let (qk, v) = (round_up_64(head_dim), round_up_64(head_dim_v));
+    2 * (m * qk + m * v + n * qk + n * v) + 8 * m
 }
 
 fn tensor(l: &HeadsLayout, base: u64, elem: usize) -> sys::LongctxAttnTensor {
@@ -326,7 +340,7 @@ pub(crate) fn plan_backward<T: AttnElement>(
     a: &BwdAddrs,
 ) -> Result<BwdLaunches> {
     let (d, dv) = (c.tiles.head_dim, c.tiles.head_dim_v);
-    let (pre_id, main_id, dq_id) = ids(T::DTYPE, d, dv)?;
+    let (pre_id, main_id, dq_id, det_id) = ids(T::DTYPE, d, dv)?;
     let tiles = BackwardTiles::for_head_dims(d, dv)?;
     let elem = T::DTYPE.size();
     for (l, addr, arg) in [
@@ -382,6 +396,10 @@ pub(crate) fn plan_backward<T: AttnElement>(
             sys::LONGCTX_ATTN_BWD_ACCUMULATE
         } else {
             0
+        } | if opts.deterministic {
+            sys::LONGCTX_ATTN_BWD_SKIP_DQ
+        } else {
+            0
         },
         window_left: i32::try_from(c.window.0)
             .map_err(|_| Error::invalid(OP, "mask", "window side past i32"))?,
@@ -390,7 +408,7 @@ pub(crate) fn plan_backward<T: AttnElement>(
         exp_scale: c.consts.exp_scale,
         softcap_in: c.consts.softcap_in,
         scale: opts.attention.scale_for(d),
-        reserved: 0,
+        num_m_blocks: u32_of(c.max_seqlen_q.div_ceil(dq_det_tiles(d).0), "query tiles")?,
     };
     let row_warps = sys::LONGCTX_ATTN_BWD_ROW_WARPS as usize;
     let row_grid = (u32_of(rows.div_ceil(row_warps), "row blocks")?, 1, 1);
@@ -415,7 +433,21 @@ pub(crate) fn plan_backward<T: AttnElement>(
             block: (u32_of(tiles.warps() * 32, "threads")?, 1, 1),
             smem_bytes: u32_of(tiles.smem_bytes(), "shared memory")?,
         },
-        dq: row(dq_id),
+        dq: if opts.deterministic {
+            KernelLaunch {
+                id: det_id,
+                params,
+                grid: (
+                    params.num_m_blocks,
+                    u32_of(c.heads_q, "heads")?,
+                    u32_of(c.batch, "batch")?,
+                ),
+                block: (32 * sys::LONGCTX_ATTN_BWD_DQ_BLOCK_M / 16, 1, 1),
+                smem_bytes: u32_of(dq_det_smem(d, dv), "shared memory")?,
+            }
+        } else {
+            row(dq_id)
+        },
     })
 }
 
@@ -590,7 +622,9 @@ pub fn attention_backward<T: AttnElement>(
             cu_seqlens_k: cu_k,
         },
     )?;
-    dev.allow_dynamic_smem(plan.main.id, plan.main.smem_bytes as usize, OP, "head_dim")?;
+    for l in [&plan.main, &plan.dq] {
+        dev.allow_dynamic_smem(l.id, l.smem_bytes as usize, OP, "head_dim")?;
+    }
     for l in [&plan.pre, &plan.main, &plan.dq] {
         if l.grid.0 == 0 {
             continue;

@@ -183,6 +183,16 @@ entries! {
     AttnBwdBf16Hd128 => longctx_attn_bwd_bf16_hd128, longctx_attn_bwd_bf16_hd128: sys::LongctxAttnBwdParams;
     AttnBwdBf16Hd192Dv128 => longctx_attn_bwd_bf16_hd192_dv128, longctx_attn_bwd_bf16_hd192_dv128: sys::LongctxAttnBwdParams;
     AttnBwdBf16Hd256 => longctx_attn_bwd_bf16_hd256, longctx_attn_bwd_bf16_hd256: sys::LongctxAttnBwdParams;
+    AttnBwdDqDetF16Hd64 => longctx_attn_bwd_dq_det_f16_hd64, longctx_attn_bwd_dq_det_f16_hd64: sys::LongctxAttnBwdParams;
+    AttnBwdDqDetF16Hd96 => longctx_attn_bwd_dq_det_f16_hd96, longctx_attn_bwd_dq_det_f16_hd96: sys::LongctxAttnBwdParams;
+    AttnBwdDqDetF16Hd128 => longctx_attn_bwd_dq_det_f16_hd128, longctx_attn_bwd_dq_det_f16_hd128: sys::LongctxAttnBwdParams;
+    AttnBwdDqDetF16Hd192Dv128 => longctx_attn_bwd_dq_det_f16_hd192_dv128, longctx_attn_bwd_dq_det_f16_hd192_dv128: sys::LongctxAttnBwdParams;
+    AttnBwdDqDetF16Hd256 => longctx_attn_bwd_dq_det_f16_hd256, longctx_attn_bwd_dq_det_f16_hd256: sys::LongctxAttnBwdParams;
+    AttnBwdDqDetBf16Hd64 => longctx_attn_bwd_dq_det_bf16_hd64, longctx_attn_bwd_dq_det_bf16_hd64: sys::LongctxAttnBwdParams;
+    AttnBwdDqDetBf16Hd96 => longctx_attn_bwd_dq_det_bf16_hd96, longctx_attn_bwd_dq_det_bf16_hd96: sys::LongctxAttnBwdParams;
+    AttnBwdDqDetBf16Hd128 => longctx_attn_bwd_dq_det_bf16_hd128, longctx_attn_bwd_dq_det_bf16_hd128: sys::LongctxAttnBwdParams;
+    AttnBwdDqDetBf16Hd192Dv128 => longctx_attn_bwd_dq_det_bf16_hd192_dv128, longctx_attn_bwd_dq_det_bf16_hd192_dv128: sys::LongctxAttnBwdParams;
+    AttnBwdDqDetBf16Hd256 => longctx_attn_bwd_dq_det_bf16_hd256, longctx_attn_bwd_dq_det_bf16_hd256: sys::LongctxAttnBwdParams;
     MoeGateWarpF32 => longctx_moe_gate_warp_f32, longctx_moe_gate_warp_f32: sys::LongctxMoeGateParams;
     MoeGateWarpBf16 => longctx_moe_gate_warp_bf16, longctx_moe_gate_warp_bf16: sys::LongctxMoeGateParams;
     MoeGateBlockF32 => longctx_moe_gate_block_f32, longctx_moe_gate_block_f32: sys::LongctxMoeGateParams;

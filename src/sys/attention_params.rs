@@ -41,6 +41,9 @@ pub const LONGCTX_ATTN_BWD_HD256_BLOCK_M: u32 = 32;
 pub const LONGCTX_ATTN_BWD_HD256_BLOCK_N: u32 = 32;
 pub const LONGCTX_ATTN_BWD_HD256_DIM_SPLIT: u32 = 2;
 pub const LONGCTX_ATTN_BWD_ROW_WARPS: u32 = 4;
+pub const LONGCTX_ATTN_BWD_DQ_BLOCK_M: u32 = 64;
+pub const LONGCTX_ATTN_BWD_DQ_BLOCK_N: u32 = 64;
+pub const LONGCTX_ATTN_BWD_DQ_HD256_BLOCK_N: u32 = 32;
 pub const LONGCTX_ATTN_BWD_ACCUMULATE: u32 = 1;
 pub const LONGCTX_ATTN_BWD_SKIP_DQ: u32 = 2;
 #[repr(C)]
@@ -172,7 +175,7 @@ pub struct LongctxAttnBwdParams {
     pub exp_scale: f32,
     pub softcap_in: f32,
     pub scale: f32,
-    pub reserved: u32,
+    pub num_m_blocks: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -267,6 +270,6 @@ const _: () = {
         "Offset of field: LongctxAttnBwdParams::scale",
     ][::std::mem::offset_of!(LongctxAttnBwdParams, scale) - 296usize];
     [
-        "Offset of field: LongctxAttnBwdParams::reserved",
-    ][::std::mem::offset_of!(LongctxAttnBwdParams, reserved) - 300usize];
+        "Offset of field: LongctxAttnBwdParams::num_m_blocks",
+    ][::std::mem::offset_of!(LongctxAttnBwdParams, num_m_blocks) - 300usize];
 };
