@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use longctx::attention::TileConfig;
+use longctx::attention::{BackwardTiles, TileConfig};
 use longctx::device::{embedded_fatbins, hot_kernel_symbols, kernel_resources, kernels_compiled};
 
 #[test]
@@ -132,14 +132,15 @@ fn head_dims(symbol: &str) -> Option<(usize, usize)> {
     }
 }
 
-#[test]
-fn attention_sass_uses_tensor_cores_and_no_local_memory() {
+/// SASS opcode counts per (arch, function) of one embedded family, or `None` (after saying
+/// why) when kernels were not built or cuobjdump is missing and not required.
+fn family_sass(
+    test: &str,
+    family: &str,
+) -> Option<BTreeMap<(String, String), BTreeMap<String, usize>>> {
     if !kernels_compiled() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED attention_sass_uses_tensor_cores_and_no_local_memory: built without CUDA kernels"
-        );
-        return;
+        let _ = writeln!(std::io::stderr(), "SKIPPED {test}: built without CUDA kernels");
+        return None;
     }
     let Some(cuobjdump) = find_cuobjdump() else {
         assert!(
@@ -148,19 +149,18 @@ fn attention_sass_uses_tensor_cores_and_no_local_memory() {
         );
         let _ = writeln!(
             std::io::stderr(),
-            "SKIPPED attention_sass_uses_tensor_cores_and_no_local_memory: cuobjdump not found \
-             (scripts/install-cuda-toolchain.sh installs it)"
+            "SKIPPED {test}: cuobjdump not found (scripts/install-cuda-toolchain.sh installs it)"
         );
-        return;
+        return None;
     };
     let bytes = embedded_fatbins()
         .into_iter()
-        .find(|(f, _)| *f == "attention")
+        .find(|(f, _)| *f == family)
         .map(|(_, b)| b)
-        .expect("attention fatbin");
+        .unwrap_or_else(|| panic!("{family} fatbin"));
     let dir = std::env::temp_dir().join(format!("longctx-sass-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let file = dir.join("attention.fatbin");
+    let file = dir.join(format!("{family}.fatbin"));
     std::fs::write(&file, bytes).expect("write fatbin");
     // cuobjdump runs nvdisasm, which the install script puts beside it.
     let bin_dir = cuobjdump.parent().unwrap_or(Path::new("."));
@@ -185,7 +185,15 @@ fn attention_sass_uses_tensor_cores_and_no_local_memory() {
         "cuobjdump failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let counts = sass_opcodes(&text);
+    Some(sass_opcodes(&text))
+}
+
+#[test]
+fn attention_sass_uses_tensor_cores_and_no_local_memory() {
+    let Some(counts) = family_sass("attention_sass_uses_tensor_cores_and_no_local_memory", "attention")
+    else {
+        return;
+    };
     let attn: Vec<_> = counts
         .iter()
         .filter(|((_, f), _)| f.starts_with("longctx_attn_fwd_"))
@@ -243,5 +251,58 @@ fn attention_sass_uses_tensor_cores_and_no_local_memory() {
             (0, 0),
             "{func} {arch} uses local memory"
         );
+    }
+}
+
+/// The backward family: every main and deterministic-dQ kernel of every arch uses tensor
+/// cores (at least one query step's worth of HMMA), ldmatrix and cp.async, and no local
+/// memory; the row-wise passes use no local memory.
+#[test]
+fn attention_backward_sass_uses_tensor_cores_and_no_local_memory() {
+    let Some(counts) = family_sass(
+        "attention_backward_sass_uses_tensor_cores_and_no_local_memory",
+        "attention_bwd",
+    ) else {
+        return;
+    };
+    let syms: Vec<&str> = longctx::device::hot_kernel_symbols()
+        .into_iter()
+        .filter(|s| s.starts_with("longctx_attn_bwd_"))
+        .collect();
+    let archs: std::collections::BTreeSet<&String> = counts.keys().map(|(a, _)| a).collect();
+    assert!(!archs.is_empty(), "no backward kernels in cuobjdump's output");
+    for arch in &archs {
+        for sym in &syms {
+            let ops = counts
+                .get(&((*arch).clone(), sym.to_string()))
+                .unwrap_or_else(|| panic!("{sym} has no SASS for {arch}"));
+            let n = |op: &str| ops.get(op).copied().unwrap_or(0);
+            eprintln!(
+                "{sym:<44} {arch:<7} HMMA {:>4}  LDSM {:>4}  LDGSTS {:>3}  LDL {} STL {}",
+                n("HMMA"),
+                n("LDSM"),
+                n("LDGSTS"),
+                n("LDL"),
+                n("STL")
+            );
+            assert_eq!((n("LDL"), n("STL")), (0, 0), "{sym} {arch} uses local memory");
+            let Some((d, dv)) = head_dims(sym) else {
+                continue; // a row-wise pass
+            };
+            let t = BackwardTiles::for_head_dims(d, dv).expect("tiles");
+            // S^T and dP^T of one query step (main), or S and dP of one key tile (dQ).
+            let per_step = if sym.contains("_dq_det_") {
+                let n_keys = if d >= 256 { 32 } else { 64 };
+                (d / 16 + dv / 16) * (n_keys / 8) + (n_keys / 16) * (d / 8)
+            } else {
+                (d / 16 + dv / 16) * (t.block_m / 8)
+            };
+            assert!(
+                n("HMMA") >= per_step,
+                "{sym} {arch}: {} HMMA, one step needs {per_step}",
+                n("HMMA")
+            );
+            assert!(n("LDSM") > 0 && n("LDGSTS") > 0, "{sym} {arch}: {ops:?}");
+        }
     }
 }
