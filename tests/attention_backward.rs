@@ -10,7 +10,7 @@ use longctx::attention::reference::{
     attention_backward_f64, attention_backward_tiled_f32, attention_f64, Problem, Tiles,
 };
 use longctx::attention::{
-    backward_workspace_len, AttentionOptions, AttnElement, BackwardOptions, BackwardTiles, Mask,
+    attention_backward, backward_workspace_len, AttnGrads, BackwardInputs, Qkv, SeqLens, AttentionOptions, AttnElement, BackwardOptions, BackwardTiles, Mask,
     SUPPORTED_HEAD_DIMS,
 };
 use longctx::dtype::{DType, Element};
@@ -18,6 +18,12 @@ use longctx::emulator::{self, HostBackwardInputs, HostGrads, HostQkv};
 use longctx::layout::HeadsLayout;
 use longctx::Error;
 use proptest::prelude::*;
+
+/// Where a case runs.
+enum Backend<'a> {
+    Emulator,
+    Gpu(&'a longctx::device::Device),
+}
 
 #[derive(Debug, Clone)]
 struct Case {
@@ -126,6 +132,7 @@ struct Outcome {
 /// reference (O rounded to T, the LSE to f32), the backward through the emulator with the
 /// gradients initialised to `init` (accumulated into when `accumulate`).
 fn run_case<T: AttnElement>(
+    backend: &Backend<'_>,
     c: &Case,
     accumulate: bool,
     deterministic: bool,
@@ -206,39 +213,86 @@ fn run_case<T: AttnElement>(
     let mut dvb = scatter::<T>(&vl, &start(2, v.len()), FILL);
     // Stale workspace contents must not matter.
     let mut ws = vec![f32::NAN; backward_workspace_len(tq, hq, d)?.max(1)];
-    emulator::attention_backward(
-        &HostQkv {
-            q: &qb,
-            q_layout: ql,
-            k: &kb,
-            k_layout: kl,
-            v: &vb,
-            v_layout: vl,
-        },
-        &HostBackwardInputs {
-            o: &ob,
-            o_layout: ol,
-            dout: &dob,
-            dout_layout: ol,
-            lse: &lse,
-        },
-        HostGrads {
-            dq: &mut dqb,
-            dq_layout: ql,
-            dk: &mut dkb,
-            dk_layout: kl,
-            dv: &mut dvb,
-            dv_layout: vl,
-        },
-        &mut ws,
-        &cu_q.iter().map(|&x| x as i32).collect::<Vec<_>>(),
-        &cu_k.iter().map(|&x| x as i32).collect::<Vec<_>>(),
-        &BackwardOptions {
-            attention: opts,
-            accumulate,
-            deterministic,
-        },
-    )?;
+    let cu_q32 = cu_q.iter().map(|&x| x as i32).collect::<Vec<_>>();
+    let cu_k32 = cu_k.iter().map(|&x| x as i32).collect::<Vec<_>>();
+    let bopts = BackwardOptions {
+        attention: opts,
+        accumulate,
+        deterministic,
+    };
+    match backend {
+        Backend::Emulator => emulator::attention_backward(
+            &HostQkv {
+                q: &qb,
+                q_layout: ql,
+                k: &kb,
+                k_layout: kl,
+                v: &vb,
+                v_layout: vl,
+            },
+            &HostBackwardInputs {
+                o: &ob,
+                o_layout: ol,
+                dout: &dob,
+                dout_layout: ol,
+                lse: &lse,
+            },
+            HostGrads {
+                dq: &mut dqb,
+                dq_layout: ql,
+                dk: &mut dkb,
+                dk_layout: kl,
+                dv: &mut dvb,
+                dv_layout: vl,
+            },
+            &mut ws,
+            &cu_q32,
+            &cu_k32,
+            &bopts,
+        )?,
+        Backend::Gpu(dev) => {
+            let seqlens = SeqLens::new(dev, &cu_q32, &cu_k32)?;
+            let (q_d, k_d, v_d) = (dev.upload(&qb)?, dev.upload(&kb)?, dev.upload(&vb)?);
+            let (o_d, do_d) = (dev.upload(&ob)?, dev.upload(&dob)?);
+            let lse_d = dev.upload(&lse)?;
+            let mut dq_d = dev.upload(&dqb)?;
+            let mut dk_d = dev.upload(&dkb)?;
+            let mut dv_d = dev.upload(&dvb)?;
+            let mut ws_d = dev.upload(&ws)?;
+            attention_backward(
+                dev,
+                &Qkv {
+                    q: &q_d,
+                    q_layout: ql,
+                    k: &k_d,
+                    k_layout: kl,
+                    v: &v_d,
+                    v_layout: vl,
+                },
+                &BackwardInputs {
+                    o: &o_d,
+                    o_layout: ol,
+                    dout: &do_d,
+                    dout_layout: ol,
+                    lse: &lse_d,
+                },
+                AttnGrads {
+                    dq: &mut dq_d,
+                    dq_layout: ql,
+                    dk: &mut dk_d,
+                    dk_layout: kl,
+                    dv: &mut dv_d,
+                    dv_layout: vl,
+                },
+                &mut ws_d,
+                &seqlens,
+                &bopts,
+            )?;
+            dqb = dev.download(&dq_d)?;
+            dkb = dev.download(&dk_d)?;
+            dvb = dev.download(&dv_d)?;
+        }
+    }
     for (b, l, name) in [(&dqb, &ql, "dq"), (&dkb, &kl, "dk"), (&dvb, &vl, "dv")] {
         assert!(
             untouched_outside(b, l, FILL),
@@ -275,8 +329,8 @@ fn emu_backward_deterministic_is_repeatable() {
         seed: 3,
         padded: false,
     };
-    let a = run_case::<bf16>(&c, false, true).unwrap();
-    let b = run_case::<bf16>(&c, false, true).unwrap();
+    let a = run_case::<bf16>(&Backend::Emulator, &c, false, true).unwrap();
+    let b = run_case::<bf16>(&Backend::Emulator, &c, false, true).unwrap();
     assert_eq!(a.emu, b.emu);
     check::<bf16>(&c, &a, false).unwrap();
 }
@@ -355,6 +409,10 @@ fn emu_parity<T: AttnElement>(name: &str) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(16);
+    parity_on::<T>(name, &Backend::Emulator, cases);
+}
+
+fn parity_on<T: AttnElement>(name: &str, backend: &Backend<'_>, cases: u32) {
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
         cases,
         failure_persistence: Some(Box::new(
@@ -367,7 +425,7 @@ fn emu_parity<T: AttnElement>(name: &str) {
     runner
         .run(&case_strategy(), |c| {
             let out =
-                run_case::<T>(&c, false, c.seed % 2 == 0).map_err(|e| TestCaseError::fail(format!("{c:?}: {e}")))?;
+                run_case::<T>(backend, &c, false, c.seed % 2 == 0).map_err(|e| TestCaseError::fail(format!("{c:?}: {e}")))?;
             check::<T>(&c, &out, false)
         })
         .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -440,13 +498,13 @@ fn emu_backward_edges() {
     for c in edge_cases() {
         for accumulate in [false, true] {
             for det in [false, true] {
-                let out = run_case::<bf16>(&c, accumulate, det)
+                let out = run_case::<bf16>(&Backend::Emulator, &c, accumulate, det)
                     .unwrap_or_else(|e| panic!("{c:?} det {det}: {e}"));
                 check::<bf16>(&c, &out, accumulate)
                     .unwrap_or_else(|e| panic!("det {det} accumulate {accumulate}: {e}"));
             }
         }
-        let out = run_case::<f16>(&c, false, false).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+        let out = run_case::<f16>(&Backend::Emulator, &c, false, false).unwrap_or_else(|e| panic!("{c:?}: {e}"));
         check::<f16>(&c, &out, false).unwrap_or_else(|e| panic!("{e}"));
     }
 }
@@ -467,7 +525,7 @@ fn emu_backward_rows_without_keys_give_zero_gradients() {
         seed: 11,
         padded: false,
     };
-    let out = run_case::<bf16>(&c, false, false).unwrap();
+    let out = run_case::<bf16>(&Backend::Emulator, &c, false, false).unwrap();
     // Rows 0..24 see no key (row i sees keys <= i - 24).
     let (hq, d) = (2, 64);
     for t in 0..24 {
@@ -486,8 +544,8 @@ fn emu_backward_rows_without_keys_give_zero_gradients() {
         },
         ..c
     };
-    let out = run_case::<bf16>(&c2, false, false).unwrap();
-    let det = run_case::<bf16>(&c2, false, true).unwrap();
+    let out = run_case::<bf16>(&Backend::Emulator, &c2, false, false).unwrap();
+    let det = run_case::<bf16>(&Backend::Emulator, &c2, false, true).unwrap();
     for (g, (a, b)) in out.emu.iter().zip(&det.emu).enumerate().skip(1) {
         assert_eq!(a, b, "gradient {g}: dK and dV do not depend on the mode");
     }
@@ -515,7 +573,7 @@ fn backward_rejects_bad_input() {
         padded: false,
     };
     // A good call runs.
-    run_case::<bf16>(&c, false, false).unwrap();
+    run_case::<bf16>(&Backend::Emulator, &c, false, false).unwrap();
     let l = HeadsLayout::contiguous(16, 1, 64);
     let x = vec![bf16::ZERO; 16 * 64];
     let lse = vec![0.0f32; 16];
@@ -572,4 +630,65 @@ fn backward_rejects_bad_input() {
     call(need, l, &lse, false).unwrap();
     call(need, l, &lse, true).unwrap();
     assert!(backward_workspace_len(usize::MAX, 2, 64).is_err());
+}
+
+fn gpu_cases() -> u32 {
+    std::env::var("LONGCTX_PARITY_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(48)
+}
+
+#[test]
+#[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+fn gpu_backward_parity_f16() {
+    let Some(dev) = common::gpu("gpu_backward_parity_f16") else {
+        return;
+    };
+    parity_on::<f16>("gpu_backward_parity_f16", &Backend::Gpu(&dev), gpu_cases());
+}
+
+#[test]
+#[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+fn gpu_backward_parity_bf16() {
+    let Some(dev) = common::gpu("gpu_backward_parity_bf16") else {
+        return;
+    };
+    parity_on::<bf16>("gpu_backward_parity_bf16", &Backend::Gpu(&dev), gpu_cases());
+}
+
+/// The fixed edge cases (both modes, accumulation) and deterministic mode's bit-stability
+/// on the GPU, where the atomic path's order really varies: 5 runs of a long GQA case give
+/// identical bits.
+#[test]
+#[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+fn gpu_backward_edges_and_determinism() {
+    let Some(dev) = common::gpu("gpu_backward_edges_and_determinism") else {
+        return;
+    };
+    let gpu = Backend::Gpu(&dev);
+    for c in edge_cases() {
+        for (accumulate, det) in [(false, false), (true, false), (false, true), (true, true)] {
+            let out = run_case::<bf16>(&gpu, &c, accumulate, det)
+                .unwrap_or_else(|e| panic!("{c:?}: {e}"));
+            check::<bf16>(&c, &out, accumulate).unwrap_or_else(|e| panic!("det {det}: {e}"));
+        }
+    }
+    let c = Case {
+        lens: vec![(1000, 1000), (777, 1500)],
+        hkv: 2,
+        group: 4,
+        dims: (128, 128),
+        mask: Mask::causal(),
+        softcap: None,
+        amp: 1.0,
+        seed: 5,
+        padded: false,
+    };
+    let first = run_case::<bf16>(&gpu, &c, false, true).unwrap();
+    check::<bf16>(&c, &first, false).unwrap();
+    for _ in 0..4 {
+        let again = run_case::<bf16>(&gpu, &c, false, true).unwrap();
+        assert!(again.emu == first.emu, "deterministic mode changed bits between runs");
+    }
 }
