@@ -13,7 +13,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use longctx::attention::reference::{attention_tiled_f32, Problem, Tiles};
 use longctx::attention::{AttentionOptions, Mask, TileConfig};
 use longctx::device::Device;
-use longctx::workloads::{attention_shapes, AttnRun};
+use longctx::workloads::{attention_backward_shapes, attention_shapes, AttnBwdRun, AttnRun};
 
 const SEQLENS: &[usize] = &[512, 1024, 2048, 4096, 8192, 16384, 32768, 65536];
 
@@ -47,6 +47,44 @@ fn gpu_benches(c: &mut Criterion, dev: &Device) {
                 });
             }
             group.finish();
+        }
+    }
+}
+
+/// Backward at the sweep's shapes, causal and not, 1k to 32k tokens,
+/// both dQ modes; throughput in FLOPs (2.5 x the forward's).
+fn gpu_backward_benches(c: &mut Criterion, dev: &Device) {
+    for shape in attention_backward_shapes() {
+        for causal in [false, true] {
+            for det in [false, true] {
+                let name = format!(
+                    "attention_backward/{}/{}/{}",
+                    shape.name,
+                    if causal { "causal" } else { "full" },
+                    if det { "deterministic" } else { "atomic" }
+                );
+                let mut group = c.benchmark_group(name);
+                group
+                    .sample_size(10)
+                    .warm_up_time(Duration::from_millis(300))
+                    .measurement_time(Duration::from_secs(2));
+                for &n in &SEQLENS[1..SEQLENS.len() - 1] {
+                    let opts = AttentionOptions {
+                        mask: if causal { Mask::causal() } else { Mask::none() },
+                        ..AttentionOptions::default()
+                    };
+                    let mut run = AttnBwdRun::new(dev, shape, (16384 / n).max(1), n, opts, 42)
+                        .expect("allocate attention backward buffers");
+                    group.throughput(Throughput::Elements(run.flops() as u64));
+                    group.bench_function(BenchmarkId::from_parameter(n), |b| {
+                        b.iter_custom(|iters| {
+                            longctx::timing::time_batch(dev, iters, || run.run(dev, det))
+                                .expect("attention backward launch")
+                        })
+                    });
+                }
+                group.finish();
+            }
         }
     }
 }
@@ -87,7 +125,10 @@ fn cpu_benches(c: &mut Criterion) {
 
 fn benches(c: &mut Criterion) {
     match longctx::timing::bench_device() {
-        Ok(dev) => gpu_benches(c, &dev),
+        Ok(dev) => {
+            gpu_benches(c, &dev);
+            gpu_backward_benches(c, &dev);
+        }
         Err(why) => {
             eprintln!("attention bench: {why}");
             cpu_benches(c)

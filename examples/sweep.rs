@@ -15,7 +15,9 @@ use longctx::layout::HeadsLayout;
 use longctx::rope::reference::apply_rope_f64;
 use longctx::rope::{AnglePrecision, Direction, RopeOptions, RopeStyle};
 use longctx::timing::{copy_bandwidth, time_gpu};
-use longctx::workloads::{attention_shapes, rope_shapes, AttnRun, RopeRun};
+use longctx::workloads::{
+    attention_backward_shapes, attention_shapes, rope_shapes, AttnBwdRun, AttnRun, RopeRun,
+};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -212,6 +214,7 @@ fn attention_rows(dev: &Device, quick: bool) -> longctx::Result<()> {
             }
         }
     }
+    attention_backward_rows(dev, quick)?;
     if !quick {
         let shape = attention_shapes()[2];
         let opts = AttentionOptions {
@@ -386,5 +389,47 @@ fn moe_cpu_check() -> longctx::Result<()> {
         tokens * cfg.top_k,
         p.offsets[cfg.experts]
     );
+    Ok(())
+}
+
+/// Attention backward at the same 16k-token batches: d 64, 128, Llama-3-8B GQA and the MLA
+/// prefill shape (192 / 128), causal and not, the atomic dQ path and deterministic mode;
+/// FLOPs 2.5 x the forward's. Correctness is the parity tests' (tests/attention_backward.rs,
+/// GPU and emulator); this times.
+fn attention_backward_rows(dev: &Device, quick: bool) -> longctx::Result<()> {
+    println!(
+        "\n{:<16} {:>6} {:>7} {:>5} {:>13} {:>10} {:>8}",
+        "attn bwd (bf16)", "mask", "seqlen", "batch", "mode", "time (ms)", "TFLOP/s"
+    );
+    let lens: &[usize] = if quick {
+        &[1024, 16384]
+    } else {
+        &[1024, 2048, 4096, 8192, 16384, 32768]
+    };
+    for shape in attention_backward_shapes() {
+        for causal in [false, true] {
+            for &n in lens {
+                let batch = (16384 / n).max(1);
+                let opts = AttentionOptions {
+                    mask: if causal { Mask::causal() } else { Mask::none() },
+                    ..AttentionOptions::default()
+                };
+                let mut r = AttnBwdRun::new(dev, shape, batch, n, opts, 3)?;
+                for det in [false, true] {
+                    let ms = time_gpu(dev, 2, 10, || r.run(dev, det))?.median_ms();
+                    println!(
+                        "{:<16} {:>6} {:>7} {:>5} {:>13} {:>10.3} {:>8.1}",
+                        shape.name,
+                        if causal { "causal" } else { "none" },
+                        n,
+                        batch,
+                        if det { "deterministic" } else { "atomic dQ" },
+                        ms,
+                        r.flops() / (ms * 1e-3) / 1e12
+                    );
+                }
+            }
+        }
+    }
     Ok(())
 }

@@ -112,6 +112,43 @@ def attention_peers():
                 torch.cuda.empty_cache()
 
 
+
+def attention_backward_peers():
+    """PyTorch SDPA backward (forward run once, then the timed backward of the same graph)
+    at the backward sweep's shapes, flash and cuDNN backends; FLOPs 2.5 x the forward's
+    exact count, as the sweep counts them."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    print("\nPyTorch SDPA backward, bf16, [batch, heads, seqlen, dim], 16k tokens per batch")
+    print(f"{'shape':<16} {'mask':>6} {'seqlen':>7} {'batch':>5} {'backend':>18} {'time (ms)':>10} {'TFLOP/s':>8}")
+    shapes = [("mha-d64", 32, 32, 64, 64), ("mha-d128", 16, 16, 128, 128), ("llama3-8b-gqa", 32, 8, 128, 128),
+              ("mla-192-128", 16, 16, 192, 128)]
+    backends = [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]
+    for name, hq, hkv, d, dv in shapes:
+        for causal in (False, True):
+            for n in [1024, 2048, 4096, 8192, 16384, 32768]:
+                b = max(1, 16384 // n)
+                mk = lambda h, dim: torch.randn(b, h, n, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                q, k, v = mk(hq, d), mk(hkv, d), mk(hkv, dv)
+                pairs = n * (n + 1) // 2 if causal else n * n
+                flops = 2.5 * 2 * hq * b * pairs * (d + dv)
+                for bname, backend in backends:
+                    label = bname + (" enable_gqa" if hq != hkv else "")
+                    try:
+                        with sdpa_kernel(backend):
+                            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=(hq != hkv))
+                            grad = torch.randn_like(out)
+                            fn = lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
+                            ms = time_ms(fn, warmup=3, iters=10)
+                    except Exception as e:  # a backend that rejects the shape
+                        print(f"{name:<16} {('causal' if causal else 'none'):>6} {n:>7} {b:>5} {label:>18} unavailable: {type(e).__name__}")
+                        continue
+                    print(f"{name:<16} {('causal' if causal else 'none'):>6} {n:>7} {b:>5} {label:>18} {ms:>10.3f} {flops / (ms * 1e-3) / 1e12:>8.1f}")
+                    del out
+                del q, k, v
+                torch.cuda.empty_cache()
+
 def hf_mixtral_router(logits, k, renorm):
     # HF Mixtral / Qwen-MoE: softmax in f32, top-k, renormalise (Qwen: iff norm_topk_prob).
     w = torch.softmax(logits, dim=1, dtype=torch.float)
@@ -190,4 +227,5 @@ if __name__ == "__main__":
         raise SystemExit(0)
     rope_peers(c)
     attention_peers()
+    attention_backward_peers()
     moe_peers(c)

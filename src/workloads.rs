@@ -256,6 +256,19 @@ pub struct AttnShape {
     pub head_dim_v: usize,
 }
 
+/// The backward sweep's shapes: the forward's plus DeepSeek's MLA prefill (192 / 128).
+pub fn attention_backward_shapes() -> Vec<AttnShape> {
+    let mut v = attention_shapes();
+    v.push(AttnShape {
+        name: "mla-192-128",
+        heads_q: 16,
+        heads_kv: 16,
+        head_dim: 192,
+        head_dim_v: 128,
+    });
+    v
+}
+
 /// FlashAttention's benchmark shapes (model dim 2048: 32 heads of 64, 16 heads of 128) and
 /// Llama-3-8B's GQA (32 query heads, 8 KV heads, d 128).
 pub fn attention_shapes() -> Vec<AttnShape> {
@@ -282,6 +295,94 @@ pub fn attention_shapes() -> Vec<AttnShape> {
             head_dim_v: 128,
         },
     ]
+}
+
+/// One attention backward benchmark case: the forward's buffers plus dO, the gradients and
+/// the workspace, all allocated once.
+pub struct AttnBwdRun {
+    /// The forward run whose O and LSE the backward consumes.
+    pub fwd: AttnRun,
+    dout: CudaSlice<bf16>,
+    dq: CudaSlice<bf16>,
+    dk: CudaSlice<bf16>,
+    dv: CudaSlice<bf16>,
+    workspace: CudaSlice<f32>,
+}
+
+impl AttnBwdRun {
+    /// Allocates, fills, and runs the forward once (for O and the LSE).
+    ///
+    /// # Errors
+    /// As [`AttnRun::new`] and the forward launch.
+    pub fn new(
+        dev: &Device,
+        shape: AttnShape,
+        batch: usize,
+        seqlen: usize,
+        opts: crate::attention::AttentionOptions,
+        seed: u64,
+    ) -> Result<Self> {
+        let mut fwd = AttnRun::new(dev, shape, batch, seqlen, opts, seed)?;
+        fwd.run(dev)?;
+        let t = batch * seqlen;
+        let ws = crate::attention::backward_workspace_len(t, shape.heads_q, shape.head_dim)?;
+        Ok(AttnBwdRun {
+            dout: filled(dev, &fwd.block[1..], t * shape.heads_q * shape.head_dim_v)?,
+            dq: dev.zeros::<bf16>((t * shape.heads_q * shape.head_dim).max(1))?,
+            dk: dev.zeros::<bf16>((t * shape.heads_kv * shape.head_dim).max(1))?,
+            dv: dev.zeros::<bf16>((t * shape.heads_kv * shape.head_dim_v).max(1))?,
+            workspace: dev.zeros::<f32>(ws.max(1))?,
+            fwd,
+        })
+    }
+
+    /// One backward pass (dQ, dK, dV), deterministic or not.
+    ///
+    /// # Errors
+    /// Whatever the launches return.
+    pub fn run(&mut self, dev: &Device, deterministic: bool) -> Result<()> {
+        let [ql, kl, vl, ol] = self.fwd.layouts();
+        let f = &self.fwd;
+        crate::attention::attention_backward(
+            dev,
+            &crate::attention::Qkv {
+                q: &f.q,
+                q_layout: ql,
+                k: &f.k,
+                k_layout: kl,
+                v: &f.v,
+                v_layout: vl,
+            },
+            &crate::attention::BackwardInputs {
+                o: &f.o,
+                o_layout: ol,
+                dout: &self.dout,
+                dout_layout: ol,
+                lse: &f.lse,
+            },
+            crate::attention::AttnGrads {
+                dq: &mut self.dq,
+                dq_layout: ql,
+                dk: &mut self.dk,
+                dk_layout: kl,
+                dv: &mut self.dv,
+                dv_layout: vl,
+            },
+            &mut self.workspace,
+            &f.seqlens,
+            &crate::attention::BackwardOptions {
+                attention: f.opts,
+                accumulate: false,
+                deterministic,
+            },
+        )
+    }
+
+    /// FLOPs of one backward pass: 2.5 x the forward's (FlashAttention's count: five
+    /// matrix products against the forward's two).
+    pub fn flops(&self) -> f64 {
+        2.5 * self.fwd.flops()
+    }
 }
 
 /// Elements of the random block that fills attention buffers by repetition: a prime, so
