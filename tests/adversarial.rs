@@ -29,10 +29,10 @@ use longctx::attention::reference::{
     compare, Output, Problem, Tiles,
 };
 use longctx::attention::{
-    check_alignment, forward_flops, smem_row_elems, validate_cu_seqlens, AttentionOptions,
-    CallShape, KernelPath, Mask, SoftmaxConsts, TileConfig, ViewShape,
+    backward_workspace_len, check_alignment, forward_flops, smem_row_elems, validate_cu_seqlens, AttentionOptions,
+    BackwardOptions, BackwardTiles, CallShape, KernelPath, Mask, SoftmaxConsts, TileConfig, ViewShape,
 };
-use longctx::emulator::{self, Arch, HostPermutation, HostQkv};
+use longctx::emulator::{self, Arch, HostBackwardInputs, HostGrads, HostPermutation, HostQkv};
 use longctx::layout::HeadsLayout;
 use longctx::moe::reference as moe_ref;
 use longctx::moe::{
@@ -1658,6 +1658,75 @@ proptest! {
             emulator::attention_forward(arch, &x, &mut o, o_layout, if lse { Some(&mut lse_buf[..]) } else { None }, &cu_q, &cu_k, &opts)
         );
         typed("emulator::attention_forward", &r)?;
+    }
+
+    /// The emulated attention backward on host slices: adversarial layouts of all eight
+    /// tensors, offsets, LSE and workspace lengths, options and modes are rejected before
+    /// any kernel runs; valid calls are tiny.
+    #[test]
+    fn attention_backward_emulator(
+        dims in attn_dims(),
+        tq in 0usize..3,
+        tk in 0usize..3,
+        heads in (1usize..3, 1usize..3),
+        layouts in prop::collection::vec(prop::option::weighted(0.2, adv_layout()), 8),
+        deltas in prop::collection::vec(delta(), 10),
+        cu in prop_oneof![3 => Just(None), 1 => cu_pair_i32().prop_map(Some)],
+        scale in prop::option::weighted(0.3, adv_f32()),
+        cap in prop::option::weighted(0.3, prop_oneof![Just(30.0f32), adv_f32()]),
+        mask in adv_mask(),
+        accumulate in any::<bool>(),
+        deterministic in any::<bool>(),
+        ws_total in (adv_usize(), adv_usize(), adv_usize()),
+    ) {
+        let (d, dv) = dims;
+        let (hq, hkv) = (heads.0 * heads.1, heads.1);
+        // q, k, v, o, dout, dq, dk, dv
+        let shapes = [(tq, hq, d), (tk, hkv, d), (tk, hkv, dv), (tq, hq, dv), (tq, hq, dv), (tq, hq, d), (tk, hkv, d), (tk, hkv, dv)];
+        let mut l: Vec<HeadsLayout> = shapes.iter().map(|&(t, h, c)| HeadsLayout::contiguous(t, h, c)).collect();
+        for (slot, poke) in l.iter_mut().zip(&layouts) {
+            if let Some(p) = poke {
+                *slot = *p;
+            }
+        }
+        let cap_len = 2048;
+        let lens: Vec<usize> = (0..8)
+            .map(|i| length(size3(l[i].tokens, l[i].heads, l[i].head_dim), deltas[i], 16, cap_len))
+            .collect();
+        let mk = |n: usize, seed: usize| -> Vec<f16> { filler(n, seed).into_iter().map(f16::from_f64).collect() };
+        let (q, k, v, o, dout) = (mk(lens[0], 1), mk(lens[1], 2), mk(lens[2], 3), mk(lens[3], 4), mk(lens[4], 5));
+        let (mut dq, mut dk, mut dvb) = (mk(lens[5], 6), mk(lens[6], 7), mk(lens[7], 8));
+        let lse = vec![0f32; length(hq.checked_mul(tq), deltas[8], 3, cap_len)];
+        let ws_want = backward_workspace_len(tq, hq, d).ok();
+        let mut ws = vec![0f32; length(ws_want, deltas[9], 8, cap_len)];
+        let (cu_q, cu_k) = cu.unwrap_or_else(|| (vec![0, tq as i32], vec![0, tk as i32]));
+        let x = HostQkv { q: &q, q_layout: l[0], k: &k, k_layout: l[1], v: &v, v_layout: l[2] };
+        let inputs = HostBackwardInputs { o: &o, o_layout: l[3], dout: &dout, dout_layout: l[4], lse: &lse };
+        let opts = BackwardOptions {
+            attention: AttentionOptions { softmax_scale: scale, mask, softcap: cap },
+            accumulate,
+            deterministic,
+        };
+        let (gl5, gl6, gl7) = (l[5], l[6], l[7]);
+        let r = guard!(
+            "emulator::attention_backward",
+            [l, lens, cu_q, cu_k, opts],
+            emulator::attention_backward(
+                &x,
+                &inputs,
+                HostGrads { dq: &mut dq, dq_layout: gl5, dk: &mut dk, dk_layout: gl6, dv: &mut dvb, dv_layout: gl7 },
+                &mut ws,
+                &cu_q,
+                &cu_k,
+                &opts,
+            )
+        );
+        typed("emulator::attention_backward", &r)?;
+        let (a, b, c) = ws_total;
+        let r = guard!("attention::backward_workspace_len", [a, b, c], backward_workspace_len(a, b, c));
+        typed("backward_workspace_len", &r)?;
+        let r = guard!("attention::BackwardTiles::for_head_dims", [a, b], BackwardTiles::for_head_dims(a, b));
+        typed("BackwardTiles::for_head_dims", &r)?;
     }
 }
 
