@@ -115,9 +115,17 @@ fn max_abs(a: &[f64]) -> f64 {
     a.iter().fold(0.0, |m, x| m.max(x.abs()))
 }
 
+/// Largest |a - b|; a NaN anywhere counts as an infinite error (f64::max would skip it).
 fn max_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+    a.iter().zip(b).fold(0.0, |m, (x, y)| {
+        let e = (x - y).abs();
+        if e.is_nan() {
+            f64::INFINITY
+        } else {
+            m.max(e)
+        }
+    })
 }
 
 /// What one case produced: (emulated, same-precision CPU, reference) per gradient.
