@@ -19,6 +19,19 @@ limit="${LONGCTX_STEP_TIMEOUT:-300}"
 
 { date -u; nvidia-smi; nvcc --version 2>/dev/null | tail -n 2; } > "$LOG/env.txt" 2>&1
 
+# The binaries travel xz-compressed (scripts/gpu-bundle.sh); unpack them once.
+python3 - <<'PY'
+import glob, lzma, os
+for path in glob.glob("tests/*.xz") + glob.glob("benches/*.xz") + glob.glob("examples/*.xz"):
+    out = path[:-3]
+    with open(path, "rb") as f:
+        data = lzma.decompress(f.read())
+    with open(out, "wb") as f:
+        f.write(data)
+    os.chmod(out, 0o755)
+    os.remove(path)
+PY
+
 # Parity and unit tests, every test binary, GPU required. The GPU tests are #[ignore]d so a
 # machine without a GPU reports them as ignored, never as passed: here they are enabled with
 # --include-ignored (and LONGCTX_REQUIRE_GPU=1 makes a missing GPU a failure). The emulator's

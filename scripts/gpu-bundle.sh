@@ -4,7 +4,7 @@
 # toolchain:
 #
 #   scripts/gpu-bundle.sh            # here: build the bundle (sm_90a; LONGCTX_CUDA_ARCHS overrides)
-#   gpu-bundle/run.sh LOGDIR         # there: parity (LONGCTX_REQUIRE_GPU=1), compute-sanitizer,
+#   gpu-bundle/run.sh LOGDIR         # there: unpack, then parity (LONGCTX_REQUIRE_GPU=1), compute-sanitizer,
 #                                    # the sweep, the criterion benches, the PyTorch peers
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +47,21 @@ for line in sys.stdin:
   cp "$path" "$dest"
   strip "$dest" 2>/dev/null || true
 done
+
+# Every binary embeds every fatbin; xz keeps the bundle inside its size limit. run.sh
+# unpacks them (Python's lzma, so the GPU machine needs no xz).
+python3 - "$OUT" <<'PY'
+import lzma, os, sys
+for sub in ("tests", "benches", "examples"):
+    d = os.path.join(sys.argv[1], sub)
+    for name in sorted(os.listdir(d)):
+        path = os.path.join(d, name)
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path + ".xz", "wb") as f:
+            f.write(lzma.compress(data, preset=6))
+        os.remove(path)
+PY
 
 cp scripts/peers.py "$OUT/peers.py"
 cp scripts/bundle-run.sh "$OUT/run.sh"
