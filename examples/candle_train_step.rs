@@ -97,9 +97,15 @@ impl Block {
         let positions: Vec<i32> = (0..TOKENS as i32).collect();
         // Attention: [tokens, hidden] -> Q [tokens, hq, d], K/V [tokens, hkv, d].
         let h = rms_norm(x, self.norm1.as_tensor())?;
-        let q = h.matmul(self.wq.as_tensor())?.reshape((TOKENS, HEADS_Q, HEAD_DIM))?;
-        let k = h.matmul(self.wk.as_tensor())?.reshape((TOKENS, HEADS_KV, HEAD_DIM))?;
-        let v = h.matmul(self.wv.as_tensor())?.reshape((TOKENS, HEADS_KV, HEAD_DIM))?;
+        let q = h
+            .matmul(self.wq.as_tensor())?
+            .reshape((TOKENS, HEADS_Q, HEAD_DIM))?;
+        let k = h
+            .matmul(self.wk.as_tensor())?
+            .reshape((TOKENS, HEADS_KV, HEAD_DIM))?;
+        let v = h
+            .matmul(self.wv.as_tensor())?
+            .reshape((TOKENS, HEADS_KV, HEAD_DIM))?;
         let q = self.rope.apply(&q, &positions)?;
         let k = self.rope.apply(&k, &positions)?;
         let opts = AttentionOptions {

@@ -13,7 +13,9 @@ type R<T> = candle_core::Result<T>;
 
 /// Deterministic pseudo-random values in [-1, 1).
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
             s = s
@@ -109,7 +111,12 @@ fn rope_case(style: RopeStyle, cfg: &RopeConfig, positions: &[i32], seed: u64) -
     // The gradient is the inverse rotation (times the attention factor f): applying the
     // forward to it gives f^2 w.
     let f2 = f64::from(cfg.attention_factor()).powi(2);
-    assert_close("rope R(theta) R(-theta)", &rope.apply(a, positions)?, &(&w * f2)?, 4e-6)?;
+    assert_close(
+        "rope R(theta) R(-theta)",
+        &rope.apply(a, positions)?,
+        &(&w * f2)?,
+        4e-6,
+    )?;
     Ok(())
 }
 
@@ -181,7 +188,13 @@ fn rope_rejects_bad_input_with_errors() -> R<()> {
 
 /// Softmax attention with candle ops: GQA by repeating KV heads, the mask as -inf,
 /// candle-nn's softmax. Returns (O `[tq, hq, dv]`, LSE `[hq, tq]`).
-fn candle_attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> R<(Tensor, Tensor)> {
+fn candle_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    scale: f64,
+) -> R<(Tensor, Tensor)> {
     let (tq, hq, d) = q.dims3()?;
     let (tk, hkv, dv) = v.dims3()?;
     let g = hq / hkv;
@@ -197,7 +210,13 @@ fn candle_attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64
     if causal {
         let mask: Vec<f32> = (0..tq)
             .flat_map(|i| {
-                (0..tk).map(move |j| if j + tq <= i + tk { 0.0 } else { f32::NEG_INFINITY })
+                (0..tk).map(move |j| {
+                    if j + tq <= i + tk {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
             })
             .collect();
         let mask = Tensor::from_vec(mask, (tq, tk), &Device::Cpu)?.to_dtype(s.dtype())?;
@@ -210,7 +229,15 @@ fn candle_attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64
     Ok((o, lse))
 }
 
-fn attention_case(tq: usize, tk: usize, hq: usize, hkv: usize, d: usize, causal: bool, seed: u64) -> R<()> {
+fn attention_case(
+    tq: usize,
+    tk: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    causal: bool,
+    seed: u64,
+) -> R<()> {
     let q0 = rand_t(&[tq, hq, d], seed)?;
     let k0 = rand_t(&[tk, hkv, d], seed + 1)?;
     let v0 = rand_t(&[tk, hkv, d], seed + 2)?;
@@ -220,14 +247,28 @@ fn attention_case(tq: usize, tk: usize, hq: usize, hkv: usize, d: usize, causal:
         ..AttentionOptions::default()
     };
     let scale = f64::from(opts.scale_for(d));
-    let (q, k, v) = (Var::from_tensor(&q0)?, Var::from_tensor(&k0)?, Var::from_tensor(&v0)?);
+    let (q, k, v) = (
+        Var::from_tensor(&q0)?,
+        Var::from_tensor(&k0)?,
+        Var::from_tensor(&v0)?,
+    );
     let (o, lse) = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &opts)?;
     let g = o.mul(&w)?.sum_all()?.backward()?;
 
     // The candle-op version in f64, so the comparison measures the f32 rounding only.
     let f = |t: &Tensor| t.to_dtype(DType::F64);
-    let (q2, k2, v2) = (Var::from_tensor(&f(&q0)?)?, Var::from_tensor(&f(&k0)?)?, Var::from_tensor(&f(&v0)?)?);
-    let (o2, lse2) = candle_attention(q2.as_tensor(), k2.as_tensor(), v2.as_tensor(), causal, scale)?;
+    let (q2, k2, v2) = (
+        Var::from_tensor(&f(&q0)?)?,
+        Var::from_tensor(&f(&k0)?)?,
+        Var::from_tensor(&f(&v0)?)?,
+    );
+    let (o2, lse2) = candle_attention(
+        q2.as_tensor(),
+        k2.as_tensor(),
+        v2.as_tensor(),
+        causal,
+        scale,
+    )?;
     let g2 = o2.mul(&f(&w)?)?.sum_all()?.backward()?;
 
     let tag = format!("tq {tq} tk {tk} hq {hq} hkv {hkv} d {d} causal {causal}");
@@ -253,8 +294,15 @@ fn attention_matches_candle_ops_with_gradients() -> R<()> {
 #[test]
 fn attention_varlen_equals_separate_sequences() -> R<()> {
     let (hq, hkv, d) = (4, 2, 8);
-    let (q, k, v) = (rand_t(&[9, hq, d], 1)?, rand_t(&[11, hkv, d], 2)?, rand_t(&[11, hkv, d], 3)?);
-    let opts = AttentionOptions { mask: Mask::causal(), ..AttentionOptions::default() };
+    let (q, k, v) = (
+        rand_t(&[9, hq, d], 1)?,
+        rand_t(&[11, hkv, d], 2)?,
+        rand_t(&[11, hkv, d], 3)?,
+    );
+    let opts = AttentionOptions {
+        mask: Mask::causal(),
+        ..AttentionOptions::default()
+    };
     let (o, lse) = attention_varlen(&q, &k, &v, &[0, 4, 9], &[0, 5, 11], &opts)?;
     let (oa, la) = attention(&q.i(0..4)?, &k.i(0..5)?, &v.i(0..5)?, &opts)?;
     let (ob, lb) = attention(&q.i(4..9)?, &k.i(5..11)?, &v.i(5..11)?, &opts)?;
@@ -276,7 +324,10 @@ fn attention_rejects_bad_input_with_errors() -> R<()> {
     assert!(attention(&q, &k1, &k1.to_dtype(DType::F64)?, &opts).is_err());
     assert!(attention_varlen(&q, &k1, &k1, &[0, 3], &[0, 4], &opts).is_err());
     assert!(attention_varlen(&q, &k1, &k1, &[0, 5, 4], &[0, 2, 4], &opts).is_err());
-    let bad = AttentionOptions { softmax_scale: Some(f32::NAN), ..opts };
+    let bad = AttentionOptions {
+        softmax_scale: Some(f32::NAN),
+        ..opts
+    };
     assert!(attention(&q, &k1, &k1, &bad).is_err());
     Ok(())
 }
@@ -289,7 +340,10 @@ fn attention_rejects_bad_input_with_errors() -> R<()> {
 /// renormalisation.
 fn candle_router(logits: &Tensor, top_k: usize, renormalize: bool) -> R<(Tensor, Tensor)> {
     let p = candle_nn::ops::softmax(logits, D::Minus1)?;
-    let ids = logits.arg_sort_last_dim(false)?.narrow(1, 0, top_k)?.contiguous()?;
+    let ids = logits
+        .arg_sort_last_dim(false)?
+        .narrow(1, 0, top_k)?
+        .contiguous()?;
     let w = p.gather(&ids, 1)?;
     let w = if renormalize {
         w.broadcast_div(&w.sum_keepdim(1)?)?
@@ -330,7 +384,14 @@ fn gather_and_combine_match_candle_ops_with_gradients() -> R<()> {
     for block in [1, 4] {
         let logits = rand_t(&[tokens, experts], 11)?;
         let r = route(&logits, &cfg, None)?;
-        let perm = permute(&r, experts, PermuteOptions { block, capacity_factor: None })?;
+        let perm = permute(
+            &r,
+            experts,
+            PermuteOptions {
+                block,
+                capacity_factor: None,
+            },
+        )?;
         let x0 = rand_t(&[tokens, hidden], 12)?;
         let w0 = r.weights.clone();
         let c = rand_t(&[tokens, hidden], 13)?;

@@ -11,27 +11,39 @@
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape, Storage, Tensor};
+use cudarc::driver::CudaView;
 use half::{bf16, f16};
 
 use super::{contiguous_range, dims3, invalid, wrap, CResult, ATTN, ROPE};
 use crate::attention::{AttentionOptions, AttnOutput, Qkv, SeqLens};
 use crate::device::Device;
 use crate::layout::HeadsLayout;
-use crate::rope::{apply_rope_packed, Direction, Positions, RopeConfig, RopeOptions, RopeStyle, RopeTable};
+use crate::rope::{
+    apply_rope_packed, Direction, Positions, RopeConfig, RopeOptions, RopeStyle, RopeTable,
+};
 
 /// One longctx [`Device`] per candle stream, kept for the process: each holds its loaded
 /// kernel modules, so they are loaded once, not per op. The handle keeps the stream alive,
 /// so a stream's address is never reused while its entry exists.
 fn longctx_device(cd: &CudaDevice) -> CResult<Arc<Device>> {
-    static DEVICES: OnceLock<Mutex<Vec<(usize, Arc<Device>)>>> = OnceLock::new();
+    /// (the stream's CUstream address, the handle wrapping it).
+    type Cache = Mutex<Vec<(usize, Arc<Device>)>>;
+    static DEVICES: OnceLock<Cache> = OnceLock::new();
     let stream = cd.cuda_stream();
     let key = stream.cu_stream() as usize;
     let mut devices = DEVICES
         .get_or_init(|| Mutex::new(Vec::new()))
         .lock()
-        .map_err(|_| invalid("candle", "device", "the device cache was poisoned by a panic"))?;
+        .map_err(|_| {
+            invalid(
+                "candle",
+                "device",
+                "the device cache was poisoned by a panic",
+            )
+        })?;
     if let Some((_, d)) = devices.iter().find(|(k, _)| *k == key) {
         return Ok(d.clone());
     }
@@ -90,6 +102,17 @@ pub(super) fn rope(
     Ok((out, l.shape().clone()))
 }
 
+/// The elements `r` of a candle CUDA storage of `T`, as a cudarc view.
+fn view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    r: (usize, usize),
+    arg: &'static str,
+) -> CResult<CudaView<'a, T>> {
+    s.as_cuda_slice::<T>()?
+        .try_slice(r.0..r.1)
+        .ok_or_else(|| invalid(ATTN, arg, "layout range leaves its buffer"))
+}
+
 /// Attention forward on candle CUDA tensors: O (q's dtype) and the LSE tensor (f32,
 /// `[heads_q, total_q]`), both on candle's device.
 pub(super) fn attention_forward(
@@ -123,13 +146,11 @@ pub(super) fn attention_forward(
     let mut lse = sq.device.alloc_zeros::<f32>(lse_len.max(1))?;
     macro_rules! run {
         ($t:ty) => {{
-            let view = |s: &CudaStorage, r: (usize, usize), arg: &'static str| {
-                s.as_cuda_slice::<$t>().and_then(|x| {
-                    x.try_slice(r.0..r.1)
-                        .ok_or_else(|| invalid(ATTN, arg, "layout range leaves its buffer"))
-                })
-            };
-            let (q, k, v) = (view(sq, rq, "q")?, view(sk, rk, "k")?, view(sv, rv, "v")?);
+            let (q, k, v) = (
+                view::<$t>(sq, rq, "q")?,
+                view::<$t>(sk, rk, "k")?,
+                view::<$t>(sv, rv, "v")?,
+            );
             let mut o = sq.device.alloc_zeros::<$t>(o_len.max(1))?;
             crate::attention::attention_forward(
                 &dev,

@@ -35,7 +35,7 @@ use crate::attention::reference::{attention_backward_f64, attention_f64, Problem
 use crate::attention::AttentionOptions;
 use crate::layout::HeadsLayout;
 use crate::moe::reference as moe_ref;
-use crate::moe::{LossOptions, PermuteOptions, PermutationTables, RouterConfig};
+use crate::moe::{LossOptions, PermutationTables, PermuteOptions, RouterConfig};
 use crate::rope::reference::apply_rope_f64;
 use crate::rope::{Direction, RopeConfig, RopeStyle};
 
@@ -58,8 +58,13 @@ fn invalid(op: &'static str, arg: &'static str, problem: impl Into<String>) -> c
 
 /// The contiguous range of a CPU storage a layout addresses, checked.
 fn contiguous_range(op: &'static str, arg: &'static str, l: &Layout) -> CResult<(usize, usize)> {
-    l.contiguous_offsets()
-        .ok_or_else(|| invalid(op, arg, format!("layout {:?} is not contiguous", l.stride())))
+    l.contiguous_offsets().ok_or_else(|| {
+        invalid(
+            op,
+            arg,
+            format!("layout {:?} is not contiguous", l.stride()),
+        )
+    })
 }
 
 /// The elements of a contiguous CPU tensor as f64, and its dtype.
@@ -127,13 +132,8 @@ fn tensor_from_f64(v: Vec<f64>, shape: &[usize], dtype: DType, like: &Tensor) ->
 
 /// Checks a tensor's rank and returns its dims.
 fn dims<const N: usize>(op: &'static str, arg: &'static str, t: &Tensor) -> CResult<[usize; N]> {
-    <[usize; N]>::try_from(t.dims()).map_err(|_| {
-        invalid(
-            op,
-            arg,
-            format!("shape {:?}; expected rank {N}", t.dims()),
-        )
-    })
+    <[usize; N]>::try_from(t.dims())
+        .map_err(|_| invalid(op, arg, format!("shape {:?}; expected rank {N}", t.dims())))
 }
 
 /// Checks that a float tensor has one of the dtypes the references read.
@@ -498,7 +498,11 @@ impl AttentionOp {
 fn dims3(op: &'static str, arg: &'static str, l: &Layout) -> CResult<(usize, usize, usize)> {
     match l.dims() {
         &[a, b, c] => Ok((a, b, c)),
-        other => Err(invalid(op, arg, format!("shape {other:?}; expected rank 3"))),
+        other => Err(invalid(
+            op,
+            arg,
+            format!("shape {other:?}; expected rank 3"),
+        )),
     }
 }
 
@@ -546,14 +550,8 @@ impl candle_core::CustomOp3 for AttentionOpRef {
         lv: &Layout,
     ) -> CResult<(candle_core::CudaStorage, Shape)> {
         let op = &self.0;
-        let (o, shape, lse) = cuda::attention_forward(
-            &op.opts,
-            &op.cu_q,
-            &op.cu_k,
-            (sq, lq),
-            (sk, lk),
-            (sv, lv),
-        )?;
+        let (o, shape, lse) =
+            cuda::attention_forward(&op.opts, &op.cu_q, &op.cu_k, (sq, lq), (sk, lk), (sv, lv))?;
         op.store_lse(lse)?;
         Ok((o, shape))
     }
@@ -589,7 +587,15 @@ fn attention_backward(
                 .map_err(|_| invalid(ATTN, "lse", "the LSE slot was poisoned by a panic"))?
                 .clone();
             return cuda::attention_backward(
-                &op.opts, &op.cu_q, &op.cu_k, q, k, v, o, lse.as_ref(), dout,
+                &op.opts,
+                &op.cu_q,
+                &op.cu_k,
+                q,
+                k,
+                v,
+                o,
+                lse.as_ref(),
+                dout,
             );
         }
     }
@@ -903,8 +909,8 @@ impl candle_core::CustomOp1 for GatherOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let hidden = l.dims().get(1).copied().unwrap_or(0);
         let x = cpu_f64(MOE, "x", s, l)?;
-        let out =
-            moe_ref::gather_f64(&x, hidden, self.perm.top_k, &self.perm.tables, None).map_err(wrap)?;
+        let out = moe_ref::gather_f64(&x, hidden, self.perm.top_k, &self.perm.tables, None)
+            .map_err(wrap)?;
         Ok((
             cpu_from_f64(MOE, out, s.dtype())?,
             Shape::from((self.perm.slots(), hidden)),
@@ -983,7 +989,12 @@ impl candle_core::CustomOp2 for CombineOp {
                 expert_out.dtype(),
                 expert_out,
             )?),
-            Some(tensor_from_f64(d_w, weights.dims(), weights.dtype(), weights)?),
+            Some(tensor_from_f64(
+                d_w,
+                weights.dims(),
+                weights.dtype(),
+                weights,
+            )?),
         ))
     }
 }
