@@ -194,6 +194,7 @@ fn candle_attention(
     v: &Tensor,
     causal: bool,
     scale: f64,
+    softcap: Option<f64>,
 ) -> R<(Tensor, Tensor)> {
     let (tq, hq, d) = q.dims3()?;
     let (tk, hkv, dv) = v.dims3()?;
@@ -207,6 +208,9 @@ fn candle_attention(
     let (kk, vv) = (rep(k, d)?, rep(v, dv)?); // [hq, tk, .]
     let qq = q.transpose(0, 1)?.contiguous()?; // [hq, tq, d]
     let mut s = (qq.matmul(&kk.transpose(1, 2)?.contiguous()?)? * scale)?; // [hq, tq, tk]
+    if let Some(cap) = softcap {
+        s = ((s / cap)?.tanh()? * cap)?;
+    }
     if causal {
         let mask: Vec<f32> = (0..tq)
             .flat_map(|i| {
@@ -236,14 +240,17 @@ fn attention_case(
     hkv: usize,
     d: usize,
     causal: bool,
+    softcap: Option<f32>,
     seed: u64,
 ) -> R<()> {
-    let q0 = rand_t(&[tq, hq, d], seed)?;
+    // Scaled up so that a softcap of 1 bends the scores noticeably.
+    let q0 = (rand_t(&[tq, hq, d], seed)? * 3.0)?;
     let k0 = rand_t(&[tk, hkv, d], seed + 1)?;
     let v0 = rand_t(&[tk, hkv, d], seed + 2)?;
     let w = rand_t(&[tq, hq, d], seed + 3)?;
     let opts = AttentionOptions {
         mask: if causal { Mask::causal() } else { Mask::none() },
+        softcap,
         ..AttentionOptions::default()
     };
     let scale = f64::from(opts.scale_for(d));
@@ -268,10 +275,12 @@ fn attention_case(
         v2.as_tensor(),
         causal,
         scale,
+        softcap.map(f64::from),
     )?;
     let g2 = o2.mul(&f(&w)?)?.sum_all()?.backward()?;
 
-    let tag = format!("tq {tq} tk {tk} hq {hq} hkv {hkv} d {d} causal {causal}");
+    let tag =
+        format!("tq {tq} tk {tk} hq {hq} hkv {hkv} d {d} causal {causal} softcap {softcap:?}");
     assert_close(&format!("O ({tag})"), &o, &o2, 1e-5)?;
     assert_close(&format!("LSE ({tag})"), &lse, &lse2, 1e-5)?;
     for (name, a, b) in [("dq", &q, &q2), ("dk", &k, &k2), ("dv", &v, &v2)] {
@@ -284,10 +293,11 @@ fn attention_case(
 
 #[test]
 fn attention_matches_candle_ops_with_gradients() -> R<()> {
-    attention_case(6, 6, 2, 2, 8, false, 10)?; // MHA
-    attention_case(6, 6, 4, 2, 16, true, 20)?; // GQA 2, causal
-    attention_case(5, 9, 4, 1, 8, true, 30)?; // MQA, causal bottom-right (tq < tk)
-    attention_case(1, 7, 8, 2, 8, false, 40)?; // decode-like single row
+    attention_case(6, 6, 2, 2, 8, false, None, 10)?; // MHA
+    attention_case(6, 6, 4, 2, 16, true, None, 20)?; // GQA 2, causal
+    attention_case(5, 9, 4, 1, 8, true, None, 30)?; // MQA, causal bottom-right (tq < tk)
+    attention_case(1, 7, 8, 2, 8, false, None, 40)?; // decode-like single row
+    attention_case(6, 8, 4, 2, 8, true, Some(1.0), 50)?; // softcap (Gemma-2 style)
     Ok(())
 }
 
@@ -374,6 +384,42 @@ fn router_matches_candle_ops_with_gradients() -> R<()> {
         let gb = g2.get(z2.as_tensor()).expect("candle logits gradient");
         assert_close("router gradient", ga, gb, 1e-6)?;
     }
+    Ok(())
+}
+
+#[test]
+fn deepseek_v3_router_matches_candle_ops_with_gradients() -> R<()> {
+    // Sigmoid scoring, a correction bias in the choice only, 4 groups of 4 scored by their
+    // top-2 sums, 2 groups kept, top-4, renormalised, x 2.5.
+    let (tokens, experts, top_k) = (6, 16, 4);
+    let cfg = RouterConfig::deepseek_v3(experts, top_k, 4, 2, true, 2.5);
+    let bias: Vec<f64> = (0..experts).map(|e| 0.05 * (e % 5) as f64).collect();
+    let z0 = (rand_t(&[tokens, experts], 31)? * 2.0)?;
+    let c = rand_t(&[tokens, top_k], 32)?;
+    let z = Var::from_tensor(&z0)?;
+    let r = route(z.as_tensor(), &cfg, Some(&bias))?;
+    let g = r.weights.mul(&c)?.sum_all()?.backward()?;
+    // The chosen experts come from at most 2 groups of 4.
+    for row in r.ids.to_vec2::<u32>()? {
+        let mut groups: Vec<u32> = row.iter().map(|&e| e / 4).collect();
+        groups.sort_unstable();
+        groups.dedup();
+        assert!(
+            groups.len() <= 2,
+            "experts {row:?} span {} groups",
+            groups.len()
+        );
+    }
+    // Weights from candle ops at the same ids: sigmoid, gather, renormalise, scale.
+    let z2 = Var::from_tensor(&z0.to_dtype(DType::F64)?)?;
+    let s = candle_nn::ops::sigmoid(z2.as_tensor())?;
+    let w = s.gather(&r.ids, 1)?;
+    let w2 = (w.broadcast_div(&w.sum_keepdim(1)?)? * 2.5)?;
+    let g2 = w2.mul(&c.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
+    assert_close("deepseek weights", &r.weights, &w2, 1e-6)?;
+    let ga = g.get(z.as_tensor()).expect("logits gradient");
+    let gb = g2.get(z2.as_tensor()).expect("candle logits gradient");
+    assert_close("deepseek gradient", ga, gb, 1e-6)?;
     Ok(())
 }
 
