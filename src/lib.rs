@@ -47,6 +47,8 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod device;
 pub mod dtype;
 #[cfg(feature = "emulator")]
