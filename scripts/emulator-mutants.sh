@@ -37,7 +37,7 @@ MUTANTS=(
   "attn-bwd-dq-scale|kernels/attention/attention_bwd_kernel.cuh|s/float a = x\[2 \* e\] \* p.scale;/float a = x[2 * e];/|--test attention_backward emu_backward_edges"
   "attn-bwd-gqa-group|kernels/attention/attention_bwd_kernel.cuh|s/hq < (head_kv + 1) \* group;/hq < head_kv * group + 1;/|--test attention_backward emu_backward_edges"
   "attn-bwd-no-key-lse|kernels/attention/attention_bwd_kernel.cuh|s/lse == -INFINITY ? INFINITY : lse \* kLog2e/lse * kLog2e/|--test attention_backward emu_backward_edges"
-  "attn-bwd-det-mask-off-by-one|kernels/attention/attention_bwd_kernel.cuh|s/if (j < j_lo || j > j_hi) s\[nj\]/if (j < j_lo || j > j_hi + 1) s[nj]/|--test attention_backward emu_backward_edges"
+  "attn-bwd-det-mask-off-by-one|kernels/attention/attention_bwd_kernel.cuh|s/j > j_hi) s\[nj\]/j > j_hi + 1) s[nj]/|--test attention_backward emu_backward_edges"
   "moe-tie-rule|kernels/moe/reduce.cuh|s/(v == best_v \&\& id < best_id)/(v == best_v \&\& id > best_id)/|--test moe emu_route_edges"
   "moe-warp-lowest-slot|kernels/moe/gate_kernel.cuh|s/for (int j = kGateSlots - 1; j >= 0; --j) {/for (int j = 0; j < kGateSlots; ++j) {/|--test moe emu_route_edges"
   "moe-warp-group-butterfly|kernels/moe/gate_kernel.cuh|s/for (int off = gl >> 1; off > 0; off >>= 1) {/for (int off = gl >> 2; off > 0; off >>= 1) {/|--test moe emu_route_edges"
