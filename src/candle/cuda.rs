@@ -195,24 +195,160 @@ pub(super) fn attention_forward(
     Ok((o, Shape::from((tq, hq, dv)), lse_tensor))
 }
 
-/// Attention backward on CUDA tensors: not available until longctx's backward kernel
-/// lands. This is the one function to fill in then (the forward's LSE is passed in).
+/// A contiguous CUDA tensor's storage guard, layout range and dims.
+fn cuda_parts<'a>(
+    t: &'a Tensor,
+    arg: &'static str,
+) -> CResult<(
+    std::sync::RwLockReadGuard<'a, Storage>,
+    (usize, usize),
+    (usize, usize, usize),
+)> {
+    let (st, l) = t.storage_and_layout();
+    let dims = dims3(ATTN, arg, l)?;
+    let range = contiguous_range(ATTN, arg, l)?;
+    Ok((st, range, dims))
+}
+
+fn cuda_storage<'a>(st: &'a Storage, arg: &'static str) -> CResult<&'a CudaStorage> {
+    match st {
+        Storage::Cuda(s) => Ok(s),
+        _ => Err(invalid(ATTN, arg, "is not on the CUDA device of q")),
+    }
+}
+
+/// Attention backward on CUDA tensors: longctx's backward kernels on candle's stream, with
+/// the forward's O and LSE; dQ, dK and dV are fresh tensors in q's, k's and v's shapes (the
+/// workspace is allocated per call on candle's device).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_backward(
-    _opts: &AttentionOptions,
-    _cu_q: &[i32],
-    _cu_k: &[i32],
-    _q: &Tensor,
-    _k: &Tensor,
-    _v: &Tensor,
-    _o: &Tensor,
-    _lse: Option<&Tensor>,
-    _dout: &Tensor,
+    opts: &AttentionOptions,
+    cu_q: &[i32],
+    cu_k: &[i32],
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: Option<&Tensor>,
+    dout: &Tensor,
 ) -> CResult<(Tensor, Tensor, Tensor)> {
-    Err(invalid(
-        ATTN,
-        "device",
-        "attention backward on CUDA tensors is not available yet: longctx's CUDA backward \
-         kernel is still being written (CPU tensors use the f64 reference backward)",
-    ))
+    let lse = lse.ok_or_else(|| {
+        invalid(
+            ATTN,
+            "lse",
+            "the forward's LSE is missing (the backward needs the forward run on CUDA)",
+        )
+    })?;
+    let dout = dout.contiguous()?;
+    let (gq, rq, (tq, hq, d)) = cuda_parts(q, "q")?;
+    let (gk, rk, (tk, hkv, dk)) = cuda_parts(k, "k")?;
+    let (gv, rv, (tv, hv, dv)) = cuda_parts(v, "v")?;
+    let (go, ro, _) = cuda_parts(o, "o")?;
+    let (gd, rd, _) = cuda_parts(&dout, "dout")?;
+    let (gl, ll) = lse.storage_and_layout();
+    let rl = ll
+        .contiguous_offsets()
+        .ok_or_else(|| invalid(ATTN, "lse", "is not contiguous"))?;
+    let (sq, sk, sv) = (
+        cuda_storage(&gq, "q")?,
+        cuda_storage(&gk, "k")?,
+        cuda_storage(&gv, "v")?,
+    );
+    let (so, sd, sl) = (
+        cuda_storage(&go, "o")?,
+        cuda_storage(&gd, "dout")?,
+        cuda_storage(&gl, "lse")?,
+    );
+    let dev = longctx_device(&sq.device)?;
+    let seqlens = SeqLens::new(&dev, cu_q, cu_k).map_err(wrap)?;
+    let ws_len = crate::attention::backward_workspace_len(tq, hq, d).map_err(wrap)?;
+    let mut ws = sq.device.alloc_zeros::<f32>(ws_len.max(1))?;
+    let lse_view = sl
+        .as_cuda_slice::<f32>()?
+        .try_slice(rl.0..rl.1)
+        .ok_or_else(|| invalid(ATTN, "lse", "layout range leaves its buffer"))?;
+    let size = |a: usize, b: usize, c: usize, arg: &'static str| {
+        a.checked_mul(b)
+            .and_then(|n| n.checked_mul(c))
+            .ok_or_else(|| invalid(ATTN, arg, "size overflows usize"))
+    };
+    let (nq, nk, nv) = (
+        size(tq, hq, d, "q")?,
+        size(tk, hkv, dk, "k")?,
+        size(tv, hv, dv, "v")?,
+    );
+    let bwd = crate::attention::BackwardOptions {
+        attention: *opts,
+        accumulate: false,
+        deterministic: false,
+    };
+    macro_rules! run {
+        ($t:ty) => {{
+            let (qv, kv, vv) = (
+                view::<$t>(sq, rq, "q")?,
+                view::<$t>(sk, rk, "k")?,
+                view::<$t>(sv, rv, "v")?,
+            );
+            let (ov, dov) = (view::<$t>(so, ro, "o")?, view::<$t>(sd, rd, "dout")?);
+            let mut dq = sq.device.alloc_zeros::<$t>(nq.max(1))?;
+            let mut dk_ = sq.device.alloc_zeros::<$t>(nk.max(1))?;
+            let mut dv_ = sq.device.alloc_zeros::<$t>(nv.max(1))?;
+            let ql = HeadsLayout::contiguous(tq, hq, d);
+            let kl = HeadsLayout::contiguous(tk, hkv, dk);
+            let vl = HeadsLayout::contiguous(tv, hv, dv);
+            let ol = HeadsLayout::contiguous(tq, hq, dv);
+            crate::attention::attention_backward(
+                &dev,
+                &Qkv {
+                    q: &qv,
+                    q_layout: ql,
+                    k: &kv,
+                    k_layout: kl,
+                    v: &vv,
+                    v_layout: vl,
+                },
+                &crate::attention::BackwardInputs {
+                    o: &ov,
+                    o_layout: ol,
+                    dout: &dov,
+                    dout_layout: ol,
+                    lse: &lse_view,
+                },
+                crate::attention::AttnGrads {
+                    dq: &mut dq,
+                    dq_layout: ql,
+                    dk: &mut dk_,
+                    dk_layout: kl,
+                    dv: &mut dv_,
+                    dv_layout: vl,
+                },
+                &mut ws,
+                &seqlens,
+                &bwd,
+            )
+            .map_err(wrap)?;
+            let wrap_t = |buf, shape: (usize, usize, usize)| {
+                Tensor::from_storage(
+                    Storage::Cuda(CudaStorage::wrap_cuda_slice(buf, sq.device.clone())),
+                    shape,
+                    BackpropOp::none(),
+                    false,
+                )
+            };
+            (
+                wrap_t(dq, (tq, hq, d)),
+                wrap_t(dk_, (tk, hkv, dk)),
+                wrap_t(dv_, (tv, hv, dv)),
+            )
+        }};
+    }
+    match sq.dtype() {
+        DType::F16 => Ok(run!(f16)),
+        DType::BF16 => Ok(run!(bf16)),
+        other => Err(invalid(
+            ATTN,
+            "q",
+            format!("dtype {other:?}; the CUDA attention kernels take f16 or bf16"),
+        )),
+    }
 }

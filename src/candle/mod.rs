@@ -5,8 +5,8 @@
 //!   custom op, so second derivatives work too).
 //! * [`attention`] / [`attention_varlen`]: attention forward with the LSE; backward through
 //!   [`reference::attention_backward_f64`](crate::attention::reference::attention_backward_f64)
-//!   on CPU tensors. On CUDA tensors the backward returns an error until the backward kernel
-//!   lands (one function, `cuda::attention_backward`).
+//!   on CPU tensors, through longctx's backward kernels (with the forward's LSE, on candle's
+//!   stream) on CUDA tensors.
 //! * [`route`]: MoE gating and top-k (softmax/sigmoid, groups, bias, renormalisation), the
 //!   weights differentiable with respect to the logits; [`permute`], [`gather`] and
 //!   [`combine`] with their gradients.
