@@ -140,7 +140,7 @@ impl HostPermutation {
     pub fn new(tokens: usize, top_k: usize, experts: usize, opts: PermuteOptions) -> Result<Self> {
         let plan = PermutePlan::new(tokens, top_k, experts, opts)?;
         let chunk_counts = plan.chunks.checked_mul(experts).ok_or_else(|| {
-            crate::Error::invalid(OP, "experts", "chunks x experts counters overflow usize")
+            crate::Error::overflow(OP, "experts", "chunks x experts counters overflow usize")
         })?;
         Ok(HostPermutation {
             routed_counts: vec![0; experts],
@@ -465,7 +465,7 @@ pub fn router_losses<T: MoeElement>(
     }
     let want_logits = tokens
         .checked_mul(cfg.experts)
-        .ok_or_else(|| crate::Error::invalid(OP, "tokens", "tokens x experts overflows usize"))?;
+        .ok_or_else(|| crate::Error::overflow(OP, "tokens", "tokens x experts overflows usize"))?;
     if logits.len() < want_logits {
         return Err(crate::Error::invalid(
             OP,
@@ -478,7 +478,7 @@ pub fn router_losses<T: MoeElement>(
         ));
     }
     let workspace = plan.chunks.checked_mul(cfg.experts).ok_or_else(|| {
-        crate::Error::invalid(OP, "tokens", "chunks x experts partials overflow usize")
+        crate::Error::overflow(OP, "tokens", "chunks x experts partials overflow usize")
     })?;
     let mut partial_probs = vec![0f32; workspace];
     let mut partial_lse2 = vec![0f32; plan.chunks];

@@ -9,7 +9,7 @@
 //! whose constructors guarantee their range: [`ExpertIds`] (validated on upload, or written by
 //! the gating kernel) and [`Permutation`] (written by the permutation kernels).
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice, PushKernelArg};
 
 use super::plan::{
     aux_grad_scale, z_grad_scale, GatePath, GatePlan, PermutePlan, StatsPlan, BIAS_THREADS,
@@ -23,6 +23,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernel_id::KernelId;
 use crate::launch::KernelLaunch;
+use crate::layout::{check_element_alignment, RawBuffer};
 use crate::sys;
 
 const OP: &str = "moe";
@@ -60,21 +61,26 @@ fn grid_u32(n: usize, arg: &'static str) -> Result<u32> {
     u32::try_from(n)
         .ok()
         .filter(|&g| g <= i32::MAX as u32)
-        .ok_or_else(|| Error::invalid(OP, arg, format!("{n} blocks exceed the grid limit")))
+        .ok_or_else(|| Error::overflow(OP, arg, format!("{n} blocks exceed the grid limit")))
 }
 
 fn u32_of(n: usize, arg: &'static str) -> Result<u32> {
-    u32::try_from(n).map_err(|_| Error::invalid(OP, arg, format!("{n} does not fit in u32")))
+    u32::try_from(n).map_err(|_| Error::overflow(OP, arg, format!("{n} does not fit in u32")))
 }
 
 /// a x b elements, or an error naming `arg` when that overflows.
 fn elems(a: usize, b: usize, arg: &'static str) -> Result<usize> {
     a.checked_mul(b)
-        .ok_or_else(|| Error::invalid(OP, arg, format!("{a} x {b} elements overflow usize")))
+        .ok_or_else(|| Error::overflow(OP, arg, format!("{a} x {b} elements overflow usize")))
 }
 
-fn check_owned<T>(dev: &Device, s: &CudaSlice<T>, arg: &'static str) -> Result<()> {
-    if dev.owns(s) {
+/// A buffer or view must live on `dev`'s CUDA context.
+fn check_owned<T, S: DeviceSlice<T> + ?Sized>(
+    dev: &Device,
+    s: &S,
+    arg: &'static str,
+) -> Result<()> {
+    if dev.owns_any(s) {
         Ok(())
     } else {
         Err(Error::invalid(
@@ -115,8 +121,30 @@ pub(crate) struct Buf {
 }
 
 /// `s` as a launch buffer with the device pointer `addr` (whose guard the caller holds).
-fn dbuf<T>(s: &CudaSlice<T>, addr: u64) -> Buf {
+fn dbuf<T, S: DeviceSlice<T> + ?Sized>(s: &S, addr: u64) -> Buf {
     Buf { addr, len: s.len() }
+}
+
+/// `b`'s address must be aligned to its element type `E` (always true of cudarc buffers
+/// and views and of host slices; checked for raw pointers, whose kernels would fault).
+fn check_aligned<E>(b: &Buf, arg: &'static str) -> Result<()> {
+    check_element_alignment(OP, arg, b.addr, std::mem::size_of::<E>())
+}
+
+/// A caller's raw buffer as a launch buffer: a null pointer is refused unless the buffer
+/// is empty (alignment is checked by the plans, against each buffer's element type).
+fn raw_buf(r: RawBuffer, arg: &'static str) -> Result<Buf> {
+    if r.ptr == 0 && r.len > 0 {
+        return Err(Error::invalid(
+            OP,
+            arg,
+            format!("null device pointer for {} elements", r.len),
+        ));
+    }
+    Ok(Buf {
+        addr: r.ptr,
+        len: r.len,
+    })
 }
 
 /// Whether `b`'s rows of `hidden` elements of `T` all start 16-byte aligned, so the
@@ -192,7 +220,11 @@ pub(crate) fn plan_route<T: MoeElement>(
     check_len(b.weights.len, n, "out", "weights: tokens x top_k")?;
     if let Some(bias) = &b.bias {
         check_len(bias.len, cfg.experts, "bias", "one per expert")?;
+        check_aligned::<f32>(bias, "bias")?;
     }
+    check_aligned::<T>(&b.logits, "logits")?;
+    check_aligned::<i32>(&b.ids, "out")?;
+    check_aligned::<f32>(&b.weights, "out")?;
     if tokens == 0 {
         return Ok(None);
     }
@@ -293,7 +325,7 @@ pub(crate) fn plan_permute(
         capacity: match p.capacity {
             None => sys::LONGCTX_MOE_NO_CAPACITY,
             Some(c) => u32::try_from(c.min(p.assignments)).map_err(|_| {
-                Error::invalid(OP, "capacity_factor", "capacity does not fit in u32")
+                Error::overflow(OP, "capacity_factor", "capacity does not fit in u32")
             })?,
         },
         chunk: u32_of(p.chunk, "ids")?,
@@ -331,7 +363,7 @@ fn check_hidden(hidden: usize) -> Result<u32> {
         return Err(Error::invalid(OP, "hidden", "hidden size 0"));
     }
     if i32::try_from(hidden).is_err() {
-        return Err(Error::invalid(
+        return Err(Error::overflow(
             OP,
             "hidden",
             format!("hidden size {hidden} does not fit the kernels' 32-bit row index"),
@@ -372,7 +404,10 @@ pub(crate) fn plan_gather<T: MoeElement>(
     )?;
     if let Some(s) = &b.scale {
         check_len(s.len, p.assignments, "scale", "tokens x top_k")?;
+        check_aligned::<f32>(s, "scale")?;
     }
+    check_aligned::<T>(&b.x, "x")?;
+    check_aligned::<T>(&b.out, "out")?;
     check_len(b.slot_assignment.len, p.max_slots, "perm", "max_slots")?;
     check_len(b.offsets.len, p.experts + 1, "perm", "experts + 1")?;
     let params = sys::LongctxMoeGatherParams {
@@ -430,7 +465,10 @@ pub(crate) fn plan_combine<T: MoeElement>(
     )?;
     if let Some(w) = &b.weights {
         check_len(w.len, p.assignments, "weights", "tokens x top_k")?;
+        check_aligned::<f32>(w, "weights")?;
     }
+    check_aligned::<T>(&b.src, arg_in)?;
+    check_aligned::<T>(&b.out, "out")?;
     check_len(b.slot_of.len, p.assignments, "perm", "tokens x top_k")?;
     let params = sys::LongctxMoeCombineParams {
         src: b.src.addr,
@@ -500,6 +538,8 @@ pub(crate) fn plan_combine_backward<T: MoeElement>(
         "d_weights",
         "tokens x top_k",
     )?;
+    check_aligned::<T>(&b.expert_out, "expert_out")?;
+    check_aligned::<f32>(&b.d_weights, "d_weights")?;
     check_len(b.slot_of.len, p.assignments, "perm", "tokens x top_k")?;
     let params = sys::LongctxMoeCombineDwParams {
         d_out: b.d_out.addr,
@@ -582,6 +622,7 @@ pub(crate) fn plan_losses<T: MoeElement>(
         "logits",
         "tokens x experts",
     )?;
+    check_aligned::<T>(&b.logits, "logits")?;
     check_balance_shape(perm, cfg, tokens)?;
     check_len(b.routed_counts.len, cfg.experts, "perm", "experts")?;
     for (buf, want, what) in [
@@ -661,7 +702,10 @@ pub(crate) fn plan_route_backward<T: MoeElement>(
     check_len(b.d_logits.len, rows, "d_logits", "tokens x experts")?;
     if let Some(d) = &b.d_weights {
         check_len(d.len, assignments, "d_weights", "tokens x top_k")?;
+        check_aligned::<f32>(d, "d_weights")?;
     }
+    check_aligned::<T>(&b.logits, "logits")?;
+    check_aligned::<f32>(&b.d_logits, "d_logits")?;
     if let Some((p, counts)) = &balance {
         check_balance_shape(p, cfg, tokens)?;
         check_len(counts.len, cfg.experts, "perm", "experts")?;
@@ -709,6 +753,7 @@ pub(crate) fn plan_bias_update(
 ) -> Result<KernelLaunch<sys::LongctxMoeBiasParams>> {
     check_len(bias.len, experts, "bias", "one per expert")?;
     check_len(counts.len, experts, "perm", "experts")?;
+    check_aligned::<f32>(&bias, "bias")?;
     let params = sys::LongctxMoeBiasParams {
         counts: counts.addr,
         bias: bias.addr,
@@ -848,24 +893,26 @@ impl Routing {
     }
 }
 
-fn route_impl<T: MoeElement>(
+/// Routes into `out` from logits and bias already reduced to launch buffers: validation,
+/// planning and the launch shared by [`route`], [`route_block_kernel`] and [`route_raw`].
+///
+/// # Safety
+/// `logits` (and `bias`, if any) are device buffers of `dev`'s context holding at least
+/// `len` elements from `addr` (elements of `T`, and f32), not written by other work until
+/// the launch has completed, and alive until then (a cudarc guard held by the caller, or
+/// the raw entry's contract).
+unsafe fn route_bufs<T: MoeElement>(
     dev: &Device,
     cfg: &RouterConfig,
-    logits: &CudaSlice<T>,
+    logits: Buf,
     tokens: usize,
-    bias: Option<&CudaSlice<f32>>,
+    bias: Option<Buf>,
     out: &mut Routing,
     force_block: bool,
 ) -> Result<()> {
-    check_owned(dev, logits, "logits")?;
     check_owned(dev, &out.ids.data, "out")?;
     check_owned(dev, &out.weights, "out")?;
-    if let Some(b) = bias {
-        check_owned(dev, b, "bias")?;
-    }
     let stream = dev.stream();
-    let (logits_ptr, _lg) = logits.device_ptr(stream);
-    let bias_guard = bias.map(|b| (b.len(), b.device_ptr(stream)));
     let (ids_len, w_len) = (out.ids.data.len(), out.weights.len());
     let (ids_ptr, _ig) = out.ids.data.device_ptr_mut(stream);
     let (w_ptr, _wg) = out.weights.device_ptr_mut(stream);
@@ -874,11 +921,8 @@ fn route_impl<T: MoeElement>(
         tokens,
         force_block,
         &RouteBufs {
-            logits: dbuf(logits, logits_ptr),
-            bias: bias_guard.as_ref().map(|(len, g)| Buf {
-                addr: g.0,
-                len: *len,
-            }),
+            logits,
+            bias,
             ids: Buf {
                 addr: ids_ptr,
                 len: ids_len,
@@ -905,15 +949,53 @@ fn route_impl<T: MoeElement>(
         return Ok(());
     };
     // SAFETY: plan_route checked that logits holds tokens x experts elements of T, bias (if
-    // any) experts f32s, ids and weights tokens x top_k elements each, all on this context
-    // (checked above); ids and weights are distinct buffers from the inputs (a &mut borrow);
-    // the plan's grid covers exactly the tokens (the warp kernel returns for the rounded-up
-    // tail) and its shared memory size matches gate_block_smem_bytes; vec_loads is set only
-    // when every lane's 16-byte vector loads are aligned and inside its token's row; the
-    // config is validated, so top_k never exceeds the eligible experts and the kernel
-    // writes only in-range, distinct ids. The pointer guards live until the end of this
-    // function.
+    // any) experts f32s, ids and weights tokens x top_k elements each, every address
+    // aligned to its element; logits and bias are live buffers of this context (this
+    // function's contract), ids and weights are out's own allocations on this context
+    // (checked above), distinct from the inputs (a &mut borrow of out); the plan's grid
+    // covers exactly the tokens (the warp kernel returns for the rounded-up tail) and its
+    // shared memory size matches gate_block_smem_bytes; vec_loads is set only when every
+    // lane's 16-byte vector loads are aligned (on the logits' actual address) and inside
+    // its token's row; the config is validated, so top_k never exceeds the eligible experts
+    // and the kernel writes only in-range, distinct ids. The outputs' guards live until the
+    // end of this function, the inputs' in the caller.
     unsafe { launch(dev, &l) }
+}
+
+fn route_impl<T: MoeElement>(
+    dev: &Device,
+    cfg: &RouterConfig,
+    logits: &impl DevicePtr<T>,
+    tokens: usize,
+    bias: Option<&dyn DevicePtr<f32>>,
+    out: &mut Routing,
+    force_block: bool,
+) -> Result<()> {
+    check_owned(dev, logits, "logits")?;
+    if let Some(b) = bias {
+        check_owned(dev, b, "bias")?;
+    }
+    let stream = dev.stream();
+    let (logits_ptr, _lg) = logits.device_ptr(stream);
+    let bias_guard = bias.map(|b| (b.len(), b.device_ptr(stream)));
+    let bias = bias_guard.as_ref().map(|(len, g)| Buf {
+        addr: g.0,
+        len: *len,
+    });
+    // SAFETY: logits and bias are cudarc buffers or views of this context (checked above),
+    // each holding the length given; their guards live until the end of this function, and
+    // the borrows keep other host code from freeing or writing them meanwhile.
+    unsafe {
+        route_bufs::<T>(
+            dev,
+            cfg,
+            dbuf(logits, logits_ptr),
+            tokens,
+            bias,
+            out,
+            force_block,
+        )
+    }
 }
 
 /// Routes `tokens` tokens: logits \[tokens, experts\] (f32 or bf16) -> `out`'s ids and
@@ -923,6 +1005,10 @@ fn route_impl<T: MoeElement>(
 /// below 32 experts), with group limiting when each group covers a power of two of whole
 /// lanes (DeepSeek-V2 and V3 do); anything else runs one block per token.
 ///
+/// `logits` and `bias` are cudarc buffers (`CudaSlice`) or views (`CudaView`,
+/// `CudaViewMut`) of at least the needed length, used from their start; the vector loads
+/// are chosen from the actual address.
+///
 /// # Errors
 /// [`RouterConfig::validate`]'s errors; [`Error::InvalidArgument`] when logits, bias or
 /// `out` do not match the config and token count or live on another device;
@@ -930,9 +1016,9 @@ fn route_impl<T: MoeElement>(
 pub fn route<T: MoeElement>(
     dev: &Device,
     cfg: &RouterConfig,
-    logits: &CudaSlice<T>,
+    logits: &impl DevicePtr<T>,
     tokens: usize,
-    bias: Option<&CudaSlice<f32>>,
+    bias: Option<&dyn DevicePtr<f32>>,
     out: &mut Routing,
 ) -> Result<()> {
     route_impl(dev, cfg, logits, tokens, bias, out, false)
@@ -948,12 +1034,40 @@ pub fn route<T: MoeElement>(
 pub fn route_block_kernel<T: MoeElement>(
     dev: &Device,
     cfg: &RouterConfig,
-    logits: &CudaSlice<T>,
+    logits: &impl DevicePtr<T>,
     tokens: usize,
-    bias: Option<&CudaSlice<f32>>,
+    bias: Option<&dyn DevicePtr<f32>>,
     out: &mut Routing,
 ) -> Result<()> {
     route_impl(dev, cfg, logits, tokens, bias, out, true)
+}
+
+/// [`route`] with the logits (and bias) given as raw device pointers, for frameworks that
+/// hand out only pointers; the outputs stay a [`Routing`], whose ids [`permute`] trusts.
+/// Everything [`route`] checks about shapes and lengths is checked here too, plus that each
+/// pointer is non-null and a multiple of its element size.
+///
+/// # Safety
+/// `logits.ptr` points to at least `logits.len` elements of `T` (and `bias.ptr`, if given,
+/// to `bias.len` f32s) in live device memory of `dev`'s CUDA context; no other work writes
+/// them until the launch, queued on `dev`'s stream, has completed; and the memory stays
+/// allocated until then.
+///
+/// # Errors
+/// As [`route`], plus an [`Error::InvalidArgument`] of kind
+/// [`ErrorKind::Alignment`](crate::ErrorKind::Alignment) for a misaligned pointer.
+pub unsafe fn route_raw<T: MoeElement>(
+    dev: &Device,
+    cfg: &RouterConfig,
+    logits: RawBuffer,
+    tokens: usize,
+    bias: Option<RawBuffer>,
+    out: &mut Routing,
+) -> Result<()> {
+    let logits = raw_buf(logits, "logits")?;
+    let bias = bias.map(|b| raw_buf(b, "bias")).transpose()?;
+    // SAFETY: forwarded from this function's contract.
+    unsafe { route_bufs::<T>(dev, cfg, logits, tokens, bias, out, false) }
 }
 
 // ------------------------------------------------------------------ permutation
@@ -1170,10 +1284,58 @@ pub fn permute(dev: &Device, ids: &ExpertIds, perm: &mut Permutation) -> Result<
 
 // ------------------------------------------------------------------ gather / combine
 
+/// The gather from launch buffers, shared by [`gather`] and [`gather_raw`].
+///
+/// # Safety
+/// `x`, `scale` (if any) and `out` are device buffers of `dev`'s context holding at least
+/// `len` elements from `addr` (of `T`, f32, `T`); `out` overlaps neither input nor `perm`'s
+/// tables; no other work touches them until the launch has completed; they stay alive
+/// until then.
+unsafe fn gather_bufs<T: MoeElement>(
+    dev: &Device,
+    perm: &Permutation,
+    x: Buf,
+    hidden: usize,
+    scale: Option<Buf>,
+    out: Buf,
+) -> Result<()> {
+    perm.check_filled(dev)?;
+    check_owned(dev, &perm.slot_assignment, "perm")?;
+    check_owned(dev, &perm.offsets, "perm")?;
+    let stream = dev.stream();
+    let (sa, _g2) = perm.slot_assignment.device_ptr(stream);
+    let (offsets, _g3) = perm.offsets.device_ptr(stream);
+    let l = plan_gather::<T>(
+        &perm.plan,
+        hidden,
+        &GatherBufs {
+            x,
+            scale,
+            slot_assignment: dbuf(&perm.slot_assignment, sa),
+            offsets: dbuf(&perm.offsets, offsets),
+            out,
+        },
+    )?;
+    // SAFETY: plan_gather checked that out holds max_slots x hidden elements (one block per
+    // slot row), x tokens x hidden and scale (if any) one entry per assignment, each
+    // address aligned to its element; `total` points at offsets[experts] inside perm's
+    // experts + 1 offsets; each slot's assignment is -1 or in 0..tokens x top_k (written by
+    // permute), so the source row a / top_k < tokens lies in x; vector access only when
+    // hidden is a multiple of the 16-byte width and both buffers' actual addresses are
+    // 16-byte aligned, so every row start is. perm's tables are on this context (checked
+    // above), their guards live until the end of this function; x, scale and out are live
+    // buffers of this context with out distinct from the rest (this function's contract).
+    unsafe { launch(dev, &l) }
+}
+
 /// Hidden states `x` \[tokens, hidden\] into expert order `out` \[max_slots, hidden\]: row s =
 /// scale\[a\] x x\[a / top_k\] for the assignment a in slot s, zeros for padding inside the
 /// experts' segments; rows past the padded total (`offsets[experts]`) are left untouched.
 /// `scale` (f32 \[tokens x top_k\]) defaults to 1.
+///
+/// Every buffer is a cudarc `CudaSlice` or view (`CudaView`, `CudaViewMut`) of at least the
+/// needed length, used from its start (the tail is left alone); the 16-byte vector path is
+/// chosen from the actual addresses.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] on a length mismatch, hidden of 0, a permutation not yet
@@ -1181,12 +1343,11 @@ pub fn permute(dev: &Device, ids: &ExpertIds, perm: &mut Permutation) -> Result<
 pub fn gather<T: MoeElement>(
     dev: &Device,
     perm: &Permutation,
-    x: &CudaSlice<T>,
+    x: &impl DevicePtr<T>,
     hidden: usize,
-    scale: Option<&CudaSlice<f32>>,
-    out: &mut CudaSlice<T>,
+    scale: Option<&dyn DevicePtr<f32>>,
+    out: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
-    perm.check_filled(dev)?;
     check_owned(dev, x, "x")?;
     check_owned(dev, out, "out")?;
     if let Some(s) = scale {
@@ -1195,48 +1356,107 @@ pub fn gather<T: MoeElement>(
     let stream = dev.stream();
     let out_len = out.len();
     let (src, _g0) = x.device_ptr(stream);
-    let (dst, _g1) = out.device_ptr_mut(stream);
-    let (sa, _g2) = perm.slot_assignment.device_ptr(stream);
     let scale_guard = scale.map(|s| (s.len(), s.device_ptr(stream)));
-    let (offsets, _g3) = perm.offsets.device_ptr(stream);
-    let l = plan_gather::<T>(
-        &perm.plan,
-        hidden,
-        &GatherBufs {
-            x: dbuf(x, src),
-            scale: scale_guard.as_ref().map(|(len, g)| Buf {
-                addr: g.0,
-                len: *len,
-            }),
-            slot_assignment: dbuf(&perm.slot_assignment, sa),
-            offsets: dbuf(&perm.offsets, offsets),
-            out: Buf {
+    let (dst, _g1) = out.device_ptr_mut(stream);
+    let x = dbuf(x, src);
+    let scale = scale_guard.as_ref().map(|(len, g)| Buf {
+        addr: g.0,
+        len: *len,
+    });
+    // SAFETY: x, scale and out are cudarc buffers or views of this context (checked above)
+    // with the lengths given; out is borrowed mutably, so it overlaps neither the inputs
+    // nor perm's tables (owned by perm, borrowed shared); the guards live until the end of
+    // this function.
+    unsafe {
+        gather_bufs::<T>(
+            dev,
+            perm,
+            x,
+            hidden,
+            scale,
+            Buf {
                 addr: dst,
                 len: out_len,
             },
-        },
-    )?;
-    // SAFETY: plan_gather checked that out holds max_slots x hidden elements (one block per
-    // slot row), x tokens x hidden and scale (if any) one entry per assignment; `total`
-    // points at offsets[experts] inside perm's experts + 1 offsets; each slot's assignment
-    // is -1 or in 0..tokens x top_k (written by permute), so the source row a / top_k <
-    // tokens lies in x; vector access only when hidden is a multiple of the 16-byte width
-    // and both buffers are 16-byte aligned, so every row start is. All buffers are on this
-    // context (checked above); out is a distinct buffer (&mut). Guards live until the end
-    // of this function.
-    unsafe { launch(dev, &l) }
+        )
+    }
 }
 
-fn combine_impl<T: MoeElement>(
+/// [`gather`] on raw device pointers (`x` and `out` of `T`, `scale` of f32), for frameworks
+/// that hand out only pointers. Checks everything [`gather`] checks, plus that each pointer
+/// is non-null and a multiple of its element size.
+///
+/// # Safety
+/// Each pointer points to at least its `len` elements in live device memory of `dev`'s CUDA
+/// context; `out`'s range overlaps neither `x`'s nor `scale`'s; no other work reads or
+/// writes `out`, or writes `x` or `scale`, until the launch, queued on `dev`'s stream, has
+/// completed; and the memory stays allocated until then.
+///
+/// # Errors
+/// As [`gather`], plus an [`Error::InvalidArgument`] of kind
+/// [`ErrorKind::Alignment`](crate::ErrorKind::Alignment) for a misaligned pointer.
+pub unsafe fn gather_raw<T: MoeElement>(
     dev: &Device,
     perm: &Permutation,
-    expert_out: &CudaSlice<T>,
+    x: RawBuffer,
     hidden: usize,
-    weights: Option<&CudaSlice<f32>>,
-    out: &mut CudaSlice<T>,
+    scale: Option<RawBuffer>,
+    out: RawBuffer,
+) -> Result<()> {
+    let x = raw_buf(x, "x")?;
+    let scale = scale.map(|s| raw_buf(s, "scale")).transpose()?;
+    let out = raw_buf(out, "out")?;
+    // SAFETY: forwarded from this function's contract.
+    unsafe { gather_bufs::<T>(dev, perm, x, hidden, scale, out) }
+}
+
+/// The combine (and the gather's gradient) from launch buffers; `arg_in` names the source.
+///
+/// # Safety
+/// As [`gather_bufs`], with `src` \[max_slots, hidden\] and `weights` for `x` and `scale`.
+unsafe fn combine_bufs<T: MoeElement>(
+    dev: &Device,
+    perm: &Permutation,
+    src: Buf,
+    hidden: usize,
+    weights: Option<Buf>,
+    out: Buf,
     arg_in: &'static str,
 ) -> Result<()> {
     perm.check_filled(dev)?;
+    let stream = dev.stream();
+    let (so, _g2) = perm.slot_of.device_ptr(stream);
+    let l = plan_combine::<T>(
+        &perm.plan,
+        hidden,
+        &CombineBufs {
+            src,
+            weights,
+            slot_of: dbuf(&perm.slot_of, so),
+            out,
+        },
+        arg_in,
+    )?;
+    // SAFETY: plan_combine checked that out holds tokens x hidden elements (one block per
+    // token row), src max_slots x hidden and weights (if any) one per assignment, each
+    // address aligned to its element; slot_of has tokens x top_k entries, each -1 or below
+    // max_slots (written by permute) and lives on this context (check_filled); vector
+    // access only with 16-byte aligned rows at the actual addresses. src, weights and out
+    // are live buffers of this context with out distinct from the rest (this function's
+    // contract). slot_of's guard lives until the end of this function.
+    unsafe { launch(dev, &l) }
+}
+
+/// combine and gather_backward on cudarc buffers or views.
+fn combine_impl<T: MoeElement>(
+    dev: &Device,
+    perm: &Permutation,
+    expert_out: &impl DevicePtr<T>,
+    hidden: usize,
+    weights: Option<&dyn DevicePtr<f32>>,
+    out: &mut impl DevicePtrMut<T>,
+    arg_in: &'static str,
+) -> Result<()> {
     check_owned(dev, expert_out, arg_in)?;
     check_owned(dev, out, "out")?;
     if let Some(w) = weights {
@@ -1245,50 +1465,69 @@ fn combine_impl<T: MoeElement>(
     let stream = dev.stream();
     let out_len = out.len();
     let (src, _g0) = expert_out.device_ptr(stream);
-    let (dst, _g1) = out.device_ptr_mut(stream);
-    let (so, _g2) = perm.slot_of.device_ptr(stream);
     let w_guard = weights.map(|w| (w.len(), w.device_ptr(stream)));
-    let l = plan_combine::<T>(
-        &perm.plan,
-        hidden,
-        &CombineBufs {
-            src: dbuf(expert_out, src),
-            weights: w_guard.as_ref().map(|(len, g)| Buf {
-                addr: g.0,
-                len: *len,
-            }),
-            slot_of: dbuf(&perm.slot_of, so),
-            out: Buf {
+    let (dst, _g1) = out.device_ptr_mut(stream);
+    let src = dbuf(expert_out, src);
+    let weights = w_guard.as_ref().map(|(len, g)| Buf {
+        addr: g.0,
+        len: *len,
+    });
+    // SAFETY: every buffer is a cudarc buffer or view of this context (checked above) with
+    // the length given; out is borrowed mutably, so it overlaps neither the inputs nor
+    // perm's tables; the guards live until the end of this function.
+    unsafe {
+        combine_bufs::<T>(
+            dev,
+            perm,
+            src,
+            hidden,
+            weights,
+            Buf {
                 addr: dst,
                 len: out_len,
             },
-        },
-        arg_in,
-    )?;
-    // SAFETY: plan_combine checked that out holds tokens x hidden elements (one block per
-    // token row), expert_out max_slots x hidden and weights (if any) one per assignment;
-    // slot_of has tokens x top_k entries, each -1 or below max_slots (written by permute);
-    // vector access only with 16-byte aligned rows. All buffers are on this context
-    // (checked above); out is a distinct buffer (&mut). Guards live until the end of this
-    // function.
-    unsafe { launch(dev, &l) }
+            arg_in,
+        )
+    }
 }
 
 /// Back to token order: out\[t\] = sum_j weights\[t, j\] x expert_out\[slot_of\[t, j\]\] over
 /// the kept assignments, accumulated in f32 in rank order; `weights` (f32 \[tokens x top_k\])
-/// default to 1. Dropped assignments contribute nothing.
+/// default to 1. Dropped assignments contribute nothing. Buffers as in [`gather`].
 ///
 /// # Errors
 /// As [`gather`].
 pub fn combine<T: MoeElement>(
     dev: &Device,
     perm: &Permutation,
-    expert_out: &CudaSlice<T>,
+    expert_out: &impl DevicePtr<T>,
     hidden: usize,
-    weights: Option<&CudaSlice<f32>>,
-    out: &mut CudaSlice<T>,
+    weights: Option<&dyn DevicePtr<f32>>,
+    out: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
     combine_impl(dev, perm, expert_out, hidden, weights, out, "expert_out")
+}
+
+/// [`combine`] on raw device pointers (`expert_out` and `out` of `T`, `weights` of f32).
+///
+/// # Safety
+/// As [`gather_raw`], with `expert_out` and `weights` for `x` and `scale`.
+///
+/// # Errors
+/// As [`gather_raw`].
+pub unsafe fn combine_raw<T: MoeElement>(
+    dev: &Device,
+    perm: &Permutation,
+    expert_out: RawBuffer,
+    hidden: usize,
+    weights: Option<RawBuffer>,
+    out: RawBuffer,
+) -> Result<()> {
+    let src = raw_buf(expert_out, "expert_out")?;
+    let weights = weights.map(|w| raw_buf(w, "weights")).transpose()?;
+    let out = raw_buf(out, "out")?;
+    // SAFETY: forwarded from this function's contract.
+    unsafe { combine_bufs::<T>(dev, perm, src, hidden, weights, out, "expert_out") }
 }
 
 /// Gradient of [`gather`] (without scale): d_x\[t\] = sum_j d_permuted\[slot_of\[t, j\]\], a
@@ -1299,16 +1538,91 @@ pub fn combine<T: MoeElement>(
 pub fn gather_backward<T: MoeElement>(
     dev: &Device,
     perm: &Permutation,
-    d_permuted: &CudaSlice<T>,
+    d_permuted: &impl DevicePtr<T>,
     hidden: usize,
-    d_x: &mut CudaSlice<T>,
+    d_x: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
     combine_impl(dev, perm, d_permuted, hidden, None, d_x, "d_permuted")
 }
 
+/// [`gather_backward`] on raw device pointers (both of `T`).
+///
+/// # Safety
+/// As [`gather_raw`], with `d_permuted` for `x` and `d_x` for `out`.
+///
+/// # Errors
+/// As [`gather_raw`].
+pub unsafe fn gather_backward_raw<T: MoeElement>(
+    dev: &Device,
+    perm: &Permutation,
+    d_permuted: RawBuffer,
+    hidden: usize,
+    d_x: RawBuffer,
+) -> Result<()> {
+    let src = raw_buf(d_permuted, "d_permuted")?;
+    let out = raw_buf(d_x, "out")?;
+    // SAFETY: forwarded from this function's contract.
+    unsafe { combine_bufs::<T>(dev, perm, src, hidden, None, out, "d_permuted") }
+}
+
+/// The combine's gradient from launch buffers, shared by [`combine_backward`] and
+/// [`combine_backward_raw`].
+///
+/// # Safety
+/// `d_out` (`T`, \[tokens, hidden\]), `expert_out` (`T`), `weights` (f32), `d_expert_out`
+/// (`T`) and `d_weights` (f32) are device buffers of `dev`'s context holding at least `len`
+/// elements from `addr`; the two outputs overlap each other and no input or table; no
+/// other work touches them until the launches have completed; they stay alive until then.
+unsafe fn combine_backward_bufs<T: MoeElement>(
+    dev: &Device,
+    perm: &Permutation,
+    d_out: Buf,
+    expert_out: Buf,
+    hidden: usize,
+    weights: Buf,
+    d_expert_out: Buf,
+    d_weights: Buf,
+) -> Result<()> {
+    perm.check_filled(dev)?;
+    check_owned(dev, &perm.slot_assignment, "perm")?;
+    check_owned(dev, &perm.offsets, "perm")?;
+    let stream = dev.stream();
+    let (sa, _g3) = perm.slot_assignment.device_ptr(stream);
+    let (off, _g4) = perm.offsets.device_ptr(stream);
+    let (so, _g5) = perm.slot_of.device_ptr(stream);
+    let (gather_l, dw_l) = plan_combine_backward::<T>(
+        &perm.plan,
+        hidden,
+        &CombineBackwardBufs {
+            d_out,
+            expert_out,
+            weights,
+            slot_assignment: dbuf(&perm.slot_assignment, sa),
+            offsets: dbuf(&perm.offsets, off),
+            slot_of: dbuf(&perm.slot_of, so),
+            d_expert_out,
+            d_weights,
+        },
+    )?;
+    // SAFETY: the gather's guarantees (see `gather_bufs`), with d_out as the source rows
+    // (tokens x hidden), the weights as scales (one per assignment) and d_expert_out
+    // (max_slots x hidden) as the destination, all checked by plan_combine_backward; then
+    // d_out and expert_out (max_slots x hidden, checked) are read at rows t < tokens and at
+    // slot_of entries that are -1 or below max_slots (written by permute); d_weights holds
+    // one f32 per assignment (checked); every address aligned to its element, vector access
+    // only with 16-byte aligned rows at the actual addresses. perm's tables are on this
+    // context (checked above) and their guards live until the end of this function; the
+    // caller's buffers are live, on this context, with distinct outputs (this function's
+    // contract).
+    unsafe {
+        launch(dev, &gather_l)?;
+        launch(dev, &dw_l)
+    }
+}
+
 /// Gradient of [`combine`] with weights: d_expert_out\[slot\] = w\[a\] x d_out\[a / top_k\]
 /// (zeros in padding) and d_weights\[a\] = <d_out\[a / top_k\], expert_out\[slot_of\[a\]\]>
-/// (0 for dropped assignments), two launches.
+/// (0 for dropped assignments), two launches. Buffers as in [`gather`].
 ///
 /// # Errors
 /// As [`gather`].
@@ -1316,14 +1630,13 @@ pub fn gather_backward<T: MoeElement>(
 pub fn combine_backward<T: MoeElement>(
     dev: &Device,
     perm: &Permutation,
-    d_out: &CudaSlice<T>,
-    expert_out: &CudaSlice<T>,
+    d_out: &impl DevicePtr<T>,
+    expert_out: &impl DevicePtr<T>,
     hidden: usize,
-    weights: &CudaSlice<f32>,
-    d_expert_out: &mut CudaSlice<T>,
-    d_weights: &mut CudaSlice<f32>,
+    weights: &impl DevicePtr<f32>,
+    d_expert_out: &mut impl DevicePtrMut<T>,
+    d_weights: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
-    perm.check_filled(dev)?;
     check_owned(dev, d_out, "x")?;
     check_owned(dev, d_expert_out, "out")?;
     check_owned(dev, weights, "scale")?;
@@ -1334,42 +1647,71 @@ pub fn combine_backward<T: MoeElement>(
     let (g, _g0) = d_out.device_ptr(stream);
     let (x, _g1) = expert_out.device_ptr(stream);
     let (w, _g2) = weights.device_ptr(stream);
-    let (sa, _g3) = perm.slot_assignment.device_ptr(stream);
-    let (off, _g4) = perm.offsets.device_ptr(stream);
-    let (so, _g5) = perm.slot_of.device_ptr(stream);
     let (deo, _g6) = d_expert_out.device_ptr_mut(stream);
     let (dw, _g7) = d_weights.device_ptr_mut(stream);
-    let (gather_l, dw_l) = plan_combine_backward::<T>(
-        &perm.plan,
-        hidden,
-        &CombineBackwardBufs {
-            d_out: dbuf(d_out, g),
-            expert_out: dbuf(expert_out, x),
-            weights: dbuf(weights, w),
-            slot_assignment: dbuf(&perm.slot_assignment, sa),
-            offsets: dbuf(&perm.offsets, off),
-            slot_of: dbuf(&perm.slot_of, so),
-            d_expert_out: Buf {
+    let (d_out, expert_out, weights) = (dbuf(d_out, g), dbuf(expert_out, x), dbuf(weights, w));
+    // SAFETY: every buffer is a cudarc buffer or view of this context (checked above) with
+    // the length given; the outputs are borrowed mutably, so they overlap each other, the
+    // inputs and perm's tables nowhere; the guards live until the end of this function.
+    unsafe {
+        combine_backward_bufs::<T>(
+            dev,
+            perm,
+            d_out,
+            expert_out,
+            hidden,
+            weights,
+            Buf {
                 addr: deo,
                 len: deo_len,
             },
-            d_weights: Buf {
+            Buf {
                 addr: dw,
                 len: dw_len,
             },
-        },
-    )?;
-    // SAFETY: the gather's guarantees (see `gather`), with d_out as the source rows
-    // (tokens x hidden), the weights as scales (one per assignment) and d_expert_out
-    // (max_slots x hidden) as the destination, all checked by plan_combine_backward; then
-    // d_out and expert_out (max_slots x hidden, checked) are read at rows t < tokens and at
-    // slot_of entries that are -1 or below max_slots (written by permute); d_weights holds
-    // one f32 per assignment (checked). Every buffer is on this context (checked above);
-    // d_expert_out and d_weights are distinct buffers (&mut); vector access only with
-    // 16-byte aligned rows. Guards live until the end of this function.
+        )
+    }
+}
+
+/// [`combine_backward`] on raw device pointers (`d_out`, `expert_out` and `d_expert_out` of
+/// `T`, `weights` and `d_weights` of f32).
+///
+/// # Safety
+/// Each pointer points to at least its `len` elements in live device memory of `dev`'s CUDA
+/// context; the ranges of `d_expert_out` and `d_weights` overlap each other and no input;
+/// no other work reads or writes the outputs, or writes the inputs, until the launches,
+/// queued on `dev`'s stream, have completed; and the memory stays allocated until then.
+///
+/// # Errors
+/// As [`gather_raw`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn combine_backward_raw<T: MoeElement>(
+    dev: &Device,
+    perm: &Permutation,
+    d_out: RawBuffer,
+    expert_out: RawBuffer,
+    hidden: usize,
+    weights: RawBuffer,
+    d_expert_out: RawBuffer,
+    d_weights: RawBuffer,
+) -> Result<()> {
+    let d_out = raw_buf(d_out, "x")?;
+    let expert_out = raw_buf(expert_out, "expert_out")?;
+    let weights = raw_buf(weights, "scale")?;
+    let d_expert_out = raw_buf(d_expert_out, "out")?;
+    let d_weights = raw_buf(d_weights, "d_weights")?;
+    // SAFETY: forwarded from this function's contract.
     unsafe {
-        launch(dev, &gather_l)?;
-        launch(dev, &dw_l)
+        combine_backward_bufs::<T>(
+            dev,
+            perm,
+            d_out,
+            expert_out,
+            hidden,
+            weights,
+            d_expert_out,
+            d_weights,
+        )
     }
 }
 
@@ -1441,7 +1783,8 @@ fn check_balance(
 
 /// The load-balancing loss alpha x E x sum_i f_i P_i (f_i from `perm`'s routed counts, before
 /// capacity) and the z-loss beta x mean_t logsumexp(logits_t)^2 into `out`, deterministic
-/// (fixed-order sums, no atomics), two launches.
+/// (fixed-order sums, no atomics), two launches. `logits` is a cudarc buffer or view of
+/// at least tokens x experts elements, used from its start.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] when logits, `perm` or `out` do not match the config and token
@@ -1449,7 +1792,7 @@ fn check_balance(
 pub fn router_losses<T: MoeElement>(
     dev: &Device,
     cfg: &RouterConfig,
-    logits: &CudaSlice<T>,
+    logits: &impl DevicePtr<T>,
     tokens: usize,
     perm: &Permutation,
     opts: LossOptions,
@@ -1528,7 +1871,8 @@ pub fn router_losses<T: MoeElement>(
 /// given their gradient `d_weights` (f32 \[tokens, top_k\]; `None`: no such term); the
 /// load-balancing loss when `balance` gives the routed counts (`opts.aux_coef`); and the
 /// z-loss (`opts.z_coef`, 0 for none). The chosen experts (`ids`, from the forward) are
-/// fixed, the bias gets no gradient. One launch, one warp per token.
+/// fixed, the bias gets no gradient. One launch, one warp per token. The buffers are cudarc
+/// buffers or views of at least the needed length, used from their start.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] when a buffer, `ids` or `balance` does not match the config and
@@ -1538,13 +1882,13 @@ pub fn router_losses<T: MoeElement>(
 pub fn route_backward<T: MoeElement>(
     dev: &Device,
     cfg: &RouterConfig,
-    logits: &CudaSlice<T>,
+    logits: &impl DevicePtr<T>,
     tokens: usize,
     ids: &ExpertIds,
-    d_weights: Option<&CudaSlice<f32>>,
+    d_weights: Option<&dyn DevicePtr<f32>>,
     balance: Option<&Permutation>,
     opts: LossOptions,
-    d_logits: &mut CudaSlice<f32>,
+    d_logits: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
     check_owned(dev, logits, "logits")?;
     check_owned(dev, &ids.data, "ids")?;
@@ -1616,7 +1960,8 @@ pub fn route_backward<T: MoeElement>(
 
 /// DeepSeek's auxiliary-loss-free balancing step on `bias` (f32 \[experts\], in place):
 /// bias_i += gamma x sign(mean load - load_i), loads being `perm`'s routed counts. The sign
-/// is exact (integer arithmetic); sign(0) = 0.
+/// is exact (integer arithmetic); sign(0) = 0. `bias` is a cudarc buffer or view of at least
+/// `experts` elements.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] for a bias of the wrong length, a gamma that is not finite, or
@@ -1625,7 +1970,7 @@ pub fn update_bias(
     dev: &Device,
     perm: &Permutation,
     gamma: f64,
-    bias: &mut CudaSlice<f32>,
+    bias: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
     perm.check_filled(dev)?;
     check_owned(dev, &perm.routed_counts, "perm")?;
@@ -1648,4 +1993,74 @@ pub fn update_bias(
     // borrow and counts is another allocation, both on this context (checked above).
     // Guards live until the end of this function.
     unsafe { launch(dev, &l) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn buf(addr: u64, len: usize) -> Buf {
+        Buf { addr, len }
+    }
+
+    /// Raw pointers reach the plans unchecked by cudarc: a pointer that is not a multiple
+    /// of its element is an alignment error before anything launches, and a misaligned
+    /// 16-byte row start only turns the vector path off.
+    #[test]
+    fn plans_check_each_pointer_against_its_element() {
+        let p = PermutePlan::new(4, 2, 4, PermuteOptions::default()).unwrap();
+        let hidden = 8;
+        let gather = |x: u64, scale: Option<u64>, out: u64| {
+            plan_gather::<f32>(
+                &p,
+                hidden,
+                &GatherBufs {
+                    x: buf(x, p.tokens * hidden),
+                    scale: scale.map(|s| buf(s, p.assignments)),
+                    slot_assignment: buf(0x1000, p.max_slots),
+                    offsets: buf(0x2000, p.experts + 1),
+                    out: buf(out, p.max_slots * hidden),
+                },
+            )
+        };
+        assert_eq!(gather(0x10000, None, 0x20000).unwrap().params.vec, 1);
+        assert_eq!(gather(0x10004, None, 0x20000).unwrap().params.vec, 0);
+        for (x, scale, out, arg) in [
+            (0x10002, None, 0x20000, "x"),
+            (0x10000, Some(0x30001), 0x20000, "scale"),
+            (0x10000, None, 0x20003, "out"),
+        ] {
+            match gather(x, scale, out) {
+                Err(e @ Error::InvalidArgument { arg: a, .. }) => {
+                    assert_eq!(e.kind(), ErrorKind::Alignment, "{e}");
+                    assert_eq!(a, arg);
+                }
+                other => panic!("{arg}: expected an alignment error, got {other:?}"),
+            }
+        }
+        let cfg = RouterConfig::mixtral(8, 2);
+        let route = |logits: u64| {
+            plan_route::<half::bf16>(
+                &cfg,
+                4,
+                false,
+                &RouteBufs {
+                    logits: buf(logits, 32),
+                    bias: None,
+                    ids: buf(0x1000, 8),
+                    weights: buf(0x2000, 8),
+                },
+            )
+        };
+        assert!(route(0x10002).is_ok());
+        assert_eq!(route(0x10001).unwrap_err().kind(), ErrorKind::Alignment);
+        assert_eq!(
+            raw_buf(RawBuffer { ptr: 0, len: 1 }, "x")
+                .unwrap_err()
+                .kind(),
+            ErrorKind::InvalidArgument
+        );
+        assert!(raw_buf(RawBuffer { ptr: 0, len: 0 }, "x").is_ok());
+    }
 }
