@@ -1116,8 +1116,8 @@ mod gpu {
     use longctx::moe::reference::eligible;
     use longctx::moe::{
         combine, combine_backward, gather, gather_backward, permute, route, route_backward,
-        route_block_kernel, router_losses, update_bias, ExpertIds, MoeElement, Permutation,
-        RouterLosses, Routing,
+        route_block_kernel, router_losses, update_bias, ExpertIds, MoeElement, MoeHiddenElement,
+        Permutation, RouterLosses, Routing,
     };
 
     /// Where a parity case runs: the GPU, or the kernel source on the CPU emulator.
@@ -1243,7 +1243,7 @@ mod gpu {
             }
         }
 
-        pub fn gather<T: MoeElement>(
+        pub fn gather<T: MoeHiddenElement>(
             &self,
             p: &Perm,
             x: &[T],
@@ -1275,7 +1275,7 @@ mod gpu {
         }
 
         /// [`combine`] with `weights`, or [`gather_backward`] without.
-        pub fn combine<T: MoeElement>(
+        pub fn combine<T: MoeHiddenElement>(
             &self,
             p: &Perm,
             eo: &[T],
@@ -1309,7 +1309,7 @@ mod gpu {
         }
 
         #[allow(clippy::too_many_arguments)]
-        pub fn combine_backward<T: MoeElement>(
+        pub fn combine_backward<T: MoeHiddenElement>(
             &self,
             p: &Perm,
             d_out: &[T],
@@ -2101,8 +2101,19 @@ mod gpu {
         }
     }
 
+    /// The absolute error allowed on top of the relative bound: f16's subnormals (below
+    /// 2^-14) are spaced 2^-24 apart, so a result rounded to one of them is off by up to
+    /// 2^-25 whatever its magnitude; f32 and bf16 share f32's exponent range, where the
+    /// values here never go subnormal.
+    fn abs_floor_of<T: Element>() -> f64 {
+        match T::DTYPE {
+            longctx::dtype::DType::F16 => 2f64.powi(-24),
+            _ => 1e-30,
+        }
+    }
+
     /// One gather / combine / backward case over 16 experts, top-4.
-    fn run_hidden<T: MoeElement>(
+    fn run_hidden<T: MoeHiddenElement>(
         b: &Backend<'_>,
         (seed, tokens, hidden, cf, block): (u64, usize, usize, Option<f64>, usize),
     ) -> Result<(), TestCaseError> {
@@ -2124,13 +2135,14 @@ mod gpu {
         let w32: Vec<f32> = (0..tokens * k).map(|_| rng.uniform() as f32).collect();
         let w64: Vec<f64> = w32.iter().map(|&v| f64::from(v)).collect();
         let tol = tol_of::<T>();
+        let floor = abs_floor_of::<T>();
         let close =
             |got: &[T], want: &[f64], scale: &[f64], what: &str| -> Result<(), TestCaseError> {
                 prop_assert_eq!(got.len(), want.len());
                 for (i, (a, b)) in got.iter().zip(want).enumerate() {
                     let e = (a.to_f64() - b).abs();
                     prop_assert!(
-                        e <= tol * scale[i].max(1e-30) + 1e-30,
+                        e <= tol * scale[i].max(1e-30) + floor,
                         "{} tokens {} hidden {} [{}]: {} vs {}",
                         what,
                         tokens,
@@ -2212,7 +2224,7 @@ mod gpu {
         Ok(())
     }
 
-    fn hidden_parity_on<T: MoeElement>(
+    fn hidden_parity_on<T: MoeHiddenElement>(
         name: &str,
         b: &Backend<'_>,
         cases: u32,
@@ -2231,7 +2243,7 @@ mod gpu {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 
-    fn hidden_parity<T: MoeElement>(name: &str) {
+    fn hidden_parity<T: MoeHiddenElement>(name: &str) {
         let Some(dev) = common::gpu(name) else { return };
         hidden_parity_on::<T>(
             name,
@@ -2254,7 +2266,13 @@ mod gpu {
         hidden_parity::<bf16>("gpu_gather_combine_parity_bf16");
     }
 
-    /// Hidden sizes around the vector widths (4 f32, 8 bf16) and the 128 threads of a row,
+    #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+    fn gpu_gather_combine_parity_f16() {
+        hidden_parity::<half::f16>("gpu_gather_combine_parity_f16");
+    }
+
+    /// Hidden sizes around the vector widths (4 f32, 8 bf16 and f16) and the 128 threads of a row,
     /// in elements and in vectors (127-129, 511-513, 1024).
     const EMU_HIDDEN: [usize; 12] = [1, 3, 4, 5, 8, 9, 127, 128, 129, 512, 513, 1024];
 
@@ -2273,6 +2291,17 @@ mod gpu {
     fn emu_gather_combine_parity_bf16() {
         hidden_parity_on::<bf16>(
             "emu_gather_combine_parity_bf16",
+            &Backend::Emulator,
+            24,
+            vec![1, 7, 31, 100],
+            EMU_HIDDEN.to_vec(),
+        );
+    }
+
+    #[test]
+    fn emu_gather_combine_parity_f16() {
+        hidden_parity_on::<half::f16>(
+            "emu_gather_combine_parity_f16",
             &Backend::Emulator,
             24,
             vec![1, 7, 31, 100],

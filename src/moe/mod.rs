@@ -463,10 +463,18 @@ mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
 }
 
-/// Element types the MoE kernels are built for (router logits and hidden states): `f32` and
-/// `half::bf16`.
-pub trait MoeElement: Element + cudarc::driver::ValidAsZeroBits + sealed::Sealed {}
+/// Element types of the hidden states that [`gather`], [`combine`] and their gradients
+/// move: `f32`, `half::bf16` and `half::f16` (accumulation is f32 in every case).
+pub trait MoeHiddenElement: Element + cudarc::driver::ValidAsZeroBits + sealed::Sealed {}
+impl MoeHiddenElement for f32 {}
+impl MoeHiddenElement for half::bf16 {}
+impl MoeHiddenElement for half::f16 {}
+
+/// Element types the MoE kernels are built for in every op (router logits and hidden
+/// states): `f32` and `half::bf16`.
+pub trait MoeElement: MoeHiddenElement {}
 impl MoeElement for f32 {}
 impl MoeElement for half::bf16 {}

@@ -31,7 +31,7 @@ pub(crate) struct GatherBufs {
 
 /// The gather launch over `p`'s max_slots rows of `hidden` elements: one block per slot
 /// row, 16-byte vectors where every row of source and destination is aligned.
-pub(crate) fn plan_gather<T: MoeElement>(
+pub(crate) fn plan_gather<T: MoeHiddenElement>(
     p: &PermutePlan,
     hidden: usize,
     b: &GatherBufs,
@@ -72,7 +72,11 @@ pub(crate) fn plan_gather<T: MoeElement>(
         ),
     };
     Ok(KernelLaunch {
-        id: pick::<T>(KernelId::MoeGatherF32, KernelId::MoeGatherBf16),
+        id: pick_hidden::<T>(
+            KernelId::MoeGatherF32,
+            KernelId::MoeGatherBf16,
+            KernelId::MoeGatherF16,
+        ),
         params,
         grid: (grid_u32(p.max_slots, "out")?, 1, 1),
         block: (ROW_THREADS, 1, 1),
@@ -91,7 +95,7 @@ pub(crate) struct CombineBufs {
 
 /// The combine launch (also the gather's gradient, unweighted): one block per token row;
 /// `arg_in` names the source in errors.
-pub(crate) fn plan_combine<T: MoeElement>(
+pub(crate) fn plan_combine<T: MoeHiddenElement>(
     p: &PermutePlan,
     hidden: usize,
     b: &CombineBufs,
@@ -130,7 +134,11 @@ pub(crate) fn plan_combine<T: MoeElement>(
         ),
     };
     Ok(KernelLaunch {
-        id: pick::<T>(KernelId::MoeCombineF32, KernelId::MoeCombineBf16),
+        id: pick_hidden::<T>(
+            KernelId::MoeCombineF32,
+            KernelId::MoeCombineBf16,
+            KernelId::MoeCombineF16,
+        ),
         params,
         grid: (grid_u32(p.tokens, "out")?, 1, 1),
         block: (ROW_THREADS, 1, 1),
@@ -153,7 +161,7 @@ pub(crate) struct CombineBackwardBufs {
 /// The combine's gradient, two launches in order: d_expert_out as the gather of d_out
 /// scaled by the weights (its errors name d_out `x` and d_expert_out `out`), then the
 /// weights' gradient as one dot product per assignment.
-pub(crate) fn plan_combine_backward<T: MoeElement>(
+pub(crate) fn plan_combine_backward<T: MoeHiddenElement>(
     p: &PermutePlan,
     hidden: usize,
     b: &CombineBackwardBufs,
@@ -201,7 +209,11 @@ pub(crate) fn plan_combine_backward<T: MoeElement>(
         ),
     };
     let dw = KernelLaunch {
-        id: pick::<T>(KernelId::MoeCombineDwF32, KernelId::MoeCombineDwBf16),
+        id: pick_hidden::<T>(
+            KernelId::MoeCombineDwF32,
+            KernelId::MoeCombineDwBf16,
+            KernelId::MoeCombineDwF16,
+        ),
         params,
         grid: (grid_u32(p.tokens, "d_out")?, 1, 1),
         block: (ROW_THREADS, 1, 1),
@@ -219,7 +231,7 @@ pub(crate) fn plan_combine_backward<T: MoeElement>(
 /// `len` elements from `addr` (of `T`, f32, `T`); `out` overlaps neither input nor `perm`'s
 /// tables; no other work touches them until the launch has completed; they stay alive
 /// until then.
-unsafe fn gather_bufs<T: MoeElement>(
+unsafe fn gather_bufs<T: MoeHiddenElement>(
     dev: &Device,
     perm: &Permutation,
     x: Buf,
@@ -268,7 +280,7 @@ unsafe fn gather_bufs<T: MoeElement>(
 /// # Errors
 /// [`Error::InvalidArgument`] on a length mismatch, hidden of 0, a permutation not yet
 /// computed, or a buffer on another device; [`Error::Cuda`].
-pub fn gather<T: MoeElement>(
+pub fn gather<T: MoeHiddenElement>(
     dev: &Device,
     perm: &Permutation,
     x: &impl DevicePtr<T>,
@@ -323,7 +335,7 @@ pub fn gather<T: MoeElement>(
 /// # Errors
 /// As [`gather`], plus an [`Error::InvalidArgument`] of kind
 /// [`ErrorKind::Alignment`](crate::ErrorKind::Alignment) for a misaligned pointer.
-pub unsafe fn gather_raw<T: MoeElement>(
+pub unsafe fn gather_raw<T: MoeHiddenElement>(
     dev: &Device,
     perm: &Permutation,
     x: RawBuffer,
@@ -342,7 +354,7 @@ pub unsafe fn gather_raw<T: MoeElement>(
 ///
 /// # Safety
 /// As [`gather_bufs`], with `src` \[max_slots, hidden\] and `weights` for `x` and `scale`.
-unsafe fn combine_bufs<T: MoeElement>(
+unsafe fn combine_bufs<T: MoeHiddenElement>(
     dev: &Device,
     perm: &Permutation,
     src: Buf,
@@ -376,7 +388,7 @@ unsafe fn combine_bufs<T: MoeElement>(
 }
 
 /// combine and gather_backward on cudarc buffers or views.
-fn combine_impl<T: MoeElement>(
+fn combine_impl<T: MoeHiddenElement>(
     dev: &Device,
     perm: &Permutation,
     expert_out: &impl DevicePtr<T>,
@@ -425,7 +437,7 @@ fn combine_impl<T: MoeElement>(
 ///
 /// # Errors
 /// As [`gather`].
-pub fn combine<T: MoeElement>(
+pub fn combine<T: MoeHiddenElement>(
     dev: &Device,
     perm: &Permutation,
     expert_out: &impl DevicePtr<T>,
@@ -443,7 +455,7 @@ pub fn combine<T: MoeElement>(
 ///
 /// # Errors
 /// As [`gather_raw`].
-pub unsafe fn combine_raw<T: MoeElement>(
+pub unsafe fn combine_raw<T: MoeHiddenElement>(
     dev: &Device,
     perm: &Permutation,
     expert_out: RawBuffer,
@@ -463,7 +475,7 @@ pub unsafe fn combine_raw<T: MoeElement>(
 ///
 /// # Errors
 /// As [`gather`].
-pub fn gather_backward<T: MoeElement>(
+pub fn gather_backward<T: MoeHiddenElement>(
     dev: &Device,
     perm: &Permutation,
     d_permuted: &impl DevicePtr<T>,
@@ -480,7 +492,7 @@ pub fn gather_backward<T: MoeElement>(
 ///
 /// # Errors
 /// As [`gather_raw`].
-pub unsafe fn gather_backward_raw<T: MoeElement>(
+pub unsafe fn gather_backward_raw<T: MoeHiddenElement>(
     dev: &Device,
     perm: &Permutation,
     d_permuted: RawBuffer,
@@ -501,7 +513,7 @@ pub unsafe fn gather_backward_raw<T: MoeElement>(
 /// (`T`) and `d_weights` (f32) are device buffers of `dev`'s context holding at least `len`
 /// elements from `addr`; the two outputs overlap each other and no input or table; no
 /// other work touches them until the launches have completed; they stay alive until then.
-unsafe fn combine_backward_bufs<T: MoeElement>(
+unsafe fn combine_backward_bufs<T: MoeHiddenElement>(
     dev: &Device,
     perm: &Permutation,
     d_out: Buf,
@@ -555,7 +567,7 @@ unsafe fn combine_backward_bufs<T: MoeElement>(
 /// # Errors
 /// As [`gather`].
 #[allow(clippy::too_many_arguments)]
-pub fn combine_backward<T: MoeElement>(
+pub fn combine_backward<T: MoeHiddenElement>(
     dev: &Device,
     perm: &Permutation,
     d_out: &impl DevicePtr<T>,
@@ -613,7 +625,7 @@ pub fn combine_backward<T: MoeElement>(
 /// # Errors
 /// As [`gather_raw`].
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn combine_backward_raw<T: MoeElement>(
+pub unsafe fn combine_backward_raw<T: MoeHiddenElement>(
     dev: &Device,
     perm: &Permutation,
     d_out: RawBuffer,

@@ -17,7 +17,8 @@ use super::plan::{
     BWD_WARPS, LOSS_THREADS, ROW_THREADS, SCAN_THREADS, STATS_THREADS,
 };
 use super::{
-    GroupScore, LossOptions, MoeElement, PermutationTables, PermuteOptions, RouterConfig, Scoring,
+    GroupScore, LossOptions, MoeElement, MoeHiddenElement, PermutationTables, PermuteOptions,
+    RouterConfig, Scoring,
 };
 use crate::device::{cuda_err, Device};
 use crate::dtype::DType;
@@ -34,6 +35,19 @@ fn pick<T: MoeElement>(f32_id: KernelId, bf16_id: KernelId) -> KernelId {
     match T::DTYPE {
         DType::F32 => f32_id,
         _ => bf16_id,
+    }
+}
+
+/// f32, bf16 or f16 variant of a hidden-state kernel (gather, combine and their gradients).
+fn pick_hidden<T: MoeHiddenElement>(
+    f32_id: KernelId,
+    bf16_id: KernelId,
+    f16_id: KernelId,
+) -> KernelId {
+    match T::DTYPE {
+        DType::F32 => f32_id,
+        DType::BF16 => bf16_id,
+        DType::F16 => f16_id,
     }
 }
 
@@ -151,7 +165,7 @@ fn raw_buf(r: RawBuffer, arg: &'static str) -> Result<Buf> {
 /// Whether `b`'s rows of `hidden` elements of `T` all start 16-byte aligned, so the
 /// 16-byte vector path may read or write them: hidden a multiple of the vector width and the
 /// buffer itself 16-byte aligned (CUDA allocations always are; host slices need not be).
-fn rows_vec_aligned<T: MoeElement>(hidden: usize, b: &Buf) -> bool {
+fn rows_vec_aligned<T: MoeHiddenElement>(hidden: usize, b: &Buf) -> bool {
     hidden % (16 / T::DTYPE.size()) == 0 && b.addr % 16 == 0
 }
 
