@@ -513,6 +513,7 @@ pub unsafe fn gather_backward_raw<T: MoeHiddenElement>(
 /// (`T`) and `d_weights` (f32) are device buffers of `dev`'s context holding at least `len`
 /// elements from `addr`; the two outputs overlap each other and no input or table; no
 /// other work touches them until the launches have completed; they stay alive until then.
+#[allow(clippy::too_many_arguments)]
 unsafe fn combine_backward_bufs<T: MoeHiddenElement>(
     dev: &Device,
     perm: &Permutation,
