@@ -38,10 +38,7 @@ impl std::fmt::Debug for Device {
 }
 
 pub(crate) fn cuda_err(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
-    move |e| Error::Cuda {
-        op,
-        message: e.to_string(),
-    }
+    move |e| Error::driver(op, e)
 }
 
 /// Per kernel: the PTX arch of the loaded code (once asked) and the dynamic shared memory
@@ -215,6 +212,7 @@ impl Device {
         let mut functions = self.functions.lock().map_err(|_| Error::Cuda {
             op: "load kernel",
             message: "kernel cache lock poisoned".into(),
+            source: None,
         })?;
         if let Some(f) = &functions[id.index()] {
             return Ok(f.clone());
@@ -231,6 +229,7 @@ impl Device {
         self.kernel_info.lock().map_err(|_| Error::Cuda {
             op: "load kernel",
             message: "kernel info lock poisoned".into(),
+            source: None,
         })
     }
 
@@ -268,7 +267,7 @@ impl Device {
             return Ok(());
         }
         if bytes > self.smem_opt_in_limit {
-            return Err(Error::invalid(
+            return Err(Error::unsupported(
                 op,
                 arg,
                 format!(
@@ -279,7 +278,7 @@ impl Device {
             ));
         }
         let value = i32::try_from(bytes)
-            .map_err(|_| Error::invalid(op, arg, format!("{bytes} bytes of shared memory")))?;
+            .map_err(|_| Error::overflow(op, arg, format!("{bytes} bytes of shared memory")))?;
         self.function(id)?
             .set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -294,6 +293,7 @@ impl Device {
         let mut modules = self.modules.lock().map_err(|_| Error::Cuda {
             op: "load module",
             message: "module cache lock poisoned".into(),
+            source: None,
         })?;
         if let Some(m) = &modules[family.index()] {
             return Ok(m.clone());

@@ -105,6 +105,9 @@ pub(crate) enum KernelId {
     MoeCombineBf16,
     MoeCombineDwF32,
     MoeCombineDwBf16,
+    MoeGatherF16,
+    MoeCombineF16,
+    MoeCombineDwF16,
 }
 
 impl KernelId {
@@ -168,6 +171,9 @@ impl KernelId {
         KernelId::MoeCombineBf16,
         KernelId::MoeCombineDwF32,
         KernelId::MoeCombineDwBf16,
+        KernelId::MoeGatherF16,
+        KernelId::MoeCombineF16,
+        KernelId::MoeCombineDwF16,
     ];
 
     pub(crate) fn index(self) -> usize {
@@ -200,7 +206,10 @@ impl KernelId {
             | KernelId::MoeCombineF32
             | KernelId::MoeCombineBf16
             | KernelId::MoeCombineDwF32
-            | KernelId::MoeCombineDwBf16 => Family::Moe,
+            | KernelId::MoeCombineDwBf16
+            | KernelId::MoeGatherF16
+            | KernelId::MoeCombineF16
+            | KernelId::MoeCombineDwF16 => Family::Moe,
             KernelId::AttnBwdPreF16
             | KernelId::AttnBwdPreBf16
             | KernelId::AttnBwdDqF16
@@ -291,6 +300,9 @@ impl KernelId {
             KernelId::MoeCombineBf16 => "longctx_moe_combine_bf16",
             KernelId::MoeCombineDwF32 => "longctx_moe_combine_dw_f32",
             KernelId::MoeCombineDwBf16 => "longctx_moe_combine_dw_bf16",
+            KernelId::MoeGatherF16 => "longctx_moe_gather_f16",
+            KernelId::MoeCombineF16 => "longctx_moe_combine_f16",
+            KernelId::MoeCombineDwF16 => "longctx_moe_combine_dw_f16",
         }
     }
 

@@ -63,7 +63,7 @@ impl HeadsLayout {
         if self.tokens == 0 || self.heads == 0 || self.head_dim == 0 {
             return Ok(self.offset);
         }
-        let overflow = || Error::invalid(op, arg, format!("{self:?} addresses past usize"));
+        let overflow = || Error::overflow(op, arg, format!("{self:?} addresses past usize"));
         let last = (self.tokens - 1)
             .checked_mul(self.token_stride)
             .and_then(|a| {
@@ -183,6 +183,16 @@ impl HeadsLayout {
     }
 }
 
+/// A flat device buffer given by its raw address, for frameworks that expose only
+/// pointers (the MoE raw entry points take these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawBuffer {
+    /// Device address of element 0 (`CUdeviceptr`); a multiple of the element size.
+    pub ptr: u64,
+    /// Elements in the buffer from `ptr` on.
+    pub len: usize,
+}
+
 /// A tensor given by its raw device address, for frameworks that expose only pointers.
 #[derive(Debug, Clone, Copy)]
 pub struct RawTensor {
@@ -192,4 +202,26 @@ pub struct RawTensor {
     pub len: usize,
     /// The view of the tensor in that buffer.
     pub layout: HeadsLayout,
+}
+
+/// Checks that a buffer's device address is a multiple of its element size: CUDA
+/// allocations and cudarc views of them always are, a raw pointer from elsewhere need not
+/// be, and a kernel reading `T` through a misaligned address faults.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] of kind [`crate::error::ErrorKind::Alignment`] naming `arg`.
+pub(crate) fn check_element_alignment(
+    op: &'static str,
+    arg: &'static str,
+    addr: u64,
+    elem_size: usize,
+) -> Result<()> {
+    if elem_size > 1 && addr % elem_size as u64 != 0 {
+        return Err(Error::misaligned(
+            op,
+            arg,
+            format!("device address {addr:#x} is not a multiple of the {elem_size}-byte element"),
+        ));
+    }
+    Ok(())
 }

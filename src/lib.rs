@@ -72,7 +72,7 @@ mod embedded {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 
 /// The cudarc and half versions this crate is built against, so callers name the same
 /// types (`longctx::cudarc::driver::CudaSlice`, `longctx::half::bf16`).

@@ -580,7 +580,7 @@ impl AttnRun {
 pub use moe_workloads::{moe_shapes, MoeCheck, MoeRun, MoeShape};
 
 mod moe_workloads {
-    use cudarc::driver::CudaSlice;
+    use cudarc::driver::{CudaSlice, DevicePtr};
     use half::bf16;
 
     use crate::device::{cuda_err, Device};
@@ -739,7 +739,7 @@ mod moe_workloads {
         /// # Errors
         /// Whatever the launch returns.
         pub fn gate(&mut self, dev: &Device) -> Result<()> {
-            let bias = self.shape.bias.then_some(&self.bias);
+            let bias = self.shape.bias.then_some(&self.bias as &dyn DevicePtr<f32>);
             route(
                 dev,
                 &self.shape.router,

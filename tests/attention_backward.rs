@@ -700,3 +700,17 @@ fn gpu_backward_edges_and_determinism() {
         assert!(again.emu == first.emu, "deterministic mode changed bits between runs");
     }
 }
+
+/// Error kinds a caller can match: an unsupported head-dim pair, an overflowing size.
+#[test]
+fn backward_error_kinds() {
+    use longctx::ErrorKind;
+    assert_eq!(
+        BackwardTiles::for_head_dims(80, 80).unwrap_err().kind(),
+        ErrorKind::Unsupported
+    );
+    assert_eq!(
+        backward_workspace_len(usize::MAX, 2, 64).unwrap_err().kind(),
+        ErrorKind::Overflow
+    );
+}

@@ -1116,8 +1116,8 @@ mod gpu {
     use longctx::moe::reference::eligible;
     use longctx::moe::{
         combine, combine_backward, gather, gather_backward, permute, route, route_backward,
-        route_block_kernel, router_losses, update_bias, ExpertIds, MoeElement, Permutation,
-        RouterLosses, Routing,
+        route_block_kernel, router_losses, update_bias, ExpertIds, MoeElement, MoeHiddenElement,
+        Permutation, RouterLosses, Routing,
     };
 
     /// Where a parity case runs: the GPU, or the kernel source on the CPU emulator.
@@ -1182,9 +1182,16 @@ mod gpu {
                     let db = bias.map(|b| dev.upload(b)).transpose()?;
                     let mut out = Routing::new(dev, cfg, tokens)?;
                     if block_kernel {
-                        route_block_kernel(dev, cfg, &dz, tokens, db.as_ref(), &mut out)?;
+                        route_block_kernel(
+                            dev,
+                            cfg,
+                            &dz,
+                            tokens,
+                            db.as_ref().map(|b| b as _),
+                            &mut out,
+                        )?;
                     } else {
-                        route(dev, cfg, &dz, tokens, db.as_ref(), &mut out)?;
+                        route(dev, cfg, &dz, tokens, db.as_ref().map(|b| b as _), &mut out)?;
                     }
                     out.download(dev)
                 }
@@ -1236,7 +1243,7 @@ mod gpu {
             }
         }
 
-        pub fn gather<T: MoeElement>(
+        pub fn gather<T: MoeHiddenElement>(
             &self,
             p: &Perm,
             x: &[T],
@@ -1249,7 +1256,14 @@ mod gpu {
                     let dx = dev.upload(x)?;
                     let ds = scale.map(|s| dev.upload(s)).transpose()?;
                     let mut out = dev.upload(&sentinel::<T>(n))?;
-                    gather(dev, p.gpu(), &dx, hidden, ds.as_ref(), &mut out)?;
+                    gather(
+                        dev,
+                        p.gpu(),
+                        &dx,
+                        hidden,
+                        ds.as_ref().map(|s| s as _),
+                        &mut out,
+                    )?;
                     dev.download(&out)
                 }
                 Backend::Emulator => {
@@ -1261,7 +1275,7 @@ mod gpu {
         }
 
         /// [`combine`] with `weights`, or [`gather_backward`] without.
-        pub fn combine<T: MoeElement>(
+        pub fn combine<T: MoeHiddenElement>(
             &self,
             p: &Perm,
             eo: &[T],
@@ -1295,7 +1309,7 @@ mod gpu {
         }
 
         #[allow(clippy::too_many_arguments)]
-        pub fn combine_backward<T: MoeElement>(
+        pub fn combine_backward<T: MoeHiddenElement>(
             &self,
             p: &Perm,
             d_out: &[T],
@@ -1369,7 +1383,7 @@ mod gpu {
                         &dz,
                         tokens,
                         &dids,
-                        ddw.as_ref(),
+                        ddw.as_ref().map(|d| d as _),
                         balance.map(Perm::gpu),
                         opts,
                         &mut dl,
@@ -2087,8 +2101,19 @@ mod gpu {
         }
     }
 
+    /// The absolute error allowed on top of the relative bound: f16's subnormals (below
+    /// 2^-14) are spaced 2^-24 apart, so a result rounded to one of them is off by up to
+    /// 2^-25 whatever its magnitude; f32 and bf16 share f32's exponent range, where the
+    /// values here never go subnormal.
+    fn abs_floor_of<T: Element>() -> f64 {
+        match T::DTYPE {
+            longctx::dtype::DType::F16 => 2f64.powi(-24),
+            _ => 1e-30,
+        }
+    }
+
     /// One gather / combine / backward case over 16 experts, top-4.
-    fn run_hidden<T: MoeElement>(
+    fn run_hidden<T: MoeHiddenElement>(
         b: &Backend<'_>,
         (seed, tokens, hidden, cf, block): (u64, usize, usize, Option<f64>, usize),
     ) -> Result<(), TestCaseError> {
@@ -2110,13 +2135,14 @@ mod gpu {
         let w32: Vec<f32> = (0..tokens * k).map(|_| rng.uniform() as f32).collect();
         let w64: Vec<f64> = w32.iter().map(|&v| f64::from(v)).collect();
         let tol = tol_of::<T>();
+        let floor = abs_floor_of::<T>();
         let close =
             |got: &[T], want: &[f64], scale: &[f64], what: &str| -> Result<(), TestCaseError> {
                 prop_assert_eq!(got.len(), want.len());
                 for (i, (a, b)) in got.iter().zip(want).enumerate() {
                     let e = (a.to_f64() - b).abs();
                     prop_assert!(
-                        e <= tol * scale[i].max(1e-30) + 1e-30,
+                        e <= tol * scale[i].max(1e-30) + floor,
                         "{} tokens {} hidden {} [{}]: {} vs {}",
                         what,
                         tokens,
@@ -2198,7 +2224,7 @@ mod gpu {
         Ok(())
     }
 
-    fn hidden_parity_on<T: MoeElement>(
+    fn hidden_parity_on<T: MoeHiddenElement>(
         name: &str,
         b: &Backend<'_>,
         cases: u32,
@@ -2217,7 +2243,7 @@ mod gpu {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 
-    fn hidden_parity<T: MoeElement>(name: &str) {
+    fn hidden_parity<T: MoeHiddenElement>(name: &str) {
         let Some(dev) = common::gpu(name) else { return };
         hidden_parity_on::<T>(
             name,
@@ -2240,7 +2266,13 @@ mod gpu {
         hidden_parity::<bf16>("gpu_gather_combine_parity_bf16");
     }
 
-    /// Hidden sizes around the vector widths (4 f32, 8 bf16) and the 128 threads of a row,
+    #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+    fn gpu_gather_combine_parity_f16() {
+        hidden_parity::<half::f16>("gpu_gather_combine_parity_f16");
+    }
+
+    /// Hidden sizes around the vector widths (4 f32, 8 bf16 and f16) and the 128 threads of a row,
     /// in elements and in vectors (127-129, 511-513, 1024).
     const EMU_HIDDEN: [usize; 12] = [1, 3, 4, 5, 8, 9, 127, 128, 129, 512, 513, 1024];
 
@@ -2259,6 +2291,17 @@ mod gpu {
     fn emu_gather_combine_parity_bf16() {
         hidden_parity_on::<bf16>(
             "emu_gather_combine_parity_bf16",
+            &Backend::Emulator,
+            24,
+            vec![1, 7, 31, 100],
+            EMU_HIDDEN.to_vec(),
+        );
+    }
+
+    #[test]
+    fn emu_gather_combine_parity_f16() {
+        hidden_parity_on::<half::f16>(
+            "emu_gather_combine_parity_f16",
             &Backend::Emulator,
             24,
             vec![1, 7, 31, 100],
@@ -2655,6 +2698,178 @@ mod gpu {
             "ids"
         );
         assert_eq!(invalid_arg(RouterLosses::new(&dev, &cfg, 0)), "tokens");
+    }
+
+    /// Every op on views into larger buffers (offsets that break the 16-byte vector path
+    /// included) and on raw pointers gives exactly what it gives on whole buffers, and
+    /// leaves the buffers' other elements alone; a raw pointer that is not a multiple of
+    /// its element is refused with ErrorKind::Alignment.
+    #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+    fn gpu_views_and_raw_pointers_match_whole_buffers() {
+        use longctx::cudarc::driver::{DevicePtr, DevicePtrMut};
+        use longctx::layout::RawBuffer;
+        use longctx::moe::{combine_raw, gather_raw, route_raw};
+        use longctx::ErrorKind;
+        let Some(dev) = common::gpu("gpu_views_and_raw_pointers_match_whole_buffers") else {
+            return;
+        };
+        let (tokens, hidden) = (5usize, 24usize);
+        let cfg = RouterConfig::deepseek_v3(16, 4, 4, 2, true, 2.5);
+        let mut rng = Rng(7);
+        let z: Vec<bf16> = (0..tokens * 16)
+            .map(|_| bf16::from_f64(2.0 * rng.uniform()))
+            .collect();
+        let bias: Vec<f32> = (0..16).map(|_| rng.uniform() as f32 * 0.1).collect();
+        let x: Vec<bf16> = (0..tokens * hidden)
+            .map(|_| bf16::from_f64(2.0 * rng.uniform()))
+            .collect();
+        let pad = |v: &[bf16], before: usize| {
+            let mut p = vec![bf16::from_f32(-7.0); before];
+            p.extend_from_slice(v);
+            p.extend(std::iter::repeat(bf16::from_f32(-7.0)).take(5));
+            p
+        };
+        // Whole buffers.
+        let dz = dev.upload(&z).unwrap();
+        let db = dev.upload(&bias).unwrap();
+        let mut want_route = Routing::new(&dev, &cfg, tokens).unwrap();
+        route(&dev, &cfg, &dz, tokens, Some(&db), &mut want_route).unwrap();
+        let want_routing = want_route.download(&dev).unwrap();
+        let mut perm = Permutation::new(
+            &dev,
+            tokens,
+            cfg.top_k,
+            cfg.experts,
+            PermuteOptions::default(),
+        )
+        .unwrap();
+        permute(&dev, want_route.ids(), &mut perm).unwrap();
+        let rows = perm.plan().max_slots;
+        let dx = dev.upload(&x).unwrap();
+        let mut xp = dev.zeros::<bf16>(rows * hidden).unwrap();
+        gather(&dev, &perm, &dx, hidden, None, &mut xp).unwrap();
+        let mut y = dev.zeros::<bf16>(tokens * hidden).unwrap();
+        combine(&dev, &perm, &xp, hidden, Some(want_route.weights()), &mut y).unwrap();
+        let (want_xp, want_y) = (dev.download(&xp).unwrap(), dev.download(&y).unwrap());
+
+        // Views: inputs 1 element (2 bytes) into a larger buffer, outputs 3 in.
+        let zb = dev.upload(&pad(&z, 1)).unwrap();
+        let bb = dev.upload(&[&[9.0f32][..], &bias[..]].concat()).unwrap();
+        let mut r = Routing::new(&dev, &cfg, tokens).unwrap();
+        let bias_view = bb.slice(1..);
+        route(
+            &dev,
+            &cfg,
+            &zb.slice(1..1 + tokens * 16),
+            tokens,
+            Some(&bias_view),
+            &mut r,
+        )
+        .unwrap();
+        assert_eq!(r.download(&dev).unwrap(), want_routing, "route on views");
+        let xb = dev.upload(&pad(&x, 1)).unwrap();
+        let sentinel = bf16::from_f32(-3.0);
+        let mut xpb = dev.upload(&vec![sentinel; rows * hidden + 8]).unwrap();
+        gather(
+            &dev,
+            &perm,
+            &xb.slice(1..),
+            hidden,
+            None,
+            &mut xpb.slice_mut(3..),
+        )
+        .unwrap();
+        let got = dev.download(&xpb).unwrap();
+        assert_eq!(&got[3..3 + rows * hidden], &want_xp[..], "gather on views");
+        assert!(got[..3]
+            .iter()
+            .chain(&got[3 + rows * hidden..])
+            .all(|&v| v == sentinel));
+        let mut yb = dev.upload(&vec![sentinel; tokens * hidden + 4]).unwrap();
+        let w_view = want_route.weights().slice(..);
+        combine(
+            &dev,
+            &perm,
+            &xpb.slice(3..),
+            hidden,
+            Some(&w_view),
+            &mut yb.slice_mut(1..),
+        )
+        .unwrap();
+        let got = dev.download(&yb).unwrap();
+        assert_eq!(
+            &got[1..1 + tokens * hidden],
+            &want_y[..],
+            "combine on views"
+        );
+        assert_eq!(got[0], sentinel);
+
+        // Raw pointers, the same offsets.
+        let stream = dev.stream().clone();
+        let raw = |ptr: u64, len: usize| RawBuffer { ptr, len };
+        let mut r2 = Routing::new(&dev, &cfg, tokens).unwrap();
+        let mut xpr = dev.upload(&vec![sentinel; rows * hidden + 8]).unwrap();
+        let mut yr = dev.upload(&vec![sentinel; tokens * hidden + 4]).unwrap();
+        {
+            let (zp, _g0) = zb.device_ptr(&stream);
+            let (bp, _g1) = bb.device_ptr(&stream);
+            let (xr, _g2) = xb.device_ptr(&stream);
+            let (xpp, _g3) = xpr.device_ptr_mut(&stream);
+            let (wp, _g4) = want_route.weights().device_ptr(&stream);
+            let (yp, _g5) = yr.device_ptr_mut(&stream);
+            // SAFETY: every pointer is into a live allocation of this context, held (with
+            // its guard) until the synchronize below, with at least the given elements
+            // from the offset; the outputs are separate allocations from the inputs.
+            unsafe {
+                route_raw::<bf16>(
+                    &dev,
+                    &cfg,
+                    raw(zp + 2, tokens * 16),
+                    tokens,
+                    Some(raw(bp + 4, 16)),
+                    &mut r2,
+                )
+                .unwrap();
+                gather_raw::<bf16>(
+                    &dev,
+                    &perm,
+                    raw(xr + 2, tokens * hidden),
+                    hidden,
+                    None,
+                    raw(xpp + 6, rows * hidden),
+                )
+                .unwrap();
+                combine_raw::<bf16>(
+                    &dev,
+                    &perm,
+                    raw(xpp + 6, rows * hidden),
+                    hidden,
+                    Some(raw(wp, tokens * cfg.top_k)),
+                    raw(yp + 2, tokens * hidden),
+                )
+                .unwrap();
+                let e = gather_raw::<bf16>(
+                    &dev,
+                    &perm,
+                    raw(xr + 1, tokens * hidden),
+                    hidden,
+                    None,
+                    raw(xpp, rows * hidden),
+                )
+                .unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::Alignment, "{e}");
+                let e =
+                    route_raw::<bf16>(&dev, &cfg, raw(0, 80), tokens, None, &mut r2).unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+            }
+            dev.synchronize().unwrap();
+        }
+        assert_eq!(r2.download(&dev).unwrap(), want_routing, "route_raw");
+        let got = dev.download(&xpr).unwrap();
+        assert_eq!(&got[3..3 + rows * hidden], &want_xp[..], "gather_raw");
+        let got = dev.download(&yr).unwrap();
+        assert_eq!(&got[1..1 + tokens * hidden], &want_y[..], "combine_raw");
     }
 
     /// The emulator's ops validate as the GPU ones do (the same planning functions), with

@@ -1,6 +1,8 @@
-// Entry points of the MoE routing family. Router logits come in f32 or bf16 and hidden states
-// in f32 or bf16; everything else (ids, counts, slots, weights) has one type. The names are
-// listed once more in src/kernel_id.rs (KernelId); keep the two in step.
+// Entry points of the MoE routing family. Router logits come in f32 or bf16, hidden states in
+// f32, bf16 or f16 (f16 only for gather, combine and combine_dw, to bound the instantiation
+// matrix: fp16 activations are common in trainers, fp16 router logits are not); everything
+// else (ids, counts, slots, weights) has one type. The names are listed once more in
+// src/kernel_id.rs (KernelId); keep the two in step.
 #include "moe/gate_kernel.cuh"
 #include "moe/hidden_kernel.cuh"
 #include "moe/loss_kernel.cuh"
@@ -31,7 +33,10 @@ LONGCTX_MOE_ENTRY(longctx_moe_scatter, kMaxPermuteWarps * kWarp, LongctxMoePermu
 
 LONGCTX_MOE_ENTRY(longctx_moe_gather_f32, kRowThreads, LongctxMoeGatherParams, gather_body<float>)
 LONGCTX_MOE_ENTRY(longctx_moe_gather_bf16, kRowThreads, LongctxMoeGatherParams, gather_body<__nv_bfloat16>)
+LONGCTX_MOE_ENTRY(longctx_moe_gather_f16, kRowThreads, LongctxMoeGatherParams, gather_body<__half>)
 LONGCTX_MOE_ENTRY(longctx_moe_combine_f32, kRowThreads, LongctxMoeCombineParams, combine_body<float>)
 LONGCTX_MOE_ENTRY(longctx_moe_combine_bf16, kRowThreads, LongctxMoeCombineParams, combine_body<__nv_bfloat16>)
+LONGCTX_MOE_ENTRY(longctx_moe_combine_f16, kRowThreads, LongctxMoeCombineParams, combine_body<__half>)
 LONGCTX_MOE_ENTRY(longctx_moe_combine_dw_f32, kRowThreads, LongctxMoeCombineDwParams, combine_dw_body<float>)
 LONGCTX_MOE_ENTRY(longctx_moe_combine_dw_bf16, kRowThreads, LongctxMoeCombineDwParams, combine_dw_body<__nv_bfloat16>)
+LONGCTX_MOE_ENTRY(longctx_moe_combine_dw_f16, kRowThreads, LongctxMoeCombineDwParams, combine_dw_body<__half>)

@@ -107,7 +107,7 @@ impl BackwardTiles {
             .find(|t| t.head_dim == head_dim && t.head_dim_v == head_dim_v)
             .copied()
             .ok_or_else(|| {
-                Error::invalid(
+                Error::unsupported(
                     OP,
                     "head_dim",
                     format!(
@@ -164,10 +164,10 @@ pub struct BackwardOptions {
 pub fn backward_workspace_len(total_q: usize, heads_q: usize, head_dim: usize) -> Result<usize> {
     let rows = total_q
         .checked_mul(heads_q)
-        .ok_or_else(|| Error::invalid(OP, "workspace", "total_q x heads_q overflows usize"))?;
+        .ok_or_else(|| Error::overflow(OP, "workspace", "total_q x heads_q overflows usize"))?;
     rows.checked_mul(head_dim)
         .and_then(|a| a.checked_add(rows.checked_mul(2)?))
-        .ok_or_else(|| Error::invalid(OP, "workspace", "workspace size overflows usize"))
+        .ok_or_else(|| Error::overflow(OP, "workspace", "workspace size overflows usize"))
 }
 
 /// The shapes of one backward call, checkable without a device.
@@ -218,7 +218,7 @@ impl BackwardShape<'_> {
                 ));
             }
             if i64::try_from(g.token_stride).is_err() || i64::try_from(g.head_stride).is_err() {
-                return Err(Error::invalid(OP, arg, "a stride does not fit in i64"));
+                return Err(Error::overflow(OP, arg, "a stride does not fit in i64"));
             }
         }
         let need = backward_workspace_len(c.total_q, c.heads_q, c.tiles.head_dim)?;
@@ -292,7 +292,7 @@ fn ids(
         (DType::BF16, 192, 128) => (AttnBwdBf16Hd192Dv128, AttnBwdDqDetBf16Hd192Dv128),
         (DType::BF16, 256, 256) => (AttnBwdBf16Hd256, AttnBwdDqDetBf16Hd256),
         _ => {
-            return Err(Error::invalid(
+            return Err(Error::unsupported(
                 OP,
                 "dtype",
                 format!("no kernel for {dtype:?} with head dims ({head_dim}, {head_dim_v})"),
@@ -356,14 +356,14 @@ pub(crate) fn plan_backward<T: AttnElement>(
         check_alignment(l, addr, elem, arg)?;
     }
     if a.workspace % 16 != 0 {
-        return Err(Error::invalid(
+        return Err(Error::misaligned(
             OP,
             "workspace",
             format!("starts at byte address {:#x}, not 16-byte aligned", a.workspace),
         ));
     }
     let u32_of = |v: usize, what: &str| {
-        u32::try_from(v).map_err(|_| Error::invalid(OP, "seqlens", format!("{what} {v} exceeds u32")))
+        u32::try_from(v).map_err(|_| Error::overflow(OP, "seqlens", format!("{what} {v} exceeds u32")))
     };
     let rows = c.total_q * c.heads_q; // validated: fits the workspace length
     let acc_bytes = (rows as u64) * (d as u64) * 4;
@@ -379,7 +379,7 @@ pub(crate) fn plan_backward<T: AttnElement>(
         dv: tensor(&views.dv, a.dv, elem),
         lse: a.lse,
         lse_head_stride: i64::try_from(c.total_q)
-            .map_err(|_| Error::invalid(OP, "lse", "total_q exceeds i64"))?,
+            .map_err(|_| Error::overflow(OP, "lse", "total_q exceeds i64"))?,
         dq_accum: a.workspace,
         lse_log2: a.workspace + acc_bytes,
         dot: a.workspace + acc_bytes + (rows as u64) * 4,
@@ -402,9 +402,9 @@ pub(crate) fn plan_backward<T: AttnElement>(
             0
         },
         window_left: i32::try_from(c.window.0)
-            .map_err(|_| Error::invalid(OP, "mask", "window side past i32"))?,
+            .map_err(|_| Error::overflow(OP, "mask", "window side past i32"))?,
         window_right: i32::try_from(c.window.1)
-            .map_err(|_| Error::invalid(OP, "mask", "window side past i32"))?,
+            .map_err(|_| Error::overflow(OP, "mask", "window side past i32"))?,
         exp_scale: c.consts.exp_scale,
         softcap_in: c.consts.softcap_in,
         scale: opts.attention.scale_for(d),
@@ -545,7 +545,7 @@ pub fn attention_backward<T: AttnElement>(
     }
     let cc = dev.compute_capability();
     if cc < (8, 0) {
-        return Err(Error::invalid(
+        return Err(Error::unsupported(
             OP,
             "device",
             format!("the kernels need sm_80 or newer; this device is sm_{}{}", cc.0, cc.1),

@@ -174,7 +174,7 @@ impl SeqLens {
                     b.checked_mul(len)
                         .and_then(|t| i32::try_from(t).ok())
                         .ok_or_else(|| {
-                            Error::invalid(OP, arg, format!("{batch} x {len} tokens overflow i32"))
+                            Error::overflow(OP, arg, format!("{batch} x {len} tokens overflow i32"))
                         })
                 })
                 .collect()
@@ -346,7 +346,7 @@ pub(crate) fn kernel_id(dtype: DType, head_dim: usize, head_dim_v: usize) -> Res
         (DType::BF16, 192, 128) => AttnFwdBf16Hd192Dv128,
         (DType::BF16, 256, 256) => AttnFwdBf16Hd256,
         _ => {
-            return Err(Error::invalid(
+            return Err(Error::unsupported(
                 OP,
                 "dtype",
                 format!("no kernel for {dtype:?} with head dims ({head_dim}, {head_dim_v})"),
@@ -424,7 +424,7 @@ fn check_shapes(
 ) -> Result<Validated> {
     let cc = dev.compute_capability();
     if cc < (8, 0) {
-        return Err(Error::invalid(
+        return Err(Error::unsupported(
             OP,
             "device",
             format!(
@@ -695,7 +695,7 @@ pub(crate) fn plan_launch<T: AttnElement>(
     let grid = tiles.grid(c.max_seqlen_q, c.heads_q, c.batch);
     let to_u32 = |v: usize, what: &str| {
         u32::try_from(v)
-            .map_err(|_| Error::invalid(OP, "seqlens", format!("{what} {v} exceeds u32")))
+            .map_err(|_| Error::overflow(OP, "seqlens", format!("{what} {v} exceeds u32")))
     };
     let grid = (
         to_u32(grid.0, "query tiles")?,
@@ -709,7 +709,7 @@ pub(crate) fn plan_launch<T: AttnElement>(
         o: tensor(&views.o, a.o, elem),
         lse: a.lse,
         lse_head_stride: i64::try_from(c.total_q)
-            .map_err(|_| Error::invalid(OP, "lse", "total_q exceeds i64"))?,
+            .map_err(|_| Error::overflow(OP, "lse", "total_q exceeds i64"))?,
         cu_seqlens_q: a.cu_seqlens_q,
         cu_seqlens_k: a.cu_seqlens_k,
         batch: grid.2,
@@ -717,9 +717,9 @@ pub(crate) fn plan_launch<T: AttnElement>(
         heads_per_kv: to_u32(c.heads_q / c.heads_kv, "heads_q / heads_kv")?,
         num_m_blocks: grid.0,
         window_left: i32::try_from(c.window.0)
-            .map_err(|_| Error::invalid(OP, "mask", "window side past i32"))?,
+            .map_err(|_| Error::overflow(OP, "mask", "window side past i32"))?,
         window_right: i32::try_from(c.window.1)
-            .map_err(|_| Error::invalid(OP, "mask", "window side past i32"))?,
+            .map_err(|_| Error::overflow(OP, "mask", "window side past i32"))?,
         exp_scale: c.consts.exp_scale,
         softcap_in: c.consts.softcap_in,
     };

@@ -279,7 +279,7 @@ impl CallShape<'_> {
         if let Some(len) = self.lse_len {
             let need = heads_q
                 .checked_mul(total_q)
-                .ok_or_else(|| Error::invalid(OP, "lse", "heads_q x total_q overflows"))?;
+                .ok_or_else(|| Error::overflow(OP, "lse", "heads_q x total_q overflows"))?;
             if len < need {
                 return Err(Error::invalid(
                     OP,
@@ -290,7 +290,7 @@ impl CallShape<'_> {
         }
         for (l, arg) in [(q, "q"), (k, "k"), (v, "v"), (o, "o")] {
             if i64::try_from(l.token_stride).is_err() || i64::try_from(l.head_stride).is_err() {
-                return Err(Error::invalid(OP, arg, "a stride does not fit in i64"));
+                return Err(Error::overflow(OP, arg, "a stride does not fit in i64"));
             }
         }
         let consts = SoftmaxConsts::new(opts.scale_for(q.head_dim), opts.softcap)?;
@@ -328,7 +328,7 @@ pub fn check_alignment(
     let start = (l.offset as u64)
         .checked_mul(elem_size as u64)
         .and_then(|b| b.checked_add(base))
-        .ok_or_else(|| Error::invalid(OP, arg, "offset overflows the address space"))?;
+        .ok_or_else(|| Error::overflow(OP, arg, "offset overflows the address space"))?;
     let mut problems = Vec::new();
     if start % 16 != 0 {
         problems.push(format!("first element at byte address {start:#x}"));
@@ -342,7 +342,7 @@ pub fn check_alignment(
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(Error::invalid(
+        Err(Error::misaligned(
             OP,
             arg,
             format!(

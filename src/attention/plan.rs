@@ -152,7 +152,7 @@ impl TileConfig {
             .find(|t| t.head_dim == head_dim && t.head_dim_v == head_dim_v && t.ptx_arch == arch)
             .copied()
             .ok_or_else(|| {
-                Error::invalid(
+                Error::unsupported(
                     "attention",
                     "head_dim",
                     format!(

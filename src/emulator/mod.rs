@@ -212,6 +212,9 @@ entries! {
     MoeCombineBf16 => longctx_moe_combine_bf16, longctx_moe_combine_bf16: sys::LongctxMoeCombineParams;
     MoeCombineDwF32 => longctx_moe_combine_dw_f32, longctx_moe_combine_dw_f32: sys::LongctxMoeCombineDwParams;
     MoeCombineDwBf16 => longctx_moe_combine_dw_bf16, longctx_moe_combine_dw_bf16: sys::LongctxMoeCombineDwParams;
+    MoeGatherF16 => longctx_moe_gather_f16, longctx_moe_gather_f16: sys::LongctxMoeGatherParams;
+    MoeCombineF16 => longctx_moe_combine_f16, longctx_moe_combine_f16: sys::LongctxMoeCombineParams;
+    MoeCombineDwF16 => longctx_moe_combine_dw_f16, longctx_moe_combine_dw_f16: sys::LongctxMoeCombineDwParams;
 }
 
 /// What every emulated CUDA thread runs: the kernel entry with the launch's params.

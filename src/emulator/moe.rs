@@ -19,7 +19,8 @@ use crate::moe::cuda::{
 };
 use crate::moe::plan::validate_ids;
 use crate::moe::{
-    LossOptions, MoeElement, PermutationTables, PermuteOptions, PermutePlan, RouterConfig,
+    LossOptions, MoeElement, MoeHiddenElement, PermutationTables, PermuteOptions, PermutePlan,
+    RouterConfig,
 };
 
 const OP: &str = "moe";
@@ -140,7 +141,7 @@ impl HostPermutation {
     pub fn new(tokens: usize, top_k: usize, experts: usize, opts: PermuteOptions) -> Result<Self> {
         let plan = PermutePlan::new(tokens, top_k, experts, opts)?;
         let chunk_counts = plan.chunks.checked_mul(experts).ok_or_else(|| {
-            crate::Error::invalid(OP, "experts", "chunks x experts counters overflow usize")
+            crate::Error::overflow(OP, "experts", "chunks x experts counters overflow usize")
         })?;
         Ok(HostPermutation {
             routed_counts: vec![0; experts],
@@ -287,7 +288,7 @@ fn filled(perm: &HostPermutation) -> Result<&HostPermutation> {
 ///
 /// # Errors
 /// As the GPU op, plus [`Error::Emulator`](crate::Error::Emulator) when the kernel misbehaves.
-pub fn gather<T: MoeElement>(
+pub fn gather<T: MoeHiddenElement>(
     perm: &HostPermutation,
     x: &[T],
     hidden: usize,
@@ -320,7 +321,7 @@ pub fn gather<T: MoeElement>(
     run_launch(&l, &bufs)
 }
 
-fn combine_impl<T: MoeElement>(
+fn combine_impl<T: MoeHiddenElement>(
     perm: &HostPermutation,
     expert_out: &[T],
     hidden: usize,
@@ -358,7 +359,7 @@ fn combine_impl<T: MoeElement>(
 ///
 /// # Errors
 /// As [`gather`].
-pub fn combine<T: MoeElement>(
+pub fn combine<T: MoeHiddenElement>(
     perm: &HostPermutation,
     expert_out: &[T],
     hidden: usize,
@@ -372,7 +373,7 @@ pub fn combine<T: MoeElement>(
 ///
 /// # Errors
 /// As [`gather`].
-pub fn gather_backward<T: MoeElement>(
+pub fn gather_backward<T: MoeHiddenElement>(
     perm: &HostPermutation,
     d_permuted: &[T],
     hidden: usize,
@@ -388,7 +389,7 @@ pub fn gather_backward<T: MoeElement>(
 /// # Errors
 /// As [`gather`].
 #[allow(clippy::too_many_arguments)]
-pub fn combine_backward<T: MoeElement>(
+pub fn combine_backward<T: MoeHiddenElement>(
     perm: &HostPermutation,
     d_out: &[T],
     expert_out: &[T],
@@ -465,7 +466,7 @@ pub fn router_losses<T: MoeElement>(
     }
     let want_logits = tokens
         .checked_mul(cfg.experts)
-        .ok_or_else(|| crate::Error::invalid(OP, "tokens", "tokens x experts overflows usize"))?;
+        .ok_or_else(|| crate::Error::overflow(OP, "tokens", "tokens x experts overflows usize"))?;
     if logits.len() < want_logits {
         return Err(crate::Error::invalid(
             OP,
@@ -478,7 +479,7 @@ pub fn router_losses<T: MoeElement>(
         ));
     }
     let workspace = plan.chunks.checked_mul(cfg.experts).ok_or_else(|| {
-        crate::Error::invalid(OP, "tokens", "chunks x experts partials overflow usize")
+        crate::Error::overflow(OP, "tokens", "chunks x experts partials overflow usize")
     })?;
     let mut partial_probs = vec![0f32; workspace];
     let mut partial_lse2 = vec![0f32; plan.chunks];

@@ -30,8 +30,9 @@ pub(crate) mod plan;
 pub mod reference;
 
 pub use cuda::{
-    combine, combine_backward, gather, gather_backward, permute, route, route_backward,
-    route_block_kernel, router_losses, update_bias, ExpertIds, Permutation, RouterLosses, Routing,
+    combine, combine_backward, combine_backward_raw, combine_raw, gather, gather_backward,
+    gather_backward_raw, gather_raw, permute, route, route_backward, route_block_kernel, route_raw,
+    router_losses, update_bias, ExpertIds, Permutation, RouterLosses, Routing,
 };
 pub use plan::{
     capacity, GatePath, GatePlan, PermutePlan, StatsPlan, MAX_BLOCK, MAX_EXPERTS, WARP_MAX_EXPERTS,
@@ -348,11 +349,12 @@ impl RouterConfig {
     /// or infinity in f32 (the kernels take it as f32).
     pub fn validate(&self) -> Result<()> {
         if self.experts == 0 || self.experts > MAX_EXPERTS {
-            return Err(Error::invalid(
-                OP,
-                "experts",
-                format!("{} experts; 1..={MAX_EXPERTS} are supported", self.experts),
-            ));
+            let problem = format!("{} experts; 1..={MAX_EXPERTS} are supported", self.experts);
+            return Err(if self.experts == 0 {
+                Error::invalid(OP, "experts", problem)
+            } else {
+                Error::unsupported(OP, "experts", problem)
+            });
         }
         if let Some(g) = self.grouping {
             if g.n_group == 0 || self.experts % g.n_group != 0 {
@@ -461,10 +463,18 @@ mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
 }
 
-/// Element types the MoE kernels are built for (router logits and hidden states): `f32` and
-/// `half::bf16`.
-pub trait MoeElement: Element + cudarc::driver::ValidAsZeroBits + sealed::Sealed {}
+/// Element types of the hidden states that [`gather`], [`combine`] and their gradients
+/// move: `f32`, `half::bf16` and `half::f16` (accumulation is f32 in every case).
+pub trait MoeHiddenElement: Element + cudarc::driver::ValidAsZeroBits + sealed::Sealed {}
+impl MoeHiddenElement for f32 {}
+impl MoeHiddenElement for half::bf16 {}
+impl MoeHiddenElement for half::f16 {}
+
+/// Element types the MoE kernels are built for in every op (router logits and hidden
+/// states): `f32` and `half::bf16`.
+pub trait MoeElement: MoeHiddenElement {}
 impl MoeElement for f32 {}
 impl MoeElement for half::bf16 {}

@@ -120,7 +120,7 @@ impl GatePlan {
     pub fn new(cfg: &RouterConfig, tokens: usize, force_block: bool) -> Result<Self> {
         cfg.validate()?;
         check_assignments(tokens, cfg.top_k)?;
-        let too_many = || Error::invalid(OP, "tokens", format!("{tokens} tokens exceed the grid"));
+        let too_many = || Error::overflow(OP, "tokens", format!("{tokens} tokens exceed the grid"));
         match warp_layout(cfg).filter(|_| !force_block) {
             Some((lanes, slots, group_lanes)) => Ok(GatePlan {
                 path: GatePath::Warp,
@@ -159,7 +159,7 @@ fn check_assignments(tokens: usize, top_k: usize) -> Result<usize> {
         .checked_mul(top_k)
         .filter(|&a| a <= i32::MAX as usize)
         .ok_or_else(|| {
-            Error::invalid(
+            Error::overflow(
                 OP,
                 "tokens",
                 format!("{tokens} tokens x top_k {top_k} assignments exceed i32::MAX"),
@@ -190,7 +190,7 @@ pub fn capacity(
         return Err(Error::invalid(OP, "experts", "0 experts"));
     }
     let assignments = tokens.checked_mul(top_k).ok_or_else(|| {
-        Error::invalid(
+        Error::overflow(
             OP,
             "tokens",
             format!("{tokens} tokens x top_k {top_k} overflows usize"),
@@ -245,11 +245,12 @@ impl PermutePlan {
     /// [`MAX_BLOCK`], or sizes past i32.
     pub fn new(tokens: usize, top_k: usize, experts: usize, opts: PermuteOptions) -> Result<Self> {
         if experts == 0 || experts > MAX_EXPERTS {
-            return Err(Error::invalid(
-                OP,
-                "experts",
-                format!("{experts} experts; 1..={MAX_EXPERTS} are supported"),
-            ));
+            let problem = format!("{experts} experts; 1..={MAX_EXPERTS} are supported");
+            return Err(if experts == 0 {
+                Error::invalid(OP, "experts", problem)
+            } else {
+                Error::unsupported(OP, "experts", problem)
+            });
         }
         if top_k == 0 || top_k > experts {
             return Err(Error::invalid(
@@ -260,7 +261,7 @@ impl PermutePlan {
         }
         let assignments = check_assignments(tokens, top_k)?;
         if opts.block > MAX_BLOCK {
-            return Err(Error::invalid(
+            return Err(Error::unsupported(
                 OP,
                 "block",
                 format!("padding multiple {} exceeds {MAX_BLOCK}", opts.block),
@@ -284,7 +285,7 @@ impl PermutePlan {
             .and_then(|s| s.div_ceil(block).checked_mul(block))
             .filter(|&s| s <= i32::MAX as usize)
             .ok_or_else(|| {
-                Error::invalid(
+                Error::overflow(
                     OP,
                     "block",
                     format!(

@@ -41,7 +41,7 @@ fn check_len(arg: &'static str, got: usize, want: usize) -> Result<()> {
 /// `a x b`, or an error naming `arg` when it overflows usize.
 fn product(arg: &'static str, a: usize, b: usize) -> Result<usize> {
     a.checked_mul(b)
-        .ok_or_else(|| Error::invalid(OP, arg, format!("{a} x {b} overflows usize")))
+        .ok_or_else(|| Error::overflow(OP, arg, format!("{a} x {b} overflows usize")))
 }
 
 /// Checks that `len` is `rows x cols`, with the product checked.

@@ -8,7 +8,7 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kernel_id::KernelId;
 use crate::launch::KernelLaunch;
-use crate::layout::{HeadsLayout, RawTensor};
+use crate::layout::{check_element_alignment, HeadsLayout, RawTensor};
 use crate::sys;
 
 const OP: &str = "rope";
@@ -95,14 +95,17 @@ pub(crate) fn table_info(config: &RopeConfig, seq_len: usize) -> Result<(Vec<f64
         || rotary_dim > MAX_ROTARY_DIM
         || rotary_dim > config.head_dim()
     {
-        return Err(Error::invalid(
-            OP,
-            "config",
-            format!(
-                "rotary_dim {rotary_dim} must be even, nonzero, <= head_dim {} and <= {MAX_ROTARY_DIM}",
-                config.head_dim()
-            ),
-        ));
+        let problem = format!(
+            "rotary_dim {rotary_dim} must be even, nonzero, <= head_dim {} and <= {MAX_ROTARY_DIM}",
+            config.head_dim()
+        );
+        // Only a rotary dim past the kernel's limit is a valid config it does not implement.
+        let consistent = rotary_dim != 0 && rotary_dim % 2 == 0 && rotary_dim <= config.head_dim();
+        return Err(if consistent {
+            Error::unsupported(OP, "config", problem)
+        } else {
+            Error::invalid(OP, "config", problem)
+        });
     }
     let inv = config.inv_freq_f64(seq_len);
     Ok((
@@ -226,7 +229,7 @@ fn check_view(
         ));
     }
     if view.heads > MAX_HEADS {
-        return Err(Error::invalid(
+        return Err(Error::overflow(
             OP,
             arg,
             format!("{} heads is more than the kernel indexes", view.heads),
@@ -235,7 +238,7 @@ fn check_view(
     i64::try_from(view.token_stride)
         .ok()
         .zip(i64::try_from(view.head_stride).ok())
-        .ok_or_else(|| Error::invalid(OP, arg, "stride does not fit in i64"))?;
+        .ok_or_else(|| Error::overflow(OP, arg, "stride does not fit in i64"))?;
     Ok(())
 }
 
@@ -274,7 +277,7 @@ fn check_tokens(tokens: usize) -> Result<u32> {
         .ok()
         .filter(|&t| t <= i32::MAX as u32)
         .ok_or_else(|| {
-            Error::invalid(
+            Error::overflow(
                 OP,
                 "positions",
                 format!("{tokens} tokens exceed the grid limit 2^31 - 1"),
@@ -341,6 +344,11 @@ pub(crate) fn plan_launch<T: Element>(
     }
     check_view(table, q.layout, "q", q.buffer_len, tokens)?;
     check_view(table, k.layout, "k", k.buffer_len, tokens)?;
+    for (v, arg) in [(&q, "q"), (&k, "k")] {
+        if !v.layout.is_empty() {
+            check_element_alignment(OP, arg, v.base, T::DTYPE.size())?;
+        }
+    }
     if same_buffer
         && q.layout.heads > 0
         && k.layout.heads > 0
@@ -536,7 +544,9 @@ pub fn apply_rope_packed<T: Element>(
 /// stays allocated until then.
 ///
 /// # Errors
-/// As [`apply_rope`].
+/// As [`apply_rope`], plus an [`Error::InvalidArgument`] of kind
+/// [`ErrorKind::Alignment`](crate::error::ErrorKind::Alignment) when a pointer is not a
+/// multiple of `T`'s size.
 pub unsafe fn apply_rope_raw<T: Element>(
     dev: &Device,
     table: &RopeTable,
@@ -573,4 +583,58 @@ pub unsafe fn apply_rope_raw<T: Element>(
     // caller vouches for; the caller's contract covers liveness and aliasing; the table's
     // and positions' guards live until the launch is queued.
     launch(dev, l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    /// A raw pointer that is not a multiple of the element size is refused before the
+    /// launch (kind Alignment); one that is aligned to the element but not to 16 bytes
+    /// takes the scalar kernel; an empty view's pointer is not looked at.
+    #[test]
+    fn the_plan_checks_each_pointer_against_its_element() {
+        let table = TableInfo {
+            head_dim: 64,
+            rotary_dim: 64,
+            attention_factor: 1.0,
+            inv_freq: 0x1000,
+            max_positions: None,
+        };
+        let layout = HeadsLayout::contiguous(2, 1, 64);
+        let empty = HeadsLayout::contiguous(2, 0, 64);
+        let plan = |q_base: u64, k_base: u64| {
+            plan_launch::<half::bf16>(
+                &table,
+                PositionsArg {
+                    addr: 0x2000,
+                    len: 2,
+                    max: Some(1),
+                },
+                ViewArg {
+                    layout: &layout,
+                    buffer_len: 128,
+                    base: q_base,
+                },
+                ViewArg {
+                    layout: &empty,
+                    buffer_len: 0,
+                    base: k_base,
+                },
+                false,
+                RopeOptions::default(),
+            )
+        };
+        let vec = plan(0x10000, 0x3).unwrap().unwrap();
+        assert_eq!(vec.id, KernelId::RopeBf16Vec);
+        let scalar = plan(0x10002, 0).unwrap().unwrap();
+        assert_eq!(scalar.id, KernelId::RopeBf16Scalar);
+        match plan(0x10001, 0) {
+            Err(e @ Error::InvalidArgument { arg: "q", .. }) => {
+                assert_eq!(e.kind(), ErrorKind::Alignment, "{e}")
+            }
+            other => panic!("expected an alignment error for q, got {other:?}"),
+        }
+    }
 }

@@ -40,7 +40,7 @@ pub fn attention_backward_f64(p: &Problem, dout: &[f64]) -> Result<Grads<f64>> {
     let want = tq
         .checked_mul(p.heads_q)
         .and_then(|n| n.checked_mul(dv))
-        .ok_or_else(|| Error::invalid(OP, "dout", "size overflows usize"))?;
+        .ok_or_else(|| Error::overflow(OP, "dout", "size overflows usize"))?;
     if dout.len() != want {
         return Err(Error::invalid(
             OP,
@@ -159,7 +159,7 @@ pub fn attention_backward_tiled_f32(
     let n_o = tq
         .checked_mul(p.heads_q)
         .and_then(|n| n.checked_mul(dv))
-        .ok_or_else(|| Error::invalid(OP, "dout", "size overflows usize"))?;
+        .ok_or_else(|| Error::overflow(OP, "dout", "size overflows usize"))?;
     for (arg, len, want) in [
         ("o", o.len(), n_o),
         ("dout", dout.len(), n_o),
