@@ -29,8 +29,9 @@ use longctx::attention::reference::{
     compare, Output, Problem, Tiles,
 };
 use longctx::attention::{
-    backward_workspace_len, check_alignment, forward_flops, smem_row_elems, validate_cu_seqlens, AttentionOptions,
-    BackwardOptions, BackwardTiles, CallShape, KernelPath, Mask, SoftmaxConsts, TileConfig, ViewShape,
+    backward_workspace_len, check_alignment, forward_flops, smem_row_elems, validate_cu_seqlens,
+    AttentionOptions, BackwardOptions, BackwardTiles, CallShape, KernelPath, Mask, SoftmaxConsts,
+    TileConfig, ViewShape,
 };
 use longctx::emulator::{self, Arch, HostBackwardInputs, HostGrads, HostPermutation, HostQkv};
 use longctx::layout::HeadsLayout;

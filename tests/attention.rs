@@ -1333,7 +1333,10 @@ mod gpu {
             .iter()
             .zip(&o2)
             .map(|(a, b)| (a - b).abs())
-            .fold(0.0, |m: f64, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
+            .fold(
+                0.0,
+                |m: f64, e| if e.is_nan() { f64::INFINITY } else { m.max(e) },
+            );
         assert!(
             worst <= 4.0 * bf16::DTYPE.epsilon() * 2.0,
             "permutation changed O by {worst}"
@@ -1720,7 +1723,10 @@ fn backward_tiled_f32_matches_f64() {
                         .iter()
                         .zip(w.iter())
                         .map(|(a, b)| (f64::from(*a) - b).abs())
-                        .fold(0.0, |m: f64, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
+                        .fold(
+                            0.0,
+                            |m: f64, e| if e.is_nan() { f64::INFINITY } else { m.max(e) },
+                        );
                     assert!(
                         err <= 2e-5 * (1.0 + mag),
                         "{mask:?} softcap {softcap:?} {lens:?}: {name} max error {err:.3e} (max |{name}| {mag:.3e})"

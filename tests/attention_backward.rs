@@ -10,8 +10,8 @@ use longctx::attention::reference::{
     attention_backward_f64, attention_backward_tiled_f32, attention_f64, Problem, Tiles,
 };
 use longctx::attention::{
-    attention_backward, backward_workspace_len, AttnGrads, BackwardInputs, Qkv, SeqLens, AttentionOptions, AttnElement, BackwardOptions, BackwardTiles, Mask,
-    SUPPORTED_HEAD_DIMS,
+    attention_backward, backward_workspace_len, AttentionOptions, AttnElement, AttnGrads,
+    BackwardInputs, BackwardOptions, BackwardTiles, Mask, Qkv, SeqLens, SUPPORTED_HEAD_DIMS,
 };
 use longctx::dtype::{DType, Element};
 use longctx::emulator::{self, HostBackwardInputs, HostGrads, HostQkv};
@@ -160,7 +160,11 @@ fn run_case<T: AttnElement>(
     let k = gen(tk * c.hkv * d, c.amp);
     let v = gen(tk * c.hkv * dv, 1.0);
     let dout = gen(tq * hq * dv, 1.0);
-    let init = [gen(tq * hq * d, 1.0), gen(tk * c.hkv * d, 1.0), gen(tk * c.hkv * dv, 1.0)];
+    let init = [
+        gen(tq * hq * d, 1.0),
+        gen(tk * c.hkv * d, 1.0),
+        gen(tk * c.hkv * dv, 1.0),
+    ];
     let opts = AttentionOptions {
         softmax_scale: None,
         mask: c.mask,
@@ -215,7 +219,13 @@ fn run_case<T: AttnElement>(
     let (ob, dob) = (scatter::<T>(&ol, &o, 0.0), scatter::<T>(&ol, &dout, 0.0));
     const FILL: f64 = 5.0;
     let zeros = |n: usize| vec![0.0; n];
-    let start = |i: usize, n: usize| if accumulate { init[i].clone() } else { zeros(n) };
+    let start = |i: usize, n: usize| {
+        if accumulate {
+            init[i].clone()
+        } else {
+            zeros(n)
+        }
+    };
     let mut dqb = scatter::<T>(&ql, &start(0, q.len()), FILL);
     let mut dkb = scatter::<T>(&kl, &start(1, k.len()), FILL);
     let mut dvb = scatter::<T>(&vl, &start(2, v.len()), FILL);
@@ -367,7 +377,9 @@ fn check<T: AttnElement>(c: &Case, out: &Outcome, accumulate: bool) -> Result<()
 }
 
 fn len_strategy() -> impl Strategy<Value = usize> {
-    prop::sample::select(vec![0usize, 1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 97, 129])
+    prop::sample::select(vec![
+        0usize, 1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 97, 129,
+    ])
 }
 
 fn mask_strategy() -> impl Strategy<Value = Mask> {
@@ -432,8 +444,8 @@ fn parity_on<T: AttnElement>(name: &str, backend: &Backend<'_>, cases: u32) {
     });
     runner
         .run(&case_strategy(), |c| {
-            let out =
-                run_case::<T>(backend, &c, false, c.seed % 2 == 0).map_err(|e| TestCaseError::fail(format!("{c:?}: {e}")))?;
+            let out = run_case::<T>(backend, &c, false, c.seed % 2 == 0)
+                .map_err(|e| TestCaseError::fail(format!("{c:?}: {e}")))?;
             check::<T>(&c, &out, false)
         })
         .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -512,7 +524,8 @@ fn emu_backward_edges() {
                     .unwrap_or_else(|e| panic!("det {det} accumulate {accumulate}: {e}"));
             }
         }
-        let out = run_case::<f16>(&Backend::Emulator, &c, false, false).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+        let out = run_case::<f16>(&Backend::Emulator, &c, false, false)
+            .unwrap_or_else(|e| panic!("{c:?}: {e}"));
         check::<f16>(&c, &out, false).unwrap_or_else(|e| panic!("{e}"));
     }
 }
@@ -561,7 +574,10 @@ fn emu_backward_rows_without_keys_give_zero_gradients() {
     for j in 0..22 {
         for (g, dim) in [(1usize, 64usize), (2, 64)] {
             let x = &out.emu[g][j * dim..(j + 1) * dim];
-            assert!(x.iter().all(|&y| y == 0.0), "key {j} is unseen but has gradient {x:?}");
+            assert!(
+                x.iter().all(|&y| y == 0.0),
+                "key {j} is unseen but has gradient {x:?}"
+            );
         }
     }
     check::<bf16>(&c2, &out, false).unwrap();
@@ -697,7 +713,10 @@ fn gpu_backward_edges_and_determinism() {
     check::<bf16>(&c, &first, false).unwrap();
     for _ in 0..4 {
         let again = run_case::<bf16>(&gpu, &c, false, true).unwrap();
-        assert!(again.emu == first.emu, "deterministic mode changed bits between runs");
+        assert!(
+            again.emu == first.emu,
+            "deterministic mode changed bits between runs"
+        );
     }
 }
 
@@ -710,7 +729,143 @@ fn backward_error_kinds() {
         ErrorKind::Unsupported
     );
     assert_eq!(
-        backward_workspace_len(usize::MAX, 2, 64).unwrap_err().kind(),
+        backward_workspace_len(usize::MAX, 2, 64)
+            .unwrap_err()
+            .kind(),
         ErrorKind::Overflow
     );
+}
+
+/// The raw entry point gives the same bits as the safe op (deterministic mode), and rejects
+/// a null pointer and a short workspace.
+#[test]
+#[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+fn gpu_backward_raw_matches_safe() {
+    use longctx::attention::{attention_backward_raw, attention_forward, AttnOutput, RawBackward};
+    use longctx::cudarc::driver::{DevicePtr, DevicePtrMut};
+    use longctx::layout::RawTensor;
+    let Some(dev) = common::gpu("gpu_backward_raw_matches_safe") else {
+        return;
+    };
+    let (t, h, d) = (100usize, 2usize, 64usize);
+    let l = HeadsLayout::contiguous(t, h, d);
+    let mut r = common::Rng(9);
+    let data: Vec<bf16> = (0..t * h * d)
+        .map(|_| bf16::from_f64(r.uniform()))
+        .collect();
+    let x = dev.upload(&data).unwrap();
+    let seqlens = SeqLens::new(&dev, &[0, t as i32], &[0, t as i32]).unwrap();
+    let opts = BackwardOptions {
+        attention: AttentionOptions {
+            mask: Mask::causal(),
+            ..AttentionOptions::default()
+        },
+        accumulate: false,
+        deterministic: true,
+    };
+    let qkv = Qkv {
+        q: &x,
+        q_layout: l,
+        k: &x,
+        k_layout: l,
+        v: &x,
+        v_layout: l,
+    };
+    let mut o = dev.zeros::<bf16>(t * h * d).unwrap();
+    let mut lse = dev.zeros::<f32>(h * t).unwrap();
+    attention_forward(
+        &dev,
+        &qkv,
+        AttnOutput {
+            o: &mut o,
+            o_layout: l,
+            lse: Some(&mut lse),
+        },
+        &seqlens,
+        &opts.attention,
+    )
+    .unwrap();
+    let ws_len = backward_workspace_len(t, h, d).unwrap();
+    let mut ws = dev.zeros::<f32>(ws_len).unwrap();
+    let mut g1 = [(); 3].map(|_| dev.zeros::<bf16>(t * h * d).unwrap());
+    {
+        let [dq, dk, dv] = &mut g1;
+        attention_backward(
+            &dev,
+            &qkv,
+            &BackwardInputs {
+                o: &o,
+                o_layout: l,
+                dout: &x,
+                dout_layout: l,
+                lse: &lse,
+            },
+            AttnGrads {
+                dq,
+                dq_layout: l,
+                dk,
+                dk_layout: l,
+                dv,
+                dv_layout: l,
+            },
+            &mut ws,
+            &seqlens,
+            &opts,
+        )
+        .unwrap();
+    }
+    let mut g2 = [(); 3].map(|_| dev.zeros::<bf16>(t * h * d).unwrap());
+    let s = dev.stream().clone();
+    let n = t * h * d;
+    let raw = |p: u64| RawTensor {
+        ptr: p,
+        len: n,
+        layout: l,
+    };
+    let (xp, _gx) = x.device_ptr(&s);
+    let (op, _go) = o.device_ptr(&s);
+    let (lp, _gl) = lse.device_ptr(&s);
+    let [a, b, c] = &mut g2;
+    let (ap, _ga) = a.device_ptr_mut(&s);
+    let (bp, _gb) = b.device_ptr_mut(&s);
+    let (cp, _gc) = c.device_ptr_mut(&s);
+    let (wp, _gw) = ws.device_ptr_mut(&s);
+    let mut call = RawBackward {
+        q: raw(xp),
+        k: raw(xp),
+        v: raw(xp),
+        o: raw(op),
+        dout: raw(xp),
+        dq: raw(ap),
+        dk: raw(bp),
+        dv: raw(cp),
+        lse: (lp, h * t),
+        workspace: (wp, ws_len),
+    };
+    // SAFETY: every address is a live allocation of this context with the stated length;
+    // the outputs and workspace are distinct fresh buffers; the guards outlive the launch,
+    // which completes before the downloads below.
+    unsafe { attention_backward_raw::<bf16>(&dev, &call, &seqlens, &opts) }.unwrap();
+    call.workspace.1 = ws_len - 1;
+    // SAFETY: as above; the call is rejected before any launch.
+    let short = unsafe { attention_backward_raw::<bf16>(&dev, &call, &seqlens, &opts) };
+    assert!(matches!(
+        short,
+        Err(Error::InvalidArgument {
+            arg: "workspace",
+            ..
+        })
+    ));
+    call.workspace.1 = ws_len;
+    call.dq.ptr = 0;
+    // SAFETY: as above; the null pointer is rejected before any launch.
+    let null = unsafe { attention_backward_raw::<bf16>(&dev, &call, &seqlens, &opts) };
+    assert!(matches!(
+        null,
+        Err(Error::InvalidArgument { arg: "dq", .. })
+    ));
+    drop((_ga, _gb, _gc, _gw));
+    for (x1, x2) in g1.iter().zip(g2.iter()) {
+        assert_eq!(dev.download(x1).unwrap(), dev.download(x2).unwrap());
+    }
 }

@@ -139,7 +139,10 @@ fn family_sass(
     family: &str,
 ) -> Option<BTreeMap<(String, String), BTreeMap<String, usize>>> {
     if !kernels_compiled() {
-        let _ = writeln!(std::io::stderr(), "SKIPPED {test}: built without CUDA kernels");
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: built without CUDA kernels"
+        );
         return None;
     }
     let Some(cuobjdump) = find_cuobjdump() else {
@@ -190,8 +193,10 @@ fn family_sass(
 
 #[test]
 fn attention_sass_uses_tensor_cores_and_no_local_memory() {
-    let Some(counts) = family_sass("attention_sass_uses_tensor_cores_and_no_local_memory", "attention")
-    else {
+    let Some(counts) = family_sass(
+        "attention_sass_uses_tensor_cores_and_no_local_memory",
+        "attention",
+    ) else {
         return;
     };
     let attn: Vec<_> = counts
@@ -270,7 +275,10 @@ fn attention_backward_sass_uses_tensor_cores_and_no_local_memory() {
         .filter(|s| s.starts_with("longctx_attn_bwd_"))
         .collect();
     let archs: std::collections::BTreeSet<&String> = counts.keys().map(|(a, _)| a).collect();
-    assert!(!archs.is_empty(), "no backward kernels in cuobjdump's output");
+    assert!(
+        !archs.is_empty(),
+        "no backward kernels in cuobjdump's output"
+    );
     for arch in &archs {
         for sym in &syms {
             let ops = counts
@@ -285,7 +293,11 @@ fn attention_backward_sass_uses_tensor_cores_and_no_local_memory() {
                 n("LDL"),
                 n("STL")
             );
-            assert_eq!((n("LDL"), n("STL")), (0, 0), "{sym} {arch} uses local memory");
+            assert_eq!(
+                (n("LDL"), n("STL")),
+                (0, 0),
+                "{sym} {arch} uses local memory"
+            );
             let Some((d, dv)) = head_dims(sym) else {
                 continue; // a row-wise pass
             };

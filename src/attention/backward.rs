@@ -19,7 +19,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernel_id::KernelId;
 use crate::launch::KernelLaunch;
-use crate::layout::HeadsLayout;
+use crate::layout::{HeadsLayout, RawTensor};
 use crate::sys;
 
 const OP: &str = "attention_backward";
@@ -137,7 +137,12 @@ impl BackwardTiles {
     }
 
     /// CTAs of the main kernel: (key tiles of the longest key sequence, KV heads, batch).
-    pub fn grid(&self, max_seqlen_k: usize, heads_kv: usize, batch: usize) -> (usize, usize, usize) {
+    pub fn grid(
+        &self,
+        max_seqlen_k: usize,
+        heads_kv: usize,
+        batch: usize,
+    ) -> (usize, usize, usize) {
         (max_seqlen_k.div_ceil(self.block_n), heads_kv, batch)
     }
 }
@@ -196,7 +201,11 @@ impl BackwardShape<'_> {
     /// buffer, or a workspace shorter than [`backward_workspace_len`].
     pub fn validate(&self, opts: &BackwardOptions) -> Result<Validated> {
         if self.forward.lse_len.is_none() {
-            return Err(Error::invalid(OP, "lse", "the backward needs the forward's LSE"));
+            return Err(Error::invalid(
+                OP,
+                "lse",
+                "the backward needs the forward's LSE",
+            ));
         }
         let c = self.forward.validate(&opts.attention)?;
         for (arg, got, want) in [
@@ -359,11 +368,15 @@ pub(crate) fn plan_backward<T: AttnElement>(
         return Err(Error::misaligned(
             OP,
             "workspace",
-            format!("starts at byte address {:#x}, not 16-byte aligned", a.workspace),
+            format!(
+                "starts at byte address {:#x}, not 16-byte aligned",
+                a.workspace
+            ),
         ));
     }
     let u32_of = |v: usize, what: &str| {
-        u32::try_from(v).map_err(|_| Error::overflow(OP, "seqlens", format!("{what} {v} exceeds u32")))
+        u32::try_from(v)
+            .map_err(|_| Error::overflow(OP, "seqlens", format!("{what} {v} exceeds u32")))
     };
     let rows = c.total_q * c.heads_q; // validated: fits the workspace length
     let acc_bytes = (rows as u64) * (d as u64) * 4;
@@ -505,6 +518,94 @@ impl<T> std::fmt::Debug for AttnGrads<'_, T> {
     }
 }
 
+/// Device checks (arch), then [`BackwardShape::validate`] of the views (each a layout and
+/// its buffer's length), with the launch sized for `seqlens`' max lengths.
+fn check_backward(
+    dev: &Device,
+    v: &[(HeadsLayout, usize); 8],
+    lse_len: usize,
+    workspace_len: usize,
+    seqlens: &SeqLens,
+    opts: &BackwardOptions,
+) -> Result<Validated> {
+    let cc = dev.compute_capability();
+    if cc < (8, 0) {
+        return Err(Error::unsupported(
+            OP,
+            "device",
+            format!(
+                "the kernels need sm_80 or newer; this device is sm_{}{}",
+                cc.0, cc.1
+            ),
+        ));
+    }
+    let shape = |(layout, buffer_len): (HeadsLayout, usize)| ViewShape { layout, buffer_len };
+    let mut c = BackwardShape {
+        forward: CallShape {
+            q: shape(v[0]),
+            k: shape(v[1]),
+            v: shape(v[2]),
+            o: shape(v[3]),
+            lse_len: Some(lse_len),
+            cu_seqlens_q: seqlens.cu_seqlens_q(),
+            cu_seqlens_k: seqlens.cu_seqlens_k(),
+        },
+        dout: shape(v[4]),
+        dq: shape(v[5]),
+        dk: shape(v[6]),
+        dv: shape(v[7]),
+        workspace_len,
+    }
+    .validate(opts)?;
+    c.max_seqlen_q = seqlens.max_seqlen_q();
+    c.max_seqlen_k = seqlens.max_seqlen_k();
+    Ok(c)
+}
+
+/// Plans and queues the launches of a validated call.
+///
+/// # Safety
+/// Every view of `views` lies inside a live device allocation of `dev`'s context starting
+/// at the matching address of `a` (as `c` was validated against); dQ, dK, dV and the
+/// workspace do not overlap each other or any input; the LSE holds heads_q x total_q
+/// floats and the workspace `backward_workspace_len` floats; the offsets are the device
+/// copies of the ones `c` was validated with; and all of it stays alive, and unwritten by
+/// other work, until the launches complete.
+unsafe fn launch_backward<T: AttnElement>(
+    dev: &Device,
+    c: &Validated,
+    opts: &BackwardOptions,
+    views: &BwdLayouts,
+    a: &BwdAddrs,
+) -> Result<()> {
+    if c.heads_q == 0 || (c.total_q == 0 && c.total_k == 0) {
+        return Ok(());
+    }
+    let plan = plan_backward::<T>(c, opts, views, a)?;
+    for l in [&plan.main, &plan.dq] {
+        dev.allow_dynamic_smem(l.id, l.smem_bytes as usize, OP, "head_dim")?;
+    }
+    for l in [&plan.pre, &plan.main, &plan.dq] {
+        if l.grid.0 == 0 {
+            continue;
+        }
+        let func = dev.function(l.id)?;
+        let mut builder = dev.stream().launch_builder(&func);
+        builder.arg(&l.params);
+        // SAFETY: BackwardShape::validate and plan_backward proved every view inside its
+        // buffer, the gradients' rows disjoint, the LSE and workspace long enough and
+        // aligned, the offsets valid on the host (nondecreasing from 0, at most
+        // MAX_TOKENS, so the kernels' int32 mask arithmetic cannot overflow); the caller
+        // guarantees the buffers are live allocations of this context at those addresses,
+        // that no input aliases an output, and that they outlive the launches. Dynamic
+        // shared memory was opted into above.
+        unsafe { builder.launch(l.config()) }
+            .map(|_| ())
+            .map_err(cuda_err(OP))?;
+    }
+    Ok(())
+}
+
 /// Runs attention backward: writes (or adds to) dQ, dK and dV.
 ///
 /// Three launches on `dev`'s stream, nothing allocated: `workspace` (f32, at least
@@ -514,9 +615,8 @@ impl<T> std::fmt::Debug for AttnGrads<'_, T> {
 /// # Errors
 /// [`Error::InvalidArgument`] for everything [`attention_forward`](super::attention_forward)
 /// rejects, plus: a gradient or dO whose shape differs from its tensor's, a short LSE or
-/// workspace, a misaligned view or workspace, a buffer of another context, deterministic
-/// mode (not available yet). [`Error::KernelsNotCompiled`] without kernels;
-/// [`Error::Cuda`] if a launch fails.
+/// workspace, a misaligned view or workspace, a buffer of another context.
+/// [`Error::KernelsNotCompiled`] without kernels; [`Error::Cuda`] if a launch fails.
 pub fn attention_backward<T: AttnElement>(
     dev: &Device,
     x: &Qkv<T>,
@@ -543,37 +643,23 @@ pub fn attention_backward<T: AttnElement>(
             return Err(Error::invalid(OP, arg, "lives on another device context"));
         }
     }
-    let cc = dev.compute_capability();
-    if cc < (8, 0) {
-        return Err(Error::unsupported(
-            OP,
-            "device",
-            format!("the kernels need sm_80 or newer; this device is sm_{}{}", cc.0, cc.1),
-        ));
-    }
-    let shape = |layout: HeadsLayout, buffer_len: usize| ViewShape { layout, buffer_len };
-    let mut c = BackwardShape {
-        forward: CallShape {
-            q: shape(x.q_layout, x.q.len()),
-            k: shape(x.k_layout, x.k.len()),
-            v: shape(x.v_layout, x.v.len()),
-            o: shape(inputs.o_layout, inputs.o.len()),
-            lse_len: Some(inputs.lse.len()),
-            cu_seqlens_q: seqlens.cu_seqlens_q(),
-            cu_seqlens_k: seqlens.cu_seqlens_k(),
-        },
-        dout: shape(inputs.dout_layout, inputs.dout.len()),
-        dq: shape(grads.dq_layout, grads.dq.len()),
-        dk: shape(grads.dk_layout, grads.dk.len()),
-        dv: shape(grads.dv_layout, grads.dv.len()),
-        workspace_len: workspace.len(),
-    }
-    .validate(opts)?;
-    c.max_seqlen_q = seqlens.max_seqlen_q();
-    c.max_seqlen_k = seqlens.max_seqlen_k();
-    if c.heads_q == 0 || (c.total_q == 0 && c.total_k == 0) {
-        return Ok(());
-    }
+    let c = check_backward(
+        dev,
+        &[
+            (x.q_layout, x.q.len()),
+            (x.k_layout, x.k.len()),
+            (x.v_layout, x.v.len()),
+            (inputs.o_layout, inputs.o.len()),
+            (inputs.dout_layout, inputs.dout.len()),
+            (grads.dq_layout, grads.dq.len()),
+            (grads.dk_layout, grads.dk.len()),
+            (grads.dv_layout, grads.dv.len()),
+        ],
+        inputs.lse.len(),
+        workspace.len(),
+        seqlens,
+        opts,
+    )?;
     let stream = dev.stream();
     let (q, _g0) = x.q.device_ptr(stream);
     let (k, _g1) = x.k.device_ptr(stream);
@@ -594,56 +680,160 @@ pub fn attention_backward<T: AttnElement>(
     let (dk, _g8) = dk_buf.device_ptr_mut(stream);
     let (dv, _g9) = dv_buf.device_ptr_mut(stream);
     let (ws, _g10) = workspace.device_ptr_mut(stream);
-    let plan = plan_backward::<T>(
-        &c,
+    // SAFETY: every buffer is a live cudarc allocation (or view) of this context (checked
+    // above), validated against its view by check_backward; the gradients and workspace
+    // are borrowed mutably, so nothing else aliases them; the guards keep each buffer
+    // recorded on the stream until the launches are queued.
+    unsafe {
+        launch_backward::<T>(
+            dev,
+            &c,
+            opts,
+            &BwdLayouts {
+                q: x.q_layout,
+                k: x.k_layout,
+                v: x.v_layout,
+                o: inputs.o_layout,
+                dout: inputs.dout_layout,
+                dq: dq_layout,
+                dk: dk_layout,
+                dv: dv_layout,
+            },
+            &BwdAddrs {
+                q,
+                k,
+                v,
+                o,
+                dout,
+                dq,
+                dk,
+                dv,
+                lse,
+                workspace: ws,
+                cu_seqlens_q: cu_q,
+                cu_seqlens_k: cu_k,
+            },
+        )
+    }
+}
+
+/// The buffers of one [`attention_backward_raw`] call: each tensor a device address, its
+/// buffer's length in elements and its view; the LSE and the workspace an address and a
+/// length in floats.
+#[derive(Debug, Clone, Copy)]
+pub struct RawBackward {
+    /// Q.
+    pub q: RawTensor,
+    /// K.
+    pub k: RawTensor,
+    /// V.
+    pub v: RawTensor,
+    /// The forward's O.
+    pub o: RawTensor,
+    /// dL/dO, O's shape.
+    pub dout: RawTensor,
+    /// dQ, written.
+    pub dq: RawTensor,
+    /// dK, written.
+    pub dk: RawTensor,
+    /// dV, written.
+    pub dv: RawTensor,
+    /// The forward's LSE, f32 `[heads_q, total_q]`: (address, floats).
+    pub lse: (u64, usize),
+    /// f32 workspace of at least [`backward_workspace_len`] floats: (address, floats).
+    pub workspace: (u64, usize),
+}
+
+/// A raw buffer: not null when it holds elements, aligned to its element.
+fn check_raw(arg: &'static str, ptr: u64, len: usize, elem: usize) -> Result<()> {
+    if ptr == 0 && len > 0 {
+        return Err(Error::invalid(
+            OP,
+            arg,
+            format!("null device pointer with {len} elements"),
+        ));
+    }
+    crate::layout::check_element_alignment(OP, arg, ptr, elem)
+}
+
+/// [`attention_backward`] on raw device pointers (burn/cubecl-style frameworks). Everything
+/// [`attention_backward`] checks about shapes, lengths, alignment and options is checked
+/// here too; what cannot be checked is the contract below.
+///
+/// # Safety
+/// Each address is the start of a live device allocation (or a part of one) of `dev`'s
+/// CUDA context holding at least its stated number of elements; dQ, dK, dV and the
+/// workspace do not overlap each other or Q, K, V, O, dO and the LSE; no other work reads
+/// or writes the outputs or writes the inputs until the launches, queued on `dev`'s
+/// stream, have completed; and the memory stays allocated until then.
+///
+/// # Errors
+/// As [`attention_backward`].
+pub unsafe fn attention_backward_raw<T: AttnElement>(
+    dev: &Device,
+    t: &RawBackward,
+    seqlens: &SeqLens,
+    opts: &BackwardOptions,
+) -> Result<()> {
+    if !seqlens.owned_by(dev) {
+        return Err(Error::invalid(
+            OP,
+            "seqlens",
+            "lives on another device context",
+        ));
+    }
+    let views = [t.q, t.k, t.v, t.o, t.dout, t.dq, t.dk, t.dv];
+    for (r, arg) in views
+        .iter()
+        .zip(["q", "k", "v", "o", "dout", "dq", "dk", "dv"])
+    {
+        check_raw(arg, r.ptr, r.len, T::DTYPE.size())?;
+    }
+    check_raw("lse", t.lse.0, t.lse.1, 4)?;
+    check_raw("workspace", t.workspace.0, t.workspace.1, 4)?;
+    let c = check_backward(
+        dev,
+        &views.map(|r| (r.layout, r.len)),
+        t.lse.1,
+        t.workspace.1,
+        seqlens,
         opts,
-        &BwdLayouts {
-            q: x.q_layout,
-            k: x.k_layout,
-            v: x.v_layout,
-            o: inputs.o_layout,
-            dout: inputs.dout_layout,
-            dq: dq_layout,
-            dk: dk_layout,
-            dv: dv_layout,
-        },
-        &BwdAddrs {
-            q,
-            k,
-            v,
-            o,
-            dout,
-            dq,
-            dk,
-            dv,
-            lse,
-            workspace: ws,
-            cu_seqlens_q: cu_q,
-            cu_seqlens_k: cu_k,
-        },
     )?;
-    for l in [&plan.main, &plan.dq] {
-        dev.allow_dynamic_smem(l.id, l.smem_bytes as usize, OP, "head_dim")?;
+    let stream = dev.stream();
+    let (cu_q, cu_k, _g) = seqlens.device_ptrs(stream);
+    // SAFETY: the caller's contract (above) for the raw buffers; the offsets are this
+    // handle's own, guarded until the launches are queued.
+    unsafe {
+        launch_backward::<T>(
+            dev,
+            &c,
+            opts,
+            &BwdLayouts {
+                q: t.q.layout,
+                k: t.k.layout,
+                v: t.v.layout,
+                o: t.o.layout,
+                dout: t.dout.layout,
+                dq: t.dq.layout,
+                dk: t.dk.layout,
+                dv: t.dv.layout,
+            },
+            &BwdAddrs {
+                q: t.q.ptr,
+                k: t.k.ptr,
+                v: t.v.ptr,
+                o: t.o.ptr,
+                dout: t.dout.ptr,
+                dq: t.dq.ptr,
+                dk: t.dk.ptr,
+                dv: t.dv.ptr,
+                lse: t.lse.0,
+                workspace: t.workspace.0,
+                cu_seqlens_q: cu_q,
+                cu_seqlens_k: cu_k,
+            },
+        )
     }
-    for l in [&plan.pre, &plan.main, &plan.dq] {
-        if l.grid.0 == 0 {
-            continue;
-        }
-        let func = dev.function(l.id)?;
-        let mut builder = stream.launch_builder(&func);
-        builder.arg(&l.params);
-        // SAFETY: BackwardShape::validate and plan_backward proved every view inside its
-        // buffer (each a live allocation of this context, checked by owns_any), the
-        // gradients' rows disjoint, the LSE and workspace long enough and aligned, the
-        // offsets valid on the host (nondecreasing from 0, at most MAX_TOKENS, so the
-        // kernels' int32 mask arithmetic cannot overflow); the gradients and workspace are
-        // borrowed mutably, so no input aliases them; the guards keep every buffer alive
-        // until the launches are queued. Dynamic shared memory was opted into above.
-        unsafe { builder.launch(l.config()) }
-            .map(|_| ())
-            .map_err(cuda_err(OP))?;
-    }
-    Ok(())
 }
 
 // The kernel's tile macros and this table agree with the forward's head-dim list.

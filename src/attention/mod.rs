@@ -29,15 +29,15 @@ mod plan;
 pub mod reference;
 
 pub use crate::layout::RawTensor;
+pub use backward::{
+    attention_backward, attention_backward_raw, backward_workspace_len, AttnGrads, BackwardInputs,
+    BackwardOptions, BackwardShape, BackwardTiles, RawBackward, BACKWARD_TILES,
+};
+pub(crate) use backward::{plan_backward, BwdAddrs, BwdLayouts};
 pub use cuda::{
     attention_forward, attention_forward_raw, device_tile_config, AttnElement, AttnOutput, Qkv,
     SeqLens,
 };
-pub use backward::{
-    attention_backward, backward_workspace_len, AttnGrads, BackwardInputs, BackwardOptions,
-    BackwardShape, BackwardTiles, BACKWARD_TILES,
-};
-pub(crate) use backward::{plan_backward, BwdAddrs, BwdLayouts};
 pub use plan::*;
 
 /// Per-call options of attention forward.

@@ -230,9 +230,9 @@ fn output_sizes(p: &Problem) -> Result<(usize, usize)> {
         .heads_q
         .checked_mul(p.total_q())
         .ok_or_else(|| Error::overflow(OP, "q", "heads_q x total_q overflows usize"))?;
-    let o = lse
-        .checked_mul(p.head_dim_v)
-        .ok_or_else(|| Error::overflow(OP, "v", "total_q x heads_q x head_dim_v overflows usize"))?;
+    let o = lse.checked_mul(p.head_dim_v).ok_or_else(|| {
+        Error::overflow(OP, "v", "total_q x heads_q x head_dim_v overflows usize")
+    })?;
     Ok((o, lse))
 }
 
