@@ -33,6 +33,7 @@ pub use backward::{
     attention_backward, attention_backward_raw, backward_workspace_len, AttnGrads, BackwardInputs,
     BackwardOptions, BackwardShape, BackwardTiles, RawBackward, BACKWARD_TILES,
 };
+#[cfg(feature = "emulator")]
 pub(crate) use backward::{plan_backward, BwdAddrs, BwdLayouts};
 pub use cuda::{
     attention_forward, attention_forward_raw, device_tile_config, AttnElement, AttnOutput, Qkv,

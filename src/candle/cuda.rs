@@ -200,7 +200,7 @@ fn cuda_parts<'a>(
     t: &'a Tensor,
     arg: &'static str,
 ) -> CResult<(
-    std::sync::RwLockReadGuard<'a, Storage>,
+    impl std::ops::Deref<Target = Storage> + 'a,
     (usize, usize),
     (usize, usize, usize),
 )> {

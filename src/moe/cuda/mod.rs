@@ -213,16 +213,20 @@ pub use gather_combine::{
     combine, combine_backward, combine_backward_raw, combine_raw, gather, gather_backward,
     gather_backward_raw, gather_raw,
 };
+#[cfg(feature = "emulator")]
 pub(crate) use gather_combine::{
     plan_combine, plan_combine_backward, plan_gather, CombineBackwardBufs, CombineBufs, GatherBufs,
 };
+#[cfg(feature = "emulator")]
 pub(crate) use gating::{plan_route, RouteBufs};
 pub use gating::{route, route_block_kernel, route_raw, ExpertIds, Routing};
+#[cfg(feature = "emulator")]
 pub(crate) use losses::{
     losses_plan, plan_bias_update, plan_losses, plan_route_backward, LossBufs, RouteBackwardBufs,
 };
 pub use losses::{route_backward, router_losses, update_bias, RouterLosses};
 pub use permutation::{permute, Permutation};
+#[cfg(feature = "emulator")]
 pub(crate) use permutation::{plan_permute, PermuteBufs};
 
 #[cfg(test)]
