@@ -114,6 +114,61 @@ template <int D_, int DV_> struct BwdTraits {
 constexpr float kLog2e = 1.44269504088896341f;
 
 // ---------------------------------------------------------------------------------------
+// Pieces shared by the main and the deterministic dQ kernel.
+
+template <int N>
+__device__ __forceinline__ void zero_tiles(float (&x)[N][4]) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) x[j][e] = 0.f;
+    }
+}
+
+// acc = A B^T for one warp: A is the 16 rows at a_addr (ldmatrix "A" pattern), B the
+// 8 * N rows at b_addr ("B" pattern, rows are the n8 tiles), both KDIM channels wide, at
+// byte offsets OFF_A and OFF_B from the addresses' base.
+template <typename T, int KDIM, int N, int OFF_A, int OFF_B, int ROW_A, int ROW_B>
+__device__ __forceinline__ void mma_abt(float (&acc)[N][4], const LdsmAddr<ROW_A>& a_addr,
+                                        const LdsmAddr<ROW_B>& b_addr) {
+    static_assert(N % 2 == 0, "B rows come in pairs of n8 tiles");
+    zero_tiles(acc);
+#pragma unroll
+    for (int ks = 0; ks < KDIM / 16; ++ks) {
+        uint32_t a[4];
+        ldmatrix_x4(a, a_addr.template at<OFF_A>(0, ks));
+#pragma unroll
+        for (int np = 0; np < N / 2; ++np) {
+            uint32_t b[4];
+            ldmatrix_x4(b, b_addr.template at<OFF_B>(np, ks));
+            mma_16816<T>(acc[2 * np], a, b[0], b[1]);
+            mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// Scores to t = tanh(s * softcap_in) (with softcap).
+template <int N>
+__device__ __forceinline__ void apply_softcap(float (&s)[N][4], float softcap_in) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = fast_tanh(s[j][e] * softcap_in);
+    }
+}
+
+// P and dS of one (row, key) from its transformed score t (-inf when masked), dP, the
+// row's lse_log2 and dot: P = 2^(t exp_scale - lse_log2), dS = P (dP - dot), times
+// 1 - t^2 with softcap. A masked t gives P = 0 and dS exactly 0.
+__device__ __forceinline__ float p_and_ds(float t, float dp, float lse2, float dot, float exp_scale,
+                                          float softcap_in, float& ds) {
+    const float pr = fast_exp2(fmaf(t, exp_scale, -lse2));
+    ds = pr * (dp - dot);
+    if (softcap_in != 0.f) ds = pr == 0.f ? 0.f : ds * (1.f - t * t);
+    return pr;
+}
+
+// ---------------------------------------------------------------------------------------
 // 1. Preprocess: one warp per (token, head) row; lanes own 16-byte chunks of the row.
 template <typename T>
 __device__ __forceinline__ void attn_bwd_pre_body(const LongctxAttnBwdParams& p) {
@@ -257,16 +312,8 @@ __device__ __forceinline__ void attn_bwd_body(const LongctxAttnBwdParams& p) {
     // (g, g + 8), columns slice * kSlice + j * 8 + 2 t4 (+1).
     float acc_dk[kSliceQK / 8][4];
     float acc_dv[kSliceV / 8][4];
-#pragma unroll
-    for (int j = 0; j < kSliceQK / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_dk[j][e] = 0.f;
-    }
-#pragma unroll
-    for (int j = 0; j < kSliceV / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_dv[j][e] = 0.f;
-    }
+    zero_tiles(acc_dk);
+    zero_tiles(acc_dv);
     // Columns of this warp's slice (the last slice may be narrower).
     const int cols_qk = min(kSliceQK, D - slice * kSliceQK);
     const int cols_v = min(kSliceV, DV - slice * kSliceV);
@@ -329,50 +376,13 @@ __device__ __forceinline__ void attn_bwd_body(const LongctxAttnBwdParams& p) {
                 cp_async_wait<0>();
                 __syncthreads();
 
-                // S^T = K Q^T: rows the warp's 16 keys, columns the tile's query rows.
+                // S^T = K Q^T and dP^T = V dO^T: rows the warp's 16 keys, columns the tile's
+                // query rows.
                 float st[kQTiles][4];
                 float dpt[kQTiles][4];
-#pragma unroll
-                for (int nj = 0; nj < kQTiles; ++nj) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        st[nj][e] = 0.f;
-                        dpt[nj][e] = 0.f;
-                    }
-                }
-#pragma unroll
-                for (int ks = 0; ks < D / 16; ++ks) {
-                    uint32_t a[4];
-                    ldmatrix_x4(a, k_as_a.template at<Tr::kOffK>(0, ks));
-#pragma unroll
-                    for (int np = 0; np < kQTiles / 2; ++np) {
-                        uint32_t b[4];
-                        ldmatrix_x4(b, q_as_b.template at<Tr::kOffQ>(np, ks));
-                        mma_16816<T>(st[2 * np], a, b[0], b[1]);
-                        mma_16816<T>(st[2 * np + 1], a, b[2], b[3]);
-                    }
-                }
-                // dP^T = V dO^T.
-#pragma unroll
-                for (int ks = 0; ks < DV / 16; ++ks) {
-                    uint32_t a[4];
-                    ldmatrix_x4(a, v_as_a.template at<Tr::kOffV>(0, ks));
-#pragma unroll
-                    for (int np = 0; np < kQTiles / 2; ++np) {
-                        uint32_t b[4];
-                        ldmatrix_x4(b, do_as_b.template at<Tr::kOffDo>(np, ks));
-                        mma_16816<T>(dpt[2 * np], a, b[0], b[1]);
-                        mma_16816<T>(dpt[2 * np + 1], a, b[2], b[3]);
-                    }
-                }
-
-                if (softcap_in != 0.f) {
-#pragma unroll
-                    for (int nj = 0; nj < kQTiles; ++nj) {
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) st[nj][e] = fast_tanh(st[nj][e] * softcap_in);
-                    }
-                }
+                mma_abt<T, D, kQTiles, Tr::kOffK, Tr::kOffQ>(st, k_as_a, q_as_b);
+                mma_abt<T, DV, kQTiles, Tr::kOffV, Tr::kOffDo>(dpt, v_as_a, do_as_b);
+                if (softcap_in != 0.f) apply_softcap(st, softcap_in);
                 // Mask unless every (row, key) pair of the step is visible and inside both
                 // sequences: the last row's lower bound and the first row's upper bound bind.
                 const bool whole = keys_here == kBlockN && rows_here == kBlockM &&
@@ -405,13 +415,8 @@ __device__ __forceinline__ void attn_bwd_body(const LongctxAttnBwdParams& p) {
                         float pv[2], dsv[2];
 #pragma unroll
                         for (int e = 0; e < 2; ++e) {
-                            const float t = st[nj][2 * h + e];
-                            const float pr = fast_exp2(fmaf(t, exp_scale, -(e == 0 ? l2.x : l2.y)));
-                            float ds = pr * (dpt[nj][2 * h + e] - (e == 0 ? dd.x : dd.y));
-                            // A masked t is -inf, whose P is 0: keep its dS exactly 0.
-                            if (softcap_in != 0.f) ds = pr == 0.f ? 0.f : ds * (1.f - t * t);
-                            pv[e] = pr;
-                            dsv[e] = ds;
+                            pv[e] = p_and_ds(st[nj][2 * h + e], dpt[nj][2 * h + e], e == 0 ? l2.x : l2.y,
+                                             e == 0 ? dd.x : dd.y, exp_scale, softcap_in, dsv[e]);
                         }
                         p_frag[nj / 2][(nj & 1) * 2 + h] = MmaType<T>::pack(pv[0], pv[1]);
                         ds_frag[nj / 2][(nj & 1) * 2 + h] = MmaType<T>::pack(dsv[0], dsv[1]);
@@ -458,11 +463,7 @@ __device__ __forceinline__ void attn_bwd_body(const LongctxAttnBwdParams& p) {
                     __syncthreads();
                     // dQ tile rows 16 dq_rt .. + 16, columns of slice dq_slice: dS K.
                     float acc_dq[kDqSlice / 8][4];
-#pragma unroll
-                    for (int j = 0; j < kDqSlice / 8; ++j) {
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) acc_dq[j][e] = 0.f;
-                    }
+                    zero_tiles(acc_dq);
 #pragma unroll
                     for (int kk = 0; kk < kBlockN / 16; ++kk) {
                         uint32_t a[4];
@@ -601,11 +602,7 @@ __device__ __forceinline__ void attn_bwd_dq_det_body(const LongctxAttnBwdParams&
                  int64_t(head) * p.dq.head_stride;
 
     float acc[D / 8][4];
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
-    }
+    zero_tiles(acc);
 
     const int key_lo = bi.key_lo();
     const int key_hi = bi.key_hi();
@@ -675,45 +672,9 @@ __device__ __forceinline__ void attn_bwd_dq_det_body(const LongctxAttnBwdParams&
 
             float s[kNTiles][4];
             float dp[kNTiles][4];
-#pragma unroll
-            for (int nj = 0; nj < kNTiles; ++nj) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    s[nj][e] = 0.f;
-                    dp[nj][e] = 0.f;
-                }
-            }
-#pragma unroll
-            for (int ks = 0; ks < D / 16; ++ks) {
-                uint32_t a[4];
-                ldmatrix_x4(a, q_as_a.template at<Tr::kOffQ>(0, ks));
-#pragma unroll
-                for (int np = 0; np < kNTiles / 2; ++np) {
-                    uint32_t b[4];
-                    ldmatrix_x4(b, k_as_b.template at<Tr::kOffK>(np, ks));
-                    mma_16816<T>(s[2 * np], a, b[0], b[1]);
-                    mma_16816<T>(s[2 * np + 1], a, b[2], b[3]);
-                }
-            }
-#pragma unroll
-            for (int ks = 0; ks < DV / 16; ++ks) {
-                uint32_t a[4];
-                ldmatrix_x4(a, do_as_a.template at<Tr::kOffDo>(0, ks));
-#pragma unroll
-                for (int np = 0; np < kNTiles / 2; ++np) {
-                    uint32_t b[4];
-                    ldmatrix_x4(b, v_as_b.template at<Tr::kOffV>(np, ks));
-                    mma_16816<T>(dp[2 * np], a, b[0], b[1]);
-                    mma_16816<T>(dp[2 * np + 1], a, b[2], b[3]);
-                }
-            }
-            if (softcap_in != 0.f) {
-#pragma unroll
-                for (int nj = 0; nj < kNTiles; ++nj) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) s[nj][e] = fast_tanh(s[nj][e] * softcap_in);
-                }
-            }
+            mma_abt<T, D, kNTiles, Tr::kOffQ, Tr::kOffK>(s, q_as_a, k_as_b);
+            mma_abt<T, DV, kNTiles, Tr::kOffDo, Tr::kOffV>(dp, do_as_a, v_as_b);
+            if (softcap_in != 0.f) apply_softcap(s, softcap_in);
             if (n < unmasked_lo || n >= unmasked_hi) {
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
@@ -737,11 +698,7 @@ __device__ __forceinline__ void attn_bwd_dq_det_body(const LongctxAttnBwdParams&
                     float dsv[2];
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const float t = s[nj][2 * h + e];
-                        const float pr = fast_exp2(fmaf(t, exp_scale, -lse2[h]));
-                        float ds = pr * (dp[nj][2 * h + e] - dot[h]);
-                        if (softcap_in != 0.f) ds = pr == 0.f ? 0.f : ds * (1.f - t * t);
-                        dsv[e] = ds;
+                        p_and_ds(s[nj][2 * h + e], dp[nj][2 * h + e], lse2[h], dot[h], exp_scale, softcap_in, dsv[e]);
                     }
                     ds_frag[nj / 2][(nj & 1) * 2 + h] = MmaType<T>::pack(dsv[0], dsv[1]);
                 }
