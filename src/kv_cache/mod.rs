@@ -1,0 +1,23 @@
+//! KV cache and decode building blocks.
+//!
+//! * [`merge_states`]: combines partial attention states `(O_p, LSE_p)` of the same query
+//!   rows, each computed over a disjoint subset of the keys, into the state of attention
+//!   over their union: `LSE = log sum_p exp(LSE_p)`, `O = sum_p exp(LSE_p - LSE) O_p`.
+//!   It is the combine step of split-KV decode (one part per KV split, stacked along a
+//!   leading dim) and of ring / context-parallel attention (one part per KV shard, or the
+//!   running state plus each arriving shard with [`MergeOptions::accumulate`]).
+//! * [`reference`]: the f64 merge those kernels are checked against.
+//!
+//! States use the attention forward's conventions: O `[tokens, heads, head_dim_v]` in the
+//! input dtype, LSE f32 `[heads, tokens]`, natural log, -inf for a row that saw no key (an
+//! empty part, which contributes nothing; a row whose every part is empty merges to O = 0,
+//! LSE = -inf).
+
+mod merge;
+pub mod reference;
+
+pub use merge::{
+    merge_states, LseLayout, MergeOptions, MergeShape, MergeState, MergeValidated,
+    StackedStates, States, MAX_MERGE_HEAD_DIM,
+};
+pub(crate) use merge::{plan_merge, MergeAddrs};
