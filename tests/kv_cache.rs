@@ -640,3 +640,117 @@ fn gpu_merge_edges() {
     edges_on::<f16>(&gpu);
     edges_on::<bf16>(&gpu);
 }
+
+mod paged {
+    use super::common;
+    use longctx::kv_cache::reference::{gather_paged_f64, scatter_paged_f64};
+    use longctx::kv_cache::{PageTable, PagedKvLayout, MAX_PAGE_SIZE};
+    use longctx::Error;
+
+    fn arg_of<T: std::fmt::Debug>(r: longctx::Result<T>) -> &'static str {
+        match r {
+            Err(Error::InvalidArgument { arg, .. }) => arg,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    /// Scatter then gather returns the dense tensor, for page sizes from 1 to 256, empty
+    /// sequences, partial last pages and shuffled page ids; slots no sequence uses stay
+    /// untouched, and each token sits where the layout formula says.
+    #[test]
+    fn paged_round_trip_and_addressing() {
+        let mut r = common::Rng(17);
+        for page_size in [1usize, 3, 16, MAX_PAGE_SIZE] {
+            let seqlens = [4 * page_size as i32 + 1, 0, page_size as i32, 1];
+            let used: Vec<usize> = seqlens.iter().map(|&l| (l as usize).div_ceil(page_size)).collect();
+            let max_pages = used.iter().copied().max().unwrap() + 1;
+            let pages = used.iter().sum::<usize>() + 3;
+            // Shuffled page ids, padding -1.
+            let mut ids: Vec<i32> = (0..pages as i32).collect();
+            for i in (1..ids.len()).rev() {
+                ids.swap(i, r.below(i as u64 + 1) as usize);
+            }
+            let mut table = vec![-1i32; seqlens.len() * max_pages];
+            let mut next = 0;
+            for (b, &u) in used.iter().enumerate() {
+                for i in 0..u {
+                    table[b * max_pages + i] = ids[next];
+                    next += 1;
+                }
+            }
+            let l = PagedKvLayout { page_size, pages, heads_kv: 2, head_dim: 3 };
+            let t = PageTable { block_table: &table, max_pages_per_seq: max_pages, seqlens: &seqlens };
+            let total: usize = seqlens.iter().map(|&x| x as usize).sum();
+            let dense: Vec<f64> = (0..total * 2 * 3).map(|_| r.uniform()).collect();
+            let mut cache = vec![f64::NAN; l.cache_len().unwrap()];
+            let v = scatter_paged_f64(&l, &dense, &t, &mut cache).unwrap();
+            assert_eq!(v.cu_seqlens.last(), Some(&total));
+            let (back, _) = gather_paged_f64(&l, &cache, &t).unwrap();
+            assert_eq!(back, dense);
+            let written = cache.iter().filter(|x| !x.is_nan()).count();
+            assert_eq!(written, dense.len(), "only the sequences' slots are written");
+            // Token pos of sequence 0, head 1, by the formula.
+            let pos = 2 * page_size.min(2);
+            let page = table[pos / page_size] as usize;
+            let off = l.token_offset(&t, 0, pos, 1).unwrap();
+            assert_eq!(off, ((page * page_size + pos % page_size) * 2 + 1) * 3);
+            assert_eq!(cache[off..off + 3], dense[(pos * 2 + 1) * 3..][..3]);
+        }
+    }
+
+    #[test]
+    fn paged_rejects_bad_input() {
+        let l = PagedKvLayout { page_size: 4, pages: 5, heads_kv: 2, head_dim: 8 };
+        let seqlens = [5, 0, 4];
+        let table = [0, 1, 2, -1, -1, -1, 3, -1, -1];
+        let t = PageTable { block_table: &table, max_pages_per_seq: 3, seqlens: &seqlens };
+        l.validate_table(&t).unwrap();
+        for bad in [
+            PagedKvLayout { page_size: 0, ..l },
+            PagedKvLayout { page_size: MAX_PAGE_SIZE + 1, ..l },
+        ] {
+            assert_eq!(arg_of(bad.validate()), "page_size");
+        }
+        assert_eq!(arg_of(PagedKvLayout { pages: i32::MAX as usize + 1, ..l }.validate()), "pages");
+        assert_eq!(arg_of(PagedKvLayout { heads_kv: 0, ..l }.validate()), "heads_kv");
+        assert_eq!(arg_of(PagedKvLayout { head_dim: 0, ..l }.validate()), "head_dim");
+        assert_eq!(
+            arg_of(PagedKvLayout { pages: i32::MAX as usize, page_size: 256, heads_kv: usize::MAX / 4, head_dim: 8 }.validate()),
+            "cache"
+        );
+        // Table shape.
+        assert_eq!(arg_of(l.validate_table(&PageTable { block_table: &table[..8], ..t })), "block_table");
+        assert_eq!(
+            arg_of(l.validate_table(&PageTable { max_pages_per_seq: usize::MAX, ..t })),
+            "block_table"
+        );
+        // Negative length; table too short for a length.
+        assert_eq!(arg_of(l.validate_table(&PageTable { seqlens: &[5, -1, 4], ..t })), "seqlens");
+        assert_eq!(arg_of(l.validate_table(&PageTable { seqlens: &[13, 0, 4], ..t })), "seqlens");
+        // Used page ids out of range (the unused -1 entries above are fine).
+        for bad in [-1, 5, i32::MAX] {
+            let mut tb = table;
+            tb[1] = bad;
+            assert_eq!(arg_of(l.validate_table(&PageTable { block_table: &tb, ..t })), "block_table");
+        }
+        // Too many tokens in all.
+        let big = [i32::MAX, 1];
+        let bl = PagedKvLayout { page_size: 256, pages: 1 << 24, heads_kv: 1, head_dim: 1 };
+        let bt: Vec<i32> = (0..2 * (1 << 23)).map(|i| (i % (1 << 24)) as i32).collect();
+        assert_eq!(
+            arg_of(bl.validate_table(&PageTable { block_table: &bt, max_pages_per_seq: 1 << 23, seqlens: &big })),
+            "seqlens"
+        );
+        // Addressing out of range.
+        assert_eq!(arg_of(l.token_offset(&t, 3, 0, 0)), "seq");
+        assert_eq!(arg_of(l.token_offset(&t, 1, 0, 0)), "pos");
+        assert_eq!(arg_of(l.token_offset(&t, 0, 5, 0)), "pos");
+        assert_eq!(arg_of(l.token_offset(&t, 0, 4, 2)), "head");
+        // Buffer lengths of the references.
+        let n = l.cache_len().unwrap();
+        assert_eq!(arg_of(gather_paged_f64(&l, &vec![0.0; n - 1], &t)), "cache");
+        let mut cache = vec![0.0; n];
+        assert_eq!(arg_of(scatter_paged_f64(&l, &[0.0; 3], &t, &mut cache)), "dense");
+        assert!(scatter_paged_f64(&l, &vec![0.0; 9 * 2 * 8], &t, &mut cache).is_ok());
+    }
+}

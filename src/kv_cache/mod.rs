@@ -6,7 +6,11 @@
 //!   It is the combine step of split-KV decode (one part per KV split, stacked along a
 //!   leading dim) and of ring / context-parallel attention (one part per KV shard, or the
 //!   running state plus each arriving shard with [`MergeOptions::accumulate`]).
-//! * [`reference`]: the f64 merge those kernels are checked against.
+//! * [`PagedKvLayout`] and [`PageTable`]: the paged cache layout (pages of `page_size`
+//!   tokens, int32 page tables per sequence) with complete host validation; no kernel
+//!   reads it yet.
+//! * [`reference`]: the f64 merge the kernel is checked against, and the paged <-> dense
+//!   gather and scatter that define the paged layout.
 //!
 //! States use the attention forward's conventions: O `[tokens, heads, head_dim_v]` in the
 //! input dtype, LSE f32 `[heads, tokens]`, natural log, -inf for a row that saw no key (an
@@ -14,6 +18,7 @@
 //! LSE = -inf).
 
 mod merge;
+mod paged;
 pub mod reference;
 
 pub use merge::{
@@ -21,3 +26,7 @@ pub use merge::{
     StackedStates, States, MAX_MERGE_HEAD_DIM,
 };
 pub(crate) use merge::{plan_merge, MergeAddrs};
+pub use paged::{
+    PageTable, PagedKvLayout, ValidatedTable, MAX_CACHE_HEAD_DIM, MAX_PAGE_SIZE,
+};
+pub(crate) use paged::{dense_len, for_each_row};

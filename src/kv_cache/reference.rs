@@ -85,3 +85,66 @@ pub fn merge_states_f64(
     }
     Ok(out)
 }
+
+/// Gathers a paged cache tensor into its dense twin `[total_tokens, heads_kv, head_dim]`,
+/// the batch's sequences concatenated in order (offsets in the returned
+/// [`ValidatedTable::cu_seqlens`](super::ValidatedTable)).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for an invalid layout or table (see
+/// [`PagedKvLayout::validate_table`](super::PagedKvLayout::validate_table)) or a cache that
+/// is not [`PagedKvLayout::cache_len`](super::PagedKvLayout::cache_len) long.
+pub fn gather_paged_f64(
+    layout: &super::PagedKvLayout,
+    cache: &[f64],
+    table: &super::PageTable,
+) -> Result<(Vec<f64>, super::ValidatedTable)> {
+    check_cache_len(layout, cache.len())?;
+    let v = layout.validate_table(table)?;
+    let mut dense = vec![0.0; super::dense_len(layout, &v)?];
+    let d = layout.head_dim;
+    super::for_each_row(layout, table, |src, dst| {
+        dense[dst..dst + d].copy_from_slice(&cache[src..src + d]);
+    })?;
+    Ok((dense, v))
+}
+
+/// Writes a dense `[total_tokens, heads_kv, head_dim]` tensor (sequences concatenated)
+/// into the pages its table names; cache elements of other pages or slots are left as
+/// they are. A page shared by two sequences receives the later sequence's rows.
+///
+/// # Errors
+/// As [`gather_paged_f64`], plus a dense tensor of the wrong length (`dense`).
+pub fn scatter_paged_f64(
+    layout: &super::PagedKvLayout,
+    dense: &[f64],
+    table: &super::PageTable,
+    cache: &mut [f64],
+) -> Result<super::ValidatedTable> {
+    check_cache_len(layout, cache.len())?;
+    let v = layout.validate_table(table)?;
+    let want = super::dense_len(layout, &v)?;
+    if dense.len() != want {
+        return Err(Error::invalid(
+            "paged_kv",
+            "dense",
+            format!("holds {} values, expected {want}", dense.len()),
+        ));
+    }
+    let d = layout.head_dim;
+    super::for_each_row(layout, table, |src, dst| {
+        cache[src..src + d].copy_from_slice(&dense[dst..dst + d]);
+    })
+}
+
+fn check_cache_len(layout: &super::PagedKvLayout, len: usize) -> Result<()> {
+    let want = layout.cache_len()?;
+    if len != want {
+        return Err(Error::invalid(
+            "paged_kv",
+            "cache",
+            format!("holds {len} values, expected {want} ({layout:?})"),
+        ));
+    }
+    Ok(())
+}
