@@ -50,31 +50,36 @@ fn reference_merge_of_key_splits_equals_attention_over_the_union() {
         let q: Vec<f64> = (0..tq * hq * d).map(|_| 2.0 * r.uniform()).collect();
         let k: Vec<f64> = (0..tk * hkv * d).map(|_| 2.0 * r.uniform()).collect();
         let v: Vec<f64> = (0..tk * hkv * dv).map(|_| r.uniform()).collect();
-        let problem = |k: &[f64], v: &[f64], sk: usize| -> longctx::attention::reference::Output<f64> {
-            let cu_q = [0, tq];
-            let cu_k = [0, sk];
-            attention_f64(&Problem {
-                q: &q,
-                k,
-                v,
-                cu_seqlens_q: &cu_q,
-                cu_seqlens_k: &cu_k,
-                heads_q: hq,
-                heads_kv: hkv,
-                head_dim: d,
-                head_dim_v: dv,
-                scale: 1.0 / (d as f64).sqrt(),
-                softcap: None,
-                mask: Mask::none(),
-            })
-            .unwrap()
-        };
+        let problem =
+            |k: &[f64], v: &[f64], sk: usize| -> longctx::attention::reference::Output<f64> {
+                let cu_q = [0, tq];
+                let cu_k = [0, sk];
+                attention_f64(&Problem {
+                    q: &q,
+                    k,
+                    v,
+                    cu_seqlens_q: &cu_q,
+                    cu_seqlens_k: &cu_k,
+                    heads_q: hq,
+                    heads_kv: hkv,
+                    head_dim: d,
+                    head_dim_v: dv,
+                    scale: 1.0 / (d as f64).sqrt(),
+                    softcap: None,
+                    mask: Mask::none(),
+                })
+                .unwrap()
+            };
         let full = problem(&k, &v, tk);
         let cuts = [0, 0, tk / 3, tk / 3 + 1, tk - 1, tk];
         let (mut o, mut lse) = (Vec::new(), Vec::new());
         for w in cuts.windows(2) {
             let (a, b) = (w[0], w[1].max(w[0]));
-            let part = problem(&k[a * hkv * d..b * hkv * d], &v[a * hkv * dv..b * hkv * dv], b - a);
+            let part = problem(
+                &k[a * hkv * d..b * hkv * d],
+                &v[a * hkv * dv..b * hkv * dv],
+                b - a,
+            );
             o.extend(part.o);
             lse.extend(part.lse);
         }
@@ -82,7 +87,10 @@ fn reference_merge_of_key_splits_equals_attention_over_the_union() {
         let merged = merge_states_f64(&o, &lse, parts, tq, hq, dv).unwrap();
         let eo = max_err(&merged.o, &full.o);
         let el = max_err(&merged.lse, &full.lse);
-        assert!(eo < 1e-12 && el < 1e-12, "({tq}, {tk}): O error {eo:e}, LSE error {el:e}");
+        assert!(
+            eo < 1e-12 && el < 1e-12,
+            "({tq}, {tk}): O error {eo:e}, LSE error {el:e}"
+        );
     }
 }
 
@@ -188,11 +196,15 @@ fn lse_len(l: &LseLayout, parts: usize, part_stride: usize) -> usize {
 
 const SENTINEL: f64 = 1234.5;
 
+/// What a case produced: the merged O and LSE (dense), and the reference.
+type Got = (
+    Vec<f64>,
+    Vec<f64>,
+    longctx::attention::reference::Output<f64>,
+);
+
 /// Runs one case; returns (got O dense, got LSE dense, reference).
-fn run_case<T: Element>(
-    backend: &Backend<'_>,
-    c: &Case,
-) -> Result<(Vec<f64>, Vec<f64>, longctx::attention::reference::Output<f64>), Error> {
+fn run_case<T: Element>(backend: &Backend<'_>, c: &Case) -> Result<Got, Error> {
     let (stack, out_l, out_lse_l) = views(c);
     let (t, h, d) = (c.tokens, c.heads, c.dim);
     let mut r = common::Rng(c.seed);
@@ -223,11 +235,19 @@ fn run_case<T: Element>(
                 };
                 rl[p * h * t + hh * t + tt] = f64::from(lse);
                 let (buf_l, buf, l, off) = if is_out {
-                    (&mut ol, out_lse_l.offset + hh * out_lse_l.head_stride + tt, &out_l, 0)
+                    (
+                        &mut ol,
+                        out_lse_l.offset + hh * out_lse_l.head_stride + tt,
+                        &out_l,
+                        0,
+                    )
                 } else {
                     (
                         &mut pl,
-                        stack.lse.offset + p * stack.lse_part_stride + hh * stack.lse.head_stride + tt,
+                        stack.lse.offset
+                            + p * stack.lse_part_stride
+                            + hh * stack.lse.head_stride
+                            + tt,
                         &stack.o,
                         p * stack.o_part_stride,
                     )
@@ -253,9 +273,9 @@ fn run_case<T: Element>(
         accumulate: c.accumulate,
     };
     match backend {
-        Backend::Emulator => {
-            emulator::merge_states(&po, &pl, &stack, &mut oo, &out_l, &mut ol, &out_lse_l, &opts)?
-        }
+        Backend::Emulator => emulator::merge_states(
+            &po, &pl, &stack, &mut oo, &out_l, &mut ol, &out_lse_l, &opts,
+        )?,
         Backend::Gpu(dev) => {
             let dpo = dev.upload(&po)?;
             let dpl = dev.upload(&pl)?;
@@ -320,7 +340,7 @@ fn run_case<T: Element>(
 
 /// O within a few f32 ulps plus the output's rounding to T; LSE within a few f32 ulps; -inf
 /// rows exactly (O = 0, LSE = -inf).
-fn check<T: Element>(c: &Case, got: &(Vec<f64>, Vec<f64>, longctx::attention::reference::Output<f64>)) -> Result<(), TestCaseError> {
+fn check<T: Element>(c: &Case, got: &Got) -> Result<(), TestCaseError> {
     let (go, gl, want) = got;
     let eps = T::DTYPE.epsilon();
     for (i, (g, w)) in go.iter().zip(&want.o).enumerate() {
@@ -336,7 +356,10 @@ fn check<T: Element>(c: &Case, got: &(Vec<f64>, Vec<f64>, longctx::attention::re
             let d = c.dim;
             let (t, h) = (i % c.tokens, i / c.tokens);
             let row = &go[(t * c.heads + h) * d..][..d];
-            prop_assert!(row.iter().all(|x| *x == 0.0), "{c:?}: empty row {i} has O != 0");
+            prop_assert!(
+                row.iter().all(|x| *x == 0.0),
+                "{c:?}: empty row {i} has O != 0"
+            );
         } else {
             let tol = 4e-6 * (1.0 + w.abs());
             prop_assert!((g - w).abs() <= tol, "{c:?}: LSE[{i}] = {g}, want {w}");
@@ -350,22 +373,32 @@ fn case_strategy(max_parts: usize) -> impl Strategy<Value = Case> {
         1..=max_parts,
         prop_oneof![Just(0usize), Just(1), Just(2), Just(3), Just(7), Just(13)],
         prop_oneof![Just(1usize), Just(2), Just(3), Just(8)],
-        prop_oneof![Just(64usize), Just(128), Just(256), Just(512), Just(1), Just(40), Just(72)],
+        prop_oneof![
+            Just(64usize),
+            Just(128),
+            Just(256),
+            Just(512),
+            Just(1),
+            Just(40),
+            Just(72)
+        ],
         any::<bool>(),
         any::<bool>(),
         prop_oneof![Just(0u64), Just(2), Just(4), Just(8)],
         any::<u64>(),
     )
-        .prop_map(|(parts, tokens, heads, dim, padded, accumulate, empty_eighths, seed)| Case {
-            parts,
-            tokens,
-            heads,
-            dim,
-            padded,
-            accumulate,
-            empty_eighths,
-            seed,
-        })
+        .prop_map(
+            |(parts, tokens, heads, dim, padded, accumulate, empty_eighths, seed)| Case {
+                parts,
+                tokens,
+                heads,
+                dim,
+                padded,
+                accumulate,
+                empty_eighths,
+                seed,
+            },
+        )
 }
 
 fn parity_on<T: Element>(name: &str, backend: &Backend<'_>, cases: u32) {
@@ -472,19 +505,41 @@ fn emu_merge_edges() {
 fn emu_merge_one_part_is_identity_and_accumulation_matches_stacking() {
     let (t, h, d) = (7, 4, 64);
     let mut r = common::Rng(3);
-    let o: Vec<bf16> = (0..3 * t * h * d).map(|_| bf16::from_f64(r.uniform())).collect();
+    let o: Vec<bf16> = (0..3 * t * h * d)
+        .map(|_| bf16::from_f64(r.uniform()))
+        .collect();
     let lse: Vec<f32> = (0..3 * h * t).map(|_| (4.0 * r.uniform()) as f32).collect();
     let out_l = HeadsLayout::contiguous(t, h, d);
     let lse_l = LseLayout::contiguous(h, t);
     let mut oo = vec![bf16::ZERO; t * h * d];
     let mut ol = vec![0f32; h * t];
     let one = StackedStates::contiguous(1, t, h, d);
-    emulator::merge_states(&o[..t * h * d], &lse[..h * t], &one, &mut oo, &out_l, &mut ol, &lse_l, &MergeOptions::default()).unwrap();
+    emulator::merge_states(
+        &o[..t * h * d],
+        &lse[..h * t],
+        &one,
+        &mut oo,
+        &out_l,
+        &mut ol,
+        &lse_l,
+        &MergeOptions::default(),
+    )
+    .unwrap();
     assert!(oo == o[..t * h * d] && ol == lse[..h * t]);
 
     let stack = StackedStates::contiguous(3, t, h, d);
     let (mut so, mut sl) = (vec![bf16::ZERO; t * h * d], vec![0f32; h * t]);
-    emulator::merge_states(&o, &lse, &stack, &mut so, &out_l, &mut sl, &lse_l, &MergeOptions::default()).unwrap();
+    emulator::merge_states(
+        &o,
+        &lse,
+        &stack,
+        &mut so,
+        &out_l,
+        &mut sl,
+        &lse_l,
+        &MergeOptions::default(),
+    )
+    .unwrap();
     let (mut ao, mut al) = (vec![bf16::ZERO; t * h * d], vec![f32::NEG_INFINITY; h * t]);
     for p in 0..3 {
         emulator::merge_states(
@@ -508,7 +563,10 @@ fn emu_merge_one_part_is_identity_and_accumulation_matches_stacking() {
         &sl.iter().map(|&x| f64::from(x)).collect::<Vec<_>>(),
     );
     // Accumulation rounds the running O to bf16 after each step.
-    assert!(eo < 3.0 * 2f64.powi(-8) && el < 1e-5, "O {eo:e}, LSE {el:e}");
+    assert!(
+        eo < 3.0 * 2f64.powi(-8) && el < 1e-5,
+        "O {eo:e}, LSE {el:e}"
+    );
 }
 
 fn shape(parts: StackedStates, out_o: HeadsLayout, out_lse: LseLayout) -> MergeShape {
@@ -552,16 +610,53 @@ fn merge_rejects_bad_input() {
         );
     }
     // Shapes that disagree.
-    rejects(MergeShape { out_o: HeadsLayout::contiguous(t, h + 1, d), ..good }, "out_o");
-    rejects(MergeShape { out_lse: LseLayout::contiguous(h, t + 1), out_lse_len: 100, ..good }, "out_lse");
+    rejects(
+        MergeShape {
+            out_o: HeadsLayout::contiguous(t, h + 1, d),
+            ..good
+        },
+        "out_o",
+    );
+    rejects(
+        MergeShape {
+            out_lse: LseLayout::contiguous(h, t + 1),
+            out_lse_len: 100,
+            ..good
+        },
+        "out_lse",
+    );
     let mut s = good;
     s.parts.lse = LseLayout::contiguous(h + 1, t);
     rejects(s, "parts.lse");
     // Short buffers: the last part, the LSE stack, the outputs.
-    rejects(MergeShape { parts_o_len: good.parts_o_len - 1, ..good }, "parts.o");
-    rejects(MergeShape { parts_lse_len: good.parts_lse_len - 1, ..good }, "parts.lse");
-    rejects(MergeShape { out_o_len: good.out_o_len - 1, ..good }, "out_o");
-    rejects(MergeShape { out_lse_len: good.out_lse_len - 1, ..good }, "out_lse");
+    rejects(
+        MergeShape {
+            parts_o_len: good.parts_o_len - 1,
+            ..good
+        },
+        "parts.o",
+    );
+    rejects(
+        MergeShape {
+            parts_lse_len: good.parts_lse_len - 1,
+            ..good
+        },
+        "parts.lse",
+    );
+    rejects(
+        MergeShape {
+            out_o_len: good.out_o_len - 1,
+            ..good
+        },
+        "out_o",
+    );
+    rejects(
+        MergeShape {
+            out_lse_len: good.out_lse_len - 1,
+            ..good
+        },
+        "out_lse",
+    );
     // Overlapping LSE heads and O rows of the output.
     let mut s = good;
     s.out_lse.head_stride = t - 1;
@@ -585,7 +680,10 @@ fn merge_rejects_bad_input() {
         HeadsLayout::contiguous(usize::MAX, 2, d),
         LseLayout::contiguous(2, usize::MAX),
     );
-    assert!(matches!(huge.validate(), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(
+        huge.validate(),
+        Err(Error::InvalidArgument { .. })
+    ));
     // The emulated op runs the same validation.
     let mut oo = vec![0f32; t * h * d];
     let mut ol = vec![0f32; h * t];
@@ -599,7 +697,10 @@ fn merge_rejects_bad_input() {
         &LseLayout::contiguous(h, t),
         &MergeOptions::default(),
     );
-    assert!(matches!(e, Err(Error::InvalidArgument { arg: "parts.o", .. })), "{e:?}");
+    assert!(
+        matches!(e, Err(Error::InvalidArgument { arg: "parts.o", .. })),
+        "{e:?}"
+    );
     // No rows: nothing to do, nothing touched.
     shape(
         StackedStates::contiguous(p, 0, h, d),
@@ -662,7 +763,10 @@ mod paged {
         let mut r = common::Rng(17);
         for page_size in [1usize, 3, 16, MAX_PAGE_SIZE] {
             let seqlens = [4 * page_size as i32 + 1, 0, page_size as i32, 1];
-            let used: Vec<usize> = seqlens.iter().map(|&l| (l as usize).div_ceil(page_size)).collect();
+            let used: Vec<usize> = seqlens
+                .iter()
+                .map(|&l| (l as usize).div_ceil(page_size))
+                .collect();
             let max_pages = used.iter().copied().max().unwrap() + 1;
             let pages = used.iter().sum::<usize>() + 3;
             // Shuffled page ids, padding -1.
@@ -678,8 +782,17 @@ mod paged {
                     next += 1;
                 }
             }
-            let l = PagedKvLayout { page_size, pages, heads_kv: 2, head_dim: 3 };
-            let t = PageTable { block_table: &table, max_pages_per_seq: max_pages, seqlens: &seqlens };
+            let l = PagedKvLayout {
+                page_size,
+                pages,
+                heads_kv: 2,
+                head_dim: 3,
+            };
+            let t = PageTable {
+                block_table: &table,
+                max_pages_per_seq: max_pages,
+                seqlens: &seqlens,
+            };
             let total: usize = seqlens.iter().map(|&x| x as usize).sum();
             let dense: Vec<f64> = (0..total * 2 * 3).map(|_| r.uniform()).collect();
             let mut cache = vec![f64::NAN; l.cache_len().unwrap()];
@@ -688,7 +801,11 @@ mod paged {
             let (back, _) = gather_paged_f64(&l, &cache, &t).unwrap();
             assert_eq!(back, dense);
             let written = cache.iter().filter(|x| !x.is_nan()).count();
-            assert_eq!(written, dense.len(), "only the sequences' slots are written");
+            assert_eq!(
+                written,
+                dense.len(),
+                "only the sequences' slots are written"
+            );
             // Token pos of sequence 0, head 1, by the formula.
             let pos = 2 * page_size.min(2);
             let page = table[pos / page_size] as usize;
@@ -700,45 +817,116 @@ mod paged {
 
     #[test]
     fn paged_rejects_bad_input() {
-        let l = PagedKvLayout { page_size: 4, pages: 5, heads_kv: 2, head_dim: 8 };
+        let l = PagedKvLayout {
+            page_size: 4,
+            pages: 5,
+            heads_kv: 2,
+            head_dim: 8,
+        };
         let seqlens = [5, 0, 4];
         let table = [0, 1, 2, -1, -1, -1, 3, -1, -1];
-        let t = PageTable { block_table: &table, max_pages_per_seq: 3, seqlens: &seqlens };
+        let t = PageTable {
+            block_table: &table,
+            max_pages_per_seq: 3,
+            seqlens: &seqlens,
+        };
         l.validate_table(&t).unwrap();
         for bad in [
             PagedKvLayout { page_size: 0, ..l },
-            PagedKvLayout { page_size: MAX_PAGE_SIZE + 1, ..l },
+            PagedKvLayout {
+                page_size: MAX_PAGE_SIZE + 1,
+                ..l
+            },
         ] {
             assert_eq!(arg_of(bad.validate()), "page_size");
         }
-        assert_eq!(arg_of(PagedKvLayout { pages: i32::MAX as usize + 1, ..l }.validate()), "pages");
-        assert_eq!(arg_of(PagedKvLayout { heads_kv: 0, ..l }.validate()), "heads_kv");
-        assert_eq!(arg_of(PagedKvLayout { head_dim: 0, ..l }.validate()), "head_dim");
         assert_eq!(
-            arg_of(PagedKvLayout { pages: i32::MAX as usize, page_size: 256, heads_kv: usize::MAX / 4, head_dim: 8 }.validate()),
+            arg_of(
+                PagedKvLayout {
+                    pages: i32::MAX as usize + 1,
+                    ..l
+                }
+                .validate()
+            ),
+            "pages"
+        );
+        assert_eq!(
+            arg_of(PagedKvLayout { heads_kv: 0, ..l }.validate()),
+            "heads_kv"
+        );
+        assert_eq!(
+            arg_of(PagedKvLayout { head_dim: 0, ..l }.validate()),
+            "head_dim"
+        );
+        assert_eq!(
+            arg_of(
+                PagedKvLayout {
+                    pages: i32::MAX as usize,
+                    page_size: 256,
+                    heads_kv: usize::MAX / 4,
+                    head_dim: 8
+                }
+                .validate()
+            ),
             "cache"
         );
         // Table shape.
-        assert_eq!(arg_of(l.validate_table(&PageTable { block_table: &table[..8], ..t })), "block_table");
         assert_eq!(
-            arg_of(l.validate_table(&PageTable { max_pages_per_seq: usize::MAX, ..t })),
+            arg_of(l.validate_table(&PageTable {
+                block_table: &table[..8],
+                ..t
+            })),
+            "block_table"
+        );
+        assert_eq!(
+            arg_of(l.validate_table(&PageTable {
+                max_pages_per_seq: usize::MAX,
+                ..t
+            })),
             "block_table"
         );
         // Negative length; table too short for a length.
-        assert_eq!(arg_of(l.validate_table(&PageTable { seqlens: &[5, -1, 4], ..t })), "seqlens");
-        assert_eq!(arg_of(l.validate_table(&PageTable { seqlens: &[13, 0, 4], ..t })), "seqlens");
+        assert_eq!(
+            arg_of(l.validate_table(&PageTable {
+                seqlens: &[5, -1, 4],
+                ..t
+            })),
+            "seqlens"
+        );
+        assert_eq!(
+            arg_of(l.validate_table(&PageTable {
+                seqlens: &[13, 0, 4],
+                ..t
+            })),
+            "seqlens"
+        );
         // Used page ids out of range (the unused -1 entries above are fine).
         for bad in [-1, 5, i32::MAX] {
             let mut tb = table;
             tb[1] = bad;
-            assert_eq!(arg_of(l.validate_table(&PageTable { block_table: &tb, ..t })), "block_table");
+            assert_eq!(
+                arg_of(l.validate_table(&PageTable {
+                    block_table: &tb,
+                    ..t
+                })),
+                "block_table"
+            );
         }
         // Too many tokens in all.
         let big = [i32::MAX, 1];
-        let bl = PagedKvLayout { page_size: 256, pages: 1 << 24, heads_kv: 1, head_dim: 1 };
-        let bt: Vec<i32> = (0..2 * (1 << 23)).map(|i| (i % (1 << 24)) as i32).collect();
+        let bl = PagedKvLayout {
+            page_size: 256,
+            pages: 1 << 24,
+            heads_kv: 1,
+            head_dim: 1,
+        };
+        let bt: Vec<i32> = (0..2 * (1 << 23)).map(|i: i32| i % (1 << 24)).collect();
         assert_eq!(
-            arg_of(bl.validate_table(&PageTable { block_table: &bt, max_pages_per_seq: 1 << 23, seqlens: &big })),
+            arg_of(bl.validate_table(&PageTable {
+                block_table: &bt,
+                max_pages_per_seq: 1 << 23,
+                seqlens: &big
+            })),
             "seqlens"
         );
         // Addressing out of range.
@@ -750,7 +938,10 @@ mod paged {
         let n = l.cache_len().unwrap();
         assert_eq!(arg_of(gather_paged_f64(&l, &vec![0.0; n - 1], &t)), "cache");
         let mut cache = vec![0.0; n];
-        assert_eq!(arg_of(scatter_paged_f64(&l, &[0.0; 3], &t, &mut cache)), "dense");
+        assert_eq!(
+            arg_of(scatter_paged_f64(&l, &[0.0; 3], &t, &mut cache)),
+            "dense"
+        );
         assert!(scatter_paged_f64(&l, &vec![0.0; 9 * 2 * 8], &t, &mut cache).is_ok());
     }
 }

@@ -236,9 +236,8 @@ impl MergeShape {
             i64_of(v, arg)?;
         }
         for (v, what) in [(s.parts, "parts"), (t, "tokens"), (h, "heads")] {
-            u32::try_from(v).map_err(|_| {
-                Error::invalid(OP, "parts", format!("{what} {v} exceeds u32"))
-            })?;
+            u32::try_from(v)
+                .map_err(|_| Error::invalid(OP, "parts", format!("{what} {v} exceeds u32")))?;
         }
         let rows = t
             .checked_mul(h)
@@ -425,7 +424,10 @@ pub fn merge_states<T: Element>(
         return Err(Error::invalid(
             OP,
             "device",
-            format!("the kernels need sm_80 or newer; this device is sm_{}{}", cc.0, cc.1),
+            format!(
+                "the kernels need sm_80 or newer; this device is sm_{}{}",
+                cc.0, cc.1
+            ),
         ));
     }
     let v = MergeShape {

@@ -120,7 +120,11 @@ impl PagedKvLayout {
         self.validate()?;
         let batch = t.seqlens.len();
         let want = batch.checked_mul(t.max_pages_per_seq).ok_or_else(|| {
-            Error::invalid(OP, "block_table", "batch x max_pages_per_seq overflows usize")
+            Error::invalid(
+                OP,
+                "block_table",
+                "batch x max_pages_per_seq overflows usize",
+            )
         })?;
         if t.block_table.len() != want {
             return Err(Error::invalid(
@@ -187,7 +191,13 @@ impl PagedKvLayout {
     /// # Errors
     /// [`Error::InvalidArgument`] for an invalid table (see
     /// [`PagedKvLayout::validate_table`]), or a sequence, position or head out of range.
-    pub fn token_offset(&self, t: &PageTable, seq: usize, pos: usize, head: usize) -> Result<usize> {
+    pub fn token_offset(
+        &self,
+        t: &PageTable,
+        seq: usize,
+        pos: usize,
+        head: usize,
+    ) -> Result<usize> {
         let v = self.validate_table(t)?;
         self.token_offset_validated(t, &v, seq, pos, head)
     }
