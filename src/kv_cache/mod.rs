@@ -9,7 +9,7 @@
 //! * [`PagedKvLayout`] and [`PageTable`]: the paged cache layout (pages of `page_size`
 //!   tokens, int32 page tables per sequence) with complete host validation; no kernel
 //!   reads it yet.
-//! * [`reference`]: the f64 merge the kernel is checked against, and the paged <-> dense
+//! * [`reference`](mod@reference): the f64 merge the kernel is checked against, and the paged <-> dense
 //!   gather and scatter that define the paged layout.
 //!
 //! States use the attention forward's conventions: O `[tokens, heads, head_dim_v]` in the
