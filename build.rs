@@ -19,6 +19,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("attention", "attention/attention.cu"),
     ("attention_bwd", "attention/attention_bwd.cu"),
     ("moe", "moe/moe.cu"),
+    ("kv_cache", "kv_cache/kv_cache.cu"),
 ];
 
 /// Default cubin targets; `LONGCTX_CUDA_ARCHS` overrides (comma or semicolon separated, e.g.
@@ -250,6 +251,7 @@ fn build_emulator(kernels: &Path) {
         ("moe/moe.cu", &[]),
         ("attention/attention.cu", &[]),
         ("attention/attention_bwd.cu", &[]),
+        ("kv_cache/kv_cache.cu", &[]),
         ("emu/selftest.cu", &[]),
         // A namespace of its own, or the two copies' inline functions would be merged.
         (

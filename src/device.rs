@@ -349,6 +349,7 @@ pub fn embedded_fatbins() -> Vec<(&'static str, &'static [u8])> {
                 Family::Attention => "attention",
                 Family::AttentionBwd => "attention_bwd",
                 Family::Moe => "moe",
+                Family::KvCache => "kv_cache",
             };
             f.fatbin().map(|b| (name, b))
         })

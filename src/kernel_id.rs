@@ -9,6 +9,7 @@ pub(crate) enum Family {
     Attention,
     AttentionBwd,
     Moe,
+    KvCache,
 }
 
 impl Family {
@@ -17,6 +18,7 @@ impl Family {
         Family::Attention,
         Family::AttentionBwd,
         Family::Moe,
+        Family::KvCache,
     ];
 
     pub(crate) fn index(self) -> usize {
@@ -29,6 +31,7 @@ impl Family {
             Family::Attention => crate::embedded::ATTENTION_FATBIN,
             Family::AttentionBwd => crate::embedded::ATTENTION_BWD_FATBIN,
             Family::Moe => crate::embedded::MOE_FATBIN,
+            Family::KvCache => crate::embedded::KV_CACHE_FATBIN,
         }
     }
 
@@ -39,6 +42,7 @@ impl Family {
             Family::Attention => crate::embedded::ATTENTION_PTXAS,
             Family::AttentionBwd => crate::embedded::ATTENTION_BWD_PTXAS,
             Family::Moe => crate::embedded::MOE_PTXAS,
+            Family::KvCache => crate::embedded::KV_CACHE_PTXAS,
         }
     }
 }
@@ -108,6 +112,12 @@ pub(crate) enum KernelId {
     MoeGatherF16,
     MoeCombineF16,
     MoeCombineDwF16,
+    KvMergeF32Vec,
+    KvMergeF32Scalar,
+    KvMergeF16Vec,
+    KvMergeF16Scalar,
+    KvMergeBf16Vec,
+    KvMergeBf16Scalar,
 }
 
 impl KernelId {
@@ -174,6 +184,12 @@ impl KernelId {
         KernelId::MoeGatherF16,
         KernelId::MoeCombineF16,
         KernelId::MoeCombineDwF16,
+        KernelId::KvMergeF32Vec,
+        KernelId::KvMergeF32Scalar,
+        KernelId::KvMergeF16Vec,
+        KernelId::KvMergeF16Scalar,
+        KernelId::KvMergeBf16Vec,
+        KernelId::KvMergeBf16Scalar,
     ];
 
     pub(crate) fn index(self) -> usize {
@@ -210,6 +226,12 @@ impl KernelId {
             | KernelId::MoeGatherF16
             | KernelId::MoeCombineF16
             | KernelId::MoeCombineDwF16 => Family::Moe,
+            KernelId::KvMergeF32Vec
+            | KernelId::KvMergeF32Scalar
+            | KernelId::KvMergeF16Vec
+            | KernelId::KvMergeF16Scalar
+            | KernelId::KvMergeBf16Vec
+            | KernelId::KvMergeBf16Scalar => Family::KvCache,
             KernelId::AttnBwdPreF16
             | KernelId::AttnBwdPreBf16
             | KernelId::AttnBwdDqF16
@@ -303,6 +325,12 @@ impl KernelId {
             KernelId::MoeGatherF16 => "longctx_moe_gather_f16",
             KernelId::MoeCombineF16 => "longctx_moe_combine_f16",
             KernelId::MoeCombineDwF16 => "longctx_moe_combine_dw_f16",
+            KernelId::KvMergeF32Vec => "longctx_kv_merge_f32_vec",
+            KernelId::KvMergeF32Scalar => "longctx_kv_merge_f32_scalar",
+            KernelId::KvMergeF16Vec => "longctx_kv_merge_f16_vec",
+            KernelId::KvMergeF16Scalar => "longctx_kv_merge_f16_scalar",
+            KernelId::KvMergeBf16Vec => "longctx_kv_merge_bf16_vec",
+            KernelId::KvMergeBf16Scalar => "longctx_kv_merge_bf16_scalar",
         }
     }
 

@@ -11,6 +11,7 @@
 //!   a stable deterministic permutation for grouped GEMMs (counts, offsets, padding,
 //!   capacity), gather and combine with their gradients, load-balancing and z losses, the
 //!   router's backward, and DeepSeek's bias update.
+//! * [`kv_cache`]: merging partial attention states (split-KV decode, ring attention).
 //!
 //! ## Example
 //!
@@ -54,6 +55,7 @@ pub mod dtype;
 #[cfg(feature = "emulator")]
 pub mod emulator;
 pub mod error;
+pub mod kv_cache;
 pub mod layout;
 pub mod moe;
 pub mod rope;

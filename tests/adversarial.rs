@@ -1,6 +1,7 @@
 //! Adversarial inputs for every public function that takes user data and needs no GPU: the
 //! RoPE plan, parser and reference, head layouts, the attention plan and references, the MoE
-//! router, plans and references, and the emulator's host-slice ops.
+//! router, plans and references, the KV-cache merge and paged layout, and the emulator's
+//! host-slice ops.
 //!
 //! Each call runs under `catch_unwind`; a panic fails the case with the function's name and
 //! inputs. Arguments are zeros, ones, values next to usize::MAX and i32::MAX, NaN and
@@ -34,6 +35,8 @@ use longctx::attention::{
     TileConfig, ViewShape,
 };
 use longctx::emulator::{self, Arch, HostBackwardInputs, HostGrads, HostPermutation, HostQkv};
+use longctx::kv_cache::reference as kv_ref;
+use longctx::kv_cache::{LseLayout, MergeOptions, MergeShape, PageTable, PagedKvLayout, StackedStates};
 use longctx::layout::HeadsLayout;
 use longctx::moe::reference as moe_ref;
 use longctx::moe::{
@@ -2200,4 +2203,148 @@ proptest! {
 fn head_dim_bound_is_enforced() {
     let r = RopeConfig::builder(MAX_HEAD_DIM + 2).build();
     assert!(matches!(r, Err(Error::Config { .. })), "{r:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// KV cache: merge_states and the paged layout
+// ---------------------------------------------------------------------------------------
+
+proptest! {
+    #![proptest_config(config(1500))]
+
+    /// merge_states' validation and the emulated op never panic, and bad views are rejected
+    /// before the kernel runs (no Error::Emulator), whatever the LSE values (NaN, +-inf).
+    #[test]
+    fn adv_merge_states(
+        dense in (0usize..5, 0usize..5, 0usize..4, 1usize..20),
+        pokes in prop::collection::vec((0usize..14, adv_usize()), 0..2),
+        deltas in prop::collection::vec(delta(), 4),
+        lse_vals in prop::collection::vec(adv_f32(), 1..6),
+        accumulate in any::<bool>(),
+    ) {
+        // Dense views, with up to one adversarial field.
+        let (parts0, t, h, d) = dense;
+        let mut stack = StackedStates::contiguous(parts0, t, h, d);
+        let mut out = HeadsLayout::contiguous(t, h, d);
+        let mut out_lse = LseLayout::contiguous(h, t);
+        for &(field, v) in &pokes {
+            match field {
+                0 => stack.parts = v,
+                1 => stack.o.offset = v,
+                2 => stack.o.tokens = v,
+                3 => stack.o.head_dim = v,
+                4 => stack.o.token_stride = v,
+                5 => stack.o_part_stride = v,
+                6 => stack.lse.head_stride = v,
+                7 => stack.lse_part_stride = v,
+                8 => stack.lse.offset = v,
+                9 => out.offset = v,
+                10 => out.head_stride = v,
+                11 => out_lse.head_stride = v,
+                12 => out_lse.tokens = v,
+                _ => out.heads = v,
+            }
+        }
+        let (parts, o, o_part_stride, lse, lse_part_stride) =
+            (stack.parts, stack.o, stack.o_part_stride, stack.lse, stack.lse_part_stride);
+        let cap = 1 << 14;
+        let last = |l: &HeadsLayout, p: usize, s: usize| -> Option<usize> {
+            let off = p.saturating_sub(1).checked_mul(s)?.checked_add(l.offset)?;
+            let l2 = HeadsLayout { offset: off, ..*l };
+            l2.numel()?;
+            Some(off + (l.tokens.max(1) - 1).checked_mul(l.token_stride)?
+                + (l.heads.max(1) - 1).checked_mul(l.head_stride)? + l.head_dim)
+        };
+        let last_lse = |l: &LseLayout, p: usize, s: usize| -> Option<usize> {
+            p.saturating_sub(1).checked_mul(s)?.checked_add(l.offset)?
+                .checked_add((l.heads.max(1) - 1).checked_mul(l.head_stride)?)?
+                .checked_add(l.tokens)
+        };
+        let po = vec![f16::from_f64(0.5); length(last(&o, parts, o_part_stride), deltas[0], 7, cap)];
+        let pl: Vec<f32> = (0..length(last_lse(&lse, parts, lse_part_stride), deltas[1], 5, cap))
+            .map(|i| lse_vals[i % lse_vals.len()])
+            .collect();
+        let mut oo = vec![f16::from_f64(0.25); length(last(&out, 1, 0), deltas[2], 3, cap)];
+        let mut ol: Vec<f32> = (0..length(last_lse(&out_lse, 1, 0), deltas[3], 2, cap))
+            .map(|i| lse_vals[(i + 1) % lse_vals.len()])
+            .collect();
+        let shape = MergeShape {
+            parts: stack,
+            parts_o_len: po.len(),
+            parts_lse_len: pl.len(),
+            out_o: out,
+            out_o_len: oo.len(),
+            out_lse,
+            out_lse_len: ol.len(),
+        };
+        let r = guard!("MergeShape::validate", [shape], shape.validate());
+        typed("MergeShape::validate", &r)?;
+        // Only small launches run (the emulator's cost is per row).
+        let rows = o.tokens.saturating_mul(o.heads);
+        if rows <= 64 && parts <= 8 {
+            let opts = MergeOptions { accumulate };
+            let n = (po.len(), pl.len(), oo.len(), ol.len());
+            let r = guard!("emulator::merge_states", [stack, out, out_lse, n, opts],
+                emulator::merge_states(&po, &pl, &stack, &mut oo, &out, &mut ol, &out_lse, &opts));
+            typed("emulator::merge_states", &r)?;
+        }
+        let lens = (pl.len(), o.head_dim);
+        let r = guard!("merge_states_f64", [parts, lens],
+            kv_ref::merge_states_f64(&filler(po.len().min(64), 1), &filler(pl.len().min(64), 2),
+                parts, o.tokens, o.heads, o.head_dim));
+        typed("merge_states_f64", &r)?;
+    }
+
+    /// The paged layout's validation, addressing and references never panic.
+    #[test]
+    fn adv_paged_kv(
+        shape in (1usize..5, 1usize..8, 1usize..3, 1usize..5),
+        seqlens in prop::collection::vec(-1i32..12, 0..4),
+        table_seed in prop::collection::vec(-1i32..9, 0..64),
+        pokes in prop::collection::vec((0usize..6, adv_usize(), adv_i32()), 0..2),
+        probe in (0usize..5, 0usize..14, 0usize..3),
+        delta in delta(),
+    ) {
+        // A mostly valid batch, with up to one adversarial field.
+        let (mut page_size, mut pages, mut heads_kv, mut head_dim) = shape;
+        let mut seqlens = seqlens;
+        let longest = seqlens.iter().map(|&x| x.max(0) as usize).max().unwrap_or(0);
+        let mut max_pages_per_seq = longest.div_ceil(page_size);
+        let mut table: Vec<i32> = (0..seqlens.len() * max_pages_per_seq)
+            .map(|i| table_seed.get(i).copied().unwrap_or(0).min(pages as i32 - 1))
+            .collect();
+        for &(field, v, i) in &pokes {
+            match field {
+                0 => page_size = v,
+                1 => pages = v,
+                2 => heads_kv = v,
+                3 => head_dim = v,
+                4 => max_pages_per_seq = v,
+                _ => {
+                    if let Some(x) = table.first_mut() {
+                        *x = i;
+                    } else if let Some(x) = seqlens.first_mut() {
+                        *x = i;
+                    }
+                }
+            }
+        }
+        let l = PagedKvLayout { page_size, pages, heads_kv, head_dim };
+        let t = PageTable { block_table: &table, max_pages_per_seq, seqlens: &seqlens };
+        let r = guard!("PagedKvLayout::validate", [l], l.validate());
+        typed("PagedKvLayout::validate", &r)?;
+        let r = guard!("PagedKvLayout::validate_table", [l, t], l.validate_table(&t));
+        typed("PagedKvLayout::validate_table", &r)?;
+        let r = guard!("PagedKvLayout::token_offset", [l, t, probe], l.token_offset(&t, probe.0, probe.1, probe.2));
+        typed("PagedKvLayout::token_offset", &r)?;
+        let n = length(l.cache_len().ok(), delta, 4, 1 << 14);
+        let cache = filler(n, 3);
+        let r = guard!("gather_paged_f64", [l, t, n], kv_ref::gather_paged_f64(&l, &cache, &t));
+        typed("gather_paged_f64", &r)?;
+        if let Ok((dense, _)) = r {
+            let mut cache = cache;
+            let r = guard!("scatter_paged_f64", [l, t, n], kv_ref::scatter_paged_f64(&l, &dense, &t, &mut cache));
+            typed("scatter_paged_f64", &r)?;
+        }
+    }
 }

@@ -13,6 +13,10 @@ const HEADERS: &[(&str, &str)] = &[
         "src/sys/attention_params.rs",
     ),
     ("kernels/params/moe_params.h", "src/sys/moe_params.rs"),
+    (
+        "kernels/params/kv_cache_params.h",
+        "src/sys/kv_cache_params.rs",
+    ),
 ];
 
 fn libclang_available() -> bool {

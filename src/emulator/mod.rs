@@ -28,9 +28,11 @@ use crate::kernel_id::KernelId;
 use crate::launch::KernelLaunch;
 use crate::sys;
 
+mod kv_cache;
 mod moe;
 mod ops;
 pub mod selftest;
+pub use kv_cache::*;
 pub use moe::*;
 pub use ops::*;
 
@@ -215,6 +217,12 @@ entries! {
     MoeGatherF16 => longctx_moe_gather_f16, longctx_moe_gather_f16: sys::LongctxMoeGatherParams;
     MoeCombineF16 => longctx_moe_combine_f16, longctx_moe_combine_f16: sys::LongctxMoeCombineParams;
     MoeCombineDwF16 => longctx_moe_combine_dw_f16, longctx_moe_combine_dw_f16: sys::LongctxMoeCombineDwParams;
+    KvMergeF32Vec => longctx_kv_merge_f32_vec, longctx_kv_merge_f32_vec: sys::LongctxKvMergeParams;
+    KvMergeF32Scalar => longctx_kv_merge_f32_scalar, longctx_kv_merge_f32_scalar: sys::LongctxKvMergeParams;
+    KvMergeF16Vec => longctx_kv_merge_f16_vec, longctx_kv_merge_f16_vec: sys::LongctxKvMergeParams;
+    KvMergeF16Scalar => longctx_kv_merge_f16_scalar, longctx_kv_merge_f16_scalar: sys::LongctxKvMergeParams;
+    KvMergeBf16Vec => longctx_kv_merge_bf16_vec, longctx_kv_merge_bf16_vec: sys::LongctxKvMergeParams;
+    KvMergeBf16Scalar => longctx_kv_merge_bf16_scalar, longctx_kv_merge_bf16_scalar: sys::LongctxKvMergeParams;
 }
 
 /// What every emulated CUDA thread runs: the kernel entry with the launch's params.

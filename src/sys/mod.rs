@@ -24,6 +24,11 @@ mod moe {
 }
 pub(crate) use moe::*;
 
+mod kv_cache {
+    include!("kv_cache_params.rs");
+}
+pub(crate) use kv_cache::*;
+
 // SAFETY: plain-old-data C structs of fixed-width integers and floats, passed to kernels by
 // value; their layout is checked against the C header by bindgen's layout tests.
 unsafe impl cudarc::driver::DeviceRepr for LongctxRopeParams {}
@@ -49,3 +54,5 @@ unsafe impl cudarc::driver::DeviceRepr for LongctxMoeCombineParams {}
 unsafe impl cudarc::driver::DeviceRepr for LongctxMoeCombineDwParams {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for LongctxMoeBiasParams {}
+// SAFETY: as above (kernels/params/kv_cache_params.h).
+unsafe impl cudarc::driver::DeviceRepr for LongctxKvMergeParams {}

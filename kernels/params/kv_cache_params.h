@@ -1,0 +1,54 @@
+/* Parameters of the KV-cache family (longctx_kv_*). Pure C, shared with Rust through bindgen
+ * (src/sys/kv_cache_params.rs is its committed output).
+ *
+ * merge_states: P partial attention states of the same rows, stacked along a leading part
+ * dim, combined into one:
+ *   O part p:   o_parts[p * o_part_stride + token * o_token_stride + head * o_head_stride + c]
+ *   LSE part p: lse_parts[p * lse_part_stride + head * lse_head_stride + token]   (f32, ln)
+ *   out:        out_o[token * out_token_stride + head * out_head_stride + c],
+ *               out_lse[head * out_lse_head_stride + token]
+ * LSE = log sum_p exp(LSE_p), O = sum_p exp(LSE_p - LSE) O_p; a part whose LSE is -inf is
+ * empty and contributes nothing (its O is never read); a row with no nonempty part gets
+ * O = 0, LSE = -inf. With LONGCTX_KV_MERGE_ACCUMULATE the output's own (O, LSE) is one more
+ * part, read before it is overwritten (ring attention's running state). Strides in elements. */
+#ifndef LONGCTX_KV_CACHE_PARAMS_H
+#define LONGCTX_KV_CACHE_PARAMS_H
+
+#include <stdint.h>
+
+/* flags */
+#define LONGCTX_KV_MERGE_ACCUMULATE 1u /* the output state is merged in as an extra part */
+
+/* Warps per block of the merge kernel; each warp merges one (token, head) row. */
+#define LONGCTX_KV_MERGE_WARPS 4u
+/* Largest head_dim_v of the merge kernel (16 f32 accumulators per lane). */
+#define LONGCTX_KV_MERGE_MAX_HEAD_DIM 512u
+
+typedef struct LongctxKvMergeParams {
+    uint64_t o_parts;            /* device T*: part 0, token 0, head 0, channel 0          */
+    uint64_t lse_parts;          /* device float*: part 0, head 0, token 0                 */
+    uint64_t out_o;              /* device T*                                              */
+    uint64_t out_lse;            /* device float*                                          */
+    int64_t o_part_stride;
+    int64_t o_token_stride;
+    int64_t o_head_stride;
+    int64_t lse_part_stride;
+    int64_t lse_head_stride;
+    int64_t out_token_stride;
+    int64_t out_head_stride;
+    int64_t out_lse_head_stride;
+    uint32_t parts;              /* may be 0                                               */
+    uint32_t tokens;
+    uint32_t heads;
+    uint32_t head_dim_v;         /* 1..=LONGCTX_KV_MERGE_MAX_HEAD_DIM                      */
+    uint32_t flags;              /* LONGCTX_KV_MERGE_*                                     */
+    uint32_t pad0;
+} LongctxKvMergeParams;
+
+#ifdef __cplusplus
+static_assert(sizeof(LongctxKvMergeParams) == 120, "LongctxKvMergeParams layout");
+#else
+_Static_assert(sizeof(LongctxKvMergeParams) == 120, "LongctxKvMergeParams layout");
+#endif
+
+#endif

@@ -1,0 +1,30 @@
+//! KV cache and decode building blocks.
+//!
+//! * [`merge_states`]: combines partial attention states `(O_p, LSE_p)` of the same query
+//!   rows, each computed over a disjoint subset of the keys, into the state of attention
+//!   over their union: `LSE = log sum_p exp(LSE_p)`, `O = sum_p exp(LSE_p - LSE) O_p`.
+//!   It is the combine step of split-KV decode (one part per KV split, stacked along a
+//!   leading dim) and of ring / context-parallel attention (one part per KV shard, or the
+//!   running state plus each arriving shard with [`MergeOptions::accumulate`]).
+//! * [`PagedKvLayout`] and [`PageTable`]: the paged cache layout (pages of `page_size`
+//!   tokens, int32 page tables per sequence) with complete host validation; no kernel
+//!   reads it yet.
+//! * [`reference`](mod@reference): the f64 merge the kernel is checked against, and the paged <-> dense
+//!   gather and scatter that define the paged layout.
+//!
+//! States use the attention forward's conventions: O `[tokens, heads, head_dim_v]` in the
+//! input dtype, LSE f32 `[heads, tokens]`, natural log, -inf for a row that saw no key (an
+//! empty part, which contributes nothing; a row whose every part is empty merges to O = 0,
+//! LSE = -inf).
+
+mod merge;
+mod paged;
+pub mod reference;
+
+pub use merge::{
+    merge_states, LseLayout, MergeOptions, MergeShape, MergeState, MergeValidated, StackedStates,
+    States, MAX_MERGE_HEAD_DIM,
+};
+pub(crate) use merge::{plan_merge, MergeAddrs};
+pub(crate) use paged::{dense_len, for_each_row};
+pub use paged::{PageTable, PagedKvLayout, ValidatedTable, MAX_CACHE_HEAD_DIM, MAX_PAGE_SIZE};
