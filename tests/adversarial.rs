@@ -36,7 +36,9 @@ use longctx::attention::{
 };
 use longctx::emulator::{self, Arch, HostBackwardInputs, HostGrads, HostPermutation, HostQkv};
 use longctx::kv_cache::reference as kv_ref;
-use longctx::kv_cache::{LseLayout, MergeOptions, MergeShape, PageTable, PagedKvLayout, StackedStates};
+use longctx::kv_cache::{
+    LseLayout, MergeOptions, MergeShape, PageTable, PagedKvLayout, StackedStates,
+};
 use longctx::layout::HeadsLayout;
 use longctx::moe::reference as moe_ref;
 use longctx::moe::{

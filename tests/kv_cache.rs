@@ -323,6 +323,7 @@ fn run_case<T: Element>(backend: &Backend<'_>, c: &Case) -> Result<Got, Error> {
                 op: "test",
                 arg: "out_o",
                 problem: format!("element {i} outside the view was written"),
+                kind: longctx::ErrorKind::InvalidArgument,
             });
         }
     }
@@ -332,6 +333,7 @@ fn run_case<T: Element>(backend: &Backend<'_>, c: &Case) -> Result<Got, Error> {
                 op: "test",
                 arg: "out_lse",
                 problem: format!("element {i} outside the view was written"),
+                kind: longctx::ErrorKind::InvalidArgument,
             });
         }
     }
