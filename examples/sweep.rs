@@ -152,6 +152,7 @@ fn run() -> longctx::Result<()> {
         );
     }
     attention_rows(&dev, quick)?;
+    merge_rows(&dev, copy, quick)?;
     moe_rows(&dev, copy, quick)?;
     Ok(())
 }
@@ -429,6 +430,99 @@ fn attention_backward_rows(dev: &Device, quick: bool) -> longctx::Result<()> {
                     );
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// `kv_cache::merge_states` of P bf16 partial states (split-KV decode, ring attention):
+/// Llama-3-8B's 32 query heads, d_v 128, P = 2, 4, 8. Bytes = P x (O + LSE) read + one
+/// state written; the error is against the f64 merge of the same (bf16-rounded) parts on
+/// every row.
+fn merge_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<()> {
+    use longctx::kv_cache::{
+        merge_states, reference::merge_states_f64, LseLayout, MergeOptions, MergeState,
+        StackedStates, States,
+    };
+    println!(
+        "\n{:<18} {:>5} {:>8} {:>10} {:>9} {:>8} {:>10}",
+        "merge (bf16)", "parts", "tokens", "time (us)", "GB/s", "% copy", "max err"
+    );
+    let (heads, dv) = (32usize, 128usize);
+    let tokens: &[usize] = if quick { &[4096] } else { &[256, 4096, 32768] };
+    for &parts in &[2usize, 4, 8] {
+        for &t in tokens {
+            let rows = t * heads;
+            let mut seed = 0x5eed_u64 + (parts * 131 + t) as u64;
+            let mut next = || {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+            };
+            let o_host: Vec<half::bf16> = (0..parts * rows * dv)
+                .map(|_| half::bf16::from_f64(next()))
+                .collect();
+            let lse_host: Vec<f32> = (0..parts * rows).map(|_| (4.0 * next()) as f32).collect();
+            let o_parts = dev.upload(&o_host)?;
+            let lse_parts = dev.upload(&lse_host)?;
+            let mut o = dev.zeros::<half::bf16>(rows * dv)?;
+            let mut lse = dev.zeros::<f32>(rows)?;
+            let layout = StackedStates::contiguous(parts, t, heads, dv);
+            let mut run = || {
+                merge_states(
+                    dev,
+                    &States {
+                        o: &o_parts,
+                        lse: &lse_parts,
+                        layout,
+                    },
+                    MergeState {
+                        o: &mut o,
+                        o_layout: HeadsLayout::contiguous(t, heads, dv),
+                        lse: &mut lse,
+                        lse_layout: LseLayout::contiguous(heads, t),
+                    },
+                    &MergeOptions::default(),
+                )
+            };
+            let ms = time_gpu(dev, 5, 50, &mut run)?.median_ms();
+            let bytes = (parts * rows * (dv * 2 + 4) + rows * (dv * 2 + 4)) as f64;
+            let gbs = bytes / (ms * 1e-3) / 1e9;
+            run()?;
+            let got = dev.download(&o)?;
+            let want = merge_states_f64(
+                &o_host.iter().map(|x| x.to_f64()).collect::<Vec<_>>(),
+                &lse_host.iter().map(|&x| f64::from(x)).collect::<Vec<_>>(),
+                parts,
+                t,
+                heads,
+                dv,
+            )?;
+            let err = got
+                .iter()
+                .zip(&want.o)
+                .map(|(g, w)| (g.to_f64() - w).abs())
+                .fold(
+                    0.0f64,
+                    |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) },
+                );
+            // bf16 output: half an ulp of values below 1, plus f32 accumulation.
+            within(
+                &format!("merge {parts} parts {t} tokens"),
+                err,
+                2f64.powi(-8),
+            );
+            println!(
+                "{:<18} {:>5} {:>8} {:>10.2} {:>9.0} {:>7.1}% {:>10.2e}",
+                "llama3-8b-heads",
+                parts,
+                t,
+                ms * 1e3,
+                gbs,
+                100.0 * gbs * 1e9 / copy,
+                err
+            );
         }
     }
     Ok(())
