@@ -528,17 +528,7 @@ fn check_backward(
     seqlens: &SeqLens,
     opts: &BackwardOptions,
 ) -> Result<Validated> {
-    let cc = dev.compute_capability();
-    if cc < (8, 0) {
-        return Err(Error::unsupported(
-            OP,
-            "device",
-            format!(
-                "the kernels need sm_80 or newer; this device is sm_{}{}",
-                cc.0, cc.1
-            ),
-        ));
-    }
+    super::cuda::require_sm80(dev, OP)?;
     let shape = |(layout, buffer_len): (HeadsLayout, usize)| ViewShape { layout, buffer_len };
     let mut c = BackwardShape {
         forward: CallShape {

@@ -422,17 +422,7 @@ fn check_shapes(
     seqlens: &SeqLens,
     opts: &AttentionOptions,
 ) -> Result<Validated> {
-    let cc = dev.compute_capability();
-    if cc < (8, 0) {
-        return Err(Error::unsupported(
-            OP,
-            "device",
-            format!(
-                "the kernels need sm_80 or newer (cp.async, bf16 mma.sync); this device is sm_{}{}",
-                cc.0, cc.1
-            ),
-        ));
-    }
+    require_sm80(dev, OP)?;
     let shape = |(layout, buffer_len): (HeadsLayout, usize)| ViewShape { layout, buffer_len };
     let mut v = CallShape {
         q: shape(views[0]),
@@ -448,6 +438,22 @@ fn check_shapes(
     v.max_seqlen_q = seqlens.max_q;
     v.max_seqlen_k = seqlens.max_k;
     Ok(v)
+}
+
+/// The attention kernels need sm_80 or newer (cp.async, bf16 mma.sync).
+pub(crate) fn require_sm80(dev: &Device, op: &'static str) -> Result<()> {
+    let cc = dev.compute_capability();
+    if cc < (8, 0) {
+        return Err(Error::unsupported(
+            op,
+            "device",
+            format!(
+                "the kernels need sm_80 or newer (cp.async, bf16 mma.sync); this device is sm_{}{}",
+                cc.0, cc.1
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn tensor(l: &HeadsLayout, base: u64, elem: usize) -> sys::LongctxAttnTensor {

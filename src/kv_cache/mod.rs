@@ -25,6 +25,7 @@ pub use merge::{
     merge_states, LseLayout, MergeOptions, MergeShape, MergeState, MergeValidated, StackedStates,
     States, MAX_MERGE_HEAD_DIM,
 };
+#[cfg(feature = "emulator")]
 pub(crate) use merge::{plan_merge, MergeAddrs};
 pub(crate) use paged::{dense_len, for_each_row};
 pub use paged::{PageTable, PagedKvLayout, ValidatedTable, MAX_CACHE_HEAD_DIM, MAX_PAGE_SIZE};
