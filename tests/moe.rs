@@ -2700,6 +2700,110 @@ mod gpu {
         assert_eq!(invalid_arg(RouterLosses::new(&dev, &cfg, 0)), "tokens");
     }
 
+    /// The raw entries of the losses, the router backward and the bias update give the
+    /// same bits as the safe ops on the same buffers, and refuse a null pointer.
+    #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+    fn gpu_loss_raw_entries_match_safe() {
+        use longctx::cudarc::driver::{DevicePtr, DevicePtrMut};
+        use longctx::layout::RawBuffer;
+        use longctx::moe::{route_backward_raw, router_losses_raw, update_bias_raw};
+        let Some(dev) = common::gpu("gpu_loss_raw_entries_match_safe") else {
+            return;
+        };
+        let tokens = 37usize;
+        let cfg = RouterConfig::deepseek_v3(16, 4, 4, 2, true, 2.5);
+        let mut rng = Rng(17);
+        let z: Vec<f32> = (0..tokens * 16)
+            .map(|_| 2.0 * rng.uniform() as f32)
+            .collect();
+        let dw: Vec<f32> = (0..tokens * cfg.top_k)
+            .map(|_| rng.uniform() as f32)
+            .collect();
+        let dz = dev.upload(&z).unwrap();
+        let ddw = dev.upload(&dw).unwrap();
+        let mut r = Routing::new(&dev, &cfg, tokens).unwrap();
+        route(&dev, &cfg, &dz, tokens, None, &mut r).unwrap();
+        let mut perm = Permutation::new(
+            &dev,
+            tokens,
+            cfg.top_k,
+            cfg.experts,
+            PermuteOptions::default(),
+        )
+        .unwrap();
+        permute(&dev, r.ids(), &mut perm).unwrap();
+        let opts = LossOptions {
+            aux_coef: 0.01,
+            z_coef: 0.001,
+        };
+        let s = dev.stream().clone();
+        let (zp, _gz) = dz.device_ptr(&s);
+        let (dwp, _gdw) = ddw.device_ptr(&s);
+        let raw = |ptr: u64, len: usize| RawBuffer { ptr, len };
+
+        let mut want = RouterLosses::new(&dev, &cfg, tokens).unwrap();
+        router_losses(&dev, &cfg, &dz, tokens, &perm, opts, &mut want).unwrap();
+        let mut got = RouterLosses::new(&dev, &cfg, tokens).unwrap();
+        // SAFETY: zp addresses the live logits buffer of tokens x experts f32s.
+        unsafe {
+            router_losses_raw::<f32>(&dev, &cfg, raw(zp, z.len()), tokens, &perm, opts, &mut got)
+        }
+        .unwrap();
+        assert_eq!(want.download(&dev).unwrap(), got.download(&dev).unwrap());
+        // SAFETY: rejected before any launch (null pointer).
+        let null = unsafe {
+            router_losses_raw::<f32>(&dev, &cfg, raw(0, z.len()), tokens, &perm, opts, &mut got)
+        };
+        assert_eq!(invalid_arg(null), "logits");
+
+        let mut d1 = dev.zeros::<f32>(tokens * 16).unwrap();
+        route_backward(
+            &dev,
+            &cfg,
+            &dz,
+            tokens,
+            r.ids(),
+            Some(&ddw),
+            Some(&perm),
+            opts,
+            &mut d1,
+        )
+        .unwrap();
+        let mut d2 = dev.zeros::<f32>(tokens * 16).unwrap();
+        {
+            let (op, _go) = d2.device_ptr_mut(&s);
+            // SAFETY: every pointer addresses a live buffer of the stated length; d2 is a
+            // distinct allocation; the guards outlive the launch.
+            unsafe {
+                route_backward_raw::<f32>(
+                    &dev,
+                    &cfg,
+                    raw(zp, z.len()),
+                    tokens,
+                    r.ids(),
+                    Some(raw(dwp, dw.len())),
+                    Some(&perm),
+                    opts,
+                    raw(op, tokens * 16),
+                )
+            }
+            .unwrap();
+        }
+        assert_eq!(dev.download(&d1).unwrap(), dev.download(&d2).unwrap());
+
+        let bias0: Vec<f32> = (0..16).map(|i| i as f32 * 0.01).collect();
+        let mut b1 = dev.upload(&bias0).unwrap();
+        let mut b2 = dev.upload(&bias0).unwrap();
+        update_bias(&dev, &perm, 0.001, &mut b1).unwrap();
+        {
+            let (bp, _gb) = b2.device_ptr_mut(&s);
+            // SAFETY: bp addresses the live bias buffer of 16 f32s, touched by nothing else.
+            unsafe { update_bias_raw(&dev, &perm, 0.001, raw(bp, 16)) }.unwrap();
+        }
+        assert_eq!(dev.download(&b1).unwrap(), dev.download(&b2).unwrap());
+    }
+
     /// Every op on views into larger buffers (offsets that break the 16-byte vector path
     /// included) and on raw pointers gives exactly what it gives on whole buffers, and
     /// leaves the buffers' other elements alone; a raw pointer that is not a multiple of

@@ -31,8 +31,9 @@ pub mod reference;
 
 pub use cuda::{
     combine, combine_backward, combine_backward_raw, combine_raw, gather, gather_backward,
-    gather_backward_raw, gather_raw, permute, route, route_backward, route_block_kernel, route_raw,
-    router_losses, update_bias, ExpertIds, Permutation, RouterLosses, Routing,
+    gather_backward_raw, gather_raw, permute, route, route_backward, route_backward_raw,
+    route_block_kernel, route_raw, router_losses, router_losses_raw, update_bias, update_bias_raw,
+    ExpertIds, Permutation, RouterLosses, Routing,
 };
 pub use plan::{
     capacity, GatePath, GatePlan, PermutePlan, StatsPlan, MAX_BLOCK, MAX_EXPERTS, WARP_MAX_EXPERTS,

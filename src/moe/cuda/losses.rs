@@ -294,6 +294,53 @@ pub fn router_losses<T: MoeElement>(
     out: &mut RouterLosses,
 ) -> Result<()> {
     check_owned(dev, logits, "logits")?;
+    let (logits_ptr, _g0) = logits.device_ptr(dev.stream());
+    // SAFETY: logits is a live cudarc buffer or view on this context (checked above),
+    // guarded until the end of this function.
+    unsafe { router_losses_bufs::<T>(dev, cfg, dbuf(logits, logits_ptr), tokens, perm, opts, out) }
+}
+
+/// [`router_losses`] with the logits given as a raw device pointer; `perm` and `out` stay
+/// the crate's types. Everything [`router_losses`] checks is checked here too, plus that the
+/// pointer is non-null and aligned to `T`.
+///
+/// # Safety
+/// `logits.ptr` points to at least `logits.len` elements of `T` in live device memory of
+/// `dev`'s CUDA context; no other work writes them until the launches, queued on `dev`'s
+/// stream, have completed; and the memory stays allocated until then.
+///
+/// # Errors
+/// As [`router_losses`], plus kind [`ErrorKind::Alignment`](crate::ErrorKind::Alignment)
+/// for a misaligned pointer.
+pub unsafe fn router_losses_raw<T: MoeElement>(
+    dev: &Device,
+    cfg: &RouterConfig,
+    logits: RawBuffer,
+    tokens: usize,
+    perm: &Permutation,
+    opts: LossOptions,
+    out: &mut RouterLosses,
+) -> Result<()> {
+    let logits = raw_buf(logits, "logits")?;
+    check_aligned::<T>(&logits, "logits")?;
+    // SAFETY: forwarded from this function's contract.
+    unsafe { router_losses_bufs::<T>(dev, cfg, logits, tokens, perm, opts, out) }
+}
+
+/// The launches of [`router_losses`] with the logits at `logits`.
+///
+/// # Safety
+/// `logits` is `logits.len` elements of `T` in live device memory of `dev`'s context that
+/// nothing writes until the launches complete.
+unsafe fn router_losses_bufs<T: MoeElement>(
+    dev: &Device,
+    cfg: &RouterConfig,
+    logits: Buf,
+    tokens: usize,
+    perm: &Permutation,
+    opts: LossOptions,
+    out: &mut RouterLosses,
+) -> Result<()> {
     check_balance(dev, cfg, tokens, perm)?;
     for s in [
         &out.partial_probs,
@@ -318,7 +365,6 @@ pub fn router_losses<T: MoeElement>(
         values.len(),
         mean_probs.len(),
     ];
-    let (logits_ptr, _g0) = logits.device_ptr(stream);
     let (pp, _g1) = partial_probs.device_ptr_mut(stream);
     let (pl, _g2) = partial_lse2.device_ptr_mut(stream);
     let (vals, _g3) = values.device_ptr_mut(stream);
@@ -331,7 +377,7 @@ pub fn router_losses<T: MoeElement>(
         &perm.plan,
         opts,
         &LossBufs {
-            logits: dbuf(logits, logits_ptr),
+            logits,
             routed_counts: dbuf(&perm.routed_counts, counts),
             partial_probs: buf(pp, lens[0]),
             partial_lse2: buf(pl, lens[1]),
@@ -349,13 +395,14 @@ pub fn router_losses<T: MoeElement>(
             ),
         ));
     }
-    // SAFETY: plan_losses checked that logits holds tokens x experts elements and sized the
-    // workspace from the same StatsPlan: one stats block per chunk of chunk_tokens (<= 256,
-    // the kernel's shared arrays) tokens, writing chunks x experts and chunks partials; the
-    // loss kernel (one block) reads those and perm's experts routed counts, and writes 2
-    // values and experts means. All buffers are on this context (checked above); the
-    // outputs are distinct allocations (&mut); the second launch runs after the first in
-    // stream order. Guards live until the end.
+    // SAFETY: plan_losses checked that logits holds tokens x experts elements (the caller
+    // guarantees they are live on this context) and sized the workspace from the same
+    // StatsPlan: one stats block per chunk of chunk_tokens (<= 256, the kernel's shared
+    // arrays) tokens, writing chunks x experts and chunks partials; the loss kernel (one
+    // block) reads those and perm's experts routed counts, and writes 2 values and experts
+    // means. The outputs are on this context (checked above) and distinct allocations
+    // (&mut); the second launch runs after the first in stream order. Guards live until
+    // the end.
     unsafe {
         launch(dev, &stats)?;
         launch(dev, &loss)
@@ -386,21 +433,106 @@ pub fn route_backward<T: MoeElement>(
     d_logits: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
     check_owned(dev, logits, "logits")?;
-    check_owned(dev, &ids.data, "ids")?;
     check_owned(dev, d_logits, "d_logits")?;
     if let Some(d) = d_weights {
         check_owned(dev, d, "d_weights")?;
     }
+    let stream = dev.stream();
+    let out_len = d_logits.len();
+    let (logits_ptr, _g0) = logits.device_ptr(stream);
+    let dw_guard = d_weights.map(|d| (d.len(), d.device_ptr(stream)));
+    let (out, _g2) = d_logits.device_ptr_mut(stream);
+    // SAFETY: every buffer is a live cudarc buffer or view on this context (checked above),
+    // guarded until the end of this function; d_logits is borrowed mutably, so no input
+    // aliases it.
+    unsafe {
+        route_backward_bufs::<T>(
+            dev,
+            cfg,
+            dbuf(logits, logits_ptr),
+            tokens,
+            ids,
+            dw_guard.as_ref().map(|(len, g)| Buf {
+                addr: g.0,
+                len: *len,
+            }),
+            balance,
+            opts,
+            Buf {
+                addr: out,
+                len: out_len,
+            },
+        )
+    }
+}
+
+/// [`route_backward`] with the logits, the weights' gradient and the output given as raw
+/// device pointers; `ids` and `balance` stay the crate's types. Everything
+/// [`route_backward`] checks is checked here too, plus that each pointer is non-null and
+/// aligned to its element.
+///
+/// # Safety
+/// Each pointer addresses at least its `len` elements (`T` for the logits, f32 for the
+/// others) of live device memory of `dev`'s CUDA context; `d_logits` overlaps no input; no
+/// other work writes the inputs or touches `d_logits` until the launch, queued on `dev`'s
+/// stream, has completed; and the memory stays allocated until then.
+///
+/// # Errors
+/// As [`route_backward`], plus kind [`ErrorKind::Alignment`](crate::ErrorKind::Alignment)
+/// for a misaligned pointer.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn route_backward_raw<T: MoeElement>(
+    dev: &Device,
+    cfg: &RouterConfig,
+    logits: RawBuffer,
+    tokens: usize,
+    ids: &ExpertIds,
+    d_weights: Option<RawBuffer>,
+    balance: Option<&Permutation>,
+    opts: LossOptions,
+    d_logits: RawBuffer,
+) -> Result<()> {
+    let logits = raw_buf(logits, "logits")?;
+    check_aligned::<T>(&logits, "logits")?;
+    let d_weights = d_weights.map(|d| raw_buf(d, "d_weights")).transpose()?;
+    if let Some(d) = &d_weights {
+        check_aligned::<f32>(d, "d_weights")?;
+    }
+    let d_logits = raw_buf(d_logits, "d_logits")?;
+    check_aligned::<f32>(&d_logits, "d_logits")?;
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        route_backward_bufs::<T>(
+            dev, cfg, logits, tokens, ids, d_weights, balance, opts, d_logits,
+        )
+    }
+}
+
+/// The launch of [`route_backward`] on addressed buffers.
+///
+/// # Safety
+/// `logits`, `d_weights` and `d_logits` are live device memory of `dev`'s context of their
+/// stated lengths; `d_logits` overlaps no input; nothing else touches them until the launch
+/// completes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn route_backward_bufs<T: MoeElement>(
+    dev: &Device,
+    cfg: &RouterConfig,
+    logits: Buf,
+    tokens: usize,
+    ids: &ExpertIds,
+    d_weights: Option<Buf>,
+    balance: Option<&Permutation>,
+    opts: LossOptions,
+    d_logits: Buf,
+) -> Result<()> {
+    check_owned(dev, &ids.data, "ids")?;
     if let Some(perm) = balance {
         check_balance(dev, cfg, tokens, perm)?;
     }
     let stream = dev.stream();
-    let out_len = d_logits.len();
-    let (logits_ptr, _g0) = logits.device_ptr(stream);
     let (ids_ptr, _g1) = ids.data.device_ptr(stream);
-    let dw_guard = d_weights.map(|d| (d.len(), d.device_ptr(stream)));
     let counts_guard = balance.map(|p| (p, p.routed_counts.device_ptr(stream)));
-    let (out, _g2) = d_logits.device_ptr_mut(stream);
     let l = plan_route_backward::<T>(
         cfg,
         tokens,
@@ -415,19 +547,13 @@ pub fn route_backward<T: MoeElement>(
         }),
         opts,
         &RouteBackwardBufs {
-            logits: dbuf(logits, logits_ptr),
+            logits,
             ids: Buf {
                 addr: ids_ptr,
                 len: ids.data.len(),
             },
-            d_weights: dw_guard.as_ref().map(|(len, g)| Buf {
-                addr: g.0,
-                len: *len,
-            }),
-            d_logits: Buf {
-                addr: out,
-                len: out_len,
-            },
+            d_weights,
+            d_logits,
         },
     )?;
     // The ids' type promises ids in 0..experts of its shape, which must be the call's.
@@ -448,8 +574,8 @@ pub fn route_backward<T: MoeElement>(
     // elements, d_weights (if any) tokens x top_k and counts (if any) experts; ids holds
     // tokens x top_k ids, every one in 0..experts (ExpertIds' invariant, its shape checked
     // above), so row[ids[j]] stays in the row. One warp per token, the grid rounded up and
-    // the tail returning. All buffers are on this context (checked above); d_logits is a
-    // distinct buffer (&mut). Guards live until the end of this function.
+    // the tail returning. ids and counts are on this context (checked above); the caller
+    // guarantees the rest. Guards live until the end of this function.
     unsafe { launch(dev, &l) }
 }
 
@@ -467,25 +593,65 @@ pub fn update_bias(
     gamma: f64,
     bias: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
+    check_owned(dev, bias, "bias")?;
+    let bias_len = bias.len();
+    let (b, _g1) = bias.device_ptr_mut(dev.stream());
+    // SAFETY: bias is a live cudarc buffer or view on this context (checked above), borrowed
+    // mutably and guarded until the end of this function.
+    unsafe {
+        update_bias_bufs(
+            dev,
+            perm,
+            gamma,
+            Buf {
+                addr: b,
+                len: bias_len,
+            },
+        )
+    }
+}
+
+/// [`update_bias`] on a raw device pointer to the bias (f32). Everything [`update_bias`]
+/// checks is checked here too, plus that the pointer is non-null and 4-byte aligned.
+///
+/// # Safety
+/// `bias.ptr` points to at least `bias.len` f32s of live device memory of `dev`'s CUDA
+/// context that no other work touches until the launch, queued on `dev`'s stream, has
+/// completed, and that stays allocated until then.
+///
+/// # Errors
+/// As [`update_bias`], plus kind [`ErrorKind::Alignment`](crate::ErrorKind::Alignment) for
+/// a misaligned pointer.
+pub unsafe fn update_bias_raw(
+    dev: &Device,
+    perm: &Permutation,
+    gamma: f64,
+    bias: RawBuffer,
+) -> Result<()> {
+    let bias = raw_buf(bias, "bias")?;
+    check_aligned::<f32>(&bias, "bias")?;
+    // SAFETY: forwarded from this function's contract.
+    unsafe { update_bias_bufs(dev, perm, gamma, bias) }
+}
+
+/// The launch of [`update_bias`] on an addressed bias.
+///
+/// # Safety
+/// `bias` is live device memory of `dev`'s context of its stated length, touched by nothing
+/// else until the launch completes.
+unsafe fn update_bias_bufs(dev: &Device, perm: &Permutation, gamma: f64, bias: Buf) -> Result<()> {
     perm.check_filled(dev)?;
     check_owned(dev, &perm.routed_counts, "perm")?;
-    check_owned(dev, bias, "bias")?;
-    let stream = dev.stream();
-    let bias_len = bias.len();
-    let (counts, _g0) = perm.routed_counts.device_ptr(stream);
-    let (b, _g1) = bias.device_ptr_mut(stream);
+    let (counts, _g0) = perm.routed_counts.device_ptr(dev.stream());
     let l = plan_bias_update(
         perm.plan.experts,
         dbuf(&perm.routed_counts, counts),
-        Buf {
-            addr: b,
-            len: bias_len,
-        },
+        bias,
         gamma,
     )?;
     // SAFETY: plan_bias_update checked that counts and bias hold `experts` elements each;
-    // one block of the kernel's compiled size; bias is updated in place through a &mut
-    // borrow and counts is another allocation, both on this context (checked above).
-    // Guards live until the end of this function.
+    // one block of the kernel's compiled size; bias is updated in place (the caller
+    // guarantees it is live on this context and touched by nothing else) and counts is
+    // another allocation on this context (checked above). Guards live until the end.
     unsafe { launch(dev, &l) }
 }

@@ -224,7 +224,10 @@ pub use gating::{route, route_block_kernel, route_raw, ExpertIds, Routing};
 pub(crate) use losses::{
     losses_plan, plan_bias_update, plan_losses, plan_route_backward, LossBufs, RouteBackwardBufs,
 };
-pub use losses::{route_backward, router_losses, update_bias, RouterLosses};
+pub use losses::{
+    route_backward, route_backward_raw, router_losses, router_losses_raw, update_bias,
+    update_bias_raw, RouterLosses,
+};
 pub use permutation::{permute, Permutation};
 #[cfg(feature = "emulator")]
 pub(crate) use permutation::{plan_permute, PermuteBufs};
