@@ -12,7 +12,8 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, PushKernelArg};
 
-use super::cuda::{kernel_id as fwd_kernel_id, AttnElement, Qkv, SeqLens};
+use super::cuda::{kernel_id as fwd_kernel_id, tensor, AttnElement, Qkv, SeqLens};
+use super::plan::smem_row_elems;
 use super::{check_alignment, AttentionOptions, CallShape, Validated, ViewShape};
 use crate::device::{cuda_err, Device};
 use crate::dtype::DType;
@@ -91,10 +92,6 @@ const fn bwd_tiles(d: usize, dv: usize, m: u32, n: u32, split: u32) -> BackwardT
     }
 }
 
-fn round_up_64(x: usize) -> usize {
-    x.div_ceil(64) * 64
-}
-
 impl BackwardTiles {
     /// The tiles for a (head_dim, head_dim_v) pair.
     ///
@@ -126,13 +123,13 @@ impl BackwardTiles {
     /// Dynamic shared memory of the main kernel: K, V, Q, dO and dS^T tiles (rows padded
     /// to 64 elements) and two floats per query row.
     pub fn smem_bytes(&self) -> usize {
-        let qk = round_up_64(self.head_dim);
-        let v = round_up_64(self.head_dim_v);
+        let qk = smem_row_elems(self.head_dim);
+        let v = smem_row_elems(self.head_dim_v);
         2 * (self.block_n * qk
             + self.block_n * v
             + self.block_m * qk
             + self.block_m * v
-            + self.block_n * round_up_64(self.block_m))
+            + self.block_n * smem_row_elems(self.block_m))
             + 8 * self.block_m
     }
 
@@ -328,16 +325,8 @@ pub(crate) fn dq_det_tiles(head_dim: usize) -> (usize, usize) {
 /// two floats per row.
 fn dq_det_smem(head_dim: usize, head_dim_v: usize) -> usize {
     let (m, n) = dq_det_tiles(head_dim);
-    let (qk, v) = (round_up_64(head_dim), round_up_64(head_dim_v));
+    let (qk, v) = (smem_row_elems(head_dim), smem_row_elems(head_dim_v));
     2 * (m * qk + m * v + n * qk + n * v) + 8 * m
-}
-
-fn tensor(l: &HeadsLayout, base: u64, elem: usize) -> sys::LongctxAttnTensor {
-    sys::LongctxAttnTensor {
-        data: base + (l.offset * elem) as u64,
-        token_stride: l.token_stride as i64,
-        head_stride: l.head_stride as i64,
-    }
 }
 
 /// The one function from a validated call to its launches, shared by the CUDA and emulated

@@ -456,7 +456,8 @@ pub(crate) fn require_sm80(dev: &Device, op: &'static str) -> Result<()> {
     Ok(())
 }
 
-fn tensor(l: &HeadsLayout, base: u64, elem: usize) -> sys::LongctxAttnTensor {
+/// A validated view at `base` as the kernels' tensor descriptor.
+pub(crate) fn tensor(l: &HeadsLayout, base: u64, elem: usize) -> sys::LongctxAttnTensor {
     sys::LongctxAttnTensor {
         data: base + (l.offset * elem) as u64,
         token_stride: l.token_stride as i64,
