@@ -76,6 +76,8 @@ inline __half __float2half_rn(float f) {
     return h;
 }
 
+inline __half __ushort_as_half(unsigned short x) { return __half{uint16_t(x)}; }
+inline unsigned short __half_as_ushort(__half h) { return h.__x; }
 inline __half2 __floats2half2_rn(float lo, float hi) { return __half2{__float2half_rn(lo), __float2half_rn(hi)}; }
 inline __half2 __float22half2_rn(float2 v) { return __floats2half2_rn(v.x, v.y); }
 inline float __low2float(__half2 h) { return __half2float(h.x); }

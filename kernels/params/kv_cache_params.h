@@ -24,6 +24,39 @@
 /* Largest head_dim_v of the merge kernel (16 f32 accumulators per lane). */
 #define LONGCTX_KV_MERGE_MAX_HEAD_DIM 512u
 
+/* The paged cache (src/kv_cache/paged.rs): K and V are each [pages, page_size, heads_kv,
+ * head_dim], dense, in the storage type S (f16, bf16 or fp8 e4m3). Token t of sequence b is
+ * slot t % page_size of page block_table[b * max_pages_per_seq + t / page_size]. An fp8
+ * cache's value is code x scale, with f32 scales [pages, page_size, heads_kv] (one per
+ * token and head, written by append) or [heads_kv] (one per head, fixed by the caller). */
+#define LONGCTX_KV_SCALE_NONE 0u      /* f16 / bf16 cache                              */
+#define LONGCTX_KV_SCALE_TOKEN_HEAD 1u /* fp8, scales [pages, page_size, heads_kv]     */
+#define LONGCTX_KV_SCALE_HEAD 2u      /* fp8, scales [heads_kv]                        */
+
+typedef struct LongctxKvCache {
+    uint64_t k;               /* device S*                                              */
+    uint64_t v;               /* device S*                                              */
+    uint64_t k_scale;         /* device float*, 0 with LONGCTX_KV_SCALE_NONE             */
+    uint64_t v_scale;         /* device float*                                          */
+    uint32_t pages;
+    uint32_t page_size;       /* 1 ..= 256                                              */
+    uint32_t heads_kv;
+    uint32_t head_dim;
+    uint32_t scale_mode;      /* LONGCTX_KV_SCALE_*                                     */
+    uint32_t pad0;
+} LongctxKvCache;
+
+/* One step of a batch (src/kv_cache/step.rs): sequence b holds seqlens[b] tokens after the
+ * step; its last cu_new[b + 1] - cu_new[b] tokens are the step's new tokens, rows
+ * cu_new[b] .. cu_new[b + 1] of the new K/V and of the queries. */
+typedef struct LongctxKvStep {
+    uint64_t block_table;     /* device int32 [batch, max_pages_per_seq]                */
+    uint64_t seqlens;         /* device int32 [batch]                                   */
+    uint64_t cu_new;          /* device int32 [batch + 1]                               */
+    uint32_t batch;
+    uint32_t max_pages_per_seq;
+} LongctxKvStep;
+
 typedef struct LongctxKvMergeParams {
     uint64_t o_parts;            /* device T*: part 0, token 0, head 0, channel 0          */
     uint64_t lse_parts;          /* device float*: part 0, head 0, token 0                 */
@@ -47,8 +80,12 @@ typedef struct LongctxKvMergeParams {
 
 #ifdef __cplusplus
 static_assert(sizeof(LongctxKvMergeParams) == 120, "LongctxKvMergeParams layout");
+static_assert(sizeof(LongctxKvCache) == 56, "LongctxKvCache layout");
+static_assert(sizeof(LongctxKvStep) == 32, "LongctxKvStep layout");
 #else
 _Static_assert(sizeof(LongctxKvMergeParams) == 120, "LongctxKvMergeParams layout");
+_Static_assert(sizeof(LongctxKvCache) == 56, "LongctxKvCache layout");
+_Static_assert(sizeof(LongctxKvStep) == 32, "LongctxKvStep layout");
 #endif
 
 #endif

@@ -17,8 +17,11 @@
 //! empty part, which contributes nothing; a row whose every part is empty merges to O = 0,
 //! LSE = -inf).
 
+mod cache;
+mod fp8;
 mod merge;
 mod paged;
+mod step;
 pub mod reference;
 
 pub use merge::{
@@ -28,4 +31,9 @@ pub use merge::{
 #[cfg(feature = "emulator")]
 pub(crate) use merge::{plan_merge, MergeAddrs};
 pub(crate) use paged::{dense_len, for_each_row};
+pub use cache::{CacheShape, KvScales, KvScalesMut, PagedCache, PagedCacheMut, ScaleMode};
+pub(crate) use cache::{cache_params, step_params};
+pub use fp8::{CacheDType, CacheElement, Fp8E4m3};
+pub(crate) use fp8::cache_matches;
+pub use step::{KvStep, StepTable, ValidatedStep, MAX_DECODE_QUERIES};
 pub use paged::{PageTable, PagedKvLayout, ValidatedTable, MAX_CACHE_HEAD_DIM, MAX_PAGE_SIZE};

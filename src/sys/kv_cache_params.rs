@@ -5,6 +5,87 @@
 pub const LONGCTX_KV_MERGE_ACCUMULATE: u32 = 1;
 pub const LONGCTX_KV_MERGE_WARPS: u32 = 4;
 pub const LONGCTX_KV_MERGE_MAX_HEAD_DIM: u32 = 512;
+pub const LONGCTX_KV_SCALE_NONE: u32 = 0;
+pub const LONGCTX_KV_SCALE_TOKEN_HEAD: u32 = 1;
+pub const LONGCTX_KV_SCALE_HEAD: u32 = 2;
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LongctxKvCache {
+    pub k: u64,
+    pub v: u64,
+    pub k_scale: u64,
+    pub v_scale: u64,
+    pub pages: u32,
+    pub page_size: u32,
+    pub heads_kv: u32,
+    pub head_dim: u32,
+    pub scale_mode: u32,
+    pub pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LongctxKvCache"][::std::mem::size_of::<LongctxKvCache>() - 56usize];
+    ["Alignment of LongctxKvCache"][::std::mem::align_of::<LongctxKvCache>() - 8usize];
+    [
+        "Offset of field: LongctxKvCache::k",
+    ][::std::mem::offset_of!(LongctxKvCache, k) - 0usize];
+    [
+        "Offset of field: LongctxKvCache::v",
+    ][::std::mem::offset_of!(LongctxKvCache, v) - 8usize];
+    [
+        "Offset of field: LongctxKvCache::k_scale",
+    ][::std::mem::offset_of!(LongctxKvCache, k_scale) - 16usize];
+    [
+        "Offset of field: LongctxKvCache::v_scale",
+    ][::std::mem::offset_of!(LongctxKvCache, v_scale) - 24usize];
+    [
+        "Offset of field: LongctxKvCache::pages",
+    ][::std::mem::offset_of!(LongctxKvCache, pages) - 32usize];
+    [
+        "Offset of field: LongctxKvCache::page_size",
+    ][::std::mem::offset_of!(LongctxKvCache, page_size) - 36usize];
+    [
+        "Offset of field: LongctxKvCache::heads_kv",
+    ][::std::mem::offset_of!(LongctxKvCache, heads_kv) - 40usize];
+    [
+        "Offset of field: LongctxKvCache::head_dim",
+    ][::std::mem::offset_of!(LongctxKvCache, head_dim) - 44usize];
+    [
+        "Offset of field: LongctxKvCache::scale_mode",
+    ][::std::mem::offset_of!(LongctxKvCache, scale_mode) - 48usize];
+    [
+        "Offset of field: LongctxKvCache::pad0",
+    ][::std::mem::offset_of!(LongctxKvCache, pad0) - 52usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LongctxKvStep {
+    pub block_table: u64,
+    pub seqlens: u64,
+    pub cu_new: u64,
+    pub batch: u32,
+    pub max_pages_per_seq: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LongctxKvStep"][::std::mem::size_of::<LongctxKvStep>() - 32usize];
+    ["Alignment of LongctxKvStep"][::std::mem::align_of::<LongctxKvStep>() - 8usize];
+    [
+        "Offset of field: LongctxKvStep::block_table",
+    ][::std::mem::offset_of!(LongctxKvStep, block_table) - 0usize];
+    [
+        "Offset of field: LongctxKvStep::seqlens",
+    ][::std::mem::offset_of!(LongctxKvStep, seqlens) - 8usize];
+    [
+        "Offset of field: LongctxKvStep::cu_new",
+    ][::std::mem::offset_of!(LongctxKvStep, cu_new) - 16usize];
+    [
+        "Offset of field: LongctxKvStep::batch",
+    ][::std::mem::offset_of!(LongctxKvStep, batch) - 24usize];
+    [
+        "Offset of field: LongctxKvStep::max_pages_per_seq",
+    ][::std::mem::offset_of!(LongctxKvStep, max_pages_per_seq) - 28usize];
+};
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct LongctxKvMergeParams {
