@@ -118,6 +118,26 @@ pub(crate) enum KernelId {
     KvMergeF16Scalar,
     KvMergeBf16Vec,
     KvMergeBf16Scalar,
+    KvMergeF32F16Vec,
+    KvMergeF32F16Scalar,
+    KvMergeF32Bf16Vec,
+    KvMergeF32Bf16Scalar,
+    KvDecodeF16Hd64,
+    KvDecodeF16Hd128,
+    KvDecodeF16Hd256,
+    KvDecodeF16Hd512,
+    KvDecodeBf16Hd64,
+    KvDecodeBf16Hd128,
+    KvDecodeBf16Hd256,
+    KvDecodeBf16Hd512,
+    KvDecodeF16Fp8Hd64,
+    KvDecodeF16Fp8Hd128,
+    KvDecodeF16Fp8Hd256,
+    KvDecodeF16Fp8Hd512,
+    KvDecodeBf16Fp8Hd64,
+    KvDecodeBf16Fp8Hd128,
+    KvDecodeBf16Fp8Hd256,
+    KvDecodeBf16Fp8Hd512,
 }
 
 impl KernelId {
@@ -190,6 +210,26 @@ impl KernelId {
         KernelId::KvMergeF16Scalar,
         KernelId::KvMergeBf16Vec,
         KernelId::KvMergeBf16Scalar,
+        KernelId::KvMergeF32F16Vec,
+        KernelId::KvMergeF32F16Scalar,
+        KernelId::KvMergeF32Bf16Vec,
+        KernelId::KvMergeF32Bf16Scalar,
+        KernelId::KvDecodeF16Hd64,
+        KernelId::KvDecodeF16Hd128,
+        KernelId::KvDecodeF16Hd256,
+        KernelId::KvDecodeF16Hd512,
+        KernelId::KvDecodeBf16Hd64,
+        KernelId::KvDecodeBf16Hd128,
+        KernelId::KvDecodeBf16Hd256,
+        KernelId::KvDecodeBf16Hd512,
+        KernelId::KvDecodeF16Fp8Hd64,
+        KernelId::KvDecodeF16Fp8Hd128,
+        KernelId::KvDecodeF16Fp8Hd256,
+        KernelId::KvDecodeF16Fp8Hd512,
+        KernelId::KvDecodeBf16Fp8Hd64,
+        KernelId::KvDecodeBf16Fp8Hd128,
+        KernelId::KvDecodeBf16Fp8Hd256,
+        KernelId::KvDecodeBf16Fp8Hd512,
     ];
 
     pub(crate) fn index(self) -> usize {
@@ -231,7 +271,27 @@ impl KernelId {
             | KernelId::KvMergeF16Vec
             | KernelId::KvMergeF16Scalar
             | KernelId::KvMergeBf16Vec
-            | KernelId::KvMergeBf16Scalar => Family::KvCache,
+            | KernelId::KvMergeBf16Scalar
+            | KernelId::KvMergeF32F16Vec
+            | KernelId::KvMergeF32F16Scalar
+            | KernelId::KvMergeF32Bf16Vec
+            | KernelId::KvMergeF32Bf16Scalar
+            | KernelId::KvDecodeF16Hd64
+            | KernelId::KvDecodeF16Hd128
+            | KernelId::KvDecodeF16Hd256
+            | KernelId::KvDecodeF16Hd512
+            | KernelId::KvDecodeBf16Hd64
+            | KernelId::KvDecodeBf16Hd128
+            | KernelId::KvDecodeBf16Hd256
+            | KernelId::KvDecodeBf16Hd512
+            | KernelId::KvDecodeF16Fp8Hd64
+            | KernelId::KvDecodeF16Fp8Hd128
+            | KernelId::KvDecodeF16Fp8Hd256
+            | KernelId::KvDecodeF16Fp8Hd512
+            | KernelId::KvDecodeBf16Fp8Hd64
+            | KernelId::KvDecodeBf16Fp8Hd128
+            | KernelId::KvDecodeBf16Fp8Hd256
+            | KernelId::KvDecodeBf16Fp8Hd512 => Family::KvCache,
             KernelId::AttnBwdPreF16
             | KernelId::AttnBwdPreBf16
             | KernelId::AttnBwdDqF16
@@ -331,6 +391,26 @@ impl KernelId {
             KernelId::KvMergeF16Scalar => "longctx_kv_merge_f16_scalar",
             KernelId::KvMergeBf16Vec => "longctx_kv_merge_bf16_vec",
             KernelId::KvMergeBf16Scalar => "longctx_kv_merge_bf16_scalar",
+            KernelId::KvMergeF32F16Vec => "longctx_kv_merge_f32_f16_vec",
+            KernelId::KvMergeF32F16Scalar => "longctx_kv_merge_f32_f16_scalar",
+            KernelId::KvMergeF32Bf16Vec => "longctx_kv_merge_f32_bf16_vec",
+            KernelId::KvMergeF32Bf16Scalar => "longctx_kv_merge_f32_bf16_scalar",
+            KernelId::KvDecodeF16Hd64 => "longctx_kv_decode_f16_hd64",
+            KernelId::KvDecodeF16Hd128 => "longctx_kv_decode_f16_hd128",
+            KernelId::KvDecodeF16Hd256 => "longctx_kv_decode_f16_hd256",
+            KernelId::KvDecodeF16Hd512 => "longctx_kv_decode_f16_hd512",
+            KernelId::KvDecodeBf16Hd64 => "longctx_kv_decode_bf16_hd64",
+            KernelId::KvDecodeBf16Hd128 => "longctx_kv_decode_bf16_hd128",
+            KernelId::KvDecodeBf16Hd256 => "longctx_kv_decode_bf16_hd256",
+            KernelId::KvDecodeBf16Hd512 => "longctx_kv_decode_bf16_hd512",
+            KernelId::KvDecodeF16Fp8Hd64 => "longctx_kv_decode_f16_fp8_hd64",
+            KernelId::KvDecodeF16Fp8Hd128 => "longctx_kv_decode_f16_fp8_hd128",
+            KernelId::KvDecodeF16Fp8Hd256 => "longctx_kv_decode_f16_fp8_hd256",
+            KernelId::KvDecodeF16Fp8Hd512 => "longctx_kv_decode_f16_fp8_hd512",
+            KernelId::KvDecodeBf16Fp8Hd64 => "longctx_kv_decode_bf16_fp8_hd64",
+            KernelId::KvDecodeBf16Fp8Hd128 => "longctx_kv_decode_bf16_fp8_hd128",
+            KernelId::KvDecodeBf16Fp8Hd256 => "longctx_kv_decode_bf16_fp8_hd256",
+            KernelId::KvDecodeBf16Fp8Hd512 => "longctx_kv_decode_bf16_fp8_hd512",
         }
     }
 

@@ -1,19 +1,43 @@
-// Entry points of the KV-cache family: merge_states per storage type and access width. The
-// names are listed once more in src/kernel_id.rs (KernelId); keep the two in step.
+// Entry points of the KV-cache family: merge_states per storage type and access width, and
+// decode per (attention dtype, cache dtype, head dim). The names are listed once more in
+// src/kernel_id.rs (KernelId); keep the two in step.
+#include "kv_cache/decode_kernel.cuh"
 #include "kv_cache/merge_kernel.cuh"
 
 using longctx::kv_cache::kThreads;
 using longctx::kv_cache::merge_kernel_body;
 
-#define LONGCTX_KV_MERGE_ENTRY(NAME, T, W)                                               \
+#define LONGCTX_KV_MERGE_ENTRY(NAME, TIN, TOUT, W)                                       \
     extern "C" __global__ void __launch_bounds__(kThreads)                               \
         NAME(const __grid_constant__ LongctxKvMergeParams p) {                           \
-        merge_kernel_body<T, W>(p);                                                      \
+        merge_kernel_body<TIN, TOUT, W>(p);                                              \
     }
 
-LONGCTX_KV_MERGE_ENTRY(longctx_kv_merge_f32_vec, float, 4)
-LONGCTX_KV_MERGE_ENTRY(longctx_kv_merge_f32_scalar, float, 1)
-LONGCTX_KV_MERGE_ENTRY(longctx_kv_merge_f16_vec, __half, 8)
-LONGCTX_KV_MERGE_ENTRY(longctx_kv_merge_f16_scalar, __half, 1)
-LONGCTX_KV_MERGE_ENTRY(longctx_kv_merge_bf16_vec, __nv_bfloat16, 8)
-LONGCTX_KV_MERGE_ENTRY(longctx_kv_merge_bf16_scalar, __nv_bfloat16, 1)
+LONGCTX_KV_MERGE_ENTRY(longctx_kv_merge_f32_vec, float, float, 4)
+LONGCTX_KV_MERGE_ENTRY(longctx_kv_merge_f32_scalar, float, float, 1)
+LONGCTX_KV_MERGE_ENTRY(longctx_kv_merge_f16_vec, __half, __half, 8)
+LONGCTX_KV_MERGE_ENTRY(longctx_kv_merge_f16_scalar, __half, __half, 1)
+LONGCTX_KV_MERGE_ENTRY(longctx_kv_merge_bf16_vec, __nv_bfloat16, __nv_bfloat16, 8)
+LONGCTX_KV_MERGE_ENTRY(longctx_kv_merge_bf16_scalar, __nv_bfloat16, __nv_bfloat16, 1)
+// f32 partial states (split-KV decode's workspace) into an f16 / bf16 output.
+LONGCTX_KV_MERGE_ENTRY(longctx_kv_merge_f32_f16_vec, float, __half, 4)
+LONGCTX_KV_MERGE_ENTRY(longctx_kv_merge_f32_f16_scalar, float, __half, 1)
+LONGCTX_KV_MERGE_ENTRY(longctx_kv_merge_f32_bf16_vec, float, __nv_bfloat16, 4)
+LONGCTX_KV_MERGE_ENTRY(longctx_kv_merge_f32_bf16_scalar, float, __nv_bfloat16, 1)
+
+#define LONGCTX_KV_DECODE_ENTRY(NAME, T, S, D)                                           \
+    extern "C" __global__ void __launch_bounds__(longctx::kv_decode::kThreads)           \
+        NAME(const __grid_constant__ LongctxKvDecodeParams p) {                          \
+        longctx::kv_decode::decode_kernel_body<T, S, D>(p);                              \
+    }
+
+#define LONGCTX_KV_DECODE_DIMS(PREFIX, T, S)                                             \
+    LONGCTX_KV_DECODE_ENTRY(PREFIX##_hd64, T, S, 64)                                     \
+    LONGCTX_KV_DECODE_ENTRY(PREFIX##_hd128, T, S, 128)                                   \
+    LONGCTX_KV_DECODE_ENTRY(PREFIX##_hd256, T, S, 256)                                   \
+    LONGCTX_KV_DECODE_ENTRY(PREFIX##_hd512, T, S, 512)
+
+LONGCTX_KV_DECODE_DIMS(longctx_kv_decode_f16, __half, __half)
+LONGCTX_KV_DECODE_DIMS(longctx_kv_decode_bf16, __nv_bfloat16, __nv_bfloat16)
+LONGCTX_KV_DECODE_DIMS(longctx_kv_decode_f16_fp8, __half, uint8_t)
+LONGCTX_KV_DECODE_DIMS(longctx_kv_decode_bf16_fp8, __nv_bfloat16, uint8_t)

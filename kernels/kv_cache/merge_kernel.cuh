@@ -57,7 +57,8 @@ __device__ __forceinline__ void add_part(float (&acc)[kChunks][W], const T* row,
     }
 }
 
-template <typename T, int W>
+// Parts in TIn (T itself, or f32 partials of a split-KV decode), output in TOut.
+template <typename TIn, typename TOut, int W>
 __device__ __forceinline__ void merge_kernel_body(const LongctxKvMergeParams& p) {
     constexpr int kChunks = kMaxDim / (32 * W);  // chunks per lane at the largest head dim
     const int lane = int(threadIdx.x) & 31;
@@ -71,9 +72,9 @@ __device__ __forceinline__ void merge_kernel_body(const LongctxKvMergeParams& p)
     const bool accumulate = (p.flags & LONGCTX_KV_MERGE_ACCUMULATE) != 0;
 
     const float* lse = reinterpret_cast<const float*>(p.lse_parts) + head * p.lse_head_stride + token;
-    const T* o = reinterpret_cast<const T*>(p.o_parts) + token * p.o_token_stride + head * p.o_head_stride;
+    const TIn* o = reinterpret_cast<const TIn*>(p.o_parts) + token * p.o_token_stride + head * p.o_head_stride;
     float* out_lse = reinterpret_cast<float*>(p.out_lse) + head * p.out_lse_head_stride + token;
-    T* out = reinterpret_cast<T*>(p.out_o) + token * p.out_token_stride + head * p.out_head_stride;
+    TOut* out = reinterpret_cast<TOut*>(p.out_o) + token * p.out_token_stride + head * p.out_head_stride;
 
     // The running state, as one more part (read by every lane before anything is written).
     const float own = accumulate ? *out_lse : -INFINITY;
@@ -95,11 +96,11 @@ __device__ __forceinline__ void merge_kernel_body(const LongctxKvMergeParams& p)
         s = warp_sum(s);
         const float inv = 1.f / s;
         merged = m + logf(s);
-        if (own != -INFINITY) add_part<T, W, kChunks>(acc, out, expf(own - m) * inv, lane, dim);
+        if (own != -INFINITY) add_part<TOut, W, kChunks>(acc, out, expf(own - m) * inv, lane, dim);
         for (int q = 0; q < parts; ++q) {
             const float l = lse[int64_t(q) * p.lse_part_stride];  // same value in every lane
             if (l == -INFINITY) continue;
-            add_part<T, W, kChunks>(acc, o + int64_t(q) * p.o_part_stride, expf(l - m) * inv, lane, dim);
+            add_part<TIn, W, kChunks>(acc, o + int64_t(q) * p.o_part_stride, expf(l - m) * inv, lane, dim);
         }
     }
 
@@ -107,9 +108,9 @@ __device__ __forceinline__ void merge_kernel_body(const LongctxKvMergeParams& p)
     for (int k = 0; k < kChunks; ++k) {
         const int c = (32 * k + lane) * W;
         if (c < dim) {
-            Vec<T, W> y;
+            Vec<TOut, W> y;
 #pragma unroll
-            for (int e = 0; e < W; ++e) y.elt[e] = DType<T>::from_f32(acc[k][e]);
+            for (int e = 0; e < W; ++e) y.elt[e] = DType<TOut>::from_f32(acc[k][e]);
             y.store(out + c);
         }
     }

@@ -57,6 +57,48 @@ typedef struct LongctxKvStep {
     uint32_t max_pages_per_seq;
 } LongctxKvStep;
 
+/* Decode over the cache (longctx_kv_decode_*): each sequence's new tokens (1 to
+ * LONGCTX_KV_DECODE_MAX_QUERIES, the last positions of its cache) attend to its cached keys,
+ * causal among themselves (bottom-right aligned): query i of sequence b, at position
+ * p = seqlens[b] - n_b + i, sees keys max(0, p - window_left) ..= p. One CTA per (split,
+ * KV head x row tile, sequence) with the query heads of the KV head packed as rows: row r is
+ * query token r / heads_per_kv of head kv_head * heads_per_kv + r % heads_per_kv. Split s
+ * covers keys [s * chunk, (s + 1) * chunk). With one split the CTA writes O (T) and the LSE
+ * (natural log, -inf for a row that saw no key); with several it writes f32 partial states
+ * [splits, total_new, heads_q, head_dim] and [splits, heads_q, total_new] that merge_states
+ * combines. Q and O are [total_new, heads_q, head_dim]; scores as the attention forward's. */
+#define LONGCTX_KV_DECODE_WARPS 4u
+#define LONGCTX_KV_DECODE_MAX_QUERIES 16u
+/* Bytes of K (and of V) per pipeline stage: keys per tile = this / (head_dim x sizeof(S)). */
+#define LONGCTX_KV_DECODE_TILE_BYTES 8192u
+/* Query rows per CTA x elements per lane and key row: rows = this / max(8, head_dim / 32). */
+#define LONGCTX_KV_DECODE_ROW_ELEMS 64u
+
+typedef struct LongctxKvDecodeParams {
+    LongctxKvCache cache;
+    LongctxKvStep step;
+    uint64_t q;               /* device T* [total_new, heads_q, head_dim]                  */
+    int64_t q_token_stride;
+    int64_t q_head_stride;
+    uint64_t o;               /* device T*, one split                                     */
+    int64_t o_token_stride;
+    int64_t o_head_stride;
+    uint64_t lse;             /* device float* [heads_q, total_new], one split; 0 to skip  */
+    int64_t lse_head_stride;
+    uint64_t part_o;          /* device float* [splits, total_new, heads_q, head_dim]      */
+    uint64_t part_lse;        /* device float* [splits, heads_q, total_new]                */
+    uint32_t heads_q;
+    uint32_t heads_per_kv;
+    uint32_t row_tiles;       /* gridDim.y = heads_kv x row_tiles                          */
+    uint32_t splits;          /* gridDim.x                                                 */
+    uint32_t chunk;           /* keys per split, a multiple of the kernel's key tile       */
+    uint32_t total_new;
+    int32_t window_left;      /* 0 .. LONGCTX_ATTN_WINDOW_UNBOUNDED                        */
+    float exp_scale;          /* as the attention forward's                                */
+    float softcap_in;
+    uint32_t pad0;
+} LongctxKvDecodeParams;
+
 typedef struct LongctxKvMergeParams {
     uint64_t o_parts;            /* device T*: part 0, token 0, head 0, channel 0          */
     uint64_t lse_parts;          /* device float*: part 0, head 0, token 0                 */
@@ -82,10 +124,12 @@ typedef struct LongctxKvMergeParams {
 static_assert(sizeof(LongctxKvMergeParams) == 120, "LongctxKvMergeParams layout");
 static_assert(sizeof(LongctxKvCache) == 56, "LongctxKvCache layout");
 static_assert(sizeof(LongctxKvStep) == 32, "LongctxKvStep layout");
+static_assert(sizeof(LongctxKvDecodeParams) == 208, "LongctxKvDecodeParams layout");
 #else
 _Static_assert(sizeof(LongctxKvMergeParams) == 120, "LongctxKvMergeParams layout");
 _Static_assert(sizeof(LongctxKvCache) == 56, "LongctxKvCache layout");
 _Static_assert(sizeof(LongctxKvStep) == 32, "LongctxKvStep layout");
+_Static_assert(sizeof(LongctxKvDecodeParams) == 208, "LongctxKvDecodeParams layout");
 #endif
 
 #endif

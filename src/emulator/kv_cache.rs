@@ -3,7 +3,11 @@
 use super::{run, Arch, HostBuf};
 use crate::dtype::Element;
 use crate::error::Result;
-use crate::kv_cache::{plan_merge, LseLayout, MergeAddrs, MergeOptions, MergeShape, StackedStates};
+use crate::kv_cache::{
+    plan_decode_launch, plan_merge, CacheElement, CacheShape, DecodeAddrs, DecodeOptions,
+    DecodePlan, DecodeShape, LseLayout, MergeAddrs, MergeOptions, MergeShape, PagedKvLayout,
+    ScaleMode, StackedStates, StepTable,
+};
 use crate::layout::HeadsLayout;
 
 /// [`crate::kv_cache::merge_states`] on the CPU: merges the parts stacked in `parts_o` and
@@ -50,4 +54,108 @@ pub fn merge_states<T: Element>(
         Some(l) => run("merge_states", &l, Arch::Sm80, &[po, pl, oo, ol]),
         None => Ok(()),
     }
+}
+
+/// A paged cache on the host, for the emulated ops.
+#[derive(Debug, Clone, Copy)]
+pub struct HostCache<'a, S> {
+    /// Shape of K and V.
+    pub layout: PagedKvLayout,
+    /// K, `[pages, page_size, heads_kv, head_dim]`.
+    pub k: &'a [S],
+    /// V, same shape.
+    pub v: &'a [S],
+    /// fp8: the scale layout, K's and V's scales.
+    pub scales: Option<(ScaleMode, &'a [f32], &'a [f32])>,
+}
+
+/// The output of an emulated decode.
+#[derive(Debug)]
+pub struct HostDecodeOutput<'a, T> {
+    /// O, `[total_new, heads_q, head_dim]`.
+    pub o: &'a mut [T],
+    /// Its view.
+    pub o_layout: HeadsLayout,
+    /// The LSE buffer and view, if asked for.
+    pub lse: Option<(&'a mut [f32], LseLayout)>,
+}
+
+/// [`crate::kv_cache::decode`] on the CPU, for a device with `sm_count` SMs (the split
+/// plan's input). `workspace` holds at least the plan's
+/// [`DecodePlan::workspace_len`](crate::kv_cache::DecodePlan::workspace_len) f32. Returns
+/// the plan it ran.
+///
+/// # Errors
+/// As the GPU op, plus [`Error::Emulator`](crate::Error::Emulator) when a kernel misbehaves.
+#[allow(clippy::too_many_arguments)]
+pub fn decode<T: Element, S: CacheElement>(
+    step: &StepTable,
+    q: &[T],
+    q_layout: &HeadsLayout,
+    cache: &HostCache<S>,
+    out: HostDecodeOutput<T>,
+    workspace: &mut [f32],
+    sm_count: usize,
+    opts: &DecodeOptions,
+) -> Result<DecodePlan> {
+    let sv = cache.layout.validate_step(step)?;
+    let v = DecodeShape {
+        step: &sv,
+        cache: CacheShape::of::<S>(
+            cache.layout,
+            cache.k.len(),
+            cache.v.len(),
+            cache.scales.map(|(m, k, v)| (m, k.len(), v.len())),
+        ),
+        q: *q_layout,
+        q_len: q.len(),
+        o: out.o_layout,
+        o_len: out.o.len(),
+        lse: out.lse.as_ref().map(|(b, l)| (*l, b.len())),
+        workspace_len: workspace.len(),
+        sm_count,
+    }
+    .validate(opts)?;
+    let qb = HostBuf::input(q, c"q");
+    let kb = HostBuf::input(cache.k, c"cache.k");
+    let vb = HostBuf::input(cache.v, c"cache.v");
+    let (ksb, vsb) = match cache.scales {
+        Some((_, k, v)) => (
+            Some(HostBuf::input(k, c"cache.k_scale")),
+            Some(HostBuf::input(v, c"cache.v_scale")),
+        ),
+        None => (None, None),
+    };
+    let btb = HostBuf::input(step.table.block_table, c"block_table");
+    let slb = HostBuf::input(step.table.seqlens, c"seqlens");
+    let cnb = HostBuf::input(step.cu_new, c"cu_new");
+    let HostDecodeOutput { o, lse, .. } = out;
+    let ob = HostBuf::output(o, c"o");
+    let lb = lse.map(|(l, _)| HostBuf::output(l, c"lse"));
+    let wb = HostBuf::output(workspace, c"workspace");
+    let addrs = DecodeAddrs {
+        q: qb.addr(),
+        o: ob.addr(),
+        lse: lb.as_ref().map_or(0, HostBuf::addr),
+        k: kb.addr(),
+        v: vb.addr(),
+        k_scale: ksb.as_ref().map_or(0, HostBuf::addr),
+        v_scale: vsb.as_ref().map_or(0, HostBuf::addr),
+        workspace: wb.addr(),
+        block_table: btb.addr(),
+        seqlens: slb.addr(),
+        cu_new: cnb.addr(),
+    };
+    let Some((dl, ml)) = plan_decode_launch::<T, S>(&sv, &v, &addrs)? else {
+        return Ok(v.plan);
+    };
+    let mut bufs = vec![qb, kb, vb, btb, slb, cnb, ob, wb];
+    bufs.extend(ksb);
+    bufs.extend(vsb);
+    bufs.extend(lb);
+    run("decode", &dl, Arch::Sm80, &bufs)?;
+    if let Some(ml) = ml {
+        run("decode", &ml, Arch::Sm80, &bufs)?;
+    }
+    Ok(v.plan)
 }

@@ -223,6 +223,26 @@ entries! {
     KvMergeF16Scalar => longctx_kv_merge_f16_scalar, longctx_kv_merge_f16_scalar: sys::LongctxKvMergeParams;
     KvMergeBf16Vec => longctx_kv_merge_bf16_vec, longctx_kv_merge_bf16_vec: sys::LongctxKvMergeParams;
     KvMergeBf16Scalar => longctx_kv_merge_bf16_scalar, longctx_kv_merge_bf16_scalar: sys::LongctxKvMergeParams;
+    KvMergeF32F16Vec => longctx_kv_merge_f32_f16_vec, longctx_kv_merge_f32_f16_vec: sys::LongctxKvMergeParams;
+    KvMergeF32F16Scalar => longctx_kv_merge_f32_f16_scalar, longctx_kv_merge_f32_f16_scalar: sys::LongctxKvMergeParams;
+    KvMergeF32Bf16Vec => longctx_kv_merge_f32_bf16_vec, longctx_kv_merge_f32_bf16_vec: sys::LongctxKvMergeParams;
+    KvMergeF32Bf16Scalar => longctx_kv_merge_f32_bf16_scalar, longctx_kv_merge_f32_bf16_scalar: sys::LongctxKvMergeParams;
+    KvDecodeF16Hd64 => longctx_kv_decode_f16_hd64, longctx_kv_decode_f16_hd64: sys::LongctxKvDecodeParams;
+    KvDecodeF16Hd128 => longctx_kv_decode_f16_hd128, longctx_kv_decode_f16_hd128: sys::LongctxKvDecodeParams;
+    KvDecodeF16Hd256 => longctx_kv_decode_f16_hd256, longctx_kv_decode_f16_hd256: sys::LongctxKvDecodeParams;
+    KvDecodeF16Hd512 => longctx_kv_decode_f16_hd512, longctx_kv_decode_f16_hd512: sys::LongctxKvDecodeParams;
+    KvDecodeBf16Hd64 => longctx_kv_decode_bf16_hd64, longctx_kv_decode_bf16_hd64: sys::LongctxKvDecodeParams;
+    KvDecodeBf16Hd128 => longctx_kv_decode_bf16_hd128, longctx_kv_decode_bf16_hd128: sys::LongctxKvDecodeParams;
+    KvDecodeBf16Hd256 => longctx_kv_decode_bf16_hd256, longctx_kv_decode_bf16_hd256: sys::LongctxKvDecodeParams;
+    KvDecodeBf16Hd512 => longctx_kv_decode_bf16_hd512, longctx_kv_decode_bf16_hd512: sys::LongctxKvDecodeParams;
+    KvDecodeF16Fp8Hd64 => longctx_kv_decode_f16_fp8_hd64, longctx_kv_decode_f16_fp8_hd64: sys::LongctxKvDecodeParams;
+    KvDecodeF16Fp8Hd128 => longctx_kv_decode_f16_fp8_hd128, longctx_kv_decode_f16_fp8_hd128: sys::LongctxKvDecodeParams;
+    KvDecodeF16Fp8Hd256 => longctx_kv_decode_f16_fp8_hd256, longctx_kv_decode_f16_fp8_hd256: sys::LongctxKvDecodeParams;
+    KvDecodeF16Fp8Hd512 => longctx_kv_decode_f16_fp8_hd512, longctx_kv_decode_f16_fp8_hd512: sys::LongctxKvDecodeParams;
+    KvDecodeBf16Fp8Hd64 => longctx_kv_decode_bf16_fp8_hd64, longctx_kv_decode_bf16_fp8_hd64: sys::LongctxKvDecodeParams;
+    KvDecodeBf16Fp8Hd128 => longctx_kv_decode_bf16_fp8_hd128, longctx_kv_decode_bf16_fp8_hd128: sys::LongctxKvDecodeParams;
+    KvDecodeBf16Fp8Hd256 => longctx_kv_decode_bf16_fp8_hd256, longctx_kv_decode_bf16_fp8_hd256: sys::LongctxKvDecodeParams;
+    KvDecodeBf16Fp8Hd512 => longctx_kv_decode_bf16_fp8_hd512, longctx_kv_decode_bf16_fp8_hd512: sys::LongctxKvDecodeParams;
 }
 
 /// What every emulated CUDA thread runs: the kernel entry with the launch's params.

@@ -54,7 +54,7 @@ impl LseLayout {
             .ok_or_else(|| Error::invalid(OP, arg, format!("{self:?} addresses past usize")))
     }
 
-    fn validate(&self, arg: &'static str, len: usize) -> Result<()> {
+    pub(crate) fn validate(&self, arg: &'static str, len: usize) -> Result<()> {
         let end = self.end(arg)?;
         if self.heads == 0 || self.tokens == 0 {
             return Ok(());
@@ -262,16 +262,27 @@ pub(crate) struct MergeAddrs {
     pub out_lse: u64,
 }
 
-fn kernel_id(dtype: DType, vec: bool) -> KernelId {
+fn kernel_id(parts: DType, out: DType, vec: bool) -> Result<KernelId> {
     use KernelId::*;
-    match (dtype, vec) {
-        (DType::F32, true) => KvMergeF32Vec,
-        (DType::F32, false) => KvMergeF32Scalar,
-        (DType::F16, true) => KvMergeF16Vec,
-        (DType::F16, false) => KvMergeF16Scalar,
-        (DType::BF16, true) => KvMergeBf16Vec,
-        (DType::BF16, false) => KvMergeBf16Scalar,
-    }
+    Ok(match (parts, out, vec) {
+        (DType::F32, DType::F32, true) => KvMergeF32Vec,
+        (DType::F32, DType::F32, false) => KvMergeF32Scalar,
+        (DType::F16, DType::F16, true) => KvMergeF16Vec,
+        (DType::F16, DType::F16, false) => KvMergeF16Scalar,
+        (DType::BF16, DType::BF16, true) => KvMergeBf16Vec,
+        (DType::BF16, DType::BF16, false) => KvMergeBf16Scalar,
+        (DType::F32, DType::F16, true) => KvMergeF32F16Vec,
+        (DType::F32, DType::F16, false) => KvMergeF32F16Scalar,
+        (DType::F32, DType::BF16, true) => KvMergeF32Bf16Vec,
+        (DType::F32, DType::BF16, false) => KvMergeF32Bf16Scalar,
+        _ => {
+            return Err(Error::unsupported(
+                OP,
+                "parts",
+                format!("no merge kernel from {parts:?} parts to a {out:?} output"),
+            ))
+        }
+    })
 }
 
 /// Byte address of element `offset` of the buffer at `base`.
@@ -293,16 +304,30 @@ pub(crate) fn plan_merge<T: Element>(
     opts: &MergeOptions,
     a: &MergeAddrs,
 ) -> Result<Option<KernelLaunch<sys::LongctxKvMergeParams>>> {
+    plan_merge_typed(T::DTYPE, T::DTYPE, v, opts, a)
+}
+
+/// [`plan_merge`] with parts of type `parts` merged into an output of type `out` (split-KV
+/// decode merges its f32 partial states into the attention dtype). The vector width is
+/// the parts' 16 bytes.
+pub(crate) fn plan_merge_typed(
+    parts: DType,
+    out_dtype: DType,
+    v: &MergeValidated,
+    opts: &MergeOptions,
+    a: &MergeAddrs,
+) -> Result<Option<KernelLaunch<sys::LongctxKvMergeParams>>> {
     if v.rows == 0 {
         return Ok(None);
     }
     let s = &v.shape.parts;
     let out = &v.shape.out_o;
-    let elem = T::DTYPE.size();
+    let elem = parts.size();
+    let out_elem = out_dtype.size();
     let w = 16 / elem;
     let parts_o = byte_addr(a.parts_o, s.o.offset, elem, "parts.o")?;
     let parts_lse = byte_addr(a.parts_lse, s.lse.offset, 4, "parts.lse")?;
-    let out_o = byte_addr(a.out_o, out.offset, elem, "out_o")?;
+    let out_o = byte_addr(a.out_o, out.offset, out_elem, "out_o")?;
     let out_lse = byte_addr(a.out_lse, v.shape.out_lse.offset, 4, "out_lse")?;
     let inputs_aligned = s.parts == 0
         || (parts_o % 16 == 0
@@ -310,7 +335,7 @@ pub(crate) fn plan_merge<T: Element>(
             && s.o.token_stride % w == 0
             && s.o.head_stride % w == 0);
     let vec = inputs_aligned
-        && out_o % 16 == 0
+        && out_o % (w * out_elem) as u64 == 0
         && out.token_stride % w == 0
         && out.head_stride % w == 0
         && s.o.head_dim % w == 0;
@@ -341,7 +366,7 @@ pub(crate) fn plan_merge<T: Element>(
     };
     let blocks = v.rows.div_ceil(sys::LONGCTX_KV_MERGE_WARPS as usize) as u32;
     Ok(Some(KernelLaunch {
-        id: kernel_id(T::DTYPE, vec),
+        id: kernel_id(parts, out_dtype, vec)?,
         params,
         grid: (blocks, 1, 1),
         block: (32 * sys::LONGCTX_KV_MERGE_WARPS, 1, 1),

@@ -18,6 +18,7 @@
 //! LSE = -inf).
 
 mod cache;
+mod decode;
 mod fp8;
 mod merge;
 mod paged;
@@ -32,8 +33,12 @@ pub use merge::{
 pub(crate) use merge::{plan_merge, MergeAddrs};
 pub(crate) use paged::{dense_len, for_each_row};
 pub use cache::{CacheShape, KvScales, KvScalesMut, PagedCache, PagedCacheMut, ScaleMode};
-pub(crate) use cache::{cache_params, step_params};
+pub use decode::{
+    decode, plan_decode, DecodeOptions, DecodeOutput, DecodePlan, DecodeShape, DecodeTiles,
+    DecodeValidated, Splits, DECODE_HEAD_DIMS, MAX_DECODE_SPLITS,
+};
+#[cfg(feature = "emulator")]
+pub(crate) use decode::{plan_decode_launch, DecodeAddrs};
 pub use fp8::{CacheDType, CacheElement, Fp8E4m3};
-pub(crate) use fp8::cache_matches;
 pub use step::{KvStep, StepTable, ValidatedStep, MAX_DECODE_QUERIES};
 pub use paged::{PageTable, PagedKvLayout, ValidatedTable, MAX_CACHE_HEAD_DIM, MAX_PAGE_SIZE};

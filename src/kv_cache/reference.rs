@@ -10,6 +10,9 @@ use crate::error::{Error, Result};
 
 const OP: &str = "merge_states reference";
 
+mod decode;
+pub use decode::{decode_f64, DecodeMath};
+
 /// Merges `parts` states of `tokens x heads` rows: `LSE = log sum_p exp(LSE_p)` (formed as
 /// `m + log sum_p exp(LSE_p - m)` with `m` the largest finite LSE_p), `O = sum_p
 /// exp(LSE_p - LSE) O_p`. Parts with LSE -inf are skipped (their O is not read); a row

@@ -8,6 +8,10 @@ pub const LONGCTX_KV_MERGE_MAX_HEAD_DIM: u32 = 512;
 pub const LONGCTX_KV_SCALE_NONE: u32 = 0;
 pub const LONGCTX_KV_SCALE_TOKEN_HEAD: u32 = 1;
 pub const LONGCTX_KV_SCALE_HEAD: u32 = 2;
+pub const LONGCTX_KV_DECODE_WARPS: u32 = 4;
+pub const LONGCTX_KV_DECODE_MAX_QUERIES: u32 = 16;
+pub const LONGCTX_KV_DECODE_TILE_BYTES: u32 = 8192;
+pub const LONGCTX_KV_DECODE_ROW_ELEMS: u32 = 64;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct LongctxKvCache {
@@ -85,6 +89,107 @@ const _: () = {
     [
         "Offset of field: LongctxKvStep::max_pages_per_seq",
     ][::std::mem::offset_of!(LongctxKvStep, max_pages_per_seq) - 28usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LongctxKvDecodeParams {
+    pub cache: LongctxKvCache,
+    pub step: LongctxKvStep,
+    pub q: u64,
+    pub q_token_stride: i64,
+    pub q_head_stride: i64,
+    pub o: u64,
+    pub o_token_stride: i64,
+    pub o_head_stride: i64,
+    pub lse: u64,
+    pub lse_head_stride: i64,
+    pub part_o: u64,
+    pub part_lse: u64,
+    pub heads_q: u32,
+    pub heads_per_kv: u32,
+    pub row_tiles: u32,
+    pub splits: u32,
+    pub chunk: u32,
+    pub total_new: u32,
+    pub window_left: i32,
+    pub exp_scale: f32,
+    pub softcap_in: f32,
+    pub pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of LongctxKvDecodeParams",
+    ][::std::mem::size_of::<LongctxKvDecodeParams>() - 208usize];
+    [
+        "Alignment of LongctxKvDecodeParams",
+    ][::std::mem::align_of::<LongctxKvDecodeParams>() - 8usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::cache",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, cache) - 0usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::step",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, step) - 56usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::q",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, q) - 88usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::q_token_stride",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, q_token_stride) - 96usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::q_head_stride",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, q_head_stride) - 104usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::o",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, o) - 112usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::o_token_stride",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, o_token_stride) - 120usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::o_head_stride",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, o_head_stride) - 128usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::lse",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, lse) - 136usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::lse_head_stride",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, lse_head_stride) - 144usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::part_o",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, part_o) - 152usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::part_lse",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, part_lse) - 160usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::heads_q",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, heads_q) - 168usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::heads_per_kv",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, heads_per_kv) - 172usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::row_tiles",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, row_tiles) - 176usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::splits",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, splits) - 180usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::chunk",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, chunk) - 184usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::total_new",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, total_new) - 188usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::window_left",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, window_left) - 192usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::exp_scale",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, exp_scale) - 196usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::softcap_in",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, softcap_in) - 200usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::pad0",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, pad0) - 204usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
