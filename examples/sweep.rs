@@ -4,7 +4,7 @@
 //!
 //!     cargo run --release --example sweep            # full sweep
 //!     cargo run --release --example sweep -- --quick # fewer lengths
-//!     cargo run --release --example sweep -- --attention   # only attention (or --moe)
+//!     cargo run --release --example sweep -- --attention   # only attention (or --moe, --decode)
 //!
 //! Without a GPU it checks the CPU reference on a small case and says the GPU part was
 //! skipped.
@@ -83,6 +83,9 @@ fn run() -> longctx::Result<()> {
     if std::env::args().any(|a| a == "--attention") {
         return attention_rows(&dev, quick);
     }
+    if std::env::args().any(|a| a == "--decode") {
+        return decode_rows(&dev, copy, quick);
+    }
 
     let tokens: &[usize] = if quick {
         &[1024, 16384]
@@ -153,7 +156,81 @@ fn run() -> longctx::Result<()> {
     }
     attention_rows(&dev, quick)?;
     merge_rows(&dev, copy, quick)?;
+    decode_rows(&dev, copy, quick)?;
     moe_rows(&dev, copy, quick)?;
+    Ok(())
+}
+
+/// `kv_cache::decode`, one new token per sequence over a paged cache: Llama-3-8B's heads
+/// and a head-dim-512 model, batch 1 to 64, contexts 1k to 128k (1M at batch 1), bf16 and
+/// fp8 caches, pages of 16 and 64 tokens. Bytes = cache (K, V and fp8 scales) read once +
+/// Q read + O and LSE written; the target is the copy bandwidth measured above. The error
+/// is against f64 attention over the cache read through the page table, on sampled rows.
+fn decode_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<()> {
+    use longctx::workloads::{decode_models, DecodeRun};
+    println!(
+        "\n{:<12} {:>5} {:>4} {:>5} {:>8} {:>6} {:>10} {:>9} {:>8} {:>10} {:>10}",
+        "decode",
+        "cache",
+        "page",
+        "batch",
+        "context",
+        "splits",
+        "time (us)",
+        "GB/s",
+        "% copy",
+        "max err O",
+        "err LSE"
+    );
+    let cases: &[(usize, usize)] = if quick {
+        &[(1, 32768), (8, 32768), (64, 4096)]
+    } else {
+        &[
+            (1, 1024),
+            (1, 32768),
+            (1, 131072),
+            (1, 1 << 20),
+            (8, 32768),
+            (8, 131072),
+            (64, 4096),
+            (64, 32768),
+        ]
+    };
+    for model in decode_models() {
+        for fp8 in [false, true] {
+            for page in [16usize, 64] {
+                for &(batch, context) in cases {
+                    if model.head_dim == 512 && (context > 131072 || page == 64) {
+                        continue;
+                    }
+                    let mut r = DecodeRun::new(dev, model, batch, context, page, fp8, 99)?;
+                    let ms = time_gpu(dev, 3, 20, || r.run(dev))?.median_ms();
+                    let gbs = r.bytes() as f64 / (ms * 1e-3) / 1e9;
+                    let (err_o, err_lse) =
+                        r.max_error(dev, if context > 200_000 { 1 } else { 3 })?;
+                    let what = format!("decode {} b{batch} ctx{context} p{page}", model.name);
+                    // bf16 output of a convex combination of values below 1 (fp8: below
+                    // 1.1): half a bf16 ulp plus f32 accumulation; the LSE like attention's.
+                    within(&what, err_o, 2f64.powi(-8) + 1e-4);
+                    within(&what, err_lse, attn_lse_tol(context));
+                    println!(
+                        "{:<12} {:>5} {:>4} {:>5} {:>8} {:>6} {:>10.2} {:>9.0} {:>7.1}% {:>10.2e} {:>10.2e}",
+                        model.name,
+                        if fp8 { "fp8" } else { "bf16" },
+                        page,
+                        batch,
+                        context,
+                        r.plan.splits,
+                        ms * 1e3,
+                        gbs,
+                        100.0 * gbs * 1e9 / copy,
+                        err_o,
+                        err_lse
+                    );
+                }
+            }
+        }
+    }
     Ok(())
 }
 

@@ -113,6 +113,48 @@ def attention_peers():
 
 
 
+def decode_peers(copy):
+    """Decode peers at the sweep's decode shapes: PyTorch SDPA (flash, cuDNN, efficient and
+    math backends; the best one that accepts the shape is the peer) over a dense copy of the
+    cache, one query token per sequence, [batch, heads, 1, d] against [batch, heads_kv,
+    context, d]; and, as the form engines use when SDPA cannot take GQA, the KV heads
+    expanded. Bytes as longctx counts them (dense K and V read once, Q read, O written)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    print("\nPyTorch SDPA decode over a dense bf16 cache (one query token per sequence)")
+    print(f"{'shape':<12} {'batch':>5} {'context':>8} {'backend':>22} {'time (us)':>10} {'GB/s':>8} {'% copy':>8}")
+    backends = [
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+        ("math", SDPBackend.MATH),
+    ]
+    shapes = [("llama3-8b", 32, 8, 128), ("hd512-mqa8", 8, 1, 512)]
+    cases = [(1, 1024), (1, 32768), (1, 131072), (8, 32768), (8, 131072), (64, 4096), (64, 32768)]
+    for name, hq, hkv, d in shapes:
+        for b, n in cases:
+            q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16)
+            nbytes = 2 * b * hkv * n * d * 2 + 2 * b * hq * d * 2
+            for bname, backend in backends:
+                for gqa in ([True, False] if hq != hkv else [False]):
+                    label = bname + (" enable_gqa" if gqa else (" kv expanded" if hq != hkv else ""))
+                    try:
+                        kk, vv = (k, v) if (gqa or hq == hkv) else (k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1))
+                        with sdpa_kernel(backend):
+                            fn = lambda: F.scaled_dot_product_attention(q, kk, vv, enable_gqa=gqa)
+                            ms = time_ms(fn, warmup=3, iters=20)
+                    except Exception as e:  # a backend that rejects the shape, or out of memory
+                        print(f"{name:<12} {b:>5} {n:>8} {label:>22} unavailable: {type(e).__name__}")
+                        continue
+                    gbs = nbytes / (ms * 1e-3) / 1e9
+                    print(f"{name:<12} {b:>5} {n:>8} {label:>22} {ms * 1e3:>10.1f} {gbs:>8.0f} {100 * gbs * 1e9 / copy:>7.1f}%")
+            del q, k, v
+            torch.cuda.empty_cache()
+
+
 def attention_backward_peers():
     """PyTorch SDPA backward (forward run once, then the timed backward of the same graph)
     at the backward sweep's shapes, flash and cuDNN backends; FLOPs 2.5 x the forward's
@@ -225,7 +267,11 @@ if __name__ == "__main__":
     if "--moe" in sys.argv:  # only the MoE peers
         moe_peers(c)
         raise SystemExit(0)
+    if "--decode" in sys.argv:  # only the decode peers
+        decode_peers(c)
+        raise SystemExit(0)
     rope_peers(c)
     attention_peers()
     attention_backward_peers()
+    decode_peers(c)
     moe_peers(c)

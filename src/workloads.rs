@@ -891,3 +891,6 @@ mod moe_workloads {
         }
     }
 }
+
+mod decode;
+pub use decode::{decode_models, DecodeModel, DecodeRun};

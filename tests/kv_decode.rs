@@ -240,7 +240,11 @@ fn run_emu<T: Element, S: CacheElement>(
         splits,
     )
     .unwrap();
-    let mut ws = vec![f32::NAN; plan.workspace_len(b.total_new, b.heads_q, c.head_dim).unwrap()];
+    let mut ws = vec![
+        f32::NAN;
+        plan.workspace_len(b.total_new, b.heads_q, c.head_dim)
+            .unwrap()
+    ];
     // Poisoned outputs: every element must be written.
     let mut o = vec![T::from_f64(f64::NAN); ql.numel().unwrap()];
     let mut lse = vec![f32::NAN; b.heads_q * b.total_new];
@@ -306,11 +310,22 @@ fn check(tag: &str, dtype: DType, got_o: &[f64], got_lse: &[f32], want: &Output<
     }
 }
 
-fn parity<T: Element, S: CacheElement>(tag: &str, c: &Case, splits: Splits, sm: usize) -> DecodePlan {
+fn parity<T: Element, S: CacheElement>(
+    tag: &str,
+    c: &Case,
+    splits: Splits,
+    sm: usize,
+) -> DecodePlan {
     let b = c.build::<T, S>();
     let (o, lse, plan) = run_emu::<T, S>(c, &b, splits, sm);
     let want = reference(c, &b);
-    check(&format!("{tag} {c:?} plan {plan:?}"), T::DTYPE, &o, &lse, &want);
+    check(
+        &format!("{tag} {c:?} plan {plan:?}"),
+        T::DTYPE,
+        &o,
+        &lse,
+        &want,
+    );
     plan
 }
 
@@ -462,14 +477,36 @@ fn emu_decode_split_count_is_invisible() {
     let want = reference(&c, &b);
     for splits in [Splits::AtMost(1), Splits::AtMost(2), Splits::AtMost(50)] {
         let (o, lse, plan) = run_emu::<bf16, bf16>(&c, &b, splits, 1);
-        check(&format!("{splits:?} -> {plan:?}"), DType::BF16, &o, &lse, &want);
+        check(
+            &format!("{splits:?} -> {plan:?}"),
+            DType::BF16,
+            &o,
+            &lse,
+            &want,
+        );
     }
     let sv = b.layout.validate_step(&b.step()).unwrap();
-    let small = plan_decode(&sv, 8, 2, 64, longctx::kv_cache::CacheDType::BF16, 132, Splits::Auto)
-        .unwrap();
+    let small = plan_decode(
+        &sv,
+        8,
+        2,
+        64,
+        longctx::kv_cache::CacheDType::BF16,
+        132,
+        Splits::Auto,
+    )
+    .unwrap();
     assert!(small.splits > 1, "{small:?}");
-    let big = plan_decode(&sv, 8, 2, 64, longctx::kv_cache::CacheDType::BF16, 1, Splits::Auto)
-        .unwrap();
+    let big = plan_decode(
+        &sv,
+        8,
+        2,
+        64,
+        longctx::kv_cache::CacheDType::BF16,
+        1,
+        Splits::Auto,
+    )
+    .unwrap();
     assert_eq!(big.splits, 1, "{big:?}");
 }
 
@@ -554,32 +591,47 @@ fn emu_decode_rejects_bad_calls() {
     run(&b.step(), &ql, &cache, &mut o, &mut ws, &ok).unwrap();
     // Q of the wrong shape.
     let bad_q = HeadsLayout::contiguous(b.total_new + 1, b.heads_q, 64);
-    assert_eq!(arg_of(run(&b.step(), &bad_q, &cache, &mut o, &mut ws, &ok)), "q");
+    assert_eq!(
+        arg_of(run(&b.step(), &bad_q, &cache, &mut o, &mut ws, &ok)),
+        "q"
+    );
     // Workspace too small for a split plan.
     let split = DecodeOptions {
         splits: Splits::AtMost(4),
         ..ok
     };
-    assert_eq!(arg_of(run(&b.step(), &ql, &cache, &mut o, &mut ws[..3], &split)), "workspace");
+    assert_eq!(
+        arg_of(run(&b.step(), &ql, &cache, &mut o, &mut ws[..3], &split)),
+        "workspace"
+    );
     // Splits out of range.
     let zero = DecodeOptions {
         splits: Splits::AtMost(0),
         ..ok
     };
-    assert_eq!(arg_of(run(&b.step(), &ql, &cache, &mut o, &mut ws, &zero)), "splits");
+    assert_eq!(
+        arg_of(run(&b.step(), &ql, &cache, &mut o, &mut ws, &zero)),
+        "splits"
+    );
     // Short cache.
     let short = HostCache {
         k: &k.as_slice()[..10],
         ..cache
     };
-    assert_eq!(arg_of(run(&b.step(), &ql, &short, &mut o, &mut ws, &ok)), "cache.k");
+    assert_eq!(
+        arg_of(run(&b.step(), &ql, &short, &mut o, &mut ws, &ok)),
+        "cache.k"
+    );
     // Scales on a bf16 cache.
     let sc = vec![1f32; 1 << 12];
     let scaled = HostCache {
         scales: Some((ScaleMode::PerHead, &sc, &sc)),
         ..cache
     };
-    assert_eq!(arg_of(run(&b.step(), &ql, &scaled, &mut o, &mut ws, &ok)), "cache.scales");
+    assert_eq!(
+        arg_of(run(&b.step(), &ql, &scaled, &mut o, &mut ws, &ok)),
+        "cache.scales"
+    );
     // Too many new tokens for decode.
     let mut c2 = base(16, vec![40], vec![17]);
     c2.group = 1;
@@ -611,8 +663,14 @@ fn emu_decode_rejects_bad_calls() {
     // Unsupported head dim, heads that do not group.
     let sv = b.layout.validate_step(&b.step()).unwrap();
     let dt = longctx::kv_cache::CacheDType::BF16;
-    assert_eq!(arg_of(plan_decode(&sv, 4, 2, 96, dt, 1, Splits::Auto)), "head_dim");
-    assert_eq!(arg_of(plan_decode(&sv, 3, 2, 64, dt, 1, Splits::Auto)), "heads_q");
+    assert_eq!(
+        arg_of(plan_decode(&sv, 4, 2, 96, dt, 1, Splits::Auto)),
+        "head_dim"
+    );
+    assert_eq!(
+        arg_of(plan_decode(&sv, 3, 2, 64, dt, 1, Splits::Auto)),
+        "heads_q"
+    );
     // An fp8 cache without scales.
     let fp8 = vec![Fp8E4m3(0); b.k.len()];
     let fp8a = Aligned::new(&fp8);
@@ -651,28 +709,30 @@ fn case_strategy() -> impl Strategy<Value = (Case, u8, usize)> {
         0u8..4,
         1usize..=8,
     )
-        .prop_map(|(ps, hkv, group, d, seqs, fp8, window, seed, dtype, splits)| {
-            let lens: Vec<usize> = seqs.iter().map(|s| s.0).collect();
-            let news: Vec<usize> = seqs.iter().map(|s| s.1.min(s.0)).collect();
-            let case = Case {
-                page_size: ps,
-                heads_kv: if d == 512 { 1 } else { hkv },
-                group,
-                head_dim: d,
-                lens,
-                news,
-                scale_mode: match fp8 {
-                    1 => Some(ScaleMode::PerTokenHead),
-                    2 => Some(ScaleMode::PerHead),
-                    _ => None,
-                },
-                window_left: window,
-                softcap: if seed % 3 == 0 { Some(7.5) } else { None },
-                seed,
-                shuffle: seed % 2 == 0,
-            };
-            (case, dtype, splits)
-        })
+        .prop_map(
+            |(ps, hkv, group, d, seqs, fp8, window, seed, dtype, splits)| {
+                let lens: Vec<usize> = seqs.iter().map(|s| s.0).collect();
+                let news: Vec<usize> = seqs.iter().map(|s| s.1.min(s.0)).collect();
+                let case = Case {
+                    page_size: ps,
+                    heads_kv: if d == 512 { 1 } else { hkv },
+                    group,
+                    head_dim: d,
+                    lens,
+                    news,
+                    scale_mode: match fp8 {
+                        1 => Some(ScaleMode::PerTokenHead),
+                        2 => Some(ScaleMode::PerHead),
+                        _ => None,
+                    },
+                    window_left: window,
+                    softcap: if seed % 3 == 0 { Some(7.5) } else { None },
+                    seed,
+                    shuffle: seed % 2 == 0,
+                };
+                (case, dtype, splits)
+            },
+        )
 }
 
 proptest! {
@@ -689,4 +749,166 @@ proptest! {
             (_, true) => { parity::<f16, Fp8E4m3>("f16 fp8", &c, s, 1); }
         }
     }
+}
+
+/// Runs a case on the GPU with `splits`; returns O (widened), the LSE and the plan.
+fn run_gpu<
+    T: Element + cudarc::driver::ValidAsZeroBits,
+    S: CacheElement + cudarc::driver::ValidAsZeroBits,
+>(
+    dev: &longctx::device::Device,
+    c: &Case,
+    b: &Built<S>,
+    splits: Splits,
+) -> (Vec<f64>, Vec<f32>, DecodePlan) {
+    use longctx::kv_cache::{decode, DecodeOutput, KvScales, KvStep, PagedCache};
+    let q: Vec<T> = b.q_val.iter().map(|&x| T::from_f64(x)).collect();
+    let ql = HeadsLayout::contiguous(b.total_new, b.heads_q, c.head_dim);
+    let step = KvStep::upload(dev, &b.layout, &b.step()).unwrap();
+    let qd = dev.upload(&q).unwrap();
+    let kd = dev.upload(&b.k).unwrap();
+    let vd = dev.upload(&b.v).unwrap();
+    let ks = dev
+        .upload(&b.k_scale)
+        .unwrap_or_else(|_| dev.zeros::<f32>(1).unwrap());
+    let vs = dev
+        .upload(&b.v_scale)
+        .unwrap_or_else(|_| dev.zeros::<f32>(1).unwrap());
+    let plan = plan_decode(
+        step.validated(),
+        b.heads_q,
+        c.heads_kv,
+        c.head_dim,
+        S::CACHE_DTYPE,
+        dev.sm_count(),
+        splits,
+    )
+    .unwrap();
+    let mut ws = dev
+        .zeros::<f32>(
+            plan.workspace_len(b.total_new, b.heads_q, c.head_dim)
+                .unwrap()
+                .max(1),
+        )
+        .unwrap();
+    let nan = T::from_f64(f64::NAN);
+    let mut o = dev.upload(&vec![nan; ql.numel().unwrap().max(1)]).unwrap();
+    let mut lse = dev
+        .upload(&vec![f32::NAN; (b.heads_q * b.total_new).max(1)])
+        .unwrap();
+    decode::<T, S>(
+        dev,
+        &step,
+        &qd,
+        &ql,
+        &PagedCache {
+            layout: b.layout,
+            k: &kd,
+            v: &vd,
+            scales: match c.scale_mode {
+                Some(mode) => KvScales::Fp8 {
+                    mode,
+                    k: &ks,
+                    v: &vs,
+                },
+                None => KvScales::None,
+            },
+        },
+        DecodeOutput {
+            o: &mut o,
+            o_layout: ql,
+            lse: Some((&mut lse, LseLayout::contiguous(b.heads_q, b.total_new))),
+        },
+        Some(&mut ws),
+        &c.options(splits),
+    )
+    .unwrap();
+    let o = dev.download(&o).unwrap();
+    let lse = dev.download(&lse).unwrap();
+    (
+        o[..ql.numel().unwrap()]
+            .iter()
+            .map(|x| x.to_f64())
+            .collect(),
+        lse[..b.heads_q * b.total_new].to_vec(),
+        plan,
+    )
+}
+
+fn gpu_parity<T, S>(dev: &longctx::device::Device, tag: &str, c: &Case, splits: Splits)
+where
+    T: Element + cudarc::driver::ValidAsZeroBits,
+    S: CacheElement + cudarc::driver::ValidAsZeroBits,
+{
+    let b = c.build::<T, S>();
+    let (o, lse, plan) = run_gpu::<T, S>(dev, c, &b, splits);
+    let want = reference(c, &b);
+    check(
+        &format!("gpu {tag} {c:?} plan {plan:?}"),
+        T::DTYPE,
+        &o,
+        &lse,
+        &want,
+    );
+}
+
+fn gpu_cases() -> usize {
+    std::env::var("LONGCTX_PARITY_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(48)
+}
+
+/// The emulator's edge cases and random cases, on the device.
+#[test]
+#[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+fn gpu_decode_parity() {
+    let Some(dev) = common::gpu("gpu_decode_parity") else {
+        return;
+    };
+    for ps in [1usize, 3, 16, 64, 256] {
+        let lens = vec![0, 1, ps.saturating_sub(1).max(1), ps, ps + 1, 40 * ps + 5];
+        let news: Vec<usize> = lens.iter().map(|&l| l.min(1 + l % 3)).collect();
+        let c = base(ps, lens, news);
+        for splits in [Splits::AtMost(1), Splits::AtMost(7), Splits::Auto] {
+            gpu_parity::<bf16, bf16>(&dev, "bf16 edges", &c, splits);
+        }
+    }
+    use proptest::strategy::ValueTree;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strategy = case_strategy();
+    for i in 0..gpu_cases() {
+        let (mut c, dtype, splits) = strategy.new_tree(&mut runner).unwrap().current();
+        // Longer caches than the emulator can afford.
+        for l in &mut c.lens {
+            *l *= 1 + i % 40;
+        }
+        let s = if i % 3 == 0 {
+            Splits::Auto
+        } else {
+            Splits::AtMost(splits)
+        };
+        match (dtype % 2, c.scale_mode.is_some()) {
+            (0, false) => gpu_parity::<bf16, bf16>(&dev, "bf16", &c, s),
+            (_, false) => gpu_parity::<f16, f16>(&dev, "f16", &c, s),
+            (0, true) => gpu_parity::<bf16, Fp8E4m3>(&dev, "bf16 fp8", &c, s),
+            (_, true) => gpu_parity::<f16, Fp8E4m3>(&dev, "f16 fp8", &c, s),
+        }
+    }
+}
+
+/// A long context (64k tokens at batch 1, split across the SMs) against the reference.
+#[test]
+#[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+fn gpu_decode_long_context() {
+    let Some(dev) = common::gpu("gpu_decode_long_context") else {
+        return;
+    };
+    let mut c = base(16, vec![65536], vec![1]);
+    c.heads_kv = 8;
+    c.group = 4;
+    c.head_dim = 128;
+    gpu_parity::<bf16, bf16>(&dev, "64k", &c, Splits::Auto);
+    c.scale_mode = Some(ScaleMode::PerTokenHead);
+    gpu_parity::<bf16, Fp8E4m3>(&dev, "64k fp8", &c, Splits::Auto);
 }

@@ -6,7 +6,9 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, PushKernelArg};
 
 use super::cache::{cache_params, step_params, CacheShape, KvScales, PagedCache};
 use super::fp8::{cache_matches, CacheDType, CacheElement};
-use super::merge::{plan_merge_typed, LseLayout, MergeAddrs, MergeOptions, MergeShape, StackedStates};
+use super::merge::{
+    plan_merge_typed, LseLayout, MergeAddrs, MergeOptions, MergeShape, StackedStates,
+};
 use super::step::{KvStep, ValidatedStep, MAX_DECODE_QUERIES};
 use crate::attention::SoftmaxConsts;
 use crate::device::{cuda_err, Device};
@@ -94,7 +96,12 @@ impl DecodePlan {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] when the size overflows usize.
-    pub fn workspace_len(&self, total_new: usize, heads_q: usize, head_dim: usize) -> Result<usize> {
+    pub fn workspace_len(
+        &self,
+        total_new: usize,
+        heads_q: usize,
+        head_dim: usize,
+    ) -> Result<usize> {
         if self.splits <= 1 {
             return Ok(0);
         }
@@ -157,7 +164,9 @@ pub fn plan_decode(
     let tiles = DecodeTiles::new(head_dim, dtype);
     let group = heads_q / heads_kv;
     // Bounded: group <= heads_q and max_new <= 16.
-    let row_tiles = (group.saturating_mul(step.max_new)).div_ceil(tiles.rows_per_cta).max(1);
+    let row_tiles = (group.saturating_mul(step.max_new))
+        .div_ceil(tiles.rows_per_cta)
+        .max(1);
     let grid_y = heads_kv.saturating_mul(row_tiles);
     if grid_y > 65_535 || step.batch > 65_535 {
         return Err(Error::invalid(
@@ -196,7 +205,11 @@ pub fn plan_decode(
         }
     };
     if chunk > i32::MAX as usize {
-        return Err(Error::invalid(OP, "cu_new", "a split longer than i32::MAX keys"));
+        return Err(Error::invalid(
+            OP,
+            "cu_new",
+            "a split longer than i32::MAX keys",
+        ));
     }
     Ok(DecodePlan {
         splits,
@@ -319,10 +332,11 @@ impl DecodeShape<'_> {
             .softmax_scale
             .unwrap_or_else(|| (1.0 / (d as f64).sqrt()) as f32);
         let consts = SoftmaxConsts::new(scale, opts.softcap)?;
-        let window_left = opts.window_left.map_or(
-            sys::LONGCTX_ATTN_WINDOW_UNBOUNDED as i32,
-            |w| w.min(sys::LONGCTX_ATTN_WINDOW_UNBOUNDED as usize) as i32,
-        );
+        let window_left = opts
+            .window_left
+            .map_or(sys::LONGCTX_ATTN_WINDOW_UNBOUNDED as i32, |w| {
+                w.min(sys::LONGCTX_ATTN_WINDOW_UNBOUNDED as usize) as i32
+            });
         Ok(DecodeValidated {
             plan,
             heads_q,

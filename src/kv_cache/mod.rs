@@ -22,16 +22,9 @@ mod decode;
 mod fp8;
 mod merge;
 mod paged;
-mod step;
 pub mod reference;
+mod step;
 
-pub use merge::{
-    merge_states, LseLayout, MergeOptions, MergeShape, MergeState, MergeValidated, StackedStates,
-    States, MAX_MERGE_HEAD_DIM,
-};
-#[cfg(feature = "emulator")]
-pub(crate) use merge::{plan_merge, MergeAddrs};
-pub(crate) use paged::{dense_len, for_each_row};
 pub use cache::{CacheShape, KvScales, KvScalesMut, PagedCache, PagedCacheMut, ScaleMode};
 pub use decode::{
     decode, plan_decode, DecodeOptions, DecodeOutput, DecodePlan, DecodeShape, DecodeTiles,
@@ -40,5 +33,12 @@ pub use decode::{
 #[cfg(feature = "emulator")]
 pub(crate) use decode::{plan_decode_launch, DecodeAddrs};
 pub use fp8::{CacheDType, CacheElement, Fp8E4m3};
-pub use step::{KvStep, StepTable, ValidatedStep, MAX_DECODE_QUERIES};
+pub use merge::{
+    merge_states, LseLayout, MergeOptions, MergeShape, MergeState, MergeValidated, StackedStates,
+    States, MAX_MERGE_HEAD_DIM,
+};
+#[cfg(feature = "emulator")]
+pub(crate) use merge::{plan_merge, MergeAddrs};
+pub(crate) use paged::{dense_len, for_each_row};
 pub use paged::{PageTable, PagedKvLayout, ValidatedTable, MAX_CACHE_HEAD_DIM, MAX_PAGE_SIZE};
+pub use step::{KvStep, StepTable, ValidatedStep, MAX_DECODE_QUERIES};
