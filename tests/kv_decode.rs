@@ -912,3 +912,97 @@ fn gpu_decode_long_context() {
     c.scale_mode = Some(ScaleMode::PerTokenHead);
     gpu_parity::<bf16, Fp8E4m3>(&dev, "64k fp8", &c, Splits::Auto);
 }
+
+/// The raw-pointer entry gives the safe op's bits, split and unsplit.
+#[test]
+#[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+fn gpu_decode_raw_matches_safe() {
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    use longctx::kv_cache::{decode_raw, KvStep};
+    use longctx::layout::{RawBuffer, RawTensor};
+    let Some(dev) = common::gpu("gpu_decode_raw_matches_safe") else {
+        return;
+    };
+    let mut c = base(16, vec![3000, 17], vec![1, 3]);
+    c.scale_mode = Some(ScaleMode::PerTokenHead);
+    let b = c.build::<bf16, Fp8E4m3>();
+    for splits in [Splits::AtMost(1), Splits::AtMost(9)] {
+        let (want_o, want_lse, plan) = run_gpu::<bf16, Fp8E4m3>(&dev, &c, &b, splits);
+        let q: Vec<bf16> = b.q_val.iter().map(|&x| bf16::from_f64(x)).collect();
+        let ql = HeadsLayout::contiguous(b.total_new, b.heads_q, c.head_dim);
+        let step = KvStep::upload(&dev, &b.layout, &b.step()).unwrap();
+        let qd = dev.upload(&q).unwrap();
+        let kd = dev.upload(&b.k).unwrap();
+        let vd = dev.upload(&b.v).unwrap();
+        let ks = dev.upload(&b.k_scale).unwrap();
+        let vs = dev.upload(&b.v_scale).unwrap();
+        let mut o = dev.zeros::<bf16>(ql.numel().unwrap()).unwrap();
+        let mut lse = dev.zeros::<f32>(b.heads_q * b.total_new).unwrap();
+        let mut ws = dev
+            .zeros::<f32>(
+                plan.workspace_len(b.total_new, b.heads_q, 64)
+                    .unwrap()
+                    .max(1),
+            )
+            .unwrap();
+        let st = dev.stream().clone();
+        {
+            let (qp, _g0) = qd.device_ptr(&st);
+            let (kp, _g1) = kd.device_ptr(&st);
+            let (vp, _g2) = vd.device_ptr(&st);
+            let (ksp, _g3) = ks.device_ptr(&st);
+            let (vsp, _g4) = vs.device_ptr(&st);
+            let (op, _g5) = o.device_ptr_mut(&st);
+            let (lp, _g6) = lse.device_ptr_mut(&st);
+            let ws_len = ws.len();
+            let (wp, _g7) = ws.device_ptr_mut(&st);
+            let raw = |ptr, len| RawBuffer { ptr, len };
+            // SAFETY: every pointer is a live allocation of this context of the stated
+            // length; the outputs are distinct buffers; the launch completes before the
+            // guards drop (synchronize below).
+            unsafe {
+                decode_raw::<bf16, Fp8E4m3>(
+                    &dev,
+                    &step,
+                    RawTensor {
+                        ptr: qp,
+                        len: q.len(),
+                        layout: ql,
+                    },
+                    raw(kp, b.k.len()),
+                    raw(vp, b.v.len()),
+                    Some((
+                        ScaleMode::PerTokenHead,
+                        raw(ksp, b.k_scale.len()),
+                        raw(vsp, b.v_scale.len()),
+                    )),
+                    RawTensor {
+                        ptr: op,
+                        len: ql.numel().unwrap(),
+                        layout: ql,
+                    },
+                    Some((
+                        raw(lp, b.heads_q * b.total_new),
+                        LseLayout::contiguous(b.heads_q, b.total_new),
+                    )),
+                    Some(raw(wp, ws_len)),
+                    &c.options(splits),
+                )
+                .unwrap();
+            }
+            dev.synchronize().unwrap();
+        }
+        let got_o: Vec<f64> = dev
+            .download(&o)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_f64())
+            .collect();
+        let got_lse = dev.download(&lse).unwrap();
+        assert_eq!(got_o, want_o, "{splits:?}");
+        assert_eq!(
+            got_lse.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            want_lse.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+    }
+}

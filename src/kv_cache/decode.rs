@@ -4,7 +4,7 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, PushKernelArg};
 
-use super::cache::{cache_params, step_params, CacheShape, KvScales, PagedCache};
+use super::cache::{cache_params, step_params, CacheShape, KvScales, PagedCache, ScaleMode};
 use super::fp8::{cache_matches, CacheDType, CacheElement};
 use super::merge::{
     plan_merge_typed, LseLayout, MergeAddrs, MergeOptions, MergeShape, StackedStates,
@@ -16,7 +16,7 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kernel_id::KernelId;
 use crate::launch::KernelLaunch;
-use crate::layout::HeadsLayout;
+use crate::layout::{check_element_alignment, HeadsLayout, RawBuffer, RawTensor};
 use crate::sys;
 
 const OP: &str = "decode";
@@ -619,17 +619,7 @@ pub fn decode<T: Element, S: CacheElement>(
     if let Some((_, arg)) = owned.iter().find(|x| !x.0) {
         return Err(Error::invalid(OP, arg, "lives on another device context"));
     }
-    let cc = dev.compute_capability();
-    if cc < (8, 0) {
-        return Err(Error::invalid(
-            OP,
-            "device",
-            format!(
-                "the kernels need sm_80 or newer; this device is sm_{}{}",
-                cc.0, cc.1
-            ),
-        ));
-    }
+    check_arch(dev)?;
     let scales = match cache.scales {
         KvScales::None => None,
         KvScales::Fp8 { mode, k, v } => Some((mode, k.len(), v.len())),
@@ -678,26 +668,56 @@ pub fn decode<T: Element, S: CacheElement>(
         }
         None => (0, None),
     };
-    let Some((dl, ml)) = plan_decode_launch::<T, S>(
-        sv,
-        &v,
-        &DecodeAddrs {
-            q: qp,
-            o: op,
-            lse: lp,
-            k: kp,
-            v: vp,
-            k_scale: ksp,
-            v_scale: vsp,
-            workspace: wp,
-            block_table: bt,
-            seqlens: sl,
-            cu_new: cn,
-        },
-    )?
-    else {
+    let addrs = DecodeAddrs {
+        q: qp,
+        o: op,
+        lse: lp,
+        k: kp,
+        v: vp,
+        k_scale: ksp,
+        v_scale: vsp,
+        workspace: wp,
+        block_table: bt,
+        seqlens: sl,
+        cu_new: cn,
+    };
+    // SAFETY: the buffers are live allocations of this context (owns_any above), borrowed
+    // (the outputs mutably, so no input aliases them) until the launches are queued.
+    unsafe { launch_validated::<T, S>(dev, sv, &v, &addrs) }
+}
+
+fn check_arch(dev: &Device) -> Result<()> {
+    let cc = dev.compute_capability();
+    if cc < (8, 0) {
+        return Err(Error::invalid(
+            OP,
+            "device",
+            format!(
+                "the kernels need sm_80 or newer; this device is sm_{}{}",
+                cc.0, cc.1
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Plans and queues the launches of a validated call at these addresses.
+///
+/// # Safety
+/// Every address is the start of a live allocation of `dev`'s context holding the length
+/// `v` was validated with; the outputs (O, LSE, workspace) overlap no input and no other
+/// work touches them until the launches complete; the step arrays are those of a
+/// `KvStep` validated against the cache's layout.
+unsafe fn launch_validated<T: Element, S: CacheElement>(
+    dev: &Device,
+    sv: &ValidatedStep,
+    v: &DecodeValidated,
+    addrs: &DecodeAddrs,
+) -> Result<()> {
+    let Some((dl, ml)) = plan_decode_launch::<T, S>(sv, v, addrs)? else {
         return Ok(());
     };
+    let stream = dev.stream();
     let func = dev.function(dl.id)?;
     let mut builder = stream.launch_builder(&func);
     builder.arg(&dl.params);
@@ -707,8 +727,7 @@ pub fn decode<T: Element, S: CacheElement>(
     // hold the whole layout (and scales of the right length for fp8), the Q, O and LSE
     // views inside their buffers, the workspace large enough for the plan, and every count
     // and stride within the kernel's fields; plan_decode_launch checked the cache's 16-byte
-    // alignment and the dtype pair. Outputs are borrowed mutably, so no input aliases them.
-    // The guards keep every buffer alive until the launches are queued.
+    // alignment and the dtype pair; the caller guarantees the addresses (see above).
     unsafe { builder.launch(dl.config()) }
         .map(|_| ())
         .map_err(cuda_err(OP))?;
@@ -725,4 +744,94 @@ pub fn decode<T: Element, S: CacheElement>(
             .map_err(cuda_err(OP))?;
     }
     Ok(())
+}
+
+/// [`decode`] on raw device pointers (burn/cubecl-style frameworks). The step is a
+/// [`KvStep`] (its device tables were validated when it was built); everything else
+/// [`decode`] checks about shapes, lengths, alignment and options is checked here too.
+/// `scales` gives an fp8 cache's scale layout and its K and V scale buffers; `lse` the LSE
+/// buffer and view; `workspace` the f32 workspace.
+///
+/// # Safety
+/// Each pointer is the start of a live device allocation (or a part of one) of `dev`'s CUDA
+/// context holding at least `len` elements (`S` for the cache, `T` for Q and O, `f32` for
+/// scales, LSE and workspace); O, the LSE and the workspace overlap each other and no input;
+/// no other work writes the inputs or touches the outputs until the launches, queued on
+/// `dev`'s stream, complete; the memory stays allocated until then.
+///
+/// # Errors
+/// As [`decode`], plus [`Error::InvalidArgument`] of kind alignment for a pointer that is
+/// not a multiple of its element size.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn decode_raw<T: Element, S: CacheElement>(
+    dev: &Device,
+    step: &KvStep,
+    q: RawTensor,
+    cache_k: RawBuffer,
+    cache_v: RawBuffer,
+    scales: Option<(ScaleMode, RawBuffer, RawBuffer)>,
+    o: RawTensor,
+    lse: Option<(RawBuffer, LseLayout)>,
+    workspace: Option<RawBuffer>,
+    opts: &DecodeOptions,
+) -> Result<()> {
+    if !dev.owns(step.block_table()) {
+        return Err(Error::invalid(
+            OP,
+            "step",
+            "lives on another device context",
+        ));
+    }
+    check_arch(dev)?;
+    let elem = T::DTYPE.size();
+    check_element_alignment(OP, "q", q.ptr, elem)?;
+    check_element_alignment(OP, "o", o.ptr, elem)?;
+    for (arg, b) in [
+        ("lse", lse.map(|l| l.0)),
+        ("workspace", workspace),
+        ("cache.k_scale", scales.map(|s| s.1)),
+        ("cache.v_scale", scales.map(|s| s.2)),
+    ] {
+        if let Some(b) = b {
+            check_element_alignment(OP, arg, b.ptr, 4)?;
+        }
+    }
+    let sv = step.validated();
+    let v = DecodeShape {
+        step: sv,
+        cache: CacheShape::of::<S>(
+            *step.layout(),
+            cache_k.len,
+            cache_v.len,
+            scales.map(|(m, k, v)| (m, k.len, v.len)),
+        ),
+        q: q.layout,
+        q_len: q.len,
+        o: o.layout,
+        o_len: o.len,
+        lse: lse.map(|(b, l)| (l, b.len)),
+        workspace_len: workspace.map_or(0, |w| w.len),
+        sm_count: dev.sm_count(),
+    }
+    .validate(opts)?;
+    let stream = dev.stream();
+    let (bt, _g0) = step.block_table().device_ptr(stream);
+    let (sl, _g1) = step.seqlens().device_ptr(stream);
+    let (cn, _g2) = step.cu_new().device_ptr(stream);
+    let addrs = DecodeAddrs {
+        q: q.ptr,
+        o: o.ptr,
+        lse: lse.map_or(0, |l| l.0.ptr),
+        k: cache_k.ptr,
+        v: cache_v.ptr,
+        k_scale: scales.map_or(0, |s| s.1.ptr),
+        v_scale: scales.map_or(0, |s| s.2.ptr),
+        workspace: workspace.map_or(0, |w| w.ptr),
+        block_table: bt,
+        seqlens: sl,
+        cu_new: cn,
+    };
+    // SAFETY: the caller's contract for the raw buffers; the step's arrays are this
+    // handle's own, guarded until the launches are queued.
+    unsafe { launch_validated::<T, S>(dev, sv, &v, &addrs) }
 }

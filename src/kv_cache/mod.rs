@@ -27,8 +27,8 @@ mod step;
 
 pub use cache::{CacheShape, KvScales, KvScalesMut, PagedCache, PagedCacheMut, ScaleMode};
 pub use decode::{
-    decode, plan_decode, DecodeOptions, DecodeOutput, DecodePlan, DecodeShape, DecodeTiles,
-    DecodeValidated, Splits, DECODE_HEAD_DIMS, MAX_DECODE_SPLITS,
+    decode, decode_raw, plan_decode, DecodeOptions, DecodeOutput, DecodePlan, DecodeShape,
+    DecodeTiles, DecodeValidated, Splits, DECODE_HEAD_DIMS, MAX_DECODE_SPLITS,
 };
 #[cfg(feature = "emulator")]
 pub(crate) use decode::{plan_decode_launch, DecodeAddrs};
