@@ -1044,3 +1044,100 @@ fn emu_split_kv_forward_then_merge_equals_unsplit_attention() {
         "split {split:?} vs unsplit {full:?}"
     );
 }
+
+/// The raw-pointer merge gives the safe op's bits.
+#[test]
+#[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+fn gpu_merge_raw_matches_safe() {
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    use longctx::kv_cache::merge_states_raw;
+    use longctx::layout::RawBuffer;
+    let Some(dev) = common::gpu("gpu_merge_raw_matches_safe") else {
+        return;
+    };
+    let (p, t, h, d) = (5usize, 37usize, 4usize, 72usize);
+    let mut r = common::Rng(91);
+    let o_host: Vec<bf16> = (0..p * t * h * d)
+        .map(|_| bf16::from_f64(r.uniform()))
+        .collect();
+    let lse_host: Vec<f32> = (0..p * h * t)
+        .map(|i| {
+            if i % 7 == 0 {
+                f32::NEG_INFINITY
+            } else {
+                (3.0 * r.uniform()) as f32
+            }
+        })
+        .collect();
+    let layout = StackedStates::contiguous(p, t, h, d);
+    let ol = HeadsLayout::contiguous(t, h, d);
+    let ll = LseLayout::contiguous(h, t);
+    let po = dev.upload(&o_host).unwrap();
+    let pl = dev.upload(&lse_host).unwrap();
+    let mut want_o = dev.zeros::<bf16>(t * h * d).unwrap();
+    let mut want_lse = dev.zeros::<f32>(t * h).unwrap();
+    merge_states(
+        &dev,
+        &States {
+            o: &po,
+            lse: &pl,
+            layout,
+        },
+        MergeState {
+            o: &mut want_o,
+            o_layout: ol,
+            lse: &mut want_lse,
+            lse_layout: ll,
+        },
+        &MergeOptions::default(),
+    )
+    .unwrap();
+    let mut o = dev.zeros::<bf16>(t * h * d).unwrap();
+    let mut lse = dev.zeros::<f32>(t * h).unwrap();
+    let st = dev.stream().clone();
+    {
+        let (pop, _g0) = po.device_ptr(&st);
+        let (plp, _g1) = pl.device_ptr(&st);
+        let (op, _g2) = o.device_ptr_mut(&st);
+        let (lp, _g3) = lse.device_ptr_mut(&st);
+        // SAFETY: live allocations of this context of the stated lengths, outputs distinct;
+        // synchronised before the guards drop.
+        unsafe {
+            merge_states_raw::<bf16>(
+                &dev,
+                RawBuffer {
+                    ptr: pop,
+                    len: o_host.len(),
+                },
+                RawBuffer {
+                    ptr: plp,
+                    len: lse_host.len(),
+                },
+                &layout,
+                RawBuffer {
+                    ptr: op,
+                    len: t * h * d,
+                },
+                &ol,
+                RawBuffer {
+                    ptr: lp,
+                    len: t * h,
+                },
+                &ll,
+                &MergeOptions::default(),
+            )
+            .unwrap();
+        }
+        dev.synchronize().unwrap();
+    }
+    let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(dev.download(&o).unwrap()),
+        bits(dev.download(&want_o).unwrap())
+    );
+    let fbits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        fbits(dev.download(&lse).unwrap()),
+        fbits(dev.download(&want_lse).unwrap())
+    );
+}

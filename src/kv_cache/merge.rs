@@ -8,7 +8,7 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kernel_id::KernelId;
 use crate::launch::KernelLaunch;
-use crate::layout::HeadsLayout;
+use crate::layout::{check_element_alignment, HeadsLayout, RawBuffer};
 use crate::sys;
 
 const OP: &str = "merge_states";
@@ -444,17 +444,7 @@ pub fn merge_states<T: Element>(
             return Err(Error::invalid(OP, arg, "lives on another device context"));
         }
     }
-    let cc = dev.compute_capability();
-    if cc < (8, 0) {
-        return Err(Error::invalid(
-            OP,
-            "device",
-            format!(
-                "the kernels need sm_80 or newer; this device is sm_{}{}",
-                cc.0, cc.1
-            ),
-        ));
-    }
+    check_arch(dev)?;
     let v = MergeShape {
         parts: parts.layout,
         parts_o_len: parts.o.len(),
@@ -471,29 +461,121 @@ pub fn merge_states<T: Element>(
     let MergeState { o, lse, .. } = out;
     let (oo, _g2) = o.device_ptr_mut(stream);
     let (ol, _g3) = lse.device_ptr_mut(stream);
-    let Some(l) = plan_merge::<T>(
-        &v,
-        opts,
-        &MergeAddrs {
-            parts_o: po,
-            parts_lse: pl,
-            out_o: oo,
-            out_lse: ol,
-        },
-    )?
-    else {
+    // SAFETY: live allocations of this context (owns_any above), the outputs borrowed
+    // mutably (so no input aliases them), all guarded until the launch is queued.
+    unsafe {
+        launch_validated::<T>(
+            dev,
+            &v,
+            opts,
+            &MergeAddrs {
+                parts_o: po,
+                parts_lse: pl,
+                out_o: oo,
+                out_lse: ol,
+            },
+        )
+    }
+}
+
+/// Plans and queues a validated merge at these addresses.
+///
+/// # Safety
+/// Each address starts a live allocation of `dev`'s context of the length `v` was
+/// validated with; the outputs overlap no input; no other work touches them until the
+/// launch completes.
+unsafe fn launch_validated<T: Element>(
+    dev: &Device,
+    v: &MergeValidated,
+    opts: &MergeOptions,
+    a: &MergeAddrs,
+) -> Result<()> {
+    let Some(l) = plan_merge::<T>(v, opts, a)? else {
         return Ok(());
     };
     let func = dev.function(l.id)?;
-    let mut builder = stream.launch_builder(&func);
+    let mut builder = dev.stream().launch_builder(&func);
     builder.arg(&l.params);
     // SAFETY: MergeShape::validate proved every part's O and LSE view and both output views
-    // inside their buffers (live allocations of this context, checked by owns_any), the
-    // output rows disjoint, every count and stride within the kernel's u32/i64 fields and
-    // the grid within limits; plan_merge picked the 16-byte kernel only for 16-byte aligned
-    // rows. The outputs are borrowed mutably, so no input aliases them. The guards keep
-    // every buffer alive until the launch is queued.
+    // inside their buffers, the output rows disjoint, every count and stride within the
+    // kernel's u32/i64 fields and the grid within limits; plan_merge picked the 16-byte
+    // kernel only for 16-byte aligned rows; the caller guarantees the addresses.
     unsafe { builder.launch(l.config()) }
         .map(|_| ())
         .map_err(cuda_err(OP))
+}
+
+/// [`merge_states`] on raw device pointers (burn/cubecl-style frameworks): `parts_o` /
+/// `parts_lse` hold the stacked parts as `layout` says, `out_o` / `out_lse` receive the
+/// merged state in their views. Everything [`merge_states`] checks is checked here too.
+///
+/// # Safety
+/// Each pointer is the start of a live device allocation (or a part of one) of `dev`'s CUDA
+/// context holding at least `len` elements (`T` for O, `f32` for LSE); the outputs overlap
+/// each other and no input; no other work writes the inputs or touches the outputs until
+/// the launch, queued on `dev`'s stream, completes; the memory stays allocated until then.
+///
+/// # Errors
+/// As [`merge_states`], plus a pointer not a multiple of its element size (kind alignment).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn merge_states_raw<T: Element>(
+    dev: &Device,
+    parts_o: RawBuffer,
+    parts_lse: RawBuffer,
+    layout: &StackedStates,
+    out_o: RawBuffer,
+    out_o_layout: &HeadsLayout,
+    out_lse: RawBuffer,
+    out_lse_layout: &LseLayout,
+    opts: &MergeOptions,
+) -> Result<()> {
+    check_arch(dev)?;
+    let elem = T::DTYPE.size();
+    for (arg, b, e) in [
+        ("parts.o", parts_o, elem),
+        ("parts.lse", parts_lse, 4),
+        ("out_o", out_o, elem),
+        ("out_lse", out_lse, 4),
+    ] {
+        check_element_alignment(OP, arg, b.ptr, e)?;
+    }
+    let v = MergeShape {
+        parts: *layout,
+        parts_o_len: parts_o.len,
+        parts_lse_len: parts_lse.len,
+        out_o: *out_o_layout,
+        out_o_len: out_o.len,
+        out_lse: *out_lse_layout,
+        out_lse_len: out_lse.len,
+    }
+    .validate()?;
+    // SAFETY: the caller's contract.
+    unsafe {
+        launch_validated::<T>(
+            dev,
+            &v,
+            opts,
+            &MergeAddrs {
+                parts_o: parts_o.ptr,
+                parts_lse: parts_lse.ptr,
+                out_o: out_o.ptr,
+                out_lse: out_lse.ptr,
+            },
+        )
+    }
+}
+
+fn check_arch(dev: &Device) -> Result<()> {
+    let cc = dev.compute_capability();
+    if cc < (8, 0) {
+        return Err(Error::invalid(
+            OP,
+            "device",
+            format!(
+                "the kernels need sm_80 or newer; this device is sm_{}{}",
+                cc.0, cc.1
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -34,8 +34,8 @@ pub use decode::{
 pub(crate) use decode::{plan_decode_launch, DecodeAddrs};
 pub use fp8::{CacheDType, CacheElement, Fp8E4m3};
 pub use merge::{
-    merge_states, LseLayout, MergeOptions, MergeShape, MergeState, MergeValidated, StackedStates,
-    States, MAX_MERGE_HEAD_DIM,
+    merge_states, merge_states_raw, LseLayout, MergeOptions, MergeShape, MergeState,
+    MergeValidated, StackedStates, States, MAX_MERGE_HEAD_DIM,
 };
 #[cfg(feature = "emulator")]
 pub(crate) use merge::{plan_merge, MergeAddrs};
