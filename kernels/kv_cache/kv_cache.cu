@@ -2,6 +2,7 @@
 // decode per (attention dtype, cache dtype, head dim). The names are listed once more in
 // src/kernel_id.rs (KernelId); keep the two in step.
 #include "kv_cache/decode_kernel.cuh"
+#include "kv_cache/decode_mma_kernel.cuh"
 #include "kv_cache/merge_kernel.cuh"
 
 using longctx::kv_cache::kThreads;
@@ -31,9 +32,16 @@ LONGCTX_KV_MERGE_ENTRY(longctx_kv_merge_f32_bf16_scalar, float, __nv_bfloat16, 1
         longctx::kv_decode::decode_kernel_body<T, S, D>(p);                              \
     }
 
+// Head dims 64 and 128: tensor cores; 256 and 512: CUDA cores (see the kernels' headers).
+#define LONGCTX_KV_DECODE_MMA_ENTRY(NAME, T, S, D)                                       \
+    extern "C" __global__ void __launch_bounds__(longctx::kv_decode_mma::Shape<T, S, D>::kThreads) \
+        NAME(const __grid_constant__ LongctxKvDecodeParams p) {                          \
+        longctx::kv_decode_mma::decode_mma_body<T, S, D>(p);                             \
+    }
+
 #define LONGCTX_KV_DECODE_DIMS(PREFIX, T, S)                                             \
-    LONGCTX_KV_DECODE_ENTRY(PREFIX##_hd64, T, S, 64)                                     \
-    LONGCTX_KV_DECODE_ENTRY(PREFIX##_hd128, T, S, 128)                                   \
+    LONGCTX_KV_DECODE_MMA_ENTRY(PREFIX##_hd64, T, S, 64)                                 \
+    LONGCTX_KV_DECODE_MMA_ENTRY(PREFIX##_hd128, T, S, 128)                               \
     LONGCTX_KV_DECODE_ENTRY(PREFIX##_hd256, T, S, 256)                                   \
     LONGCTX_KV_DECODE_ENTRY(PREFIX##_hd512, T, S, 512)
 

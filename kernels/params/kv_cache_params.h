@@ -73,6 +73,12 @@ typedef struct LongctxKvStep {
 #define LONGCTX_KV_DECODE_TILE_BYTES 8192u
 /* Query rows per CTA x elements per lane and key row: rows = this / max(8, head_dim / 32). */
 #define LONGCTX_KV_DECODE_ROW_ELEMS 64u
+/* Head dims 64 and 128 run on tensor cores (decode_mma_kernel.cuh): 16 query rows per CTA,
+ * one m16 tile; warps per CTA by head dim, each taking 16 keys of a 16 x warps key tile.
+ * Head dims 256 and 512 run on CUDA cores (decode_kernel.cuh, LONGCTX_KV_DECODE_WARPS). */
+#define LONGCTX_KV_DECODE_MMA_ROWS 16u
+#define LONGCTX_KV_DECODE_MMA_WARPS_HD64 4u
+#define LONGCTX_KV_DECODE_MMA_WARPS_HD128 2u
 
 typedef struct LongctxKvDecodeParams {
     LongctxKvCache cache;

@@ -60,16 +60,38 @@ pub struct DecodeTiles {
     pub rows_per_cta: usize,
     /// Keys per shared-memory tile.
     pub tile_keys: usize,
+    /// Threads per CTA.
+    pub threads: usize,
+    /// Whether the kernel runs on tensor cores (head dims 64 and 128) or CUDA cores.
+    pub tensor_cores: bool,
 }
 
 impl DecodeTiles {
     /// The tiling of the kernel for `head_dim` (one of [`DECODE_HEAD_DIMS`]) and a cache of
     /// `dtype`.
     pub fn new(head_dim: usize, dtype: CacheDType) -> Self {
-        let vec = (head_dim / 32).max(8);
-        DecodeTiles {
-            rows_per_cta: sys::LONGCTX_KV_DECODE_ROW_ELEMS as usize / vec,
-            tile_keys: sys::LONGCTX_KV_DECODE_TILE_BYTES as usize / (head_dim * dtype.size()),
+        let mma_warps = match head_dim {
+            64 => Some(sys::LONGCTX_KV_DECODE_MMA_WARPS_HD64 as usize),
+            128 => Some(sys::LONGCTX_KV_DECODE_MMA_WARPS_HD128 as usize),
+            _ => None,
+        };
+        match mma_warps {
+            Some(w) => DecodeTiles {
+                rows_per_cta: sys::LONGCTX_KV_DECODE_MMA_ROWS as usize,
+                tile_keys: 16 * w,
+                threads: 32 * w,
+                tensor_cores: true,
+            },
+            None => {
+                let vec = (head_dim / 32).max(8);
+                DecodeTiles {
+                    rows_per_cta: sys::LONGCTX_KV_DECODE_ROW_ELEMS as usize / vec,
+                    tile_keys: sys::LONGCTX_KV_DECODE_TILE_BYTES as usize
+                        / (head_dim * dtype.size()),
+                    threads: 32 * sys::LONGCTX_KV_DECODE_WARPS as usize,
+                    tensor_cores: false,
+                }
+            }
         }
     }
 }
@@ -486,7 +508,7 @@ pub(crate) fn plan_decode_launch<T: Element, S: CacheElement>(
             (l.heads_kv * plan.row_tiles) as u32,
             step.batch as u32,
         ),
-        block: (32 * sys::LONGCTX_KV_DECODE_WARPS, 1, 1),
+        block: (plan.tiles.threads as u32, 1, 1),
         smem_bytes: 0,
     };
     if plan.splits == 1 {

@@ -12,6 +12,9 @@ pub const LONGCTX_KV_DECODE_WARPS: u32 = 4;
 pub const LONGCTX_KV_DECODE_MAX_QUERIES: u32 = 16;
 pub const LONGCTX_KV_DECODE_TILE_BYTES: u32 = 8192;
 pub const LONGCTX_KV_DECODE_ROW_ELEMS: u32 = 64;
+pub const LONGCTX_KV_DECODE_MMA_ROWS: u32 = 16;
+pub const LONGCTX_KV_DECODE_MMA_WARPS_HD64: u32 = 4;
+pub const LONGCTX_KV_DECODE_MMA_WARPS_HD128: u32 = 2;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct LongctxKvCache {
