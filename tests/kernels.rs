@@ -318,3 +318,63 @@ fn attention_backward_sass_uses_tensor_cores_and_no_local_memory() {
         }
     }
 }
+
+/// The KV-cache family: the decode kernels for head dims 64 and 128 use tensor cores (one
+/// 16-key step of S = Q K^T and of P V per warp: d / 16 x 2 + d / 16 x 2 HMMA), ldmatrix
+/// and cp.async; every decode kernel copies with cp.async; nothing uses local memory.
+#[test]
+fn kv_cache_sass_uses_tensor_cores_and_no_local_memory() {
+    let Some(counts) = family_sass(
+        "kv_cache_sass_uses_tensor_cores_and_no_local_memory",
+        "kv_cache",
+    ) else {
+        return;
+    };
+    let syms: Vec<&str> = longctx::device::hot_kernel_symbols()
+        .into_iter()
+        .filter(|s| s.starts_with("longctx_kv_"))
+        .collect();
+    let archs: std::collections::BTreeSet<&String> = counts.keys().map(|(a, _)| a).collect();
+    assert!(
+        !archs.is_empty(),
+        "no KV-cache kernels in cuobjdump's output"
+    );
+    for arch in &archs {
+        for sym in &syms {
+            let ops = counts
+                .get(&((*arch).clone(), sym.to_string()))
+                .unwrap_or_else(|| panic!("{sym} has no SASS for {arch}"));
+            let n = |op: &str| ops.get(op).copied().unwrap_or(0);
+            eprintln!(
+                "{sym:<36} {arch:<7} HMMA {:>4}  LDSM {:>4}  LDGSTS {:>3}  LDL {} STL {}",
+                n("HMMA"),
+                n("LDSM"),
+                n("LDGSTS"),
+                n("LDL"),
+                n("STL")
+            );
+            assert_eq!(
+                (n("LDL"), n("STL")),
+                (0, 0),
+                "{sym} {arch} uses local memory"
+            );
+            if !sym.starts_with("longctx_kv_decode_") {
+                continue;
+            }
+            assert!(n("LDGSTS") > 0, "{sym} {arch}: {ops:?}");
+            let d = if sym.ends_with("_hd64") {
+                64
+            } else if sym.ends_with("_hd128") {
+                128
+            } else {
+                continue; // the CUDA-core kernels (256, 512)
+            };
+            let per_step = 4 * (d / 16);
+            assert!(
+                n("HMMA") >= per_step && n("LDSM") > 0,
+                "{sym} {arch}: {} HMMA, a 16-key step needs {per_step}; {ops:?}",
+                n("HMMA")
+            );
+        }
+    }
+}
