@@ -57,6 +57,7 @@ pub mod emulator;
 pub mod error;
 pub mod kv_cache;
 pub mod layout;
+pub mod mla;
 pub mod moe;
 pub mod rope;
 // Benchmark helpers shared by the benches, the sweep and the GPU tests: public so those
