@@ -5,13 +5,17 @@
 //! * [`reference`](mod@reference) applies RoPE on the CPU in f64.
 //! * [`RopeTable`], [`Positions`] and [`apply_rope`] / [`apply_rope_packed`] run the fused
 //!   CUDA kernel: Q and K together, in place, forward or backward.
+//! * [`RopeSchedule`]: progressive context extension (stages of length, base and scaling),
+//!   with presets from published recipes, and [`frequency_bands`] per configuration.
 
 mod plan;
 pub mod reference;
+mod schedule;
 
 pub(crate) mod cuda;
 
 pub use plan::*;
+pub use schedule::{frequency_bands, Band, PairBand, RopeSchedule, RopeStage};
 
 pub use cuda::{apply_rope, apply_rope_packed, apply_rope_raw, Positions, RopeTable};
 
