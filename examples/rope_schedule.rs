@@ -7,11 +7,10 @@
 
 use longctx::rope::{frequency_bands, Band, RopeSchedule};
 
-fn main() -> longctx::Result<()> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let schedules = match std::env::args().nth(1) {
         Some(path) => {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| longctx::Error::config("schedule", format!("{path}: {e}")))?;
+            let text = std::fs::read_to_string(&path)?;
             vec![(path, RopeSchedule::from_json(&text)?)]
         }
         None => vec![
