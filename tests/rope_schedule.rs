@@ -181,3 +181,61 @@ fn bands_of_pi_and_dynamic() {
         .iter()
         .all(|b| b.band == Band::Blended && b.ratio < 1.0));
 }
+
+/// Dynamic YaRN follows the length: at or below the original length it is plain RoPE
+/// (attention factor 1), at 4x it is YaRN x4 exactly (the static rule's numbers), between
+/// it interpolates less than x4; dynamic NTK through `Config` grows its base past its length.
+#[test]
+fn length_scaling_rules() {
+    use longctx::rope::{LengthScaling, RopeConfig};
+    let yarn = |factor: f64| {
+        RopeConfig::builder(128)
+            .base(1e6)
+            .scaling(RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: 32768,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                mscale: None,
+                mscale_all_dim: None,
+                attention_factor: None,
+                truncate: true,
+            })
+            .build()
+            .unwrap()
+    };
+    let dy = LengthScaling::DynamicYarn(yarn(4.0));
+    let plain = RopeConfig::builder(128)
+        .base(1e6)
+        .build()
+        .unwrap()
+        .inv_freq_f64(1);
+    let short = dy.at(1000).unwrap();
+    assert_eq!(short.attention_factor, 1.0);
+    for (a, b) in short.inv_freq.iter().zip(&plain) {
+        assert!((a - b).abs() <= 1e-15 * b, "{a} vs {b}");
+    }
+    let at4 = dy.at(4 * 32768).unwrap();
+    assert_eq!(at4.inv_freq, yarn(4.0).inv_freq_f64(4 * 32768));
+    assert_eq!(at4.attention_factor, yarn(4.0).attention_factor_f64());
+    let at2 = dy.at(2 * 32768).unwrap();
+    assert!((at2.attention_factor - (0.1 * 2f64.ln() + 1.0)).abs() < 1e-15);
+    assert!((at2.inv_freq[63] / plain[63] - 0.5).abs() < 1e-12);
+    // Static YaRN through Config ignores the length.
+    let st = LengthScaling::Config(yarn(4.0));
+    assert_eq!(st.at(10).unwrap(), st.at(1 << 20).unwrap());
+    // Dynamic NTK: unchanged up to its length, a larger base after.
+    let ntk = LengthScaling::Config(
+        RopeConfig::builder(128)
+            .max_position_embeddings(8192)
+            .scaling(RopeScaling::Dynamic { factor: 2.0 })
+            .build()
+            .unwrap(),
+    );
+    let base = RopeConfig::builder(128).build().unwrap().inv_freq_f64(1);
+    assert_eq!(ntk.at(8192).unwrap().inv_freq, base);
+    assert!(ntk.at(16384).unwrap().inv_freq[10] < base[10]);
+    // Dynamic YaRN needs a YaRN configuration.
+    let bad = LengthScaling::DynamicYarn(RopeConfig::builder(128).build().unwrap());
+    assert_eq!(key_of(bad.at(5)), "rope_scaling.rope_type");
+}

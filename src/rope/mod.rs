@@ -8,12 +8,14 @@
 //! * [`RopeSchedule`]: progressive context extension (stages of length, base and scaling),
 //!   with presets from published recipes, and [`frequency_bands`] per configuration.
 
+mod dynamic;
 mod plan;
 pub mod reference;
 mod schedule;
 
 pub(crate) mod cuda;
 
+pub use dynamic::{LengthScaling, RotationAt};
 pub use plan::*;
 pub use schedule::{frequency_bands, Band, PairBand, RopeSchedule, RopeStage};
 
