@@ -49,7 +49,16 @@ fn libclang_available() -> bool {
 }
 
 fn generate(header: &Path) -> String {
-    let bindings = bindgen::Builder::default()
+    // A header may include another params header (kv_cache_params.h embeds the attention
+    // forward's params); the included one's items stay in its own Rust file.
+    let mut builder = bindgen::Builder::default();
+    for (other, _) in HEADERS {
+        if !header.ends_with(other) {
+            let name = Path::new(other).file_name().unwrap().to_string_lossy();
+            builder = builder.blocklist_file(format!(".*/{}", name.replace('.', "\\.")));
+        }
+    }
+    let bindings = builder
         .header(header.to_string_lossy())
         .allowlist_type("Longctx.*")
         .allowlist_var("LONGCTX_.*")

@@ -193,6 +193,13 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
+pub struct LongctxKvExtendParams {
+    pub attn: LongctxAttnParams,
+    pub cache: LongctxKvCache,
+    pub step: LongctxKvStep,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
 pub struct LongctxKvMergeParams {
     pub o_parts: u64,
     pub lse_parts: u64,
