@@ -10,7 +10,7 @@
 //! supported; an fp8 cache is [`Error::unsupported`] (future work: dequantise each K/V tile
 //! into shared memory before the ldmatrix loads).
 
-use cudarc::driver::{DevicePtr, DevicePtrMut, PushKernelArg};
+use cudarc::driver::{DevicePtr, PushKernelArg};
 
 use super::cache::{cache_params, step_params, CacheShape, KvScales, PagedCache};
 use super::decode::DecodeOutput;
@@ -195,10 +195,11 @@ impl ExtendShape<'_> {
             .softmax_scale
             .unwrap_or_else(|| (1.0 / (d as f64).sqrt()) as f32);
         let consts = SoftmaxConsts::new(scale, opts.softcap)?;
-        let window_left = opts.window_left.map_or(
-            sys::LONGCTX_ATTN_WINDOW_UNBOUNDED as i32,
-            |w| w.min(sys::LONGCTX_ATTN_WINDOW_UNBOUNDED as usize) as i32,
-        );
+        let window_left = opts
+            .window_left
+            .map_or(sys::LONGCTX_ATTN_WINDOW_UNBOUNDED as i32, |w| {
+                w.min(sys::LONGCTX_ATTN_WINDOW_UNBOUNDED as usize) as i32
+            });
         Ok(ExtendValidated {
             tiles,
             heads_q,
