@@ -260,7 +260,14 @@ fn parity<T: AttnElement + CacheElement>(tag: &str, c: &Case, arch: Arch) {
     let want = reference(c, &b);
     let abs = reference_with(c, &b, f64::abs);
     let o: Vec<f64> = o.iter().map(|x| Element::to_f64(*x)).collect();
-    check(&format!("{tag} {arch:?} {c:?}"), T::DTYPE, &o, &lse, &want, &abs.o);
+    check(
+        &format!("{tag} {arch:?} {c:?}"),
+        T::DTYPE,
+        &o,
+        &lse,
+        &want,
+        &abs.o,
+    );
 }
 
 fn base(page_size: usize, lens: Vec<usize>, news: Vec<usize>) -> Case {
@@ -719,7 +726,9 @@ fn gpu_parity<T: AttnElement + CacheElement>(dev: &longctx::device::Device, c: &
     let v = dev.upload(&b.v).unwrap();
     let ql = HeadsLayout::contiguous(b.total_new, b.heads_q, c.head_dim);
     let n = ql.numel().unwrap().max(1);
-    let mut o = dev.upload(&vec![<T as Element>::from_f64(f64::NAN); n]).unwrap();
+    let mut o = dev
+        .upload(&vec![<T as Element>::from_f64(f64::NAN); n])
+        .unwrap();
     let mut lse = dev
         .upload(&vec![f32::NAN; (b.heads_q * b.total_new).max(1)])
         .unwrap();
