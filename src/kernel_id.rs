@@ -138,6 +138,14 @@ pub(crate) enum KernelId {
     KvDecodeBf16Fp8Hd128,
     KvDecodeBf16Fp8Hd256,
     KvDecodeBf16Fp8Hd512,
+    KvExtendF16Hd64,
+    KvExtendF16Hd96,
+    KvExtendF16Hd128,
+    KvExtendF16Hd256,
+    KvExtendBf16Hd64,
+    KvExtendBf16Hd96,
+    KvExtendBf16Hd128,
+    KvExtendBf16Hd256,
 }
 
 impl KernelId {
@@ -230,6 +238,14 @@ impl KernelId {
         KernelId::KvDecodeBf16Fp8Hd128,
         KernelId::KvDecodeBf16Fp8Hd256,
         KernelId::KvDecodeBf16Fp8Hd512,
+        KernelId::KvExtendF16Hd64,
+        KernelId::KvExtendF16Hd96,
+        KernelId::KvExtendF16Hd128,
+        KernelId::KvExtendF16Hd256,
+        KernelId::KvExtendBf16Hd64,
+        KernelId::KvExtendBf16Hd96,
+        KernelId::KvExtendBf16Hd128,
+        KernelId::KvExtendBf16Hd256,
     ];
 
     pub(crate) fn index(self) -> usize {
@@ -316,6 +332,7 @@ impl KernelId {
             | KernelId::AttnBwdDqDetBf16Hd128
             | KernelId::AttnBwdDqDetBf16Hd192Dv128
             | KernelId::AttnBwdDqDetBf16Hd256 => Family::AttentionBwd,
+            // The extend entries (KvExtend*) share the forward's body and source file.
             _ => Family::Attention,
         }
     }
@@ -411,6 +428,14 @@ impl KernelId {
             KernelId::KvDecodeBf16Fp8Hd128 => "longctx_kv_decode_bf16_fp8_hd128",
             KernelId::KvDecodeBf16Fp8Hd256 => "longctx_kv_decode_bf16_fp8_hd256",
             KernelId::KvDecodeBf16Fp8Hd512 => "longctx_kv_decode_bf16_fp8_hd512",
+            KernelId::KvExtendF16Hd64 => "longctx_kv_extend_f16_hd64",
+            KernelId::KvExtendF16Hd96 => "longctx_kv_extend_f16_hd96",
+            KernelId::KvExtendF16Hd128 => "longctx_kv_extend_f16_hd128",
+            KernelId::KvExtendF16Hd256 => "longctx_kv_extend_f16_hd256",
+            KernelId::KvExtendBf16Hd64 => "longctx_kv_extend_bf16_hd64",
+            KernelId::KvExtendBf16Hd96 => "longctx_kv_extend_bf16_hd96",
+            KernelId::KvExtendBf16Hd128 => "longctx_kv_extend_bf16_hd128",
+            KernelId::KvExtendBf16Hd256 => "longctx_kv_extend_bf16_hd256",
         }
     }
 

@@ -48,8 +48,36 @@ fn libclang_available() -> bool {
     })
 }
 
+/// Structs that embed a struct of another params header. That header's items are left to
+/// its own Rust file, so bindgen cannot see that the embedding struct may derive Debug,
+/// Copy and Clone (every params struct is plain data); they are added here by name.
+const EMBEDDING: &[&str] = &["LongctxKvExtendParams"];
+
+#[derive(Debug)]
+struct PlainData;
+
+impl bindgen::callbacks::ParseCallbacks for PlainData {
+    fn add_derives(&self, info: &bindgen::callbacks::DeriveInfo<'_>) -> Vec<String> {
+        if EMBEDDING.contains(&info.name) {
+            vec!["Debug".into(), "Copy".into(), "Clone".into()]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
 fn generate(header: &Path) -> String {
-    let bindings = bindgen::Builder::default()
+    // A header may include another params header (kv_cache_params.h embeds the attention
+    // forward's params); the included one's items stay in its own Rust file.
+    let mut builder = bindgen::Builder::default();
+    for (other, _) in HEADERS {
+        if !header.ends_with(other) {
+            let name = Path::new(other).file_name().unwrap().to_string_lossy();
+            builder = builder.blocklist_file(format!(".*/{}", name.replace('.', "\\.")));
+        }
+    }
+    let bindings = builder
+        .parse_callbacks(Box::new(PlainData))
         .header(header.to_string_lossy())
         .allowlist_type("Longctx.*")
         .allowlist_var("LONGCTX_.*")

@@ -120,6 +120,12 @@ fn sass_opcodes(text: &str) -> BTreeMap<(String, String), BTreeMap<String, usize
     out
 }
 
+/// Entries built from the attention forward's body: the forward and extend over the paged
+/// cache (same tiles, same main loop).
+fn is_forward_body(symbol: &str) -> bool {
+    symbol.starts_with("longctx_attn_fwd_") || symbol.starts_with("longctx_kv_extend_")
+}
+
 /// (head_dim, head_dim_v) from an attention entry name: ..._hd128 or ..._hd192_dv128.
 fn head_dims(symbol: &str) -> Option<(usize, usize)> {
     let rest = &symbol[symbol.find("_hd")? + 3..];
@@ -201,7 +207,7 @@ fn attention_sass_uses_tensor_cores_and_no_local_memory() {
     };
     let attn: Vec<_> = counts
         .iter()
-        .filter(|((_, f), _)| f.starts_with("longctx_attn_fwd_"))
+        .filter(|((_, f), _)| is_forward_body(f))
         .collect();
     assert!(
         !attn.is_empty(),
@@ -213,7 +219,7 @@ fn attention_sass_uses_tensor_cores_and_no_local_memory() {
     for arch in &archs {
         for sym in longctx::device::hot_kernel_symbols()
             .into_iter()
-            .filter(|s| s.starts_with("longctx_attn_fwd_"))
+            .filter(|s| is_forward_body(s))
         {
             assert!(
                 attn.iter().any(|((a, f), _)| a == *arch && f == sym),

@@ -1,5 +1,6 @@
 // Entry points of the attention forward family: one per storage type and head-dim pair
-// (2 x 5 = 10). Masks, softcap, GQA ratio and variable lengths are runtime parameters. The
+// (2 x 5 = 10), and the same body over a paged KV cache (chunked prefill, "extend") per
+// storage type and head dim (2 x 4 = 8). Masks, softcap, GQA ratio and variable lengths are runtime parameters. The
 // names are listed once more in src/kernel_id.rs (KernelId); keep the two in step.
 #include "attention/attention_kernel.cuh"
 #include "common/entry.cuh"
@@ -23,3 +24,19 @@ LONGCTX_ATTN_ENTRY(longctx_attn_fwd_bf16_hd96, __nv_bfloat16, 96, 96)
 LONGCTX_ATTN_ENTRY(longctx_attn_fwd_bf16_hd128, __nv_bfloat16, 128, 128)
 LONGCTX_ATTN_ENTRY(longctx_attn_fwd_bf16_hd192_dv128, __nv_bfloat16, 192, 128)
 LONGCTX_ATTN_ENTRY(longctx_attn_fwd_bf16_hd256, __nv_bfloat16, 256, 256)
+
+// Extend over a paged cache: the forward's body with PagedKv addressing (D == DV).
+#define LONGCTX_KV_EXTEND_ENTRY(NAME, T, D)                                           \
+    extern "C" __global__ void __launch_bounds__(Traits<D, D>::kThreads)              \
+        LONGCTX_ENTRY_NAME(NAME)(const __grid_constant__ LongctxKvExtendParams p) {   \
+        attn_fwd_body<T, D, D, longctx::attn::PagedKv>(p);                            \
+    }
+
+LONGCTX_KV_EXTEND_ENTRY(longctx_kv_extend_f16_hd64, __half, 64)
+LONGCTX_KV_EXTEND_ENTRY(longctx_kv_extend_f16_hd96, __half, 96)
+LONGCTX_KV_EXTEND_ENTRY(longctx_kv_extend_f16_hd128, __half, 128)
+LONGCTX_KV_EXTEND_ENTRY(longctx_kv_extend_f16_hd256, __half, 256)
+LONGCTX_KV_EXTEND_ENTRY(longctx_kv_extend_bf16_hd64, __nv_bfloat16, 64)
+LONGCTX_KV_EXTEND_ENTRY(longctx_kv_extend_bf16_hd96, __nv_bfloat16, 96)
+LONGCTX_KV_EXTEND_ENTRY(longctx_kv_extend_bf16_hd128, __nv_bfloat16, 128)
+LONGCTX_KV_EXTEND_ENTRY(longctx_kv_extend_bf16_hd256, __nv_bfloat16, 256)

@@ -52,6 +52,7 @@
 #include "common/fast_math.cuh"
 #include "common/mma.cuh"
 #include "params/attention_params.h"
+#include "params/kv_cache_params.h"
 
 namespace longctx {
 namespace attn {
@@ -128,6 +129,88 @@ template <int ROWS, int DIM, int ROW_ELEMS, int THREADS> struct TileLoader {
             src += step;
         }
     }
+
+    // Issues the copies of tile rows k0 .. k0 + ROWS of a sequence in a paged cache: row j
+    // starts at base + (table[j / page_size] * page_size + j % page_size) * slot_stride,
+    // where `base` is this thread's (head, chunk) element of slot 0 of page 0. Every row's
+    // page is looked up on its own. Rows >= valid_rows (relative to k0) are zero-filled,
+    // reading neither the table nor the cache; their source operand is `base`.
+    template <typename T>
+    __device__ __forceinline__ void load_paged(uint32_t s_tile, const T* base, const int* table, int page_size,
+                                               int64_t slot_stride, int k0, int valid_rows) const {
+        if (!active) return;
+        const int rows_left = valid_rows - row0;
+        const int j0 = k0 + row0;
+#pragma unroll
+        for (int it = 0; it < kIters; ++it) {
+            const bool valid = it * kRowStep < rows_left;
+            const uint32_t off = swz[(kRowStep % 8 == 0) ? 0 : (it & 1)] + uint32_t(it * kRowStep * kRowBytes);
+            const T* src = base;
+            if (valid) {
+                const int j = j0 + it * kRowStep;
+                const int page_col = j / page_size;
+                const int slot = j - page_col * page_size;
+                src = base + (int64_t(table[page_col]) * page_size + slot) * slot_stride;
+            }
+            cp_async_16(s_tile + off, src, valid);
+        }
+    }
+};
+
+// Where the forward's K and V rows come from: a source names its params type (BlockInfo
+// has a constructor for each: the sequence geometry of a CTA), gives the attention params
+// the body reads (Q, O, LSE, heads, window, softmax constants), and says whether rows are
+// paged. Dense sources use the body's strided TileLoader copies; paged ones a Loader that
+// issues the copies of key rows [k0, k0 + kBlockN) of K and of V (load_k, load_v) by page
+// lookup, zero-filling rows from the sequence's key count sk on. The dense path is written
+// out in the body itself, so the attention forward's entries compile to the same code as
+// before paged sources existed.
+
+// Dense K and V tensors with token strides (the attention forward).
+struct DenseKv {
+    using Params = LongctxAttnParams;
+    static constexpr bool kPaged = false;
+    static __device__ __forceinline__ const LongctxAttnParams& attn(const Params& p) { return p; }
+
+    // No paged loader: the body's strided copies serve.
+    template <typename T, int ROWS, int D, int ROW_ELEMS, int THREADS> struct Loader {
+        __device__ __forceinline__ Loader(const Params&, int, int) {}
+    };
+};
+
+// A paged KV cache (params/kv_cache_params.h): sequence b's queries are rows
+// cu_new[b] .. cu_new[b + 1] of Q and O, its keys the seqlens[b] tokens of its pages, and
+// its new tokens the last of them (bottom-right alignment places query i at key position
+// seqlens[b] - n + i). K and V rows are head_dim wide (D == DV).
+struct PagedKv {
+    using Params = LongctxKvExtendParams;
+    static constexpr bool kPaged = true;
+    static __device__ __forceinline__ const LongctxAttnParams& attn(const Params& p) { return p.attn; }
+
+    template <typename T, int ROWS, int D, int ROW_ELEMS, int THREADS> struct Loader {
+        TileLoader<ROWS, D, ROW_ELEMS, THREADS> loader;  // K's and V's copy plans are the same
+        const T* k_thread;  // this thread's (head, chunk) element of K's slot 0 of page 0
+        const T* v_thread;
+        const int* table;   // the sequence's block table row
+        int page_size;
+        int64_t slot_stride;  // elements between consecutive slots: heads_kv x head_dim
+
+        __device__ __forceinline__ Loader(const Params& p, int head_kv, int tid) : loader(tid) {
+            slot_stride = int64_t(p.cache.heads_kv) * D;
+            const int64_t off = int64_t(head_kv) * D + loader.chunk * 8;
+            k_thread = reinterpret_cast<const T*>(p.cache.k) + off;
+            v_thread = reinterpret_cast<const T*>(p.cache.v) + off;
+            table = reinterpret_cast<const int*>(p.step.block_table) +
+                    int64_t(blockIdx.z) * int64_t(p.step.max_pages_per_seq);
+            page_size = int(p.cache.page_size);
+        }
+        __device__ __forceinline__ void load_k(uint32_t s_tile, int k0, int sk) const {
+            loader.load_paged(s_tile, k_thread, table, page_size, slot_stride, k0, sk - k0);
+        }
+        __device__ __forceinline__ void load_v(uint32_t s_tile, int k0, int sk) const {
+            loader.load_paged(s_tile, v_thread, table, page_size, slot_stride, k0, sk - k0);
+        }
+    };
 };
 
 // Per-lane ldmatrix.x4 addresses into a tile of ROW_ELEMS-element rows. For k16 step k,
@@ -149,8 +232,10 @@ template <int ROW_ELEMS> struct LdsmAddr {
     }
 };
 
-template <typename T, int D, int DV>
-__device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
+// Kv: where K and V come from (DenseKv, PagedKv); P is its Params.
+template <typename T, int D, int DV, typename Kv = DenseKv>
+__device__ __forceinline__ void attn_fwd_body(const typename Kv::Params& kv_params) {
+    const LongctxAttnParams& p = Kv::attn(kv_params);
     using Tr = Traits<D, DV>;
     constexpr int kBlockM = Tr::kBlockM;
     constexpr int kBlockN = Tr::kBlockN;
@@ -179,7 +264,7 @@ __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
     const int head = blockIdx.y;
     const int m_block = int(p.num_m_blocks) - 1 - int(blockIdx.x);
 
-    const BlockInfo<kBlockM, kBlockN> bi(p, blockIdx.z, m_block);
+    const BlockInfo<kBlockM, kBlockN> bi(kv_params, blockIdx.z, m_block);
     if (!bi.has_rows()) return;
     const int rows_here = bi.m1 - bi.m0;  // existing rows of this tile, >= 1
 
@@ -231,10 +316,13 @@ __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
     const TileLoader<kBlockN, D, kRowQK, kThreads> k_loader(tid);
     const TileLoader<kBlockN, DV, kRowV, kThreads> v_loader(tid);
     // This thread's copy source in key tile 0 of the sequence; tile n adds n * kBlockN rows.
+    // (A paged source leaves these unused: its loader below addresses every row.)
     const T* k_thread = k_base + int64_t(bi.k_start) * k_ts + int64_t(head_kv) * p.k.head_stride +
                         k_loader.thread_offset(k_ts);
     const T* v_thread = v_base + int64_t(bi.k_start) * v_ts + int64_t(head_kv) * p.v.head_stride +
                         v_loader.thread_offset(v_ts);
+    static_assert(!Kv::kPaged || (D == DV && kRowQK == kRowV), "paged K and V rows have one width");
+    const typename Kv::template Loader<T, kBlockN, D, kRowQK, kThreads> paged(kv_params, head_kv, tid);
     {
         const TileLoader<kBlockM, D, kRowQK, kThreads> q_loader(tid);
         const T* q_base = reinterpret_cast<const T*>(p.q.data);
@@ -242,7 +330,11 @@ __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
                             int64_t(head) * p.q.head_stride + q_loader.thread_offset(p.q.token_stride);
         q_loader.load(sQ, q_thread, q_base, p.q.token_stride, rows_here);
         const int k0 = n_min * kBlockN;
-        k_loader.load(sQ + kOffK, k_thread + int64_t(k0) * k_ts, k_base, k_ts, sk - k0);
+        if constexpr (Kv::kPaged) {
+            paged.load_k(sQ + kOffK, k0, sk);
+        } else {
+            k_loader.load(sQ + kOffK, k_thread + int64_t(k0) * k_ts, k_base, k_ts, sk - k0);
+        }
     }
     cp_async_commit();
     cp_async_wait<0>();
@@ -283,7 +375,11 @@ __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
 
     for (int n = n_min; n < n_max; ++n) {
         const int k0 = n * kBlockN;
-        v_loader.load(sQ + kOffV, v_thread + int64_t(k0) * v_ts, v_base, v_ts, sk - k0);
+        if constexpr (Kv::kPaged) {
+            paged.load_v(sQ + kOffV, k0, sk);
+        } else {
+            v_loader.load(sQ + kOffV, v_thread + int64_t(k0) * v_ts, v_base, v_ts, sk - k0);
+        }
         cp_async_commit();
 
         // s[mi][nj]: C fragment of S for rows (mi * 16 + g, + 8), keys k0 + nj * 8 + 2 * t4 (+1).
@@ -420,7 +516,11 @@ __device__ __forceinline__ void attn_fwd_body(const LongctxAttnParams& p) {
         __syncthreads();
         if (n + 1 < n_max) {
             const int k1 = k0 + kBlockN;
-            k_loader.load(sQ + kOffK, k_thread + int64_t(k1) * k_ts, k_base, k_ts, sk - k1);
+            if constexpr (Kv::kPaged) {
+                paged.load_k(sQ + kOffK, k1, sk);
+            } else {
+                k_loader.load(sQ + kOffK, k_thread + int64_t(k1) * k_ts, k_base, k_ts, sk - k1);
+            }
             cp_async_commit();
         }
 

@@ -4,6 +4,7 @@
 // and the test suite checks against naive attention on every mask.
 #pragma once
 #include "params/attention_params.h"
+#include "params/kv_cache_params.h"
 
 namespace longctx {
 namespace attn {
@@ -33,6 +34,22 @@ template <int kBlockM, int kBlockN> struct BlockInfo {
         diag = sk - sq;
         left = p.window_left;
         right = p.window_right;
+    }
+
+    // Extend over a paged cache: the queries are rows cu_new[b] .. cu_new[b + 1], the keys
+    // the seqlens[b] cached tokens of the sequence (k_start is unused: keys are paged).
+    __device__ __forceinline__ BlockInfo(const LongctxKvExtendParams& p, int batch, int m_block) {
+        const int* cu_new = reinterpret_cast<const int*>(p.step.cu_new);
+        const int* seqlens = reinterpret_cast<const int*>(p.step.seqlens);
+        q_start = cu_new[batch];
+        sq = cu_new[batch + 1] - q_start;
+        k_start = 0;
+        sk = seqlens[batch];
+        m0 = m_block * kBlockM;
+        m1 = min(m0 + kBlockM, sq);
+        diag = sk - sq;
+        left = p.attn.window_left;
+        right = p.attn.window_right;
     }
 
     // Whether the tile has rows at all (CTAs past a short sequence's end exit).

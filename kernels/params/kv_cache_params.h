@@ -16,6 +16,8 @@
 
 #include <stdint.h>
 
+#include "attention_params.h"
+
 /* flags */
 #define LONGCTX_KV_MERGE_ACCUMULATE 1u /* the output state is merged in as an extra part */
 
@@ -105,6 +107,22 @@ typedef struct LongctxKvDecodeParams {
     uint32_t pad0;
 } LongctxKvDecodeParams;
 
+/* Extend over the cache (longctx_kv_extend_*, chunked prefill): each sequence's new tokens,
+ * any number of them, attend to its cached keys (which already hold the new ones), causal
+ * bottom-right: query i of the n new tokens of sequence b, at position p = seqlens[b] - n + i,
+ * sees keys max(0, p - window_left) ..= p. The attention forward's kernel body with paged K/V
+ * addressing: attn holds Q, O, the LSE, the heads, the window (window_right = 0) and the
+ * softmax constants as for the forward, with cu_seqlens_q = step.cu_new and grid
+ * (num_m_blocks, heads_q, batch); attn.k, attn.v and attn.cu_seqlens_k are unused (0): row j
+ * of sequence b's K is cache.k + ((block_table[b * max_pages_per_seq + j / page_size] *
+ * page_size + j % page_size) * heads_kv + head_kv) * head_dim, and its key count seqlens[b].
+ * f16 / bf16 caches of the queries' type; head_dim == head_dim_v. */
+typedef struct LongctxKvExtendParams {
+    LongctxAttnParams attn;
+    LongctxKvCache cache;
+    LongctxKvStep step;
+} LongctxKvExtendParams;
+
 typedef struct LongctxKvMergeParams {
     uint64_t o_parts;            /* device T*: part 0, token 0, head 0, channel 0          */
     uint64_t lse_parts;          /* device float*: part 0, head 0, token 0                 */
@@ -131,11 +149,13 @@ static_assert(sizeof(LongctxKvMergeParams) == 120, "LongctxKvMergeParams layout"
 static_assert(sizeof(LongctxKvCache) == 56, "LongctxKvCache layout");
 static_assert(sizeof(LongctxKvStep) == 32, "LongctxKvStep layout");
 static_assert(sizeof(LongctxKvDecodeParams) == 208, "LongctxKvDecodeParams layout");
+static_assert(sizeof(LongctxKvExtendParams) == 248, "LongctxKvExtendParams layout");
 #else
 _Static_assert(sizeof(LongctxKvMergeParams) == 120, "LongctxKvMergeParams layout");
 _Static_assert(sizeof(LongctxKvCache) == 56, "LongctxKvCache layout");
 _Static_assert(sizeof(LongctxKvStep) == 32, "LongctxKvStep layout");
 _Static_assert(sizeof(LongctxKvDecodeParams) == 208, "LongctxKvDecodeParams layout");
+_Static_assert(sizeof(LongctxKvExtendParams) == 248, "LongctxKvExtendParams layout");
 #endif
 
 #endif

@@ -29,10 +29,12 @@ use crate::launch::KernelLaunch;
 use crate::sys;
 
 mod kv_cache;
+mod kv_extend;
 mod moe;
 mod ops;
 pub mod selftest;
 pub use kv_cache::*;
+pub use kv_extend::*;
 pub use moe::*;
 pub use ops::*;
 
@@ -152,6 +154,14 @@ sm90_entries! {
     longctx_attn_fwd_bf16_hd128_emu_sm90: sys::LongctxAttnParams;
     longctx_attn_fwd_bf16_hd192_dv128_emu_sm90: sys::LongctxAttnParams;
     longctx_attn_fwd_bf16_hd256_emu_sm90: sys::LongctxAttnParams;
+    longctx_kv_extend_f16_hd64_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_f16_hd96_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_f16_hd128_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_f16_hd256_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_bf16_hd64_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_bf16_hd96_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_bf16_hd128_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_bf16_hd256_emu_sm90: sys::LongctxKvExtendParams;
 }
 
 entries! {
@@ -243,6 +253,14 @@ entries! {
     KvDecodeBf16Fp8Hd128 => longctx_kv_decode_bf16_fp8_hd128, longctx_kv_decode_bf16_fp8_hd128: sys::LongctxKvDecodeParams;
     KvDecodeBf16Fp8Hd256 => longctx_kv_decode_bf16_fp8_hd256, longctx_kv_decode_bf16_fp8_hd256: sys::LongctxKvDecodeParams;
     KvDecodeBf16Fp8Hd512 => longctx_kv_decode_bf16_fp8_hd512, longctx_kv_decode_bf16_fp8_hd512: sys::LongctxKvDecodeParams;
+    KvExtendF16Hd64 => longctx_kv_extend_f16_hd64, longctx_kv_extend_f16_hd64_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendF16Hd96 => longctx_kv_extend_f16_hd96, longctx_kv_extend_f16_hd96_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendF16Hd128 => longctx_kv_extend_f16_hd128, longctx_kv_extend_f16_hd128_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendF16Hd256 => longctx_kv_extend_f16_hd256, longctx_kv_extend_f16_hd256_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendBf16Hd64 => longctx_kv_extend_bf16_hd64, longctx_kv_extend_bf16_hd64_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendBf16Hd96 => longctx_kv_extend_bf16_hd96, longctx_kv_extend_bf16_hd96_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendBf16Hd128 => longctx_kv_extend_bf16_hd128, longctx_kv_extend_bf16_hd128_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendBf16Hd256 => longctx_kv_extend_bf16_hd256, longctx_kv_extend_bf16_hd256_emu_sm90: sys::LongctxKvExtendParams;
 }
 
 /// What every emulated CUDA thread runs: the kernel entry with the launch's params.

@@ -9,6 +9,9 @@
 //! * [`PagedKvLayout`] and [`PageTable`]: the paged cache layout (pages of `page_size`
 //!   tokens, int32 page tables per sequence) with complete host validation; no kernel
 //!   reads it yet.
+//! * [`extend`]: chunked prefill over the paged cache (any number of new tokens per
+//!   sequence attending to its cache, causal bottom-right), the attention forward's
+//!   tensor-core kernel with paged K/V addressing.
 //! * [`reference`](mod@reference): the f64 merge the kernel is checked against, and the paged <-> dense
 //!   gather and scatter that define the paged layout.
 //!
@@ -19,6 +22,7 @@
 
 mod cache;
 mod decode;
+mod extend;
 mod fp8;
 mod merge;
 mod paged;
@@ -32,6 +36,9 @@ pub use decode::{
 };
 #[cfg(feature = "emulator")]
 pub(crate) use decode::{plan_decode_launch, DecodeAddrs};
+pub use extend::{extend, ExtendOptions, ExtendShape, ExtendValidated, EXTEND_HEAD_DIMS};
+#[cfg(feature = "emulator")]
+pub(crate) use extend::{plan_extend_launch, ExtendAddrs};
 pub use fp8::{CacheDType, CacheElement, Fp8E4m3};
 pub use merge::{
     merge_states, merge_states_raw, LseLayout, MergeOptions, MergeShape, MergeState,

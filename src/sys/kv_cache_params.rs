@@ -195,6 +195,40 @@ const _: () = {
     ][::std::mem::offset_of!(LongctxKvDecodeParams, pad0) - 204usize];
 };
 #[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LongctxKvExtendParams {
+    pub attn: LongctxAttnParams,
+    pub cache: LongctxKvCache,
+    pub step: LongctxKvStep,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of LongctxKvExtendParams",
+    ][::std::mem::size_of::<LongctxKvExtendParams>() - 248usize];
+    [
+        "Alignment of LongctxKvExtendParams",
+    ][::std::mem::align_of::<LongctxKvExtendParams>() - 8usize];
+    [
+        "Offset of field: LongctxKvExtendParams::attn",
+    ][::std::mem::offset_of!(LongctxKvExtendParams, attn) - 0usize];
+    [
+        "Offset of field: LongctxKvExtendParams::cache",
+    ][::std::mem::offset_of!(LongctxKvExtendParams, cache) - 160usize];
+    [
+        "Offset of field: LongctxKvExtendParams::step",
+    ][::std::mem::offset_of!(LongctxKvExtendParams, step) - 216usize];
+};
+impl Default for LongctxKvExtendParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct LongctxKvMergeParams {
     pub o_parts: u64,

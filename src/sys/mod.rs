@@ -25,6 +25,8 @@ mod moe {
 pub(crate) use moe::*;
 
 mod kv_cache {
+    // kv_cache_params.h embeds LongctxAttnParams (the extend params).
+    use super::attention::*;
     include!("kv_cache_params.rs");
 }
 pub(crate) use kv_cache::*;
@@ -58,3 +60,5 @@ unsafe impl cudarc::driver::DeviceRepr for LongctxMoeBiasParams {}
 unsafe impl cudarc::driver::DeviceRepr for LongctxKvMergeParams {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for LongctxKvDecodeParams {}
+// SAFETY: as above (the attention params, the cache and the step, all plain data).
+unsafe impl cudarc::driver::DeviceRepr for LongctxKvExtendParams {}

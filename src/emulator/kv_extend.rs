@@ -1,0 +1,71 @@
+//! Extend (chunked prefill over the paged cache) on host buffers, through the emulator.
+
+use super::{run, Arch, HostBuf, HostCache, HostDecodeOutput};
+use crate::attention::{AttnElement, TileConfig};
+use crate::error::Result;
+use crate::kv_cache::{
+    plan_extend_launch, CacheElement, CacheShape, ExtendAddrs, ExtendOptions, ExtendShape,
+    StepTable,
+};
+use crate::layout::HeadsLayout;
+
+/// [`crate::kv_cache::extend`] on the CPU, running the code compiled for `arch` (its tile
+/// shape, as the forward's emulated op does). Returns the tile shape it ran.
+///
+/// # Errors
+/// As the GPU op, plus [`Error::Emulator`](crate::Error::Emulator) when the kernel
+/// misbehaves.
+pub fn extend<T: AttnElement, S: CacheElement>(
+    arch: Arch,
+    step: &StepTable,
+    q: &[T],
+    q_layout: &HeadsLayout,
+    cache: &HostCache<S>,
+    out: HostDecodeOutput<T>,
+    opts: &ExtendOptions,
+) -> Result<TileConfig> {
+    let sv = cache.layout.validate_step(step)?;
+    let v = ExtendShape {
+        step: &sv,
+        cache: CacheShape::of::<S>(
+            cache.layout,
+            cache.k.len(),
+            cache.v.len(),
+            cache.scales.map(|(m, k, v)| (m, k.len(), v.len())),
+        ),
+        q: *q_layout,
+        q_len: q.len(),
+        o: out.o_layout,
+        o_len: out.o.len(),
+        lse: out.lse.as_ref().map(|(b, l)| (*l, b.len())),
+    }
+    .validate(opts)?;
+    let d = v.head_dim();
+    let tiles = TileConfig::for_code(d, d, arch.ptx_arch())?;
+    let qb = HostBuf::input(q, c"q");
+    let kb = HostBuf::input(cache.k, c"cache.k");
+    let vb = HostBuf::input(cache.v, c"cache.v");
+    let btb = HostBuf::input(step.table.block_table, c"block_table");
+    let slb = HostBuf::input(step.table.seqlens, c"seqlens");
+    let cnb = HostBuf::input(step.cu_new, c"cu_new");
+    let HostDecodeOutput { o, lse, .. } = out;
+    let ob = HostBuf::output(o, c"o");
+    let lb = lse.map(|(l, _)| HostBuf::output(l, c"lse"));
+    let addrs = ExtendAddrs {
+        q: qb.addr(),
+        o: ob.addr(),
+        lse: lb.as_ref().map_or(0, HostBuf::addr),
+        k: kb.addr(),
+        v: vb.addr(),
+        block_table: btb.addr(),
+        seqlens: slb.addr(),
+        cu_new: cnb.addr(),
+    };
+    let Some(l) = plan_extend_launch::<T, S>(&sv, &v, &tiles, tiles.smem_bytes(), &addrs)? else {
+        return Ok(tiles);
+    };
+    let mut bufs = vec![qb, kb, vb, btb, slb, cnb, ob];
+    bufs.extend(lb);
+    run("extend", &l, arch, &bufs)?;
+    Ok(tiles)
+}

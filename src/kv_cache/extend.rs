@@ -1,0 +1,504 @@
+//! Chunked prefill ("extend") over a paged cache: every new token of a step, any number
+//! per sequence, attends to its sequence's cached keys (which already hold the step's new
+//! tokens: append runs first), causal bottom-right. The kernel is the attention forward's
+//! (kernels/attention/attention_kernel.cuh) with paged K/V addressing (`PagedKv`): the same
+//! tile table ([`TileConfig`]), the same mma.sync main loop and online softmax, and each
+//! K/V row's address looked up in the sequence's page table. Types, validation, the launch
+//! plan shared by the CUDA path and the emulator, and the CUDA op.
+//!
+//! Caches of f16 and bf16 with the queries' type and head dims [`EXTEND_HEAD_DIMS`] are
+//! supported; an fp8 cache is [`Error::unsupported`] (future work: dequantise each K/V tile
+//! into shared memory before the ldmatrix loads).
+
+use cudarc::driver::{DevicePtr, PushKernelArg};
+
+use super::cache::{cache_params, step_params, CacheShape, KvScales, PagedCache};
+use super::decode::DecodeOutput;
+use super::fp8::{CacheDType, CacheElement};
+use super::merge::LseLayout;
+use super::step::{KvStep, ValidatedStep};
+use crate::attention::cuda::{require_sm80, tensor};
+use crate::attention::{check_alignment, AttnElement, SoftmaxConsts, TileConfig, MAX_TOKENS};
+use crate::device::{cuda_err, Device};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::kernel_id::KernelId;
+use crate::launch::KernelLaunch;
+use crate::layout::HeadsLayout;
+use crate::sys;
+
+const OP: &str = "extend";
+
+/// Head dims the extend kernels are built for (head_dim == head_dim_v; the forward's tile
+/// table rows).
+pub const EXTEND_HEAD_DIMS: &[usize] = &[64, 96, 128, 256];
+
+/// Per-call options of [`extend`].
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ExtendOptions {
+    /// Multiplies q . k before softcap and softmax; `None` is `1 / sqrt(head_dim)`.
+    pub softmax_scale: Option<f32>,
+    /// Logit softcap; `None` is off.
+    pub softcap: Option<f32>,
+    /// Sliding window: a query at position p sees keys `p - window_left ..= p`; `None` is
+    /// unbounded.
+    pub window_left: Option<usize>,
+}
+
+/// The shapes of one extend call, checkable without a device.
+#[derive(Debug, Clone, Copy)]
+pub struct ExtendShape<'a> {
+    /// The step (validated against the cache's layout).
+    pub step: &'a ValidatedStep,
+    /// The cache's buffers.
+    pub cache: CacheShape,
+    /// Q, `[total_new, heads_q, head_dim]`.
+    pub q: HeadsLayout,
+    /// Elements in Q's buffer.
+    pub q_len: usize,
+    /// O, Q's shape.
+    pub o: HeadsLayout,
+    /// Elements in O's buffer.
+    pub o_len: usize,
+    /// The LSE view `[heads_q, total_new]` and its buffer's length, if asked for.
+    pub lse: Option<(LseLayout, usize)>,
+}
+
+/// An extend call that passed [`ExtendShape::validate`].
+#[derive(Debug, Clone)]
+pub struct ExtendValidated {
+    /// The portable tile shape of the head dim (the launch uses the loaded code's).
+    pub tiles: TileConfig,
+    heads_q: usize,
+    total_new: usize,
+    head_dim: usize,
+    consts: SoftmaxConsts,
+    window_left: i32,
+    q: HeadsLayout,
+    o: HeadsLayout,
+    lse: Option<LseLayout>,
+    cache: CacheShape,
+}
+
+impl ExtendValidated {
+    /// Channels of Q, K, V and O.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+}
+
+impl ExtendShape<'_> {
+    /// Checks everything about a call that does not need the device.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for: an invalid cache ([`CacheShape::validate`]); heads
+    /// that do not group (`heads_q`); Q or O not `[total_new, heads_q, head_dim]` or leaving
+    /// its buffer (`q`, `o`); an LSE view of another shape or leaving its buffer (`lse`);
+    /// more than [`MAX_TOKENS`] new tokens or cached tokens in a sequence, or more query
+    /// heads or sequences than the grid holds (`cu_new`, `seqlens`, `heads_q`); a softmax
+    /// scale or softcap that is not finite and positive; a stride past i64. Of kind
+    /// unsupported: an fp8 cache (`cache`) and a head dim not in [`EXTEND_HEAD_DIMS`].
+    pub fn validate(&self, opts: &ExtendOptions) -> Result<ExtendValidated> {
+        self.cache.validate()?;
+        if self.cache.dtype == CacheDType::Fp8E4m3 {
+            return Err(Error::unsupported(
+                OP,
+                "cache",
+                "extend over an fp8 cache is not implemented yet (f16 and bf16 caches are)",
+            ));
+        }
+        let l = &self.cache.layout;
+        let d = l.head_dim;
+        if !EXTEND_HEAD_DIMS.contains(&d) {
+            return Err(Error::unsupported(
+                OP,
+                "head_dim",
+                format!("{d}: the extend kernels are built for {EXTEND_HEAD_DIMS:?}"),
+            ));
+        }
+        let tiles = TileConfig::for_head_dims(d, d)?;
+        let heads_q = self.q.heads;
+        if l.heads_kv == 0 || heads_q == 0 || heads_q % l.heads_kv != 0 {
+            return Err(Error::invalid(
+                OP,
+                "heads_q",
+                format!(
+                    "{heads_q} query heads do not group over {} KV heads",
+                    l.heads_kv
+                ),
+            ));
+        }
+        let step = self.step;
+        let total_new = step.total_new;
+        if total_new > MAX_TOKENS {
+            return Err(Error::invalid(
+                OP,
+                "cu_new",
+                format!("{total_new} new tokens exceed {MAX_TOKENS}"),
+            ));
+        }
+        if step.max_seqlen > MAX_TOKENS {
+            return Err(Error::invalid(
+                OP,
+                "seqlens",
+                format!(
+                    "a sequence of {} tokens exceeds {MAX_TOKENS}",
+                    step.max_seqlen
+                ),
+            ));
+        }
+        // Grid (query tiles, heads_q, batch): y and z are 16-bit.
+        if heads_q > 65_535 || step.batch > 65_535 {
+            return Err(Error::invalid(
+                OP,
+                "heads_q",
+                format!(
+                    "{heads_q} query heads and {} sequences exceed the grid",
+                    step.batch
+                ),
+            ));
+        }
+        for (arg, x, len) in [("q", &self.q, self.q_len), ("o", &self.o, self.o_len)] {
+            if (x.tokens, x.heads, x.head_dim) != (total_new, heads_q, d) {
+                return Err(Error::invalid(
+                    OP,
+                    arg,
+                    format!(
+                        "shape [{}, {}, {}], expected [total_new {total_new}, heads_q {heads_q}, \
+                         head_dim {d}]",
+                        x.tokens, x.heads, x.head_dim
+                    ),
+                ));
+            }
+            x.validate(OP, arg, len)?;
+            for stride in [x.token_stride, x.head_stride] {
+                i64::try_from(stride)
+                    .map_err(|_| Error::invalid(OP, arg, format!("stride {stride} exceeds i64")))?;
+            }
+        }
+        if let Some((lse, len)) = self.lse {
+            if (lse.heads, lse.tokens) != (heads_q, total_new) {
+                return Err(Error::invalid(
+                    OP,
+                    "lse",
+                    format!(
+                        "shape [{}, {}], expected [heads_q {heads_q}, total_new {total_new}]",
+                        lse.heads, lse.tokens
+                    ),
+                ));
+            }
+            lse.validate("lse", len)?;
+            i64::try_from(lse.head_stride)
+                .map_err(|_| Error::invalid(OP, "lse", "head stride exceeds i64"))?;
+        }
+        let scale = opts
+            .softmax_scale
+            .unwrap_or_else(|| (1.0 / (d as f64).sqrt()) as f32);
+        let consts = SoftmaxConsts::new(scale, opts.softcap)?;
+        let window_left = opts
+            .window_left
+            .map_or(sys::LONGCTX_ATTN_WINDOW_UNBOUNDED as i32, |w| {
+                w.min(sys::LONGCTX_ATTN_WINDOW_UNBOUNDED as usize) as i32
+            });
+        Ok(ExtendValidated {
+            tiles,
+            heads_q,
+            total_new,
+            head_dim: d,
+            consts,
+            window_left,
+            q: self.q,
+            o: self.o,
+            lse: self.lse.map(|x| x.0),
+            cache: self.cache,
+        })
+    }
+}
+
+/// Device (or emulated host) addresses of one call's buffers.
+pub(crate) struct ExtendAddrs {
+    pub q: u64,
+    pub o: u64,
+    pub lse: u64,
+    pub k: u64,
+    pub v: u64,
+    pub block_table: u64,
+    pub seqlens: u64,
+    pub cu_new: u64,
+}
+
+pub(crate) fn kernel_id(t: DType, d: usize) -> Result<KernelId> {
+    use KernelId::*;
+    Ok(match (t, d) {
+        (DType::F16, 64) => KvExtendF16Hd64,
+        (DType::F16, 96) => KvExtendF16Hd96,
+        (DType::F16, 128) => KvExtendF16Hd128,
+        (DType::F16, 256) => KvExtendF16Hd256,
+        (DType::BF16, 64) => KvExtendBf16Hd64,
+        (DType::BF16, 96) => KvExtendBf16Hd96,
+        (DType::BF16, 128) => KvExtendBf16Hd128,
+        (DType::BF16, 256) => KvExtendBf16Hd256,
+        _ => {
+            return Err(Error::unsupported(
+                OP,
+                "dtype",
+                format!("no extend kernel for {t:?} with head dim {d}"),
+            ))
+        }
+    })
+}
+
+/// Whether queries of `T` read a cache of `S` in extend: the same 16-bit type.
+fn same_type<T: AttnElement, S: CacheElement>() -> bool {
+    matches!(
+        (T::DTYPE, S::CACHE_DTYPE),
+        (DType::F16, CacheDType::F16) | (DType::BF16, CacheDType::BF16)
+    )
+}
+
+/// The launch of one validated call, shared by the CUDA and emulated backends: the kernel
+/// for the dtype and head dim, 16-byte alignment of the cache, Q and O, the grid for
+/// `tiles` (the loaded code's tile shape of the head dim), `smem` bytes of dynamic shared
+/// memory, and the params. `None` for a call with no query row.
+pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
+    step: &ValidatedStep,
+    v: &ExtendValidated,
+    tiles: &TileConfig,
+    smem: usize,
+    a: &ExtendAddrs,
+) -> Result<Option<KernelLaunch<sys::LongctxKvExtendParams>>> {
+    if !same_type::<T, S>() {
+        return Err(Error::unsupported(
+            OP,
+            "cache",
+            format!(
+                "{:?} queries over a {:?} cache: extend reads caches of the queries' type \
+                 (fp8 extend is not implemented yet)",
+                T::DTYPE,
+                S::CACHE_DTYPE
+            ),
+        ));
+    }
+    tiles.validate()?;
+    if (tiles.head_dim, tiles.head_dim_v) != (v.head_dim, v.head_dim) {
+        return Err(Error::invalid(
+            OP,
+            "tiles",
+            format!("{tiles:?} is not a tile shape of head dim {}", v.head_dim),
+        ));
+    }
+    if v.total_new == 0 || step.batch == 0 {
+        return Ok(None);
+    }
+    let id = kernel_id(T::DTYPE, v.head_dim)?;
+    for (addr, arg) in [(a.k, "cache.k"), (a.v, "cache.v")] {
+        if addr % 16 != 0 {
+            return Err(Error::misaligned(
+                OP,
+                arg,
+                format!("the cache starts at {addr:#x}; the kernel copies 16-byte chunks"),
+            ));
+        }
+    }
+    let elem = T::DTYPE.size();
+    // Cache rows are dense: head_dim x 2 bytes, a multiple of 16 for every extend head dim.
+    debug_assert!(v.head_dim * elem % 16 == 0);
+    check_alignment(&v.q, a.q, elem, "q")?;
+    check_alignment(&v.o, a.o, elem, "o")?;
+    let (lse, lse_stride) = match v.lse {
+        Some(l) => (
+            (l.offset as u64)
+                .checked_mul(4)
+                .and_then(|b| b.checked_add(a.lse))
+                .ok_or_else(|| Error::invalid(OP, "lse", "offset overflows the address space"))?,
+            l.head_stride as i64,
+        ),
+        None => (0, 0),
+    };
+    let grid = tiles.grid(step.max_new, v.heads_q, step.batch);
+    let m_blocks = u32::try_from(grid.0)
+        .ok()
+        .filter(|&x| x <= i32::MAX as u32)
+        .ok_or_else(|| Error::invalid(OP, "cu_new", "too many query tiles for the grid"))?;
+    let zero = sys::LongctxAttnTensor {
+        data: 0,
+        token_stride: 0,
+        head_stride: 0,
+    };
+    // validate() bounded heads_q and batch by 65535, the window by WINDOW_UNBOUNDED, and
+    // the views' strides by i64.
+    let params = sys::LongctxKvExtendParams {
+        attn: sys::LongctxAttnParams {
+            q: tensor(&v.q, a.q, elem),
+            k: zero,
+            v: zero,
+            o: tensor(&v.o, a.o, elem),
+            lse,
+            lse_head_stride: lse_stride,
+            cu_seqlens_q: a.cu_new,
+            cu_seqlens_k: 0,
+            batch: step.batch as u32,
+            heads_q: v.heads_q as u32,
+            heads_per_kv: (v.heads_q / v.cache.layout.heads_kv) as u32,
+            num_m_blocks: m_blocks,
+            window_left: v.window_left,
+            window_right: 0,
+            exp_scale: v.consts.exp_scale,
+            softcap_in: v.consts.softcap_in,
+        },
+        cache: cache_params(&v.cache, a.k, a.v, 0, 0),
+        step: step_params(step, a.block_table, a.seqlens, a.cu_new),
+    };
+    Ok(Some(KernelLaunch {
+        id,
+        params,
+        grid: (m_blocks, v.heads_q as u32, step.batch as u32),
+        block: (tiles.threads() as u32, 1, 1),
+        smem_bytes: u32::try_from(smem)
+            .map_err(|_| Error::overflow(OP, "head_dim", "shared memory exceeds u32"))?,
+    }))
+}
+
+/// Attention of each sequence's new tokens (any number: a prefill chunk, or decode's one)
+/// over its paged cache on `dev`'s stream, with the attention forward's tensor-core kernel.
+/// The step's new tokens must already be in the cache (append first): query i of the n
+/// new tokens of sequence b sits at position `p = seqlens[b] - n + i` and sees keys
+/// `max(0, p - window_left) ..= p`. `q` is `[total_new, heads_q, head_dim]` (rotated
+/// already); query head h reads KV head `h / (heads_q / heads_kv)`. O has Q's shape; the
+/// LSE (natural log, -inf for a row that sees no key) is written when `out.lse` is given.
+/// One launch, nothing allocated; nothing is launched when there is no new token.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for everything [`ExtendShape::validate`] rejects, a cache
+/// whose layout differs from the step's, a cache, Q or O not 16-byte aligned (kind
+/// misaligned), a buffer of another context; of kind unsupported: an fp8 cache or one of
+/// another type than the queries, a head dim not in [`EXTEND_HEAD_DIMS`], a device older
+/// than sm_80, more shared memory than the device allows; [`Error::KernelsNotCompiled`]
+/// without kernels; [`Error::Cuda`] if the launch fails.
+pub fn extend<T: AttnElement, S: CacheElement>(
+    dev: &Device,
+    step: &KvStep,
+    q: &dyn DevicePtr<T>,
+    q_layout: &HeadsLayout,
+    cache: &PagedCache<S>,
+    out: DecodeOutput<T>,
+    opts: &ExtendOptions,
+) -> Result<()> {
+    if cache.layout != *step.layout() {
+        return Err(Error::invalid(
+            OP,
+            "cache",
+            format!(
+                "layout {:?} differs from the step's {:?}",
+                cache.layout,
+                step.layout()
+            ),
+        ));
+    }
+    let mut owned = vec![
+        (dev.owns_any(q), "q"),
+        (dev.owns_any(cache.k), "cache.k"),
+        (dev.owns_any(cache.v), "cache.v"),
+        (dev.owns_any(&*out.o), "o"),
+        (dev.owns(step.block_table()), "step"),
+    ];
+    if let Some((l, _)) = &out.lse {
+        owned.push((dev.owns_any(&**l), "lse"));
+    }
+    if let Some((_, arg)) = owned.iter().find(|x| !x.0) {
+        return Err(Error::invalid(OP, arg, "lives on another device context"));
+    }
+    require_sm80(dev, OP)?;
+    let scales = match cache.scales {
+        KvScales::None => None,
+        KvScales::Fp8 { mode, k, v } => Some((mode, k.len(), v.len())),
+    };
+    let sv = step.validated();
+    let v = ExtendShape {
+        step: sv,
+        cache: CacheShape::of::<S>(cache.layout, cache.k.len(), cache.v.len(), scales),
+        q: *q_layout,
+        q_len: q.len(),
+        o: out.o_layout,
+        o_len: out.o.len(),
+        lse: out.lse.as_ref().map(|(b, l)| (*l, b.len())),
+    }
+    .validate(opts)?;
+    if !same_type::<T, S>() {
+        return Err(Error::unsupported(
+            OP,
+            "cache",
+            format!(
+                "{:?} queries over a {:?} cache: extend reads caches of the queries' type",
+                T::DTYPE,
+                S::CACHE_DTYPE
+            ),
+        ));
+    }
+    if v.total_new == 0 || sv.batch == 0 {
+        return Ok(());
+    }
+    let d = v.head_dim;
+    let id = kernel_id(T::DTYPE, d)?;
+    // The key tile depends on which code the driver loaded (the sm_90a cubin or code for
+    // compute_80); shared memory covers the larger of its tiles and the device arch's own,
+    // as the forward does.
+    let tiles = TileConfig::for_code(d, d, dev.ptx_arch(id)?)?;
+    let cc = dev.compute_capability();
+    let native = TileConfig::for_code(d, d, u32::try_from(cc.0 * 10 + cc.1).unwrap_or(0))?;
+    let smem = tiles.smem_bytes().max(native.smem_bytes());
+    dev.allow_dynamic_smem(id, smem, OP, "head_dim")?;
+    let stream = dev.stream();
+    let (qp, _g0) = q.device_ptr(stream);
+    let (kp, _g1) = cache.k.device_ptr(stream);
+    let (vp, _g2) = cache.v.device_ptr(stream);
+    let (bt, _g3) = step.block_table().device_ptr(stream);
+    let (sl, _g4) = step.seqlens().device_ptr(stream);
+    let (cn, _g5) = step.cu_new().device_ptr(stream);
+    let DecodeOutput { o, lse, .. } = out;
+    let (op, _g6) = o.device_ptr_mut(stream);
+    let (lp, _g7) = match lse {
+        Some((l, _)) => {
+            let (p, g) = l.device_ptr_mut(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let Some(l) = plan_extend_launch::<T, S>(
+        sv,
+        &v,
+        &tiles,
+        smem,
+        &ExtendAddrs {
+            q: qp,
+            o: op,
+            lse: lp,
+            k: kp,
+            v: vp,
+            block_table: bt,
+            seqlens: sl,
+            cu_new: cn,
+        },
+    )?
+    else {
+        return Ok(());
+    };
+    let func = dev.function(l.id)?;
+    let mut builder = stream.launch_builder(&func);
+    builder.arg(&l.params);
+    // SAFETY: the step's device arrays were validated against the cache's layout when the
+    // KvStep was built (every page id a sequence uses in range, every table row long
+    // enough for its length, lengths and new-token offsets consistent, new tokens at most
+    // the length); the kernel reads table entries only for keys below a sequence's length.
+    // ExtendShape::validate proved the cache buffers hold the whole layout, the Q, O and
+    // LSE views inside their buffers with O's rows disjoint, lengths within MAX_TOKENS (the
+    // kernel's int32 mask arithmetic), heads_q a multiple of heads_kv, and the grid within
+    // limits; plan_extend_launch checked the dtype pair and the 16-byte alignment of the
+    // cache, Q and O (cache rows are head_dim x 2 bytes, a multiple of 16). Dynamic shared
+    // memory was sized for the loaded code's tiles and opted into above. Outputs are
+    // borrowed mutably, so no input aliases them; the guards keep every buffer alive until
+    // the launch is queued.
+    unsafe { builder.launch(l.config()) }
+        .map(|_| ())
+        .map_err(cuda_err(OP))
+}

@@ -1,0 +1,770 @@
+//! Extend (chunked prefill) over a paged cache: the attention forward's kernel with paged
+//! K/V addressing, through the emulator (its CUDA source on the CPU, race and bounds
+//! checkers on) for the portable and the sm_90a tile shapes, against the f64 reference over
+//! the logical cache (page sizes 1 to 256, chunks of 0 to 130 new tokens, edge lengths,
+//! GQA, head dims 64 to 256, f16 / bf16, windows, softcap); bit for bit against the dense
+//! forward on the gathered K/V; paging invisible; validation; GPU twins (`#[ignore]`d).
+
+mod common;
+
+use half::{bf16, f16};
+use longctx::attention::reference::Output;
+use longctx::attention::{AttentionOptions, AttnElement, Mask};
+use longctx::dtype::{DType, Element};
+use longctx::emulator::{self, Arch, HostCache, HostDecodeOutput, HostQkv};
+use longctx::kv_cache::reference::{decode_f64, DecodeMath};
+use longctx::kv_cache::{
+    CacheElement, ExtendOptions, Fp8E4m3, LseLayout, PageTable, PagedKvLayout, ScaleMode, StepTable,
+};
+use longctx::layout::HeadsLayout;
+use longctx::{Error, ErrorKind};
+
+/// A slice of `len` elements starting on a 16-byte boundary (the kernel copies 16-byte
+/// chunks; a host Vec need not start on one).
+struct Aligned<S> {
+    buf: Vec<S>,
+    off: usize,
+    len: usize,
+}
+
+impl<S: Copy + Default> Aligned<S> {
+    fn new(values: &[S]) -> Self {
+        let size = std::mem::size_of::<S>();
+        let mut buf = vec![S::default(); values.len() + 16];
+        let addr = buf.as_ptr() as usize;
+        let off = (16 - addr % 16) % 16 / size;
+        buf[off..off + values.len()].copy_from_slice(values);
+        Aligned {
+            buf,
+            off,
+            len: values.len(),
+        }
+    }
+    fn as_slice(&self) -> &[S] {
+        &self.buf[self.off..self.off + self.len]
+    }
+}
+
+/// One extend problem: the logical cache, the paging, the queries.
+#[derive(Debug, Clone)]
+struct Case {
+    page_size: usize,
+    heads_kv: usize,
+    group: usize,
+    head_dim: usize,
+    /// Cache length of each sequence (after the step, new tokens included).
+    lens: Vec<usize>,
+    /// New tokens of each sequence (its last positions).
+    news: Vec<usize>,
+    window_left: Option<usize>,
+    softcap: Option<f32>,
+    seed: u64,
+    /// Shuffle the page ids (and leave spare pages).
+    shuffle: bool,
+}
+
+/// The step's host arrays, the cache and the queries.
+struct Built<T> {
+    layout: PagedKvLayout,
+    block_table: Vec<i32>,
+    max_pages: usize,
+    seqlens: Vec<i32>,
+    cu_new: Vec<i32>,
+    k: Vec<T>,
+    v: Vec<T>,
+    q: Vec<T>,
+    heads_q: usize,
+    total_new: usize,
+}
+
+impl Case {
+    fn build<T: Element>(&self) -> Built<T> {
+        let mut r = common::Rng(self.seed);
+        let ps = self.page_size;
+        let used: Vec<usize> = self.lens.iter().map(|l| l.div_ceil(ps)).collect();
+        let max_pages = used.iter().copied().max().unwrap_or(0) + usize::from(self.shuffle);
+        let pages = (used.iter().sum::<usize>() + if self.shuffle { 3 } else { 0 }).max(1);
+        let mut ids: Vec<i32> = (0..pages as i32).collect();
+        if self.shuffle {
+            for i in (1..ids.len()).rev() {
+                ids.swap(i, r.below(i as u64 + 1) as usize);
+            }
+        }
+        let mut block_table = vec![-1i32; self.lens.len() * max_pages];
+        let mut next = 0;
+        for (b, &u) in used.iter().enumerate() {
+            for i in 0..u {
+                block_table[b * max_pages + i] = ids[next];
+                next += 1;
+            }
+        }
+        let layout = PagedKvLayout {
+            page_size: ps,
+            pages,
+            heads_kv: self.heads_kv,
+            head_dim: self.head_dim,
+        };
+        let n = layout.cache_len().unwrap();
+        let k: Vec<T> = (0..n).map(|_| T::from_f64(1.5 * r.uniform())).collect();
+        let v: Vec<T> = (0..n).map(|_| T::from_f64(r.uniform())).collect();
+        let heads_q = self.heads_kv * self.group;
+        let total_new: usize = self.news.iter().sum();
+        let q: Vec<T> = (0..total_new * heads_q * self.head_dim)
+            .map(|_| T::from_f64(1.5 * r.uniform()))
+            .collect();
+        let mut cu_new = vec![0i32];
+        for &x in &self.news {
+            cu_new.push(cu_new.last().unwrap() + x as i32);
+        }
+        Built {
+            layout,
+            block_table,
+            max_pages,
+            seqlens: self.lens.iter().map(|&l| l as i32).collect(),
+            cu_new,
+            k,
+            v,
+            q,
+            heads_q,
+            total_new,
+        }
+    }
+
+    fn scale(&self) -> f32 {
+        (1.0 / (self.head_dim as f64).sqrt()) as f32
+    }
+
+    fn options(&self) -> ExtendOptions {
+        ExtendOptions {
+            softmax_scale: Some(self.scale()),
+            softcap: self.softcap,
+            window_left: self.window_left,
+        }
+    }
+}
+
+impl<T> Built<T> {
+    fn step(&self) -> StepTable<'_> {
+        StepTable {
+            table: PageTable {
+                block_table: &self.block_table,
+                max_pages_per_seq: self.max_pages,
+                seqlens: &self.seqlens,
+            },
+            cu_new: &self.cu_new,
+        }
+    }
+}
+
+/// Runs a case through the emulator for `arch`; returns O and the LSE (poisoned before,
+/// so every element must be written).
+fn run_emu<T: AttnElement + CacheElement>(
+    c: &Case,
+    b: &Built<T>,
+    arch: Arch,
+) -> (Vec<T>, Vec<f32>) {
+    let ql = HeadsLayout::contiguous(b.total_new, b.heads_q, c.head_dim);
+    let k = Aligned::new(&b.k);
+    let v = Aligned::new(&b.v);
+    let cache = HostCache {
+        layout: b.layout,
+        k: k.as_slice(),
+        v: v.as_slice(),
+        scales: None,
+    };
+    let mut o = vec![<T as Element>::from_f64(f64::NAN); ql.numel().unwrap()];
+    let mut lse = vec![f32::NAN; b.heads_q * b.total_new];
+    let tiles = emulator::extend::<T, T>(
+        arch,
+        &b.step(),
+        &b.q,
+        &ql,
+        &cache,
+        HostDecodeOutput {
+            o: &mut o,
+            o_layout: ql,
+            lse: Some((&mut lse, LseLayout::contiguous(b.heads_q, b.total_new))),
+        },
+        &c.options(),
+    )
+    .unwrap();
+    assert_eq!(tiles.ptx_arch, arch.ptx_arch());
+    (o, lse)
+}
+
+fn reference<T: Element>(c: &Case, b: &Built<T>) -> Output<f64> {
+    reference_with(c, b, |x| x)
+}
+
+/// The reference with V's values mapped by `f` (|V| gives each row's sum p |v| / sum p).
+fn reference_with<T: Element>(c: &Case, b: &Built<T>, f: fn(f64) -> f64) -> Output<f64> {
+    let wide = |x: &[T]| x.iter().map(|e| e.to_f64()).collect::<Vec<f64>>();
+    let v: Vec<f64> = b.v.iter().map(|e| f(e.to_f64())).collect();
+    decode_f64(
+        &b.layout,
+        &b.step(),
+        &wide(&b.q),
+        b.heads_q,
+        &wide(&b.k),
+        &v,
+        &DecodeMath {
+            scale: f64::from(c.scale()),
+            softcap: c.softcap.map(f64::from),
+            window_left: c.window_left,
+        },
+    )
+    .unwrap()
+}
+
+/// FlashAttention-style bounds. O: the output's rounding to T plus the rounding of P to T
+/// before the P V MMA (the forward rounds P to the input type, as FlashAttention 2 does),
+/// at most eps x sum p |v| / sum p per element (`o_abs`: the reference over |V|), plus f32
+/// slack. LSE: f32 score error only (P's rounding does not reach it), 2e-5 relative: one
+/// key more or less in a row of n keys moves it by about 1 / n, far outside. Rows with no
+/// key must give LSE -inf exactly.
+fn check(
+    tag: &str,
+    dtype: DType,
+    got_o: &[f64],
+    got_lse: &[f32],
+    want: &Output<f64>,
+    o_abs: &[f64],
+) {
+    assert_eq!(got_o.len(), want.o.len(), "{tag}");
+    let eps = dtype.epsilon();
+    for (i, ((g, w), a)) in got_o.iter().zip(&want.o).zip(o_abs).enumerate() {
+        let tol = 1.01 * eps * w.abs() + eps * a + 2e-5;
+        assert!(
+            (g - w).abs() <= tol,
+            "{tag}: O[{i}] = {g}, reference {w} (tolerance {tol:e})"
+        );
+    }
+    assert_eq!(got_lse.len(), want.lse.len(), "{tag}");
+    for (i, (g, w)) in got_lse.iter().zip(&want.lse).enumerate() {
+        let g = f64::from(*g);
+        if *w == f64::NEG_INFINITY {
+            assert_eq!(g, f64::NEG_INFINITY, "{tag}: LSE[{i}] of a row with no key");
+        } else {
+            let tol = 2e-5 * (1.0 + w.abs());
+            assert!(
+                (g - w).abs() <= tol,
+                "{tag}: LSE[{i}] = {g}, reference {w} (tolerance {tol:e})"
+            );
+        }
+    }
+}
+
+fn parity<T: AttnElement + CacheElement>(tag: &str, c: &Case, arch: Arch) {
+    let b = c.build::<T>();
+    let (o, lse) = run_emu::<T>(c, &b, arch);
+    let want = reference(c, &b);
+    let abs = reference_with(c, &b, f64::abs);
+    let o: Vec<f64> = o.iter().map(|x| Element::to_f64(*x)).collect();
+    check(
+        &format!("{tag} {arch:?} {c:?}"),
+        T::DTYPE,
+        &o,
+        &lse,
+        &want,
+        &abs.o,
+    );
+}
+
+fn base(page_size: usize, lens: Vec<usize>, news: Vec<usize>) -> Case {
+    Case {
+        page_size,
+        heads_kv: 1,
+        group: 2,
+        head_dim: 64,
+        lens,
+        news,
+        window_left: None,
+        softcap: None,
+        seed: 1,
+        shuffle: true,
+    }
+}
+
+/// Every page size against cache lengths around a page (page - 1, page, page + 1, several
+/// pages, and an empty cache) and chunks of 0, 1, 17 and 130 new tokens (a prefix-only
+/// sequence brings none): bf16 with GQA 2 on the portable tiles, f16 with GQA 4, a window
+/// and softcap on the sm_90a tiles.
+#[test]
+fn emu_extend_page_sizes_and_chunks() {
+    for ps in [1usize, 3, 16, 64, 256] {
+        let mut lens = vec![ps.saturating_sub(1), ps, ps + 1, 2 * ps + 140, 0];
+        let chunks = [0usize, 1, 17, 130];
+        let mut news: Vec<usize> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| chunks[(i + ps) % 4].min(l))
+            .collect();
+        // A long sequence whose chunk spans several query tiles and is not its whole cache.
+        lens.push(300);
+        news.push(130);
+        let mut c = base(ps, lens, news);
+        c.seed = ps as u64;
+        parity::<bf16>("bf16", &c, Arch::Sm80);
+        // GQA 4, a window shorter than a chunk and a page, softcap; the sm_90a tiles.
+        c.group = 4;
+        c.window_left = Some(ps / 2 + 5);
+        c.softcap = Some(6.0);
+        c.seed += 1000;
+        parity::<f16>("f16 window softcap", &c, Arch::Sm90);
+    }
+}
+
+/// Head dims 64 to 256, f16 and bf16, GQA 1 and 4, windows and softcap, both tile shapes.
+#[test]
+fn emu_extend_dims_dtypes_and_masks() {
+    let mut seed = 100;
+    for d in [64usize, 96, 128, 256] {
+        for (group, window, softcap) in [(1usize, None, None), (4, Some(20usize), Some(5.0f32))] {
+            seed += 1;
+            let mut c = base(16, vec![150, 33, 17], vec![70, 33, 1]);
+            c.head_dim = d;
+            c.group = group;
+            c.window_left = window;
+            c.softcap = softcap;
+            c.seed = seed;
+            let arch = if seed % 2 == 0 {
+                Arch::Sm80
+            } else {
+                Arch::Sm90
+            };
+            parity::<bf16>("bf16", &c, arch);
+            parity::<f16>(
+                "f16",
+                &c,
+                if arch == Arch::Sm80 {
+                    Arch::Sm90
+                } else {
+                    Arch::Sm80
+                },
+            );
+        }
+    }
+}
+
+/// The dense `[tokens, heads_kv, head_dim]` rows of a paged cache, sequences concatenated.
+fn dense_of<T: Copy>(b: &Built<T>, cache: &[T]) -> Vec<T> {
+    let l = &b.layout;
+    let row = l.heads_kv * l.head_dim;
+    let mut out = Vec::new();
+    for (s, &len) in b.seqlens.iter().enumerate() {
+        for t in 0..len as usize {
+            let page = b.block_table[s * b.max_pages + t / l.page_size] as usize;
+            let at = (page * l.page_size + t % l.page_size) * row;
+            out.extend_from_slice(&cache[at..at + row]);
+        }
+    }
+    out
+}
+
+/// The same kernel body with dense addressing: the attention forward on the gathered K/V
+/// with cu_seqlens_q = cu_new and cu_seqlens_k the prefix sums of the lengths, causal
+/// (bottom-right) with the same window, softcap and scale.
+fn run_dense<T: AttnElement>(c: &Case, b: &Built<T>, arch: Arch) -> (Vec<T>, Vec<f32>) {
+    let d = c.head_dim;
+    let k = Aligned::new(&dense_of(b, &b.k));
+    let v = Aligned::new(&dense_of(b, &b.v));
+    let q = Aligned::new(&b.q);
+    let total_k = k.len / (c.heads_kv * d);
+    let mut cu_k = vec![0i32];
+    for &l in &b.seqlens {
+        cu_k.push(cu_k.last().unwrap() + l);
+    }
+    let ql = HeadsLayout::contiguous(b.total_new, b.heads_q, d);
+    let kl = HeadsLayout::contiguous(total_k, c.heads_kv, d);
+    let mut o = vec![T::from_f64(f64::NAN); ql.numel().unwrap()];
+    let mut lse = vec![f32::NAN; b.heads_q * b.total_new];
+    emulator::attention_forward::<T>(
+        arch,
+        &HostQkv {
+            q: q.as_slice(),
+            q_layout: ql,
+            k: k.as_slice(),
+            k_layout: kl,
+            v: v.as_slice(),
+            v_layout: kl,
+        },
+        &mut o,
+        ql,
+        Some(&mut lse),
+        &b.cu_new,
+        &cu_k,
+        &AttentionOptions {
+            softmax_scale: Some(c.scale()),
+            mask: Mask {
+                causal: true,
+                window_left: c.window_left,
+                window_right: None,
+            },
+            softcap: c.softcap,
+        },
+    )
+    .unwrap();
+    (o, lse)
+}
+
+fn bits<T: Element>(o: &[T], lse: &[f32]) -> (Vec<u64>, Vec<u32>) {
+    (
+        o.iter().map(|x| x.to_f64().to_bits()).collect(),
+        lse.iter().map(|x| x.to_bits()).collect(),
+    )
+}
+
+/// Paged extend and the dense forward run the same code on the same values: O and the LSE
+/// agree bit for bit (any difference is a paging bug), for both tile shapes, with window,
+/// softcap, GQA, prefix-only sequences and several query tiles.
+#[test]
+fn emu_extend_is_the_dense_forward_bit_for_bit() {
+    let mut c = base(7, vec![200, 9, 0, 64], vec![150, 0, 0, 64]);
+    c.group = 3;
+    c.heads_kv = 2;
+    c.seed = 77;
+    for (arch, d, window, softcap) in [
+        (Arch::Sm80, 64usize, None, None),
+        (Arch::Sm90, 128, Some(40usize), Some(4.0f32)),
+    ] {
+        c.head_dim = d;
+        c.window_left = window;
+        c.softcap = softcap;
+        let b = c.build::<bf16>();
+        let (po, pl) = run_emu::<bf16>(&c, &b, arch);
+        let (dop, dl) = run_dense::<bf16>(&c, &b, arch);
+        assert_eq!(
+            bits(&po, &pl),
+            bits(&dop, &dl),
+            "{arch:?} d {d}: paged differs from dense"
+        );
+    }
+}
+
+/// The same logical cache under page sizes 1, 5, 16 and 256, in order or shuffled, gives
+/// bit-identical outputs: paging only changes addresses.
+#[test]
+fn emu_extend_paging_is_invisible() {
+    let case = |ps: usize, shuffle: bool| {
+        let mut c = base(ps, vec![140, 5, 70], vec![20, 5, 66]);
+        c.shuffle = shuffle;
+        c.group = 2;
+        c.seed = 9;
+        c
+    };
+    let c0 = case(1, false);
+    let b0 = c0.build::<f16>();
+    let (k0, v0) = (dense_of(&b0, &b0.k), dense_of(&b0, &b0.v));
+    let mut results = Vec::new();
+    for (ps, shuffle) in [(1usize, false), (5, true), (16, true), (256, false)] {
+        let c = case(ps, shuffle);
+        let mut b = c.build::<f16>();
+        scatter(&mut b, &k0, &v0);
+        b.q.clone_from(&b0.q);
+        let (o, lse) = run_emu::<f16>(&c, &b, Arch::Sm80);
+        results.push(bits(&o, &lse));
+    }
+    for r in &results[1..] {
+        assert_eq!(r, &results[0], "outputs depend on the paging");
+    }
+}
+
+fn scatter<T: Copy>(b: &mut Built<T>, k: &[T], v: &[T]) {
+    let l = b.layout;
+    let row = l.heads_kv * l.head_dim;
+    let mut i = 0;
+    for (s, &len) in b.seqlens.iter().enumerate() {
+        for t in 0..len as usize {
+            let page = b.block_table[s * b.max_pages + t / l.page_size] as usize;
+            let at = (page * l.page_size + t % l.page_size) * row;
+            b.k[at..at + row].copy_from_slice(&k[i..i + row]);
+            b.v[at..at + row].copy_from_slice(&v[i..i + row]);
+            i += row;
+        }
+    }
+    assert_eq!(i, k.len());
+}
+
+fn arg_of<T: std::fmt::Debug>(r: longctx::Result<T>) -> (&'static str, ErrorKind) {
+    match r {
+        Err(e @ Error::InvalidArgument { .. }) => {
+            let kind = e.kind();
+            let Error::InvalidArgument { arg, .. } = e else {
+                unreachable!()
+            };
+            (arg, kind)
+        }
+        other => panic!("expected a typed argument error, got {other:?}"),
+    }
+}
+
+/// Bad calls are typed errors before any launch.
+#[test]
+fn emu_extend_rejects_bad_calls() {
+    let c = base(16, vec![40, 3], vec![20, 2]);
+    let b = c.build::<bf16>();
+    let ql = HeadsLayout::contiguous(b.total_new, b.heads_q, 64);
+    let k = Aligned::new(&b.k);
+    let v = Aligned::new(&b.v);
+    let cache = HostCache {
+        layout: b.layout,
+        k: k.as_slice(),
+        v: v.as_slice(),
+        scales: None,
+    };
+    let mut o = vec![bf16::ZERO; ql.numel().unwrap()];
+    let run = |step: &StepTable,
+               ql: &HeadsLayout,
+               cache: &HostCache<bf16>,
+               o: &mut [bf16],
+               opts: &ExtendOptions| {
+        emulator::extend::<bf16, bf16>(
+            Arch::Sm80,
+            step,
+            &b.q,
+            ql,
+            cache,
+            HostDecodeOutput {
+                o,
+                o_layout: HeadsLayout::contiguous(b.total_new, b.heads_q, 64),
+                lse: None,
+            },
+            opts,
+        )
+    };
+    let ok = ExtendOptions::default();
+    run(&b.step(), &ql, &cache, &mut o, &ok).unwrap();
+    let invalid = ErrorKind::InvalidArgument;
+    // Q rows != total_new; heads that do not group over the KV heads.
+    let bad_q = HeadsLayout::contiguous(b.total_new + 1, b.heads_q, 64);
+    assert_eq!(
+        arg_of(run(&b.step(), &bad_q, &cache, &mut o, &ok)),
+        ("q", invalid)
+    );
+    // Short cache.
+    let short = HostCache {
+        k: &k.as_slice()[..10],
+        ..cache
+    };
+    assert_eq!(
+        arg_of(run(&b.step(), &ql, &short, &mut o, &ok)),
+        ("cache.k", invalid)
+    );
+    // Misaligned cache base.
+    let shifted = Aligned::new(&[b.k.as_slice(), &[bf16::ZERO]].concat());
+    let mis = HostCache {
+        k: &shifted.as_slice()[1..],
+        ..cache
+    };
+    assert_eq!(
+        arg_of(run(&b.step(), &ql, &mis, &mut o, &ok)),
+        ("cache.k", ErrorKind::Alignment)
+    );
+    // A bad scale.
+    let bad = ExtendOptions {
+        softmax_scale: Some(f32::NAN),
+        ..ok
+    };
+    assert_eq!(
+        arg_of(run(&b.step(), &ql, &cache, &mut o, &bad)),
+        ("softmax_scale", invalid)
+    );
+    // Scales on a bf16 cache.
+    let sc = vec![1f32; 1 << 12];
+    let scaled = HostCache {
+        scales: Some((ScaleMode::PerHead, &sc, &sc)),
+        ..cache
+    };
+    assert_eq!(
+        arg_of(run(&b.step(), &ql, &scaled, &mut o, &ok)),
+        ("cache.scales", invalid)
+    );
+    // A cache of another layout than the step was built for (fewer pages than it uses).
+    let small = HostCache {
+        layout: PagedKvLayout {
+            pages: 1,
+            ..b.layout
+        },
+        ..cache
+    };
+    assert_eq!(
+        arg_of(run(&b.step(), &ql, &small, &mut o, &ok)).1,
+        ErrorKind::InvalidArgument
+    );
+    // fp8 caches are future work.
+    let fp8 = vec![Fp8E4m3(0); b.k.len()];
+    let fp8a = Aligned::new(&fp8);
+    let scales = vec![1f32; b.layout.pages * 16];
+    let e = emulator::extend::<bf16, Fp8E4m3>(
+        Arch::Sm80,
+        &b.step(),
+        &b.q,
+        &ql,
+        &HostCache {
+            layout: b.layout,
+            k: fp8a.as_slice(),
+            v: fp8a.as_slice(),
+            scales: Some((ScaleMode::PerTokenHead, &scales, &scales)),
+        },
+        HostDecodeOutput {
+            o: &mut o,
+            o_layout: ql,
+            lse: None,
+        },
+        &ok,
+    );
+    assert_eq!(arg_of(e), ("cache", ErrorKind::Unsupported));
+    // f16 queries over a bf16 cache.
+    let qf: Vec<f16> = vec![f16::ZERO; b.q.len()];
+    let mut of = vec![f16::ZERO; b.q.len()];
+    let kf: Vec<bf16> = b.k.clone();
+    let kfa = Aligned::new(&kf);
+    let e = emulator::extend::<f16, bf16>(
+        Arch::Sm80,
+        &b.step(),
+        &qf,
+        &ql,
+        &HostCache {
+            layout: b.layout,
+            k: kfa.as_slice(),
+            v: kfa.as_slice(),
+            scales: None,
+        },
+        HostDecodeOutput {
+            o: &mut of,
+            o_layout: ql,
+            lse: None,
+        },
+        &ok,
+    );
+    assert_eq!(arg_of(e), ("cache", ErrorKind::Unsupported));
+    // A head dim without a kernel (80) and one outside the forward's D == DV rows (192).
+    for d in [80usize, 192] {
+        let mut c2 = base(16, vec![40, 3], vec![20, 2]);
+        c2.head_dim = d;
+        let b2 = c2.build::<bf16>();
+        let q2 = HeadsLayout::contiguous(b2.total_new, b2.heads_q, d);
+        let mut o2 = vec![bf16::ZERO; q2.numel().unwrap()];
+        let k2 = Aligned::new(&b2.k);
+        let e = emulator::extend::<bf16, bf16>(
+            Arch::Sm80,
+            &b2.step(),
+            &b2.q,
+            &q2,
+            &HostCache {
+                layout: b2.layout,
+                k: k2.as_slice(),
+                v: k2.as_slice(),
+                scales: None,
+            },
+            HostDecodeOutput {
+                o: &mut o2,
+                o_layout: q2,
+                lse: None,
+            },
+            &ok,
+        );
+        assert_eq!(arg_of(e), ("head_dim", ErrorKind::Unsupported), "d {d}");
+    }
+    // An LSE view of the wrong shape.
+    let mut lse = vec![0f32; 4];
+    let e = emulator::extend::<bf16, bf16>(
+        Arch::Sm80,
+        &b.step(),
+        &b.q,
+        &ql,
+        &cache,
+        HostDecodeOutput {
+            o: &mut o,
+            o_layout: ql,
+            lse: Some((&mut lse, LseLayout::contiguous(b.heads_q, 2))),
+        },
+        &ok,
+    );
+    assert_eq!(arg_of(e), ("lse", invalid));
+}
+
+/// The parity cases on a real device: upload the step and the cache, run the CUDA op, and
+/// compare with the f64 reference (and with the emulator of the loaded code's tiles, bit
+/// for bit up to the GPU's own code generation: checked against the reference only).
+#[test]
+#[ignore = "needs a GPU: run with --ignored on a machine with CUDA"]
+fn gpu_extend_parity() {
+    let Some(dev) = common::gpu("gpu_extend_parity") else {
+        return;
+    };
+    let mut cases = Vec::new();
+    for ps in [1usize, 3, 16, 64, 256] {
+        let lens = vec![ps.saturating_sub(1), ps, ps + 1, 2 * ps + 140, 0, 300];
+        let news = vec![0, 1, 17.min(ps + 1), 130, 0, 130];
+        let mut c = base(ps, lens, news);
+        c.seed = ps as u64;
+        cases.push(c);
+    }
+    for d in [64usize, 96, 128, 256] {
+        let mut c = base(16, vec![150, 33, 17], vec![70, 33, 1]);
+        c.head_dim = d;
+        c.group = 4;
+        c.heads_kv = 2;
+        c.window_left = Some(20);
+        c.softcap = Some(5.0);
+        c.seed = d as u64;
+        cases.push(c);
+    }
+    for c in &cases {
+        gpu_parity::<bf16>(&dev, c);
+        gpu_parity::<f16>(&dev, c);
+    }
+}
+
+fn gpu_parity<T: AttnElement + CacheElement>(dev: &longctx::device::Device, c: &Case) {
+    use longctx::kv_cache::{extend, DecodeOutput, KvScales, KvStep, PagedCache};
+    let b = c.build::<T>();
+    let step = KvStep::upload(dev, &b.layout, &b.step()).unwrap();
+    let q = dev.upload(&b.q).unwrap();
+    let k = dev.upload(&b.k).unwrap();
+    let v = dev.upload(&b.v).unwrap();
+    let ql = HeadsLayout::contiguous(b.total_new, b.heads_q, c.head_dim);
+    let n = ql.numel().unwrap().max(1);
+    let mut o = dev
+        .upload(&vec![<T as Element>::from_f64(f64::NAN); n])
+        .unwrap();
+    let mut lse = dev
+        .upload(&vec![f32::NAN; (b.heads_q * b.total_new).max(1)])
+        .unwrap();
+    extend::<T, T>(
+        dev,
+        &step,
+        &q,
+        &ql,
+        &PagedCache {
+            layout: b.layout,
+            k: &k,
+            v: &v,
+            scales: KvScales::None,
+        },
+        DecodeOutput {
+            o: &mut o,
+            o_layout: ql,
+            lse: Some((&mut lse, LseLayout::contiguous(b.heads_q, b.total_new))),
+        },
+        &c.options(),
+    )
+    .unwrap();
+    let o = dev.download(&o).unwrap();
+    let lse = dev.download(&lse).unwrap();
+    let want = reference(c, &b);
+    let abs = reference_with(c, &b, f64::abs);
+    let o: Vec<f64> = o[..ql.numel().unwrap()]
+        .iter()
+        .map(|x| Element::to_f64(*x))
+        .collect();
+    check(
+        &format!("gpu {:?} {c:?}", T::DTYPE),
+        T::DTYPE,
+        &o,
+        &lse[..b.heads_q * b.total_new],
+        &want,
+        &abs.o,
+    );
+}
