@@ -118,6 +118,14 @@ pub(crate) enum KernelId {
     KvMergeF16Scalar,
     KvMergeBf16Vec,
     KvMergeBf16Scalar,
+    KvAppendF16Vec,
+    KvAppendF16Scalar,
+    KvAppendF16Fp8Vec,
+    KvAppendF16Fp8Scalar,
+    KvAppendBf16Vec,
+    KvAppendBf16Scalar,
+    KvAppendBf16Fp8Vec,
+    KvAppendBf16Fp8Scalar,
 }
 
 impl KernelId {
@@ -190,6 +198,14 @@ impl KernelId {
         KernelId::KvMergeF16Scalar,
         KernelId::KvMergeBf16Vec,
         KernelId::KvMergeBf16Scalar,
+        KernelId::KvAppendF16Vec,
+        KernelId::KvAppendF16Scalar,
+        KernelId::KvAppendF16Fp8Vec,
+        KernelId::KvAppendF16Fp8Scalar,
+        KernelId::KvAppendBf16Vec,
+        KernelId::KvAppendBf16Scalar,
+        KernelId::KvAppendBf16Fp8Vec,
+        KernelId::KvAppendBf16Fp8Scalar,
     ];
 
     pub(crate) fn index(self) -> usize {
@@ -231,7 +247,15 @@ impl KernelId {
             | KernelId::KvMergeF16Vec
             | KernelId::KvMergeF16Scalar
             | KernelId::KvMergeBf16Vec
-            | KernelId::KvMergeBf16Scalar => Family::KvCache,
+            | KernelId::KvMergeBf16Scalar
+            | KernelId::KvAppendF16Vec
+            | KernelId::KvAppendF16Scalar
+            | KernelId::KvAppendF16Fp8Vec
+            | KernelId::KvAppendF16Fp8Scalar
+            | KernelId::KvAppendBf16Vec
+            | KernelId::KvAppendBf16Scalar
+            | KernelId::KvAppendBf16Fp8Vec
+            | KernelId::KvAppendBf16Fp8Scalar => Family::KvCache,
             KernelId::AttnBwdPreF16
             | KernelId::AttnBwdPreBf16
             | KernelId::AttnBwdDqF16
@@ -331,6 +355,14 @@ impl KernelId {
             KernelId::KvMergeF16Scalar => "longctx_kv_merge_f16_scalar",
             KernelId::KvMergeBf16Vec => "longctx_kv_merge_bf16_vec",
             KernelId::KvMergeBf16Scalar => "longctx_kv_merge_bf16_scalar",
+            KernelId::KvAppendF16Vec => "longctx_kv_append_f16_vec",
+            KernelId::KvAppendF16Scalar => "longctx_kv_append_f16_scalar",
+            KernelId::KvAppendF16Fp8Vec => "longctx_kv_append_f16_fp8_vec",
+            KernelId::KvAppendF16Fp8Scalar => "longctx_kv_append_f16_fp8_scalar",
+            KernelId::KvAppendBf16Vec => "longctx_kv_append_bf16_vec",
+            KernelId::KvAppendBf16Scalar => "longctx_kv_append_bf16_scalar",
+            KernelId::KvAppendBf16Fp8Vec => "longctx_kv_append_bf16_fp8_vec",
+            KernelId::KvAppendBf16Fp8Scalar => "longctx_kv_append_bf16_fp8_scalar",
         }
     }
 

@@ -28,10 +28,12 @@ use crate::kernel_id::KernelId;
 use crate::launch::KernelLaunch;
 use crate::sys;
 
+mod kv_append;
 mod kv_cache;
 mod moe;
 mod ops;
 pub mod selftest;
+pub use kv_append::*;
 pub use kv_cache::*;
 pub use moe::*;
 pub use ops::*;
@@ -223,6 +225,14 @@ entries! {
     KvMergeF16Scalar => longctx_kv_merge_f16_scalar, longctx_kv_merge_f16_scalar: sys::LongctxKvMergeParams;
     KvMergeBf16Vec => longctx_kv_merge_bf16_vec, longctx_kv_merge_bf16_vec: sys::LongctxKvMergeParams;
     KvMergeBf16Scalar => longctx_kv_merge_bf16_scalar, longctx_kv_merge_bf16_scalar: sys::LongctxKvMergeParams;
+    KvAppendF16Vec => longctx_kv_append_f16_vec, longctx_kv_append_f16_vec: sys::LongctxKvAppendParams;
+    KvAppendF16Scalar => longctx_kv_append_f16_scalar, longctx_kv_append_f16_scalar: sys::LongctxKvAppendParams;
+    KvAppendF16Fp8Vec => longctx_kv_append_f16_fp8_vec, longctx_kv_append_f16_fp8_vec: sys::LongctxKvAppendParams;
+    KvAppendF16Fp8Scalar => longctx_kv_append_f16_fp8_scalar, longctx_kv_append_f16_fp8_scalar: sys::LongctxKvAppendParams;
+    KvAppendBf16Vec => longctx_kv_append_bf16_vec, longctx_kv_append_bf16_vec: sys::LongctxKvAppendParams;
+    KvAppendBf16Scalar => longctx_kv_append_bf16_scalar, longctx_kv_append_bf16_scalar: sys::LongctxKvAppendParams;
+    KvAppendBf16Fp8Vec => longctx_kv_append_bf16_fp8_vec, longctx_kv_append_bf16_fp8_vec: sys::LongctxKvAppendParams;
+    KvAppendBf16Fp8Scalar => longctx_kv_append_bf16_fp8_scalar, longctx_kv_append_bf16_fp8_scalar: sys::LongctxKvAppendParams;
 }
 
 /// What every emulated CUDA thread runs: the kernel entry with the launch's params.

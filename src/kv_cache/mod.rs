@@ -9,6 +9,9 @@
 //! * [`PagedKvLayout`] and [`PageTable`]: the paged cache layout (pages of `page_size`
 //!   tokens, int32 page tables per sequence) with complete host validation; no kernel
 //!   reads it yet.
+//! * [`append_kv`]: writes a step's new K and V rows into their cache slots (one launch,
+//!   every head), with RoPE fused on K and fp8 quantisation (per (token, head) scales
+//!   written beside the codes, or fixed per-head scales).
 //! * [`reference`](mod@reference): the f64 merge the kernel is checked against, and the paged <-> dense
 //!   gather and scatter that define the paged layout.
 //!
@@ -17,13 +20,21 @@
 //! empty part, which contributes nothing; a row whose every part is empty merges to O = 0,
 //! LSE = -inf).
 
+mod append;
 mod cache;
 mod fp8;
 mod merge;
 mod paged;
 mod step;
 pub mod reference;
+mod reference_append;
 
+pub use append::{
+    append_kv, AppendRope, AppendRopeShape, AppendShape, AppendValidated, NewKv, MAX_APPEND_HEAD_DIM,
+    MAX_APPEND_HEAD_DIM_SCALAR,
+};
+#[cfg(feature = "emulator")]
+pub(crate) use append::{plan_append, AppendAddrs};
 pub use merge::{
     merge_states, LseLayout, MergeOptions, MergeShape, MergeState, MergeValidated, StackedStates,
     States, MAX_MERGE_HEAD_DIM,

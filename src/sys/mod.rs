@@ -56,3 +56,5 @@ unsafe impl cudarc::driver::DeviceRepr for LongctxMoeCombineDwParams {}
 unsafe impl cudarc::driver::DeviceRepr for LongctxMoeBiasParams {}
 // SAFETY: as above (kernels/params/kv_cache_params.h).
 unsafe impl cudarc::driver::DeviceRepr for LongctxKvMergeParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for LongctxKvAppendParams {}
