@@ -7,9 +7,9 @@ use cudarc::driver::{DevicePtr, PushKernelArg};
 
 use super::cache::{CacheShape, KvScalesMut, PagedCacheMut, ScaleMode};
 use super::fp8::{CacheDType, CacheElement};
-use super::{cache_matches, cache_params, step_params};
 use super::paged::PagedKvLayout;
 use super::step::{KvStep, ValidatedStep};
+use super::{cache_matches, cache_params, step_params};
 use crate::device::{cuda_err, Device};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
@@ -179,7 +179,10 @@ impl AppendShape {
                 format!("the step was validated for {step_layout:?}, the cache is {l:?}"),
             ));
         }
-        for (view, len, arg) in [(&self.k, self.k_len, "new.k"), (&self.v, self.v_len, "new.v")] {
+        for (view, len, arg) in [
+            (&self.k, self.k_len, "new.k"),
+            (&self.v, self.v_len, "new.v"),
+        ] {
             if (view.tokens, view.heads, view.head_dim) != (step.total_new, l.heads_kv, l.head_dim)
             {
                 return Err(Error::invalid(
@@ -373,15 +376,21 @@ pub(crate) fn plan_append<T: Element, S: CacheElement>(
         check_element_alignment(OP, arg, addr, size)?;
     }
     let rope_vec_ok = match &sh.rope {
-        None | Some(AppendRopeShape { style: RopeStyle::Interleaved, .. }) => true,
+        None
+        | Some(AppendRopeShape {
+            style: RopeStyle::Interleaved,
+            ..
+        }) => true,
         Some(r) => r.rotary_dim % (2 * VEC) == 0,
     };
     let vec = l.head_dim % VEC == 0
         && rope_vec_ok
-        && [(new_k, &sh.k), (new_v, &sh.v)]
+        && [(new_k, &sh.k), (new_v, &sh.v)].iter().all(|(addr, view)| {
+            addr % 16 == 0 && view.token_stride % VEC == 0 && view.head_stride % VEC == 0
+        })
+        && [a.cache_k, a.cache_v]
             .iter()
-            .all(|(addr, view)| addr % 16 == 0 && view.token_stride % VEC == 0 && view.head_stride % VEC == 0)
-        && [a.cache_k, a.cache_v].iter().all(|&c| c % (VEC * selem) as u64 == 0);
+            .all(|&c| c % (VEC * selem) as u64 == 0);
     if !vec && l.head_dim > MAX_APPEND_HEAD_DIM_SCALAR {
         return Err(Error::unsupported(
             OP,
@@ -397,7 +406,13 @@ pub(crate) fn plan_append<T: Element, S: CacheElement>(
     let cache = cache_params(&sh.cache, a.cache_k, a.cache_v, a.k_scale, a.v_scale);
     let step = step_params(step, a.block_table, a.seqlens, a.cu_new);
     let (inv_freq, rotary_dim, rope_style, angle_mode, attention_factor) = match &sh.rope {
-        None => (0, 0, sys::LONGCTX_ROPE_STYLE_NEOX, sys::LONGCTX_ROPE_ANGLE_F64, 1.0),
+        None => (
+            0,
+            0,
+            sys::LONGCTX_ROPE_STYLE_NEOX,
+            sys::LONGCTX_ROPE_ANGLE_F64,
+            1.0,
+        ),
         Some(r) => (
             a.inv_freq,
             r.rotary_dim as u32,
@@ -535,7 +550,9 @@ pub fn append_kv<T: Element, S: CacheElement>(
     let (sl, _g3) = step.seqlens().device_ptr(stream);
     let (cu, _g4) = step.cu_new().device_ptr(stream);
     let inv = rope.map(|r| r.table.inv_freq_buf().device_ptr(stream));
-    let PagedCacheMut { k, v: cv, scales, .. } = cache;
+    let PagedCacheMut {
+        k, v: cv, scales, ..
+    } = cache;
     let (ck, _g5) = k.device_ptr_mut(stream);
     let (cvv, _g6) = cv.device_ptr_mut(stream);
     let (ks, vs, _g7, _g8, _g9, _g10) = match scales {

@@ -193,7 +193,10 @@ impl CacheShape {
                 return Err(Error::invalid(
                     OP,
                     arg,
-                    format!("holds {len} elements, the layout {:?} needs {want}", self.layout),
+                    format!(
+                        "holds {len} elements, the layout {:?} needs {want}",
+                        self.layout
+                    ),
                 ));
             }
         }

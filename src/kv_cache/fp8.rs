@@ -214,7 +214,10 @@ mod tests {
         let mut x = 2f64.powi(-6);
         while x < 448.0 {
             let q = Fp8E4m3::from_f64(x).to_f64();
-            assert!((q - x).abs() <= x * 2f64.powi(-4) * (1.0 + 1e-12), "{x} -> {q}");
+            assert!(
+                (q - x).abs() <= x * 2f64.powi(-4) * (1.0 + 1e-12),
+                "{x} -> {q}"
+            );
             x *= 1.013;
         }
     }

@@ -25,16 +25,20 @@ mod cache;
 mod fp8;
 mod merge;
 mod paged;
-mod step;
 pub mod reference;
 mod reference_append;
+mod step;
 
 pub use append::{
-    append_kv, AppendRope, AppendRopeShape, AppendShape, AppendValidated, NewKv, MAX_APPEND_HEAD_DIM,
-    MAX_APPEND_HEAD_DIM_SCALAR,
+    append_kv, AppendRope, AppendRopeShape, AppendShape, AppendValidated, NewKv,
+    MAX_APPEND_HEAD_DIM, MAX_APPEND_HEAD_DIM_SCALAR,
 };
 #[cfg(feature = "emulator")]
 pub(crate) use append::{plan_append, AppendAddrs};
+pub(crate) use cache::{cache_params, step_params};
+pub use cache::{CacheShape, KvScales, KvScalesMut, PagedCache, PagedCacheMut, ScaleMode};
+pub(crate) use fp8::cache_matches;
+pub use fp8::{CacheDType, CacheElement, Fp8E4m3};
 pub use merge::{
     merge_states, LseLayout, MergeOptions, MergeShape, MergeState, MergeValidated, StackedStates,
     States, MAX_MERGE_HEAD_DIM,
@@ -42,9 +46,5 @@ pub use merge::{
 #[cfg(feature = "emulator")]
 pub(crate) use merge::{plan_merge, MergeAddrs};
 pub(crate) use paged::{dense_len, for_each_row};
-pub use cache::{CacheShape, KvScales, KvScalesMut, PagedCache, PagedCacheMut, ScaleMode};
-pub(crate) use cache::{cache_params, step_params};
-pub use fp8::{CacheDType, CacheElement, Fp8E4m3};
-pub(crate) use fp8::cache_matches;
-pub use step::{KvStep, StepTable, ValidatedStep, MAX_DECODE_QUERIES};
 pub use paged::{PageTable, PagedKvLayout, ValidatedTable, MAX_CACHE_HEAD_DIM, MAX_PAGE_SIZE};
+pub use step::{KvStep, StepTable, ValidatedStep, MAX_DECODE_QUERIES};

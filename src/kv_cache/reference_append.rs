@@ -112,7 +112,8 @@ pub fn append_kv_f64(
             // validate_step: n <= seqlens[b], and the table covers every position below it.
             let p = v.seqlens[b] - n + i;
             let t = v.cu_new[b] + i;
-            let page = step.table.block_table[b * step.table.max_pages_per_seq + p / layout.page_size];
+            let page =
+                step.table.block_table[b * step.table.max_pages_per_seq + p / layout.page_size];
             // page is in 0..pages (validated), so the product stays within the cache size.
             let slot_row = page as usize * layout.page_size + p % layout.page_size;
             if let Some(other) = seen.insert(slot_row, t) {
@@ -146,8 +147,10 @@ pub fn append_kv_f64(
         }
     }
     for r in 0..v.total_new * heads {
-        out.k_scale.push(fp8_row_scale(&out.k[r * dim..(r + 1) * dim]));
-        out.v_scale.push(fp8_row_scale(&out.v[r * dim..(r + 1) * dim]));
+        out.k_scale
+            .push(fp8_row_scale(&out.k[r * dim..(r + 1) * dim]));
+        out.v_scale
+            .push(fp8_row_scale(&out.v[r * dim..(r + 1) * dim]));
     }
     Ok(out)
 }
