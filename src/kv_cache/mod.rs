@@ -7,8 +7,8 @@
 //!   leading dim) and of ring / context-parallel attention (one part per KV shard, or the
 //!   running state plus each arriving shard with [`MergeOptions::accumulate`]).
 //! * [`PagedKvLayout`] and [`PageTable`]: the paged cache layout (pages of `page_size`
-//!   tokens, int32 page tables per sequence) with complete host validation; no kernel
-//!   reads it yet.
+//!   tokens, int32 page tables per sequence) with complete host validation;
+//!   [`append_kv`] writes it, no kernel reads it yet.
 //! * [`append_kv`]: writes a step's new K and V rows into their cache slots (one launch,
 //!   every head), with RoPE fused on K and fp8 quantisation (per (token, head) scales
 //!   written beside the codes, or fixed per-head scales).
