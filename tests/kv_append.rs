@@ -512,8 +512,9 @@ fn case_strategy() -> impl Strategy<Value = (Case, bool)> {
         })
         // An 8-wide head takes no partial rotation of 0.25 (rotary_dim 2 is fine).
         .prop_filter("rotary_dim even and nonzero", |(c, _)| {
-            c.rope
-                .is_none_or(|(_, f, _)| ((c.head_dim as f64 * f) as usize) % 2 == 0)
+            c.rope.map_or(true, |(_, f, _)| {
+                ((c.head_dim as f64 * f) as usize) % 2 == 0
+            })
         })
 }
 
@@ -551,7 +552,9 @@ fn emu_append_parity() {
 /// a page boundary, one ending exactly on one, empty sequences between others, the vector
 /// and scalar kernels, NeoX and interleaved RoPE with partial rotation.
 fn edges_on(backend: &Backend<'_>) {
-    let shapes: &[(usize, usize, usize, &[(usize, usize)], usize)] = &[
+    // (page_size, heads, head_dim, (before, new) per sequence, pad)
+    type Shape = (usize, usize, usize, &'static [(usize, usize)], usize);
+    let shapes: &[Shape] = &[
         (1, 2, 128, &[(0, 3), (5, 0), (2, 1)], 0),
         (16, 1, 64, &[(15, 1), (16, 16), (0, 17)], 8),
         (256, 2, 72, &[(255, 2), (0, 0), (1, 4)], 1),

@@ -503,7 +503,7 @@ pub fn append_kv<T: Element, S: CacheElement>(
             "step",
         ),
         (
-            rope.is_none_or(|r| dev.owns(r.table.inv_freq_buf())),
+            rope.map_or(true, |r| dev.owns(r.table.inv_freq_buf())),
             "rope",
         ),
     ] {
