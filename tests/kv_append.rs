@@ -1194,7 +1194,18 @@ mod errors {
         let f = Fixture::new();
         let n = 5 * 2 * 16;
         let new = vec![0.0; n];
-        append_kv_f64(&f.layout, &f.step(), &new, &new, None).unwrap();
+        let out = append_kv_f64(&f.layout, &f.step(), &new, &new, None).unwrap();
+        // The expected cache: the rows land in their slots, nothing else moves.
+        let cl = f.layout.cache_len().unwrap();
+        let (mut ck, mut cv) = (vec![9.0; cl], vec![9.0; cl]);
+        out.scatter(16, &mut ck, &mut cv).unwrap();
+        assert_eq!(ck.iter().filter(|&&x| x == 0.0).count(), n);
+        assert_eq!(cv.iter().filter(|&&x| x == 0.0).count(), n);
+        // seq 0's new tokens at positions 4, 5: page 1 slots 0, 1; seq 1's at page 0.
+        assert_eq!(&out.rows, &[8, 9, 10, 11, 0, 1, 2, 3, 4, 5]);
+        assert_eq!(&out.positions, &[4, 5, 0, 1, 2]);
+        assert_eq!(arg_of(out.scatter(8, &mut ck, &mut cv)), "head_dim");
+        assert_eq!(arg_of(out.scatter(16, &mut ck[..100], &mut cv)), "cache");
         assert_eq!(
             arg_of(append_kv_f64(&f.layout, &f.step(), &new[1..], &new, None)),
             "new_k"

@@ -46,6 +46,44 @@ pub struct AppendedF64 {
     pub v_scale: Vec<f64>,
 }
 
+impl AppendedF64 {
+    /// Writes the appended rows into cache-shaped tensors (`[pages, page_size, heads_kv,
+    /// head_dim]`, `head_dim` per row), leaving every other element as it is: the expected
+    /// cache contents before rounding to the storage type.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when `head_dim` is not the rows' width (`head_dim`) or a row
+    /// does not fit `cache_k` or `cache_v` (`cache`).
+    pub fn scatter(&self, head_dim: usize, cache_k: &mut [f64], cache_v: &mut [f64]) -> Result<()> {
+        if self.rows.len().checked_mul(head_dim) != Some(self.k.len())
+            || self.v.len() != self.k.len()
+        {
+            return Err(Error::invalid(
+                OP,
+                "head_dim",
+                format!(
+                    "{} rows of {head_dim} are not the {} values held",
+                    self.rows.len(),
+                    self.k.len()
+                ),
+            ));
+        }
+        for (i, &row) in self.rows.iter().enumerate() {
+            let end = row
+                .checked_add(1)
+                .and_then(|r| r.checked_mul(head_dim))
+                .filter(|&e| e <= cache_k.len() && e <= cache_v.len())
+                .ok_or_else(|| {
+                    Error::invalid(OP, "cache", format!("cache row {row} is past the cache"))
+                })?;
+            let src = i * head_dim..(i + 1) * head_dim;
+            cache_k[end - head_dim..end].copy_from_slice(&self.k[src.clone()]);
+            cache_v[end - head_dim..end].copy_from_slice(&self.v[src]);
+        }
+        Ok(())
+    }
+}
+
 /// The per-(token, head) fp8 scale of a row: `absmax / 448`, 1 for an all-zero row.
 pub fn fp8_row_scale(row: &[f64]) -> f64 {
     let m = row.iter().fold(0.0f64, |m, x| m.max(x.abs()));
