@@ -477,9 +477,12 @@ pub(crate) fn plan_append<T: Element, S: CacheElement>(
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] for everything [`AppendShape::validate`] rejects, a buffer, the
-/// step or the RoPE table of another device context, or a device older than sm_80; the
-/// kinds [`plan_append`] names. [`Error::KernelsNotCompiled`] without kernels;
-/// [`Error::Cuda`] if the launch fails.
+/// step or the RoPE table of another device context, or a device older than sm_80; kind
+/// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) for a head dim past
+/// [`MAX_APPEND_HEAD_DIM_SCALAR`] whose views are not 16-byte aligned (see
+/// [`MAX_APPEND_HEAD_DIM`]), kind [`ErrorKind::Alignment`](crate::ErrorKind::Alignment) for
+/// a view whose address is not a multiple of its element. [`Error::KernelsNotCompiled`]
+/// without kernels; [`Error::Cuda`] if the launch fails.
 pub fn append_kv<T: Element, S: CacheElement>(
     dev: &Device,
     step: &KvStep,
