@@ -146,6 +146,14 @@ pub(crate) enum KernelId {
     KvExtendBf16Hd96,
     KvExtendBf16Hd128,
     KvExtendBf16Hd256,
+    KvAppendF16Vec,
+    KvAppendF16Scalar,
+    KvAppendF16Fp8Vec,
+    KvAppendF16Fp8Scalar,
+    KvAppendBf16Vec,
+    KvAppendBf16Scalar,
+    KvAppendBf16Fp8Vec,
+    KvAppendBf16Fp8Scalar,
 }
 
 impl KernelId {
@@ -246,6 +254,14 @@ impl KernelId {
         KernelId::KvExtendBf16Hd96,
         KernelId::KvExtendBf16Hd128,
         KernelId::KvExtendBf16Hd256,
+        KernelId::KvAppendF16Vec,
+        KernelId::KvAppendF16Scalar,
+        KernelId::KvAppendF16Fp8Vec,
+        KernelId::KvAppendF16Fp8Scalar,
+        KernelId::KvAppendBf16Vec,
+        KernelId::KvAppendBf16Scalar,
+        KernelId::KvAppendBf16Fp8Vec,
+        KernelId::KvAppendBf16Fp8Scalar,
     ];
 
     pub(crate) fn index(self) -> usize {
@@ -308,6 +324,14 @@ impl KernelId {
             | KernelId::KvDecodeBf16Fp8Hd128
             | KernelId::KvDecodeBf16Fp8Hd256
             | KernelId::KvDecodeBf16Fp8Hd512 => Family::KvCache,
+            KernelId::KvAppendF16Vec
+            | KernelId::KvAppendF16Scalar
+            | KernelId::KvAppendF16Fp8Vec
+            | KernelId::KvAppendF16Fp8Scalar
+            | KernelId::KvAppendBf16Vec
+            | KernelId::KvAppendBf16Scalar
+            | KernelId::KvAppendBf16Fp8Vec
+            | KernelId::KvAppendBf16Fp8Scalar => Family::KvCache,
             KernelId::AttnBwdPreF16
             | KernelId::AttnBwdPreBf16
             | KernelId::AttnBwdDqF16
@@ -436,6 +460,14 @@ impl KernelId {
             KernelId::KvExtendBf16Hd96 => "longctx_kv_extend_bf16_hd96",
             KernelId::KvExtendBf16Hd128 => "longctx_kv_extend_bf16_hd128",
             KernelId::KvExtendBf16Hd256 => "longctx_kv_extend_bf16_hd256",
+            KernelId::KvAppendF16Vec => "longctx_kv_append_f16_vec",
+            KernelId::KvAppendF16Scalar => "longctx_kv_append_f16_scalar",
+            KernelId::KvAppendF16Fp8Vec => "longctx_kv_append_f16_fp8_vec",
+            KernelId::KvAppendF16Fp8Scalar => "longctx_kv_append_f16_fp8_scalar",
+            KernelId::KvAppendBf16Vec => "longctx_kv_append_bf16_vec",
+            KernelId::KvAppendBf16Scalar => "longctx_kv_append_bf16_scalar",
+            KernelId::KvAppendBf16Fp8Vec => "longctx_kv_append_bf16_fp8_vec",
+            KernelId::KvAppendBf16Fp8Scalar => "longctx_kv_append_bf16_fp8_scalar",
         }
     }
 

@@ -144,18 +144,59 @@ typedef struct LongctxKvMergeParams {
     uint32_t pad0;
 } LongctxKvMergeParams;
 
+/* append_kv: writes every new token's K and V row (all heads) of a step into its cache slot.
+ * New row r (0 <= r < total_new) of sequence b (cu_new[b] <= r < cu_new[b + 1]) is the
+ * token at position p = seqlens[b] - (cu_new[b + 1] - cu_new[b]) + (r - cu_new[b]), stored
+ * in slot p % page_size of page block_table[b * max_pages_per_seq + p / page_size]:
+ *   new K:  new_k[r * k_token_stride + h * k_head_stride + c]   (T = f16 or bf16)
+ *   cache:  cache.k[((page * page_size + slot) * heads_kv + h) * head_dim + c]   (S = T or fp8)
+ * With inv_freq != 0, K's first rotary_dim channels are rotated at position p first (the RoPE
+ * kernel's forward: pairing `rope_style`, angle `angle_mode`, cos and sin times
+ * attention_factor); V is never rotated. fp8 codes are f32_to_e4m3(x / scale): with
+ * LONGCTX_KV_SCALE_TOKEN_HEAD scale = absmax(row) / 448 (1 for an all-zero row), written to
+ * k_scale / v_scale[(page * page_size + slot) * heads_kv + h]; with LONGCTX_KV_SCALE_HEAD
+ * scale = k_scale / v_scale[h], read only. */
+
+/* Warps per block of the append kernel; each warp writes one (token, head) row of K and V. */
+#define LONGCTX_KV_APPEND_WARPS 4u
+/* Largest head_dim of the append kernel: the cache's own limit with 16-byte access (32 f32
+ * per lane); the scalar fallback (any alignment) keeps 16 f32 per lane, 512 channels, so its
+ * fp8 rows stay in registers across the RoPE angle's sincosf calls. */
+#define LONGCTX_KV_APPEND_MAX_HEAD_DIM 1024u
+#define LONGCTX_KV_APPEND_MAX_HEAD_DIM_SCALAR 512u
+
+typedef struct LongctxKvAppendParams {
+    LongctxKvCache cache;
+    LongctxKvStep step;
+    uint64_t new_k;              /* device T*: new token 0, head 0, channel 0                */
+    uint64_t new_v;              /* device T*                                                */
+    int64_t k_token_stride;
+    int64_t k_head_stride;
+    int64_t v_token_stride;
+    int64_t v_head_stride;
+    uint64_t inv_freq;           /* device double[rotary_dim / 2]; 0 = no RoPE               */
+    uint32_t total_new;          /* rows of new K / V, cu_new[batch]                         */
+    uint32_t rotary_dim;         /* even, <= head_dim; 0 without RoPE                        */
+    uint32_t rope_style;         /* LONGCTX_ROPE_STYLE_* (params/rope_params.h)              */
+    uint32_t angle_mode;         /* LONGCTX_ROPE_ANGLE_*                                     */
+    float attention_factor;      /* multiplies cos and sin                                   */
+    uint32_t pad0;
+} LongctxKvAppendParams;
+
 #ifdef __cplusplus
 static_assert(sizeof(LongctxKvMergeParams) == 120, "LongctxKvMergeParams layout");
 static_assert(sizeof(LongctxKvCache) == 56, "LongctxKvCache layout");
 static_assert(sizeof(LongctxKvStep) == 32, "LongctxKvStep layout");
 static_assert(sizeof(LongctxKvDecodeParams) == 208, "LongctxKvDecodeParams layout");
 static_assert(sizeof(LongctxKvExtendParams) == 248, "LongctxKvExtendParams layout");
+static_assert(sizeof(LongctxKvAppendParams) == 168, "LongctxKvAppendParams layout");
 #else
 _Static_assert(sizeof(LongctxKvMergeParams) == 120, "LongctxKvMergeParams layout");
 _Static_assert(sizeof(LongctxKvCache) == 56, "LongctxKvCache layout");
 _Static_assert(sizeof(LongctxKvStep) == 32, "LongctxKvStep layout");
 _Static_assert(sizeof(LongctxKvDecodeParams) == 208, "LongctxKvDecodeParams layout");
 _Static_assert(sizeof(LongctxKvExtendParams) == 248, "LongctxKvExtendParams layout");
+_Static_assert(sizeof(LongctxKvAppendParams) == 168, "LongctxKvAppendParams layout");
 #endif
 
 #endif

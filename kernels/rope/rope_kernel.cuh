@@ -13,9 +13,7 @@
 // W = 16 bytes / sizeof(T) when the host proved 16-byte alignment of every access, else 1.
 // Channels >= rotary_dim are never read or written.
 //
-// Angle precision (LONGCTX_ROPE_ANGLE_F64): theta = pos * inv_freq in f64 and reduced to
-// [-pi, pi] in f64 before an accurate f32 sincosf; the error stays near 1e-7 rad at positions
-// up to 2^31, where an f32 product is already off by ~3e-2 rad at 2^20. See docs/NOTES.md.
+// Angle precision: rope/angle.cuh (f64 product and reduction by default).
 #pragma once
 #include "common/smem.cuh"
 #include <stdint.h>
@@ -23,6 +21,7 @@
 #include "common/dtype.cuh"
 #include "common/vec.cuh"
 #include "params/rope_params.h"
+#include "rope/angle.cuh"
 #include "rope/traits.cuh"
 
 namespace longctx {
@@ -32,21 +31,7 @@ namespace rope {
 __device__ __forceinline__ float2 pair_cos_sin(const LongctxRopeParams& p, int32_t pos, int pair) {
     const double inv = reinterpret_cast<const double*>(p.inv_freq)[pair];
     float s, c;
-    if (p.angle_mode == LONGCTX_ROPE_ANGLE_F32) {
-        const float theta = float(pos) * float(inv);
-        sincosf(theta, &s, &c);
-    } else {
-        // 2*pi split so that k * kTwoPiHi is exact for |k| < 2^20 and the remainder carries
-        // the rest of 2*pi's value.
-        constexpr double kInvTwoPi = 0.15915494309189535;
-        constexpr double kTwoPiHi = 6.283185307179586;
-        constexpr double kTwoPiLo = 2.4492935982947064e-16;
-        const double theta = double(pos) * inv;
-        const double k = rint(theta * kInvTwoPi);
-        double r = fma(-k, kTwoPiHi, theta);
-        r = fma(-k, kTwoPiLo, r);
-        sincosf(float(r), &s, &c);
-    }
+    angle_sin_cos(p.angle_mode, pos, inv, &s, &c);
     if (p.direction == LONGCTX_ROPE_BACKWARD) s = -s;
     return make_float2(c * p.attention_factor, s * p.attention_factor);
 }

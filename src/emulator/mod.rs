@@ -28,11 +28,13 @@ use crate::kernel_id::KernelId;
 use crate::launch::KernelLaunch;
 use crate::sys;
 
+mod kv_append;
 mod kv_cache;
 mod kv_extend;
 mod moe;
 mod ops;
 pub mod selftest;
+pub use kv_append::*;
 pub use kv_cache::*;
 pub use kv_extend::*;
 pub use moe::*;
@@ -261,6 +263,14 @@ entries! {
     KvExtendBf16Hd96 => longctx_kv_extend_bf16_hd96, longctx_kv_extend_bf16_hd96_emu_sm90: sys::LongctxKvExtendParams;
     KvExtendBf16Hd128 => longctx_kv_extend_bf16_hd128, longctx_kv_extend_bf16_hd128_emu_sm90: sys::LongctxKvExtendParams;
     KvExtendBf16Hd256 => longctx_kv_extend_bf16_hd256, longctx_kv_extend_bf16_hd256_emu_sm90: sys::LongctxKvExtendParams;
+    KvAppendF16Vec => longctx_kv_append_f16_vec, longctx_kv_append_f16_vec: sys::LongctxKvAppendParams;
+    KvAppendF16Scalar => longctx_kv_append_f16_scalar, longctx_kv_append_f16_scalar: sys::LongctxKvAppendParams;
+    KvAppendF16Fp8Vec => longctx_kv_append_f16_fp8_vec, longctx_kv_append_f16_fp8_vec: sys::LongctxKvAppendParams;
+    KvAppendF16Fp8Scalar => longctx_kv_append_f16_fp8_scalar, longctx_kv_append_f16_fp8_scalar: sys::LongctxKvAppendParams;
+    KvAppendBf16Vec => longctx_kv_append_bf16_vec, longctx_kv_append_bf16_vec: sys::LongctxKvAppendParams;
+    KvAppendBf16Scalar => longctx_kv_append_bf16_scalar, longctx_kv_append_bf16_scalar: sys::LongctxKvAppendParams;
+    KvAppendBf16Fp8Vec => longctx_kv_append_bf16_fp8_vec, longctx_kv_append_bf16_fp8_vec: sys::LongctxKvAppendParams;
+    KvAppendBf16Fp8Scalar => longctx_kv_append_bf16_fp8_scalar, longctx_kv_append_bf16_fp8_scalar: sys::LongctxKvAppendParams;
 }
 
 /// What every emulated CUDA thread runs: the kernel entry with the launch's params.

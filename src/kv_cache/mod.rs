@@ -1,25 +1,32 @@
-//! KV cache and decode building blocks.
+//! The paged KV cache and attention over it.
 //!
+//! * [`PagedKvLayout`] and [`PageTable`]: the paged cache layout (pages of `page_size`
+//!   tokens, int32 page tables per sequence) with complete host validation; [`StepTable`]
+//!   and [`KvStep`]: one step of a batch (lengths after the step, which tokens are new), on
+//!   the host and on the device.
+//! * [`append_kv`]: writes a step's new K and V rows into their cache slots (one launch,
+//!   every head), with RoPE fused on K and fp8 quantisation (per (token, head) scales
+//!   written beside the codes, or fixed per-head scales).
+//! * [`decode`]: attention of each sequence's 1 to 16 new tokens over its cache, GQA
+//!   packed, split-KV sized by [`plan_decode`]; f16/bf16/fp8 caches.
+//! * [`extend`]: chunked prefill over the paged cache (any number of new tokens per
+//!   sequence attending to its cache, causal bottom-right), the attention forward's
+//!   tensor-core kernel with paged K/V addressing.
 //! * [`merge_states`]: combines partial attention states `(O_p, LSE_p)` of the same query
 //!   rows, each computed over a disjoint subset of the keys, into the state of attention
 //!   over their union: `LSE = log sum_p exp(LSE_p)`, `O = sum_p exp(LSE_p - LSE) O_p`.
 //!   It is the combine step of split-KV decode (one part per KV split, stacked along a
 //!   leading dim) and of ring / context-parallel attention (one part per KV shard, or the
 //!   running state plus each arriving shard with [`MergeOptions::accumulate`]).
-//! * [`PagedKvLayout`] and [`PageTable`]: the paged cache layout (pages of `page_size`
-//!   tokens, int32 page tables per sequence) with complete host validation; no kernel
-//!   reads it yet.
-//! * [`extend`]: chunked prefill over the paged cache (any number of new tokens per
-//!   sequence attending to its cache, causal bottom-right), the attention forward's
-//!   tensor-core kernel with paged K/V addressing.
-//! * [`reference`](mod@reference): the f64 merge the kernel is checked against, and the paged <-> dense
-//!   gather and scatter that define the paged layout.
+//! * [`reference`](mod@reference): the f64 references (append, decode, merge) and the
+//!   paged <-> dense gather and scatter that define the paged layout.
 //!
 //! States use the attention forward's conventions: O `[tokens, heads, head_dim_v]` in the
 //! input dtype, LSE f32 `[heads, tokens]`, natural log, -inf for a row that saw no key (an
 //! empty part, which contributes nothing; a row whose every part is empty merges to O = 0,
 //! LSE = -inf).
 
+mod append;
 mod cache;
 mod decode;
 mod extend;
@@ -39,6 +46,16 @@ pub(crate) use decode::{plan_decode_launch, DecodeAddrs};
 pub use extend::{extend, ExtendOptions, ExtendShape, ExtendValidated, EXTEND_HEAD_DIMS};
 #[cfg(feature = "emulator")]
 pub(crate) use extend::{plan_extend_launch, ExtendAddrs};
+mod reference_append;
+
+pub use append::{
+    append_kv, AppendRope, AppendRopeShape, AppendShape, AppendValidated, NewKv,
+    MAX_APPEND_HEAD_DIM, MAX_APPEND_HEAD_DIM_SCALAR,
+};
+#[cfg(feature = "emulator")]
+pub(crate) use append::{plan_append, AppendAddrs};
+pub(crate) use cache::{cache_params, step_params};
+pub(crate) use fp8::cache_matches;
 pub use fp8::{CacheDType, CacheElement, Fp8E4m3};
 pub use merge::{
     merge_states, merge_states_raw, LseLayout, MergeOptions, MergeShape, MergeState,

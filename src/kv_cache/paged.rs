@@ -1,6 +1,6 @@
 //! The paged KV-cache layout (vLLM / FlashInfer "NHD" pages) and its host-side validation.
-//! No kernel reads it yet; the f64 gather and scatter in [`super::reference`] define its
-//! meaning for the decode kernels to come.
+//! [`super::append_kv`] writes it; no kernel reads it yet. The f64 gather and scatter in
+//! [`super::reference`] define its meaning for the decode kernels to come.
 //!
 //! A cache tensor (one for K, one for V) is `[pages, page_size, heads_kv, head_dim]`, dense:
 //! slot `s` of page `p`, head `h`, channel `c` lives at

@@ -151,3 +151,5 @@ fn check_cache_len(layout: &super::PagedKvLayout, len: usize) -> Result<()> {
     }
     Ok(())
 }
+
+pub use super::reference_append::{append_kv_f64, fp8_row_scale, AppendRopeF64, AppendedF64};

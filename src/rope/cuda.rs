@@ -72,6 +72,16 @@ impl RopeTable {
     pub fn attention_factor(&self) -> f32 {
         self.attention_factor
     }
+
+    /// The device inv_freq table (rotary_dim / 2 f64 entries), for kernels that fuse RoPE.
+    pub(crate) fn inv_freq_buf(&self) -> &CudaSlice<f64> {
+        &self.inv_freq
+    }
+
+    /// The sequence length positions must stay below, when the frequencies depend on it.
+    pub(crate) fn max_positions(&self) -> Option<usize> {
+        self.max_positions
+    }
 }
 
 /// What a launch needs of a frequency table, wherever it lives.

@@ -15,6 +15,9 @@ pub const LONGCTX_KV_DECODE_ROW_ELEMS: u32 = 64;
 pub const LONGCTX_KV_DECODE_MMA_ROWS: u32 = 16;
 pub const LONGCTX_KV_DECODE_MMA_WARPS_HD64: u32 = 4;
 pub const LONGCTX_KV_DECODE_MMA_WARPS_HD128: u32 = 2;
+pub const LONGCTX_KV_APPEND_WARPS: u32 = 4;
+pub const LONGCTX_KV_APPEND_MAX_HEAD_DIM: u32 = 1024;
+pub const LONGCTX_KV_APPEND_MAX_HEAD_DIM_SCALAR: u32 = 512;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct LongctxKvCache {
@@ -312,4 +315,77 @@ const _: () = {
     [
         "Offset of field: LongctxKvMergeParams::pad0",
     ][::std::mem::offset_of!(LongctxKvMergeParams, pad0) - 116usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LongctxKvAppendParams {
+    pub cache: LongctxKvCache,
+    pub step: LongctxKvStep,
+    pub new_k: u64,
+    pub new_v: u64,
+    pub k_token_stride: i64,
+    pub k_head_stride: i64,
+    pub v_token_stride: i64,
+    pub v_head_stride: i64,
+    pub inv_freq: u64,
+    pub total_new: u32,
+    pub rotary_dim: u32,
+    pub rope_style: u32,
+    pub angle_mode: u32,
+    pub attention_factor: f32,
+    pub pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of LongctxKvAppendParams",
+    ][::std::mem::size_of::<LongctxKvAppendParams>() - 168usize];
+    [
+        "Alignment of LongctxKvAppendParams",
+    ][::std::mem::align_of::<LongctxKvAppendParams>() - 8usize];
+    [
+        "Offset of field: LongctxKvAppendParams::cache",
+    ][::std::mem::offset_of!(LongctxKvAppendParams, cache) - 0usize];
+    [
+        "Offset of field: LongctxKvAppendParams::step",
+    ][::std::mem::offset_of!(LongctxKvAppendParams, step) - 56usize];
+    [
+        "Offset of field: LongctxKvAppendParams::new_k",
+    ][::std::mem::offset_of!(LongctxKvAppendParams, new_k) - 88usize];
+    [
+        "Offset of field: LongctxKvAppendParams::new_v",
+    ][::std::mem::offset_of!(LongctxKvAppendParams, new_v) - 96usize];
+    [
+        "Offset of field: LongctxKvAppendParams::k_token_stride",
+    ][::std::mem::offset_of!(LongctxKvAppendParams, k_token_stride) - 104usize];
+    [
+        "Offset of field: LongctxKvAppendParams::k_head_stride",
+    ][::std::mem::offset_of!(LongctxKvAppendParams, k_head_stride) - 112usize];
+    [
+        "Offset of field: LongctxKvAppendParams::v_token_stride",
+    ][::std::mem::offset_of!(LongctxKvAppendParams, v_token_stride) - 120usize];
+    [
+        "Offset of field: LongctxKvAppendParams::v_head_stride",
+    ][::std::mem::offset_of!(LongctxKvAppendParams, v_head_stride) - 128usize];
+    [
+        "Offset of field: LongctxKvAppendParams::inv_freq",
+    ][::std::mem::offset_of!(LongctxKvAppendParams, inv_freq) - 136usize];
+    [
+        "Offset of field: LongctxKvAppendParams::total_new",
+    ][::std::mem::offset_of!(LongctxKvAppendParams, total_new) - 144usize];
+    [
+        "Offset of field: LongctxKvAppendParams::rotary_dim",
+    ][::std::mem::offset_of!(LongctxKvAppendParams, rotary_dim) - 148usize];
+    [
+        "Offset of field: LongctxKvAppendParams::rope_style",
+    ][::std::mem::offset_of!(LongctxKvAppendParams, rope_style) - 152usize];
+    [
+        "Offset of field: LongctxKvAppendParams::angle_mode",
+    ][::std::mem::offset_of!(LongctxKvAppendParams, angle_mode) - 156usize];
+    [
+        "Offset of field: LongctxKvAppendParams::attention_factor",
+    ][::std::mem::offset_of!(LongctxKvAppendParams, attention_factor) - 160usize];
+    [
+        "Offset of field: LongctxKvAppendParams::pad0",
+    ][::std::mem::offset_of!(LongctxKvAppendParams, pad0) - 164usize];
 };

@@ -62,3 +62,4 @@ unsafe impl cudarc::driver::DeviceRepr for LongctxKvMergeParams {}
 unsafe impl cudarc::driver::DeviceRepr for LongctxKvDecodeParams {}
 // SAFETY: as above (the attention params, the cache and the step, all plain data).
 unsafe impl cudarc::driver::DeviceRepr for LongctxKvExtendParams {}
+unsafe impl cudarc::driver::DeviceRepr for LongctxKvAppendParams {}
