@@ -32,6 +32,7 @@
 #include "common/mma.cuh"
 #include "common/smem.cuh"
 #include "params/kv_cache_params.h"
+#include "rope/angle.cuh"
 
 namespace longctx {
 namespace kv_decode_mma {
@@ -83,6 +84,30 @@ __device__ __forceinline__ uint32_t widen_pair_fp8(uint32_t two_codes) {
     const float lo = e4m3_to_f32_div256(two_codes & 0xFFu);
     const float hi = e4m3_to_f32_div256((two_codes >> 8) & 0xFFu);
     return MmaType<T>::pack(lo, hi);
+}
+
+// Keys and queries stored un-rotated (LongctxKvDecodeParams::rope_inv_freq): the value of
+// channel `ch` of row `x` after RoPE at `pos` with inverse frequencies `inv` (f64), cos and
+// sin times `factor`: the RoPE kernel's arithmetic (rope/rope_kernel.cuh, rotate_item), so a
+// key rotated here equals the same key rotated by append's fused RoPE, bit for bit.
+template <typename GetX>
+__device__ __forceinline__ float rotated_channel(const LongctxKvDecodeParams& p, const double* inv, float factor,
+                                                 int pos, int ch, GetX x) {
+    const int rot = int(p.rotary_dim);
+    if (ch >= rot) return x(ch);
+    const int half = rot / 2;
+    const bool neox = p.rope_style == LONGCTX_ROPE_STYLE_NEOX;
+    // The pair's first and second channel, and whether ch is the first.
+    const int pair = neox ? (ch < half ? ch : ch - half) : ch / 2;
+    const int a = neox ? pair : 2 * pair;
+    const int b = neox ? pair + half : 2 * pair + 1;
+    float sn, cs;
+    rope::angle_sin_cos(p.rope_angle_mode, pos, inv[pair], &sn, &cs);
+    cs *= factor;
+    sn *= factor;
+    const float xa = x(a);
+    const float xb = x(b);
+    return ch == a ? xa * cs - xb * sn : xb * cs + xa * sn;
 }
 
 template <typename T, typename S, int D>
@@ -156,6 +181,10 @@ __device__ __forceinline__ void decode_mma_body(const LongctxKvDecodeParams& p) 
                                 int64_t(kv_head * hpk + row % hpk) * p.q_head_stride
                           : nullptr;
         }
+        const bool rotate = p.rope_inv_freq != 0;
+        const double* inv = rotate ? reinterpret_cast<const double*>(p.rope_inv_freq) + int64_t(b) * (p.rotary_dim / 2)
+                                   : nullptr;
+        const float factor = rotate ? reinterpret_cast<const float*>(p.rope_factor)[b] : 1.f;
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks) {
 #pragma unroll
@@ -165,8 +194,18 @@ __device__ __forceinline__ void decode_mma_body(const LongctxKvDecodeParams& p) 
                     const int c = 16 * ks + 8 * hi8 + 2 * t4;
                     float x0 = 0.f, x1 = 0.f;
                     if (qrow[h] != nullptr) {
-                        x0 = DType<T>::to_f32(qrow[h][c]);
-                        x1 = DType<T>::to_f32(qrow[h][c + 1]);
+                        const T* qr = qrow[h];
+                        auto get = [qr](int ch) { return DType<T>::to_f32(qr[ch]); };
+                        if (rotate) {
+                            // The query's position: its token's place among the new tokens.
+                            const int pos = len - n_new + (r0 + g + 8 * h) / hpk;
+                            // Rounded to T, as the RoPE kernel stores a rotated query.
+                            x0 = DType<T>::to_f32(DType<T>::from_f32(rotated_channel(p, inv, factor, pos, c, get)));
+                            x1 = DType<T>::to_f32(DType<T>::from_f32(rotated_channel(p, inv, factor, pos, c + 1, get)));
+                        } else {
+                            x0 = get(c);
+                            x1 = get(c + 1);
+                        }
                     }
                     // Exact: x0, x1 are values of T.
                     qa[ks][h + 2 * hi8] = MmaType<T>::pack(x0, x1);
@@ -273,6 +312,35 @@ __device__ __forceinline__ void decode_mma_body(const LongctxKvDecodeParams& p) 
             __syncthreads();
             k_tile = s_base + uint32_t(2 * Sh::kStageBytes);
             v_tile = k_tile + uint32_t(Sh::kTileBytes);
+        }
+
+        if (p.rope_inv_freq != 0) {
+            // Rotate the tile's keys in place: key row r at position lo + t * kTileN + r, every
+            // pair once (pairs are disjoint, so no two threads touch one element).
+            const int half = int(p.rotary_dim) / 2;
+            const bool neox = p.rope_style == LONGCTX_ROPE_STYLE_NEOX;
+            const double* inv = reinterpret_cast<const double*>(p.rope_inv_freq) + int64_t(b) * half;
+            const float factor = reinterpret_cast<const float*>(p.rope_factor)[b];
+            char* ktile = smem + (k_tile - s_base);
+            for (int i = tid; i < kTileN * half; i += kThreads) {
+                const int r = i / half;
+                const int pair = i % half;
+                const int pos = lo + t * kTileN + r;
+                if (pos >= hi) continue;  // a zero-filled row past the split
+                const int ca = neox ? pair : 2 * pair;
+                const int cb = neox ? pair + half : 2 * pair + 1;
+                T* ea = reinterpret_cast<T*>(ktile + swz<D>(r, ca / 8)) + ca % 8;
+                T* eb = reinterpret_cast<T*>(ktile + swz<D>(r, cb / 8)) + cb % 8;
+                float sn, cs;
+                rope::angle_sin_cos(p.rope_angle_mode, pos, inv[pair], &sn, &cs);
+                cs *= factor;
+                sn *= factor;
+                const float xa = DType<T>::to_f32(*ea);
+                const float xb = DType<T>::to_f32(*eb);
+                *ea = DType<T>::from_f32(xa * cs - xb * sn);
+                *eb = DType<T>::from_f32(xb * cs + xa * sn);
+            }
+            __syncthreads();
         }
 
         // S = Q K^T for this warp's 16 keys: s[nt] is key tile nt (8 keys).

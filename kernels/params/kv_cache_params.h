@@ -104,7 +104,16 @@ typedef struct LongctxKvDecodeParams {
     int32_t window_left;      /* 0 .. LONGCTX_ATTN_WINDOW_UNBOUNDED                        */
     float exp_scale;          /* as the attention forward's                                */
     float softcap_in;
-    uint32_t pad0;
+    /* Keys stored un-rotated (exact dynamic scaling): with rope_inv_freq != 0 the kernel
+     * rotates every key j it reads at position j, and each query at its position, with
+     * sequence b's inv_freq row and attention factor (cos and sin times the factor, as the
+     * RoPE kernel), the first rotary_dim channels, pairing rope_style, angles as
+     * rope_angle_mode. 0: the cache and Q hold rotated values. */
+    uint32_t rotary_dim;
+    uint64_t rope_inv_freq;   /* device double [batch, rotary_dim / 2], or 0               */
+    uint64_t rope_factor;     /* device float [batch]                                      */
+    uint32_t rope_style;      /* LONGCTX_ROPE_STYLE_*                                      */
+    uint32_t rope_angle_mode; /* LONGCTX_ROPE_ANGLE_*                                      */
 } LongctxKvDecodeParams;
 
 /* Extend over the cache (longctx_kv_extend_*, chunked prefill): each sequence's new tokens,
@@ -187,14 +196,14 @@ typedef struct LongctxKvAppendParams {
 static_assert(sizeof(LongctxKvMergeParams) == 120, "LongctxKvMergeParams layout");
 static_assert(sizeof(LongctxKvCache) == 56, "LongctxKvCache layout");
 static_assert(sizeof(LongctxKvStep) == 32, "LongctxKvStep layout");
-static_assert(sizeof(LongctxKvDecodeParams) == 208, "LongctxKvDecodeParams layout");
+static_assert(sizeof(LongctxKvDecodeParams) == 232, "LongctxKvDecodeParams layout");
 static_assert(sizeof(LongctxKvExtendParams) == 248, "LongctxKvExtendParams layout");
 static_assert(sizeof(LongctxKvAppendParams) == 168, "LongctxKvAppendParams layout");
 #else
 _Static_assert(sizeof(LongctxKvMergeParams) == 120, "LongctxKvMergeParams layout");
 _Static_assert(sizeof(LongctxKvCache) == 56, "LongctxKvCache layout");
 _Static_assert(sizeof(LongctxKvStep) == 32, "LongctxKvStep layout");
-_Static_assert(sizeof(LongctxKvDecodeParams) == 208, "LongctxKvDecodeParams layout");
+_Static_assert(sizeof(LongctxKvDecodeParams) == 232, "LongctxKvDecodeParams layout");
 _Static_assert(sizeof(LongctxKvExtendParams) == 248, "LongctxKvExtendParams layout");
 _Static_assert(sizeof(LongctxKvAppendParams) == 168, "LongctxKvAppendParams layout");
 #endif

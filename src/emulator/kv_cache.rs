@@ -4,11 +4,12 @@ use super::{run, Arch, HostBuf};
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::kv_cache::{
-    plan_decode_launch, plan_merge, CacheElement, CacheShape, DecodeAddrs, DecodeOptions,
-    DecodePlan, DecodeShape, LseLayout, MergeAddrs, MergeOptions, MergeShape, PagedKvLayout,
-    ScaleMode, StackedStates, StepTable,
+    plan_decode_launch, plan_merge, rotation_tables, CacheElement, CacheShape, DecodeAddrs,
+    DecodeOptions, DecodePlan, DecodeShape, LseLayout, MergeAddrs, MergeOptions, MergeShape,
+    PagedKvLayout, RotationShape, ScaleMode, StackedStates, StepTable,
 };
 use crate::layout::HeadsLayout;
+use crate::rope::{AnglePrecision, LengthScaling, RopeStyle};
 
 /// [`crate::kv_cache::merge_states`] on the CPU: merges the parts stacked in `parts_o` and
 /// `parts_lse` (as `layout` says) into `out_o` / `out_lse`.
@@ -98,6 +99,64 @@ pub fn decode<T: Element, S: CacheElement>(
     sm_count: usize,
     opts: &DecodeOptions,
 ) -> Result<DecodePlan> {
+    decode_impl(
+        step, None, q, q_layout, cache, out, workspace, sm_count, opts,
+    )
+}
+
+/// How an emulated [`decode_rotating`] rotates keys and queries on load.
+#[derive(Debug, Clone, Copy)]
+pub struct HostRotation<'a> {
+    /// The rotation at each sequence's current length.
+    pub scaling: &'a LengthScaling,
+    /// Channel pairing.
+    pub style: RopeStyle,
+    /// Angle precision.
+    pub precision: AnglePrecision,
+}
+
+/// [`crate::kv_cache::decode_rotating`] on the CPU: keys in the cache and `q` un-rotated,
+/// rotated on load with each sequence's rotation at its current length.
+///
+/// # Errors
+/// As the GPU op, plus [`Error::Emulator`](crate::Error::Emulator) when a kernel misbehaves.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_rotating<T: Element, S: CacheElement>(
+    step: &StepTable,
+    rotation: &HostRotation,
+    q: &[T],
+    q_layout: &HeadsLayout,
+    cache: &HostCache<S>,
+    out: HostDecodeOutput<T>,
+    workspace: &mut [f32],
+    sm_count: usize,
+    opts: &DecodeOptions,
+) -> Result<DecodePlan> {
+    decode_impl(
+        step,
+        Some(rotation),
+        q,
+        q_layout,
+        cache,
+        out,
+        workspace,
+        sm_count,
+        opts,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decode_impl<T: Element, S: CacheElement>(
+    step: &StepTable,
+    rotation: Option<&HostRotation>,
+    q: &[T],
+    q_layout: &HeadsLayout,
+    cache: &HostCache<S>,
+    out: HostDecodeOutput<T>,
+    workspace: &mut [f32],
+    sm_count: usize,
+    opts: &DecodeOptions,
+) -> Result<DecodePlan> {
     let sv = cache.layout.validate_step(step)?;
     let v = DecodeShape {
         step: &sv,
@@ -114,8 +173,33 @@ pub fn decode<T: Element, S: CacheElement>(
         lse: out.lse.as_ref().map(|(b, l)| (*l, b.len())),
         workspace_len: workspace.len(),
         sm_count,
+        rotation: rotation.map(|r| RotationShape {
+            rotary_dim: r.scaling.config().rotary_dim(),
+            style: r.style,
+            precision: r.precision,
+        }),
     }
     .validate(opts)?;
+    let tables = match rotation {
+        Some(r) => {
+            if r.scaling.config().head_dim() != cache.layout.head_dim {
+                return Err(crate::Error::invalid(
+                    "decode",
+                    "rotation",
+                    "the scaling's head dim differs from the cache's",
+                ));
+            }
+            Some(rotation_tables(&sv, r.scaling)?)
+        }
+        None => None,
+    };
+    let (ifb, fb) = match &tables {
+        Some((i, f)) => (
+            Some(HostBuf::input(i.as_slice(), c"rope_inv_freq")),
+            Some(HostBuf::input(f.as_slice(), c"rope_factor")),
+        ),
+        None => (None, None),
+    };
     let qb = HostBuf::input(q, c"q");
     let kb = HostBuf::input(cache.k, c"cache.k");
     let vb = HostBuf::input(cache.v, c"cache.v");
@@ -145,6 +229,8 @@ pub fn decode<T: Element, S: CacheElement>(
         block_table: btb.addr(),
         seqlens: slb.addr(),
         cu_new: cnb.addr(),
+        rope_inv_freq: ifb.as_ref().map_or(0, HostBuf::addr),
+        rope_factor: fb.as_ref().map_or(0, HostBuf::addr),
     };
     let Some((dl, ml)) = plan_decode_launch::<T, S>(&sv, &v, &addrs)? else {
         return Ok(v.plan);
@@ -153,6 +239,8 @@ pub fn decode<T: Element, S: CacheElement>(
     bufs.extend(ksb);
     bufs.extend(vsb);
     bufs.extend(lb);
+    bufs.extend(ifb);
+    bufs.extend(fb);
     run("decode", &dl, Arch::Sm80, &bufs)?;
     if let Some(ml) = ml {
         run("decode", &ml, Arch::Sm80, &bufs)?;

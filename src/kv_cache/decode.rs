@@ -9,6 +9,7 @@ use super::fp8::{cache_matches, CacheDType, CacheElement};
 use super::merge::{
     plan_merge_typed, LseLayout, MergeAddrs, MergeOptions, MergeShape, StackedStates,
 };
+use super::rotation::{KvRotation, RotationShape};
 use super::step::{KvStep, ValidatedStep, MAX_DECODE_QUERIES};
 use crate::attention::SoftmaxConsts;
 use crate::device::{cuda_err, Device};
@@ -17,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::kernel_id::KernelId;
 use crate::launch::KernelLaunch;
 use crate::layout::{check_element_alignment, HeadsLayout, RawBuffer, RawTensor};
+use crate::rope::{AnglePrecision, RopeStyle};
 use crate::sys;
 
 const OP: &str = "decode";
@@ -262,6 +264,9 @@ pub struct DecodeShape<'a> {
     pub workspace_len: usize,
     /// The device's SM count (the split plan's input).
     pub sm_count: usize,
+    /// Keys and queries stored un-rotated and rotated on load (see
+    /// [`decode_rotating`]), or `None` for a cache of rotated keys.
+    pub rotation: Option<RotationShape>,
 }
 
 /// A decode call that passed [`DecodeShape::validate`].
@@ -279,6 +284,7 @@ pub struct DecodeValidated {
     lse: Option<LseLayout>,
     cache: CacheShape,
     workspace_needed: usize,
+    rotation: Option<RotationShape>,
 }
 
 impl DecodeShape<'_> {
@@ -350,6 +356,22 @@ impl DecodeShape<'_> {
                 ),
             ));
         }
+        if let Some(r) = self.rotation {
+            if !plan.tiles.tensor_cores {
+                return Err(Error::unsupported(
+                    OP,
+                    "rotation",
+                    format!("keys rotated on load need head dim 64 or 128, not {d}"),
+                ));
+            }
+            if r.rotary_dim == 0 || r.rotary_dim % 2 != 0 || r.rotary_dim > d {
+                return Err(Error::invalid(
+                    OP,
+                    "rotation",
+                    format!("rotary dim {} must be even and in 2..={d}", r.rotary_dim),
+                ));
+            }
+        }
         let scale = opts
             .softmax_scale
             .unwrap_or_else(|| (1.0 / (d as f64).sqrt()) as f32);
@@ -371,6 +393,7 @@ impl DecodeShape<'_> {
             lse: self.lse.map(|x| x.0),
             cache: self.cache,
             workspace_needed,
+            rotation: self.rotation,
         })
     }
 }
@@ -388,6 +411,8 @@ pub(crate) struct DecodeAddrs {
     pub block_table: u64,
     pub seqlens: u64,
     pub cu_new: u64,
+    pub rope_inv_freq: u64,
+    pub rope_factor: u64,
 }
 
 fn kernel_id(t: DType, s: CacheDType, d: usize) -> Result<KernelId> {
@@ -455,6 +480,9 @@ pub(crate) fn plan_decode_launch<T: Element, S: CacheElement>(
     if v.total_new == 0 || step.batch == 0 {
         return Ok(None);
     }
+    if v.rotation.is_some() && (a.rope_inv_freq == 0 || a.rope_factor == 0) {
+        return Err(Error::invalid(OP, "rotation", "rotation tables missing"));
+    }
     for (addr, arg) in [(a.k, "cache.k"), (a.v, "cache.v")] {
         if addr % 16 != 0 {
             return Err(Error::misaligned(
@@ -498,7 +526,25 @@ pub(crate) fn plan_decode_launch<T: Element, S: CacheElement>(
         window_left: v.window_left,
         exp_scale: v.consts.exp_scale,
         softcap_in: v.consts.softcap_in,
-        pad0: 0,
+        rotary_dim: v.rotation.map_or(0, |r| r.rotary_dim as u32),
+        rope_inv_freq: if v.rotation.is_some() {
+            a.rope_inv_freq
+        } else {
+            0
+        },
+        rope_factor: if v.rotation.is_some() {
+            a.rope_factor
+        } else {
+            0
+        },
+        rope_style: match v.rotation.map(|r| r.style) {
+            Some(RopeStyle::Interleaved) => sys::LONGCTX_ROPE_STYLE_INTERLEAVED,
+            _ => sys::LONGCTX_ROPE_STYLE_NEOX,
+        },
+        rope_angle_mode: match v.rotation.map(|r| r.precision) {
+            Some(AnglePrecision::F32) => sys::LONGCTX_ROPE_ANGLE_F32,
+            _ => sys::LONGCTX_ROPE_ANGLE_F64,
+        },
     };
     let decode = KernelLaunch {
         id: kernel_id(T::DTYPE, S::CACHE_DTYPE, v.head_dim)?,
@@ -600,9 +646,69 @@ impl<T> std::fmt::Debug for DecodeOutput<'_, T> {
 /// whose layout differs from the step's, a cache dtype the query dtype cannot read, a
 /// cache not starting on 16 bytes, a buffer of another context, or a device older than
 /// sm_80; [`Error::KernelsNotCompiled`] without kernels; [`Error::Cuda`] if a launch fails.
+#[allow(clippy::too_many_arguments)]
 pub fn decode<T: Element, S: CacheElement>(
     dev: &Device,
     step: &KvStep,
+    q: &dyn DevicePtr<T>,
+    q_layout: &HeadsLayout,
+    cache: &PagedCache<S>,
+    out: DecodeOutput<T>,
+    workspace: Option<&mut dyn DevicePtrMut<f32>>,
+    opts: &DecodeOptions,
+) -> Result<()> {
+    decode_impl(dev, step, None, q, q_layout, cache, out, workspace, opts)
+}
+
+/// [`decode`] over a cache whose keys are stored un-rotated (appended without RoPE), with
+/// un-rotated queries: the kernel rotates every key it reads at its position, and each query
+/// at its position, with the sequence's rotation at its current length from `rotation`
+/// ([`KvRotation::upload`] for this step). With a static rule this gives what a cache of
+/// keys rotated at append time gives (bit for bit on the emulator); with dynamic scaling
+/// (HF's dynamic NTK, dynamic YaRN) every key gets the current length's rotation, which a
+/// rotated cache cannot. Head dims 64 and 128 (the tensor-core kernel).
+///
+/// # Errors
+/// As [`decode`], plus tables made for another step or head dim (`rotation`), a head dim
+/// the rotating kernel does not cover, a rotary dim that is odd or above the head dim.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_rotating<T: Element, S: CacheElement>(
+    dev: &Device,
+    step: &KvStep,
+    rotation: &KvRotation,
+    q: &dyn DevicePtr<T>,
+    q_layout: &HeadsLayout,
+    cache: &PagedCache<S>,
+    out: DecodeOutput<T>,
+    workspace: Option<&mut dyn DevicePtrMut<f32>>,
+    opts: &DecodeOptions,
+) -> Result<()> {
+    if !dev.owns(rotation.inv_freq()) {
+        return Err(Error::invalid(
+            OP,
+            "rotation",
+            "lives on another device context",
+        ));
+    }
+    rotation.check_step(step.validated(), step.layout().head_dim)?;
+    decode_impl(
+        dev,
+        step,
+        Some(rotation),
+        q,
+        q_layout,
+        cache,
+        out,
+        workspace,
+        opts,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decode_impl<T: Element, S: CacheElement>(
+    dev: &Device,
+    step: &KvStep,
+    rotation: Option<&KvRotation>,
     q: &dyn DevicePtr<T>,
     q_layout: &HeadsLayout,
     cache: &PagedCache<S>,
@@ -657,6 +763,7 @@ pub fn decode<T: Element, S: CacheElement>(
         lse: out.lse.as_ref().map(|(b, l)| (*l, b.len())),
         workspace_len: workspace.as_ref().map_or(0, |w| w.len()),
         sm_count: dev.sm_count(),
+        rotation: rotation.map(KvRotation::shape),
     }
     .validate(opts)?;
     let stream = dev.stream();
@@ -690,6 +797,14 @@ pub fn decode<T: Element, S: CacheElement>(
         }
         None => (0, None),
     };
+    let (rope_if, rope_f, _g11, _g12) = match rotation {
+        Some(r) => {
+            let (a, ga) = r.inv_freq().device_ptr(stream);
+            let (b, gb) = r.factor().device_ptr(stream);
+            (a, b, Some(ga), Some(gb))
+        }
+        None => (0, 0, None, None),
+    };
     let addrs = DecodeAddrs {
         q: qp,
         o: op,
@@ -702,6 +817,8 @@ pub fn decode<T: Element, S: CacheElement>(
         block_table: bt,
         seqlens: sl,
         cu_new: cn,
+        rope_inv_freq: rope_if,
+        rope_factor: rope_f,
     };
     // SAFETY: the buffers are live allocations of this context (owns_any above), borrowed
     // (the outputs mutably, so no input aliases them) until the launches are queued.
@@ -834,6 +951,7 @@ pub unsafe fn decode_raw<T: Element, S: CacheElement>(
         lse: lse.map(|(b, l)| (l, b.len)),
         workspace_len: workspace.map_or(0, |w| w.len),
         sm_count: dev.sm_count(),
+        rotation: None,
     }
     .validate(opts)?;
     let stream = dev.stream();
@@ -852,6 +970,8 @@ pub unsafe fn decode_raw<T: Element, S: CacheElement>(
         block_table: bt,
         seqlens: sl,
         cu_new: cn,
+        rope_inv_freq: 0,
+        rope_factor: 0,
     };
     // SAFETY: the caller's contract for the raw buffers; the step's arrays are this
     // handle's own, guarded until the launches are queued.

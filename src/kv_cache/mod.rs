@@ -34,12 +34,13 @@ mod fp8;
 mod merge;
 mod paged;
 pub mod reference;
+mod rotation;
 mod step;
 
 pub use cache::{CacheShape, KvScales, KvScalesMut, PagedCache, PagedCacheMut, ScaleMode};
 pub use decode::{
-    decode, decode_raw, plan_decode, DecodeOptions, DecodeOutput, DecodePlan, DecodeShape,
-    DecodeTiles, DecodeValidated, Splits, DECODE_HEAD_DIMS, MAX_DECODE_SPLITS,
+    decode, decode_raw, decode_rotating, plan_decode, DecodeOptions, DecodeOutput, DecodePlan,
+    DecodeShape, DecodeTiles, DecodeValidated, Splits, DECODE_HEAD_DIMS, MAX_DECODE_SPLITS,
 };
 #[cfg(feature = "emulator")]
 pub(crate) use decode::{plan_decode_launch, DecodeAddrs};
@@ -65,4 +66,5 @@ pub use merge::{
 pub(crate) use merge::{plan_merge, MergeAddrs};
 pub(crate) use paged::{dense_len, for_each_row};
 pub use paged::{PageTable, PagedKvLayout, ValidatedTable, MAX_CACHE_HEAD_DIM, MAX_PAGE_SIZE};
+pub use rotation::{rotation_tables, KvRotation, RotationShape};
 pub use step::{KvStep, StepTable, ValidatedStep, MAX_DECODE_QUERIES};

@@ -120,13 +120,17 @@ pub struct LongctxKvDecodeParams {
     pub window_left: i32,
     pub exp_scale: f32,
     pub softcap_in: f32,
-    pub pad0: u32,
+    pub rotary_dim: u32,
+    pub rope_inv_freq: u64,
+    pub rope_factor: u64,
+    pub rope_style: u32,
+    pub rope_angle_mode: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     [
         "Size of LongctxKvDecodeParams",
-    ][::std::mem::size_of::<LongctxKvDecodeParams>() - 208usize];
+    ][::std::mem::size_of::<LongctxKvDecodeParams>() - 232usize];
     [
         "Alignment of LongctxKvDecodeParams",
     ][::std::mem::align_of::<LongctxKvDecodeParams>() - 8usize];
@@ -194,8 +198,20 @@ const _: () = {
         "Offset of field: LongctxKvDecodeParams::softcap_in",
     ][::std::mem::offset_of!(LongctxKvDecodeParams, softcap_in) - 200usize];
     [
-        "Offset of field: LongctxKvDecodeParams::pad0",
-    ][::std::mem::offset_of!(LongctxKvDecodeParams, pad0) - 204usize];
+        "Offset of field: LongctxKvDecodeParams::rotary_dim",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, rotary_dim) - 204usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::rope_inv_freq",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, rope_inv_freq) - 208usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::rope_factor",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, rope_factor) - 216usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::rope_style",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, rope_style) - 224usize];
+    [
+        "Offset of field: LongctxKvDecodeParams::rope_angle_mode",
+    ][::std::mem::offset_of!(LongctxKvDecodeParams, rope_angle_mode) - 228usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

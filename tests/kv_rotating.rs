@@ -1,0 +1,793 @@
+//! Exact dynamic scaling with a KV cache: keys appended un-rotated and rotated by decode as
+//! it reads them, with each sequence's rotation at its current length. Through the
+//! emulator: with a static rule the un-rotated mode gives the rotated cache's outputs bit for
+//! bit; with dynamic NTK it gives, bit for bit, what a cache re-rotated at the current length
+//! gives; it matches the f64 reference (which re-rotates every key) within the rounding of
+//! the rotated keys and queries to the storage type; and dynamic and static rotations differ
+//! past the original length.
+
+mod common;
+
+use half::{bf16, f16};
+use longctx::dtype::{DType, Element};
+use longctx::emulator::{
+    self, HostCache, HostDecodeOutput, HostNewKv, HostRope, HostRotation, HostScalesMut,
+};
+use longctx::kv_cache::reference::{decode_f64, decode_rotating_f64, DecodeMath};
+use longctx::kv_cache::{
+    CacheElement, DecodeOptions, Fp8E4m3, LseLayout, PageTable, PagedKvLayout, ScaleMode, Splits,
+    StepTable,
+};
+use longctx::layout::HeadsLayout;
+use longctx::rope::{
+    AnglePrecision, Direction, LengthScaling, RopeConfig, RopeOptions, RopeScaling, RopeStyle,
+};
+use longctx::Error;
+
+/// A 16-byte aligned copy (the decode kernel reads the cache in 16-byte chunks).
+struct Aligned<S> {
+    buf: Vec<S>,
+    off: usize,
+    len: usize,
+}
+
+impl<S: Copy + Default> Aligned<S> {
+    fn new(values: &[S]) -> Self {
+        let size = std::mem::size_of::<S>();
+        let mut buf = vec![S::default(); values.len() + 16];
+        let off = (16 - buf.as_ptr() as usize % 16) % 16 / size;
+        buf[off..off + values.len()].copy_from_slice(values);
+        Aligned {
+            buf,
+            off,
+            len: values.len(),
+        }
+    }
+    fn as_slice(&self) -> &[S] {
+        &self.buf[self.off..self.off + self.len]
+    }
+}
+
+/// A batch: page tables (shuffled pages), lengths, new-token counts, un-rotated K/V of every
+/// cached token (dense, sequences concatenated) and un-rotated queries.
+struct Batch {
+    layout: PagedKvLayout,
+    table: Vec<i32>,
+    max_pages: usize,
+    lens: Vec<i32>,
+    cu_new: Vec<i32>,
+    heads_q: usize,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    q: Vec<f64>,
+}
+
+impl Batch {
+    fn new<T: Element>(
+        page_size: usize,
+        lens: &[usize],
+        news: &[usize],
+        heads_kv: usize,
+        group: usize,
+        d: usize,
+        seed: u64,
+    ) -> Self {
+        let mut r = common::Rng(seed);
+        let used: Vec<usize> = lens.iter().map(|l| l.div_ceil(page_size)).collect();
+        let max_pages = used.iter().copied().max().unwrap_or(0) + 1;
+        let pages = used.iter().sum::<usize>() + 2;
+        let mut ids: Vec<i32> = (0..pages as i32).collect();
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, r.below(i as u64 + 1) as usize);
+        }
+        let mut table = vec![-1i32; lens.len() * max_pages];
+        let mut next = 0;
+        for (b, &u) in used.iter().enumerate() {
+            for i in 0..u {
+                table[b * max_pages + i] = ids[next];
+                next += 1;
+            }
+        }
+        let total: usize = lens.iter().sum();
+        let heads_q = heads_kv * group;
+        let nq: usize = news.iter().sum();
+        let round = |x: f64| T::from_f64(x).to_f64();
+        let mut cu_new = vec![0i32];
+        for &n in news {
+            cu_new.push(cu_new.last().unwrap() + n as i32);
+        }
+        Batch {
+            layout: PagedKvLayout {
+                page_size,
+                pages,
+                heads_kv,
+                head_dim: d,
+            },
+            table,
+            max_pages,
+            lens: lens.iter().map(|&l| l as i32).collect(),
+            cu_new,
+            heads_q,
+            k: (0..total * heads_kv * d)
+                .map(|_| round(1.5 * r.uniform()))
+                .collect(),
+            v: (0..total * heads_kv * d)
+                .map(|_| round(r.uniform()))
+                .collect(),
+            q: (0..nq * heads_q * d)
+                .map(|_| round(1.5 * r.uniform()))
+                .collect(),
+        }
+    }
+
+    fn step(&self) -> StepTable<'_> {
+        StepTable {
+            table: PageTable {
+                block_table: &self.table,
+                max_pages_per_seq: self.max_pages,
+                seqlens: &self.lens,
+            },
+            cu_new: &self.cu_new,
+        }
+    }
+}
+
+/// The cache after appending every token of sequences `seqs` (all others untouched), K
+/// rotated with `rope` at each token's position when given; fp8 with per-(token, head)
+/// scales when `S` is fp8.
+#[allow(clippy::too_many_arguments)]
+fn append_all<T: Element, S: CacheElement>(
+    b: &Batch,
+    seqs: &[usize],
+    rope: Option<HostRope>,
+    k_cache: &mut [S],
+    v_cache: &mut [S],
+    k_scale: &mut [f32],
+    v_scale: &mut [f32],
+) {
+    let hd = b.layout.heads_kv * b.layout.head_dim;
+    let mut start = 0usize;
+    for (s, &len) in b.lens.iter().enumerate() {
+        let len = len as usize;
+        if seqs.contains(&s) {
+            let table = &b.table[s * b.max_pages..(s + 1) * b.max_pages];
+            let lens = [len as i32];
+            let cu = [0, len as i32];
+            let step = StepTable {
+                table: PageTable {
+                    block_table: table,
+                    max_pages_per_seq: b.max_pages,
+                    seqlens: &lens,
+                },
+                cu_new: &cu,
+            };
+            let k: Vec<T> = b.k[start * hd..(start + len) * hd]
+                .iter()
+                .map(|&x| T::from_f64(x))
+                .collect();
+            let v: Vec<T> = b.v[start * hd..(start + len) * hd]
+                .iter()
+                .map(|&x| T::from_f64(x))
+                .collect();
+            let l = HeadsLayout::contiguous(len, b.layout.heads_kv, b.layout.head_dim);
+            let scales = if S::CACHE_DTYPE == longctx::kv_cache::CacheDType::Fp8E4m3 {
+                HostScalesMut::PerTokenHead {
+                    k: &mut *k_scale,
+                    v: &mut *v_scale,
+                }
+            } else {
+                HostScalesMut::None
+            };
+            emulator::append_kv::<T, S>(
+                &b.layout,
+                &step,
+                &HostNewKv {
+                    k: &k,
+                    k_layout: l,
+                    v: &v,
+                    v_layout: l,
+                },
+                k_cache,
+                v_cache,
+                scales,
+                rope,
+            )
+            .unwrap();
+        }
+        start += len;
+    }
+}
+
+fn host_rope<'a>(
+    c: &RopeConfig,
+    inv: &'a [f64],
+    len: usize,
+    style: RopeStyle,
+    precision: AnglePrecision,
+) -> HostRope<'a> {
+    HostRope {
+        inv_freq: inv,
+        head_dim: c.head_dim(),
+        attention_factor: c.attention_factor(),
+        max_positions: if c.depends_on_length() {
+            Some(len)
+        } else {
+            None
+        },
+        style,
+        precision,
+    }
+}
+
+/// The step's queries rotated as `apply_rope` does, sequence by sequence with `config` at
+/// the sequence's length.
+fn rotate_queries<T: Element>(
+    b: &Batch,
+    q: &[T],
+    config: impl Fn(usize) -> RopeConfig,
+    style: RopeStyle,
+    precision: AnglePrecision,
+) -> Vec<T> {
+    let (hq, d) = (b.heads_q, b.layout.head_dim);
+    let mut out = q.to_vec();
+    for s in 0..b.lens.len() {
+        let (lo, hi) = (b.cu_new[s] as usize, b.cu_new[s + 1] as usize);
+        if hi == lo {
+            continue;
+        }
+        let len = b.lens[s] as usize;
+        let n = hi - lo;
+        let positions: Vec<i32> = ((len - n) as i32..len as i32).collect();
+        let l = HeadsLayout::contiguous(n, hq, d);
+        let mut part = out[lo * hq * d..hi * hq * d].to_vec();
+        let mut dummy = part.clone();
+        emulator::apply_rope::<T>(
+            &config(len),
+            len,
+            &positions,
+            &mut part,
+            &l,
+            &mut dummy,
+            &l,
+            RopeOptions {
+                style,
+                direction: Direction::Forward,
+                precision,
+            },
+        )
+        .unwrap();
+        out[lo * hq * d..hi * hq * d].copy_from_slice(&part);
+    }
+    out
+}
+
+struct Run {
+    o: Vec<f64>,
+    lse: Vec<f32>,
+}
+
+/// Decode over `cache` (rotated or not) with `rotation` (None: a rotated cache and rotated
+/// queries).
+fn run_decode<T: Element, S: CacheElement>(
+    b: &Batch,
+    q: &[T],
+    k: &[S],
+    v: &[S],
+    scales: Option<(&[f32], &[f32])>,
+    rotation: Option<HostRotation>,
+    splits: Splits,
+) -> Run {
+    let d = b.layout.head_dim;
+    let total_new = *b.cu_new.last().unwrap() as usize;
+    let ql = HeadsLayout::contiguous(total_new, b.heads_q, d);
+    let ka = Aligned::new(k);
+    let va = Aligned::new(v);
+    let cache = HostCache {
+        layout: b.layout,
+        k: ka.as_slice(),
+        v: va.as_slice(),
+        scales: scales.map(|(k, v)| (ScaleMode::PerTokenHead, k, v)),
+    };
+    let mut o = vec![T::from_f64(f64::NAN); ql.numel().unwrap()];
+    let mut lse = vec![f32::NAN; b.heads_q * total_new];
+    let mut ws = vec![0f32; 1 << 20];
+    let out = HostDecodeOutput {
+        o: &mut o,
+        o_layout: ql,
+        lse: Some((&mut lse, LseLayout::contiguous(b.heads_q, total_new))),
+    };
+    let opts = DecodeOptions {
+        splits,
+        ..DecodeOptions::default()
+    };
+    match rotation {
+        Some(r) => {
+            emulator::decode_rotating::<T, S>(&b.step(), &r, q, &ql, &cache, out, &mut ws, 1, &opts)
+        }
+        None => emulator::decode::<T, S>(&b.step(), q, &ql, &cache, out, &mut ws, 1, &opts),
+    }
+    .unwrap();
+    Run {
+        o: o.iter().map(|x| x.to_f64()).collect(),
+        lse,
+    }
+}
+
+fn bits(r: &Run) -> (Vec<u64>, Vec<u32>) {
+    (
+        r.o.iter().map(|x| x.to_bits()).collect(),
+        r.lse.iter().map(|x| x.to_bits()).collect(),
+    )
+}
+
+fn yarn(d: usize, factor: f64, l0: usize) -> RopeConfig {
+    RopeConfig::builder(d)
+        .base(1e6)
+        .scaling(RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings: l0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            mscale: None,
+            mscale_all_dim: None,
+            attention_factor: None,
+            truncate: true,
+        })
+        .build()
+        .unwrap()
+}
+
+/// Static rules: append with fused RoPE + rotated queries, and append un-rotated + decode
+/// rotating on load, give the same bits (NeoX and interleaved, partial rotary, both angle
+/// precisions, YaRN's attention factor, split and unsplit).
+fn static_equality<T: Element + CacheElement>() {
+    let cases: Vec<(RopeConfig, RopeStyle, AnglePrecision, usize)> = vec![
+        (
+            RopeConfig::builder(128).base(5e5).build().unwrap(),
+            RopeStyle::Neox,
+            AnglePrecision::F64,
+            128,
+        ),
+        (
+            yarn(64, 4.0, 32),
+            RopeStyle::Interleaved,
+            AnglePrecision::F64,
+            64,
+        ),
+        (
+            RopeConfig::builder(128)
+                .partial_rotary_factor(0.5)
+                .build()
+                .unwrap(),
+            RopeStyle::Neox,
+            AnglePrecision::F32,
+            128,
+        ),
+    ];
+    for (i, (config, style, precision, d)) in cases.into_iter().enumerate() {
+        let b = Batch::new::<T>(16, &[70, 1, 33], &[2, 1, 3], 2, 4, d, 40 + i as u64);
+        let n = b.layout.cache_len().unwrap();
+        let all: Vec<usize> = (0..b.lens.len()).collect();
+        let max_len = 70;
+        let inv = config.inv_freq_f64(max_len);
+        let rope = host_rope(&config, &inv, max_len, style, precision);
+        let (mut kr, mut vr) = (vec![T::default(); n], vec![T::default(); n]);
+        let (mut ku, mut vu) = (vec![T::default(); n], vec![T::default(); n]);
+        append_all::<T, T>(&b, &all, Some(rope), &mut kr, &mut vr, &mut [], &mut []);
+        append_all::<T, T>(&b, &all, None, &mut ku, &mut vu, &mut [], &mut []);
+        let q: Vec<T> = b.q.iter().map(|&x| <T as Element>::from_f64(x)).collect();
+        let qr = rotate_queries(&b, &q, |_| config.clone(), style, precision);
+        let scaling = LengthScaling::Config(config.clone());
+        for splits in [Splits::AtMost(1), Splits::AtMost(3)] {
+            let rotated = run_decode::<T, T>(&b, &qr, &kr, &vr, None, None, splits);
+            let onload = run_decode::<T, T>(
+                &b,
+                &q,
+                &ku,
+                &vu,
+                None,
+                Some(HostRotation {
+                    scaling: &scaling,
+                    style,
+                    precision,
+                }),
+                splits,
+            );
+            assert_eq!(bits(&rotated), bits(&onload), "case {i} {splits:?}");
+            assert!(rotated.lse.iter().all(|x| x.is_finite()));
+        }
+    }
+}
+
+#[test]
+fn emu_rotating_static_rules_equal_the_rotated_cache_bf16() {
+    static_equality::<bf16>();
+}
+
+#[test]
+fn emu_rotating_static_rules_equal_the_rotated_cache_f16() {
+    static_equality::<f16>();
+}
+
+/// Dynamic NTK: decode rotating on load equals, bit for bit, decode over a cache whose keys
+/// were all rotated with the current length's base (and queries too); sequences shorter
+/// than `max_position_embeddings` keep the plain rotation.
+#[test]
+fn emu_rotating_dynamic_ntk_equals_a_cache_rotated_at_the_current_length() {
+    let d = 64;
+    let config = RopeConfig::builder(d)
+        .max_position_embeddings(48)
+        .scaling(RopeScaling::Dynamic { factor: 2.0 })
+        .build()
+        .unwrap();
+    let b = Batch::new::<bf16>(8, &[150, 20, 97], &[1, 2, 1], 2, 2, d, 7);
+    let n = b.layout.cache_len().unwrap();
+    let (mut kr, mut vr) = (vec![bf16::ZERO; n], vec![bf16::ZERO; n]);
+    let (mut ku, mut vu) = (vec![bf16::ZERO; n], vec![bf16::ZERO; n]);
+    for (s, &len) in b.lens.iter().enumerate() {
+        let len = len as usize;
+        let inv = config.inv_freq_f64(len);
+        let rope = host_rope(&config, &inv, len, RopeStyle::Neox, AnglePrecision::F64);
+        append_all::<bf16, bf16>(&b, &[s], Some(rope), &mut kr, &mut vr, &mut [], &mut []);
+    }
+    let all: Vec<usize> = (0..3).collect();
+    append_all::<bf16, bf16>(&b, &all, None, &mut ku, &mut vu, &mut [], &mut []);
+    let q: Vec<bf16> = b.q.iter().map(|&x| bf16::from_f64(x)).collect();
+    let qr = rotate_queries(
+        &b,
+        &q,
+        |_| config.clone(),
+        RopeStyle::Neox,
+        AnglePrecision::F64,
+    );
+    let scaling = LengthScaling::Config(config.clone());
+    let rotated = run_decode::<bf16, bf16>(&b, &qr, &kr, &vr, None, None, Splits::AtMost(2));
+    let onload = run_decode::<bf16, bf16>(
+        &b,
+        &q,
+        &ku,
+        &vu,
+        None,
+        Some(HostRotation {
+            scaling: &scaling,
+            style: RopeStyle::Neox,
+            precision: AnglePrecision::F64,
+        }),
+        Splits::AtMost(2),
+    );
+    assert_eq!(bits(&rotated), bits(&onload));
+}
+
+/// Against the f64 reference that re-rotates every key at the current length (dynamic NTK
+/// and dynamic YaRN, bf16 and fp8 caches): the kernel rounds each rotated key and query to
+/// the storage type, which moves a score by at most `scale x 2 eps |q| |k|` (delta); the LSE
+/// is held to delta plus f32 error, O to e^(2 delta) - 1 of max|V| plus P's and the
+/// output's rounding.
+fn reference_parity<S: CacheElement>(scaling: &LengthScaling, style: RopeStyle, seed: u64) {
+    let d = scaling.config().head_dim();
+    let b = Batch::new::<bf16>(16, &[130, 5, 64], &[2, 1, 3], 2, 2, d, seed);
+    let n = b.layout.cache_len().unwrap();
+    let rows = b.layout.pages * b.layout.page_size * b.layout.heads_kv;
+    let (mut ku, mut vu) = (vec![S::default(); n], vec![S::default(); n]);
+    let (mut ks, mut vs) = (vec![0f32; rows], vec![0f32; rows]);
+    let all: Vec<usize> = (0..3).collect();
+    append_all::<bf16, S>(&b, &all, None, &mut ku, &mut vu, &mut ks, &mut vs);
+    let fp8 = S::CACHE_DTYPE == longctx::kv_cache::CacheDType::Fp8E4m3;
+    // The cache's values as the reference reads them.
+    let value = |c: &[S], sc: &[f32]| -> Vec<f64> {
+        c.iter()
+            .enumerate()
+            .map(|(i, x)| x.to_f64() * if fp8 { f64::from(sc[i / d]) } else { 1.0 })
+            .collect()
+    };
+    let (kval, vval) = (value(&ku, &ks), value(&vu, &vs));
+    let q: Vec<bf16> = b.q.iter().map(|&x| bf16::from_f64(x)).collect();
+    let got = run_decode::<bf16, S>(
+        &b,
+        &q,
+        &ku,
+        &vu,
+        fp8.then_some((&ks[..], &vs[..])),
+        Some(HostRotation {
+            scaling,
+            style,
+            precision: AnglePrecision::F64,
+        }),
+        Splits::AtMost(3),
+    );
+    let scale = 1.0 / (d as f64).sqrt();
+    let math = DecodeMath {
+        scale,
+        softcap: None,
+        window_left: None,
+    };
+    let want = decode_rotating_f64(
+        &b.layout,
+        &b.step(),
+        &b.q,
+        b.heads_q,
+        &kval,
+        &vval,
+        scaling,
+        style,
+        &math,
+    )
+    .unwrap();
+    let norm = |x: &[f64]| {
+        x.chunks(d)
+            .map(|r| r.iter().map(|v| v * v).sum::<f64>().sqrt())
+            .fold(0.0f64, f64::max)
+    };
+    let factor2 = (0..b.lens.len())
+        .map(|s| {
+            scaling
+                .at(b.lens[s] as usize)
+                .unwrap()
+                .attention_factor
+                .powi(2)
+        })
+        .fold(0.0f64, f64::max);
+    let eps = DType::BF16.epsilon();
+    let delta = scale * 2.0 * eps * norm(&b.q) * norm(&kval) * factor2 * 1.01;
+    let vmax = vval.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    for (i, (g, w)) in got.o.iter().zip(&want.o).enumerate() {
+        let tol = ((2.0 * delta).exp() - 1.0) * vmax + 1.01 * eps * (w.abs() + vmax) + 2e-5;
+        assert!(
+            (g - w).abs() <= tol,
+            "O[{i}] {g} vs {w} (tolerance {tol:e})"
+        );
+    }
+    for (i, (g, w)) in got.lse.iter().zip(&want.lse).enumerate() {
+        let tol = delta + 2e-5 * (1.0 + w.abs());
+        assert!(
+            (f64::from(*g) - w).abs() <= tol,
+            "LSE[{i}] {g} vs {w} (tolerance {tol:e})"
+        );
+    }
+}
+
+#[test]
+fn emu_rotating_matches_the_dynamic_reference() {
+    let ntk = LengthScaling::Config(
+        RopeConfig::builder(64)
+            .max_position_embeddings(48)
+            .scaling(RopeScaling::Dynamic { factor: 2.0 })
+            .build()
+            .unwrap(),
+    );
+    reference_parity::<bf16>(&ntk, RopeStyle::Neox, 3);
+    reference_parity::<Fp8E4m3>(&ntk, RopeStyle::Interleaved, 4);
+    let dyn_yarn = LengthScaling::DynamicYarn(yarn(128, 1.0, 40));
+    reference_parity::<bf16>(&dyn_yarn, RopeStyle::Neox, 5);
+    reference_parity::<Fp8E4m3>(&dyn_yarn, RopeStyle::Neox, 6);
+}
+
+/// The references: re-rotating at the current length differs from keys rotated with the
+/// original rule once a sequence outgrows `max_position_embeddings`, and equals it before.
+#[test]
+fn dynamic_and_static_rotations_differ_past_the_original_length() {
+    let d = 64;
+    let dynamic = RopeConfig::builder(d)
+        .max_position_embeddings(48)
+        .scaling(RopeScaling::Dynamic { factor: 2.0 })
+        .build()
+        .unwrap();
+    let plain = RopeConfig::builder(d).build().unwrap();
+    let math = DecodeMath {
+        scale: 0.125,
+        softcap: None,
+        window_left: None,
+    };
+    for (len, differ) in [(40usize, false), (160, true)] {
+        let b = Batch::new::<bf16>(16, &[len], &[1], 1, 2, d, 9);
+        let n = b.layout.cache_len().unwrap();
+        // The cache in value space: dense rows scattered into pages.
+        let mut kc = vec![0.0; n];
+        let mut vc = vec![0.0; n];
+        longctx::kv_cache::reference::scatter_paged_f64(&b.layout, &b.k, &b.step().table, &mut kc)
+            .unwrap();
+        longctx::kv_cache::reference::scatter_paged_f64(&b.layout, &b.v, &b.step().table, &mut vc)
+            .unwrap();
+        let dynamic_out = decode_rotating_f64(
+            &b.layout,
+            &b.step(),
+            &b.q,
+            b.heads_q,
+            &kc,
+            &vc,
+            &LengthScaling::Config(dynamic.clone()),
+            RopeStyle::Neox,
+            &math,
+        )
+        .unwrap();
+        let static_out = decode_rotating_f64(
+            &b.layout,
+            &b.step(),
+            &b.q,
+            b.heads_q,
+            &kc,
+            &vc,
+            &LengthScaling::Config(plain.clone()),
+            RopeStyle::Neox,
+            &math,
+        )
+        .unwrap();
+        let diff = dynamic_out
+            .lse
+            .iter()
+            .zip(&static_out.lse)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f64, f64::max);
+        if differ {
+            assert!(diff > 1e-3, "len {len}: {diff}");
+        } else {
+            assert_eq!(diff, 0.0, "len {len}");
+        }
+        // decode_f64 over keys rotated outside agrees with decode_rotating_f64 (static).
+        let _ = decode_f64(&b.layout, &b.step(), &b.q, b.heads_q, &kc, &vc, &math).unwrap();
+    }
+}
+
+#[test]
+fn emu_rotating_rejects_bad_calls() {
+    let b = Batch::new::<bf16>(16, &[20], &[1], 1, 2, 256, 1);
+    let n = b.layout.cache_len().unwrap();
+    let k = vec![bf16::ZERO; n];
+    let q: Vec<bf16> = b.q.iter().map(|&x| bf16::from_f64(x)).collect();
+    let ql = HeadsLayout::contiguous(1, 2, 256);
+    let ka = Aligned::new(&k);
+    let cache = HostCache {
+        layout: b.layout,
+        k: ka.as_slice(),
+        v: ka.as_slice(),
+        scales: None,
+    };
+    let mut o = vec![bf16::ZERO; 512];
+    let mut ws = vec![0f32; 1 << 12];
+    let scaling = LengthScaling::Config(RopeConfig::builder(256).build().unwrap());
+    let rot = HostRotation {
+        scaling: &scaling,
+        style: RopeStyle::Neox,
+        precision: AnglePrecision::F64,
+    };
+    let e = emulator::decode_rotating::<bf16, bf16>(
+        &b.step(),
+        &rot,
+        &q,
+        &ql,
+        &cache,
+        HostDecodeOutput {
+            o: &mut o,
+            o_layout: ql,
+            lse: None,
+        },
+        &mut ws,
+        1,
+        &DecodeOptions::default(),
+    );
+    assert!(
+        matches!(
+            e,
+            Err(Error::InvalidArgument {
+                arg: "rotation",
+                ..
+            })
+        ),
+        "{e:?}"
+    );
+    // A scaling made for another head dim.
+    let b = Batch::new::<bf16>(16, &[20], &[1], 1, 2, 64, 1);
+    let k = vec![bf16::ZERO; b.layout.cache_len().unwrap()];
+    let ka = Aligned::new(&k);
+    let cache = HostCache {
+        layout: b.layout,
+        k: ka.as_slice(),
+        v: ka.as_slice(),
+        scales: None,
+    };
+    let q: Vec<bf16> = b.q.iter().map(|&x| bf16::from_f64(x)).collect();
+    let ql = HeadsLayout::contiguous(1, 2, 64);
+    let e = emulator::decode_rotating::<bf16, bf16>(
+        &b.step(),
+        &rot,
+        &q,
+        &ql,
+        &cache,
+        HostDecodeOutput {
+            o: &mut o[..128],
+            o_layout: ql,
+            lse: None,
+        },
+        &mut ws,
+        1,
+        &DecodeOptions::default(),
+    );
+    assert!(
+        matches!(
+            e,
+            Err(Error::InvalidArgument {
+                arg: "rotation",
+                ..
+            })
+        ),
+        "{e:?}"
+    );
+}
+
+/// The device path: `KvRotation::upload` + `decode_rotating` on a cache built here (through
+/// the emulated append), against the emulated decode rotating on load: the same code, so
+/// within a few ulps (nvcc may contract multiply-adds differently from the host compiler).
+#[test]
+#[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+fn gpu_rotating_matches_the_emulator() {
+    use longctx::kv_cache::{
+        decode_rotating, DecodeOutput, KvRotation, KvScales, KvStep, PagedCache,
+    };
+    let Some(dev) = common::gpu("gpu_rotating_matches_the_emulator") else {
+        return;
+    };
+    let d = 128;
+    let config = RopeConfig::builder(d)
+        .max_position_embeddings(1024)
+        .scaling(RopeScaling::Dynamic { factor: 4.0 })
+        .build()
+        .unwrap();
+    let scaling = LengthScaling::Config(config);
+    let b = Batch::new::<bf16>(16, &[5000, 17, 900], &[1, 2, 1], 8, 4, d, 77);
+    let n = b.layout.cache_len().unwrap();
+    let (mut ku, mut vu) = (vec![bf16::ZERO; n], vec![bf16::ZERO; n]);
+    append_all::<bf16, bf16>(&b, &[0, 1, 2], None, &mut ku, &mut vu, &mut [], &mut []);
+    let q: Vec<bf16> = b.q.iter().map(|&x| bf16::from_f64(x)).collect();
+    let rot = HostRotation {
+        scaling: &scaling,
+        style: RopeStyle::Neox,
+        precision: AnglePrecision::F64,
+    };
+    let want = run_decode::<bf16, bf16>(&b, &q, &ku, &vu, None, Some(rot), Splits::AtMost(4));
+    let step = KvStep::upload(&dev, &b.layout, &b.step()).unwrap();
+    let rotation =
+        KvRotation::upload(&dev, &step, &scaling, RopeStyle::Neox, AnglePrecision::F64).unwrap();
+    let total_new = *b.cu_new.last().unwrap() as usize;
+    let ql = HeadsLayout::contiguous(total_new, b.heads_q, d);
+    let qd = dev.upload(&q).unwrap();
+    let kd = dev.upload(&ku).unwrap();
+    let vd = dev.upload(&vu).unwrap();
+    let mut o = dev.zeros::<bf16>(ql.numel().unwrap()).unwrap();
+    let mut lse = dev.zeros::<f32>(b.heads_q * total_new).unwrap();
+    let mut ws = dev.zeros::<f32>(1 << 20).unwrap();
+    decode_rotating::<bf16, bf16>(
+        &dev,
+        &step,
+        &rotation,
+        &qd,
+        &ql,
+        &PagedCache {
+            layout: b.layout,
+            k: &kd,
+            v: &vd,
+            scales: KvScales::None,
+        },
+        DecodeOutput {
+            o: &mut o,
+            o_layout: ql,
+            lse: Some((&mut lse, LseLayout::contiguous(b.heads_q, total_new))),
+        },
+        Some(&mut ws),
+        &DecodeOptions {
+            splits: Splits::AtMost(4),
+            ..DecodeOptions::default()
+        },
+    )
+    .unwrap();
+    let got_o = dev.download(&o).unwrap();
+    let got_lse = dev.download(&lse).unwrap();
+    for (g, w) in got_o.iter().zip(&want.o) {
+        assert!(
+            (g.to_f64() - w).abs() <= 4.0 * DType::BF16.epsilon() * (w.abs() + 1.0),
+            "{g} vs {w}"
+        );
+    }
+    for (g, w) in got_lse.iter().zip(&want.lse) {
+        assert!((g - w).abs() <= 1e-3 * (1.0 + w.abs()), "{g} vs {w}");
+    }
+}
