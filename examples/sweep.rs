@@ -84,7 +84,8 @@ fn run() -> longctx::Result<()> {
         return attention_rows(&dev, quick);
     }
     if std::env::args().any(|a| a == "--decode") {
-        return decode_rows(&dev, copy, quick);
+        decode_rows(&dev, copy, quick)?;
+        return append_extend_rows(&dev, copy, quick);
     }
 
     let tokens: &[usize] = if quick {
@@ -157,6 +158,7 @@ fn run() -> longctx::Result<()> {
     attention_rows(&dev, quick)?;
     merge_rows(&dev, copy, quick)?;
     decode_rows(&dev, copy, quick)?;
+    append_extend_rows(&dev, copy, quick)?;
     moe_rows(&dev, copy, quick)?;
     Ok(())
 }
@@ -220,7 +222,7 @@ fn decode_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<()> {
                         page,
                         batch,
                         context,
-                        r.plan.splits,
+                        r.plan.map_or(0, |p| p.splits),
                         ms * 1e3,
                         gbs,
                         100.0 * gbs * 1e9 / copy,
@@ -601,6 +603,76 @@ fn merge_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<()> {
                 err
             );
         }
+    }
+    Ok(())
+}
+
+/// `kv_cache::append_kv` (new K/V rows into their pages, K rotated on the way; bytes = new
+/// rows read in bf16 + written in the cache type, target the copy bandwidth) and
+/// `kv_cache::extend` (a prefill chunk over the cache on tensor cores; FLOPs as
+/// FlashAttention counts them for the bottom-right causal mask) at Llama-3-8B's heads.
+fn append_extend_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<()> {
+    use longctx::workloads::{decode_models, DecodeRun};
+    let model = decode_models()[0];
+    println!(
+        "\n{:<12} {:>5} {:>5} {:>8} {:>6} {:>10} {:>9} {:>8}",
+        "append", "cache", "batch", "context", "new", "time (us)", "GB/s", "% copy"
+    );
+    let cases: &[(usize, usize, usize)] = if quick {
+        &[(64, 4096, 1), (1, 8192, 8192)]
+    } else {
+        &[
+            (64, 4096, 1),
+            (8, 4096, 512),
+            (1, 8192, 8192),
+            (1, 65536, 65536),
+        ]
+    };
+    for fp8 in [false, true] {
+        for &(batch, context, new) in cases {
+            let mut r = DecodeRun::with_new_tokens(dev, model, batch, context, 16, fp8, new, 5)?;
+            let ms = time_gpu(dev, 3, 20, || r.run_append(dev))?.median_ms();
+            let gbs = r.append_bytes() as f64 / (ms * 1e-3) / 1e9;
+            println!(
+                "{:<12} {:>5} {:>5} {:>8} {:>6} {:>10.2} {:>9.0} {:>7.1}%",
+                model.name,
+                if fp8 { "fp8" } else { "bf16" },
+                batch,
+                context,
+                new,
+                ms * 1e3,
+                gbs,
+                100.0 * gbs * 1e9 / copy
+            );
+        }
+    }
+    println!(
+        "\n{:<12} {:>5} {:>8} {:>6} {:>10} {:>9} {:>10} {:>10}",
+        "extend", "batch", "context", "new", "time (ms)", "TFLOP/s", "max err O", "err LSE"
+    );
+    let cases: &[(usize, usize, usize)] = if quick {
+        &[(1, 32768, 2048)]
+    } else {
+        &[
+            (1, 8192, 1024),
+            (1, 32768, 2048),
+            (4, 32768, 512),
+            (1, 131072, 4096),
+        ]
+    };
+    for &(batch, context, new) in cases {
+        let mut r = DecodeRun::with_new_tokens(dev, model, batch, context, 16, false, new, 6)?;
+        let ms = time_gpu(dev, 3, 10, || r.run_extend(dev))?.median_ms();
+        let tflops = r.extend_flops() / (ms * 1e-3) / 1e12;
+        let (err_o, err_lse) = r.max_error_extend(dev, 2)?;
+        let what = format!("extend b{batch} ctx{context} new{new}");
+        // P is rounded to bf16 before P V, as in the attention forward: bf16 tolerance.
+        within(&what, err_o, ATTN_O_TOL);
+        within(&what, err_lse, attn_lse_tol(context));
+        println!(
+            "{:<12} {:>5} {:>8} {:>6} {:>10.3} {:>9.1} {:>10.2e} {:>10.2e}",
+            model.name, batch, context, new, ms, tflops, err_o, err_lse
+        );
     }
     Ok(())
 }

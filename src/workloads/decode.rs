@@ -7,10 +7,12 @@ use super::splitmix;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::kv_cache::{
-    decode, plan_decode, CacheDType, DecodeOptions, DecodeOutput, DecodePlan, Fp8E4m3, KvScales,
-    KvStep, LseLayout, PageTable, PagedCache, PagedKvLayout, ScaleMode, Splits, StepTable,
+    append_kv, decode, extend, plan_decode, AppendRope, CacheDType, DecodeOptions, DecodeOutput,
+    DecodePlan, ExtendOptions, Fp8E4m3, KvScales, KvScalesMut, KvStep, LseLayout, NewKv, PageTable,
+    PagedCache, PagedCacheMut, PagedKvLayout, ScaleMode, Splits, StepTable, MAX_DECODE_QUERIES,
 };
 use crate::layout::HeadsLayout;
+use crate::rope::{AnglePrecision, RopeConfig, RopeStyle, RopeTable};
 
 /// Elements of the random block the cache is filled with (a prime, so the pattern does not
 /// line up with rows or pages).
@@ -61,10 +63,11 @@ enum CacheBufs {
     },
 }
 
-/// One decode step of `batch` sequences of `context` cached tokens each (the step's one
-/// new token per sequence is the last of them), bf16 queries, a bf16 or fp8 (per token
-/// and head scales) cache in pages of `page_size`, pages spread over the pool in a
-/// scrambled order. Cache element e holds block[e % FILL] (times its scale for fp8).
+/// One step of `batch` sequences of `context` cached tokens each (the step's `new` new
+/// tokens per sequence are the last of them), bf16 queries, a bf16 or fp8 (per token and
+/// head scales) cache in pages of `page_size`, pages spread over the pool in a scrambled
+/// order. Cache element e holds block[e % FILL] (times its scale for fp8). Times decode
+/// (`new` <= 16), extend (chunked prefill, bf16) and append (with fused RoPE).
 pub struct DecodeRun {
     /// The model shape.
     pub model: DecodeModel,
@@ -74,8 +77,10 @@ pub struct DecodeRun {
     pub context: usize,
     /// Tokens per page.
     pub page_size: usize,
-    /// The split plan the runs use.
-    pub plan: DecodePlan,
+    /// New tokens per sequence.
+    pub new: usize,
+    /// The split plan the decode runs use (for `new` <= 16).
+    pub plan: Option<DecodePlan>,
     layout: PagedKvLayout,
     table: Vec<i32>,
     max_pages: usize,
@@ -88,6 +93,9 @@ pub struct DecodeRun {
     o: CudaSlice<bf16>,
     lse: CudaSlice<f32>,
     workspace: CudaSlice<f32>,
+    k_new: CudaSlice<bf16>,
+    v_new: CudaSlice<bf16>,
+    rope: RopeTable,
 }
 
 fn upload_repeated<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
@@ -121,6 +129,27 @@ impl DecodeRun {
         fp8: bool,
         seed: u64,
     ) -> Result<Self> {
+        Self::with_new_tokens(dev, model, batch, context, page_size, fp8, 1, seed)
+    }
+
+    /// As [`DecodeRun::new`] with `new` new tokens per sequence (1 ..= context).
+    ///
+    /// # Errors
+    /// Invalid sizes; allocation or copy failures.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_new_tokens(
+        dev: &Device,
+        model: DecodeModel,
+        batch: usize,
+        context: usize,
+        page_size: usize,
+        fp8: bool,
+        new: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        if new == 0 || new > context {
+            return Err(Error::invalid("decode workload", "new", "1 ..= context"));
+        }
         let max_pages = context.div_ceil(page_size);
         let pages = batch
             .checked_mul(max_pages)
@@ -141,7 +170,7 @@ impl DecodeRun {
             .map(|i| ((i * stride) % pages.max(1)) as i32)
             .collect();
         let seqlens = vec![context as i32; batch];
-        let cu_new: Vec<i32> = (0..=batch as i32).collect();
+        let cu_new: Vec<i32> = (0..=batch).map(|b| (b * new) as i32).collect();
         let st = StepTable {
             table: PageTable {
                 block_table: &table,
@@ -185,23 +214,35 @@ impl DecodeRun {
                 Vec::new(),
             )
         };
-        let q_host: Vec<bf16> = (0..batch * model.heads_q * model.head_dim)
+        let rows = batch * new;
+        let q_host: Vec<bf16> = (0..rows * model.heads_q * model.head_dim)
             .map(|_| bf16::from_f64(splitmix(&mut s)))
             .collect();
-        let plan = plan_decode(
-            step.validated(),
-            model.heads_q,
-            model.heads_kv,
-            model.head_dim,
-            if fp8 {
-                CacheDType::Fp8E4m3
-            } else {
-                CacheDType::BF16
-            },
-            dev.sm_count(),
-            Splits::Auto,
-        )?;
-        let ws = plan.workspace_len(batch, model.heads_q, model.head_dim)?;
+        let plan = if new <= MAX_DECODE_QUERIES {
+            Some(plan_decode(
+                step.validated(),
+                model.heads_q,
+                model.heads_kv,
+                model.head_dim,
+                if fp8 {
+                    CacheDType::Fp8E4m3
+                } else {
+                    CacheDType::BF16
+                },
+                dev.sm_count(),
+                Splits::Auto,
+            )?)
+        } else {
+            None
+        };
+        let ws = match &plan {
+            Some(p) => p.workspace_len(rows, model.heads_q, model.head_dim)?,
+            None => 0,
+        };
+        let kv_block: Vec<bf16> = (0..4099)
+            .map(|_| bf16::from_f64(splitmix(&mut s)))
+            .collect();
+        let rope_cfg = RopeConfig::builder(model.head_dim).base(5e5).build()?;
         Ok(DecodeRun {
             model,
             batch,
@@ -217,9 +258,13 @@ impl DecodeRun {
             scales,
             q: dev.upload(&q_host)?,
             q_host,
-            o: dev.zeros(batch * model.heads_q * model.head_dim)?,
-            lse: dev.zeros(batch * model.heads_q)?,
+            o: dev.zeros(rows * model.heads_q * model.head_dim)?,
+            lse: dev.zeros(rows * model.heads_q)?,
             workspace: dev.zeros(ws.max(1))?,
+            new,
+            k_new: upload_repeated(dev, &kv_block, rows * model.heads_kv * model.head_dim)?,
+            v_new: upload_repeated(dev, &kv_block, rows * model.heads_kv * model.head_dim)?,
+            rope: RopeTable::new(dev, &rope_cfg, context.max(1))?,
         })
     }
 
@@ -229,11 +274,12 @@ impl DecodeRun {
     /// Whatever the launch returns.
     pub fn run(&mut self, dev: &Device) -> Result<()> {
         let m = &self.model;
-        let ql = HeadsLayout::contiguous(self.batch, m.heads_q, m.head_dim);
+        let rows = self.batch * self.new;
+        let ql = HeadsLayout::contiguous(rows, m.heads_q, m.head_dim);
         let out = DecodeOutput {
             o: &mut self.o,
             o_layout: ql,
-            lse: Some((&mut self.lse, LseLayout::contiguous(m.heads_q, self.batch))),
+            lse: Some((&mut self.lse, LseLayout::contiguous(m.heads_q, rows))),
         };
         let opts = DecodeOptions::default();
         match &self.cache {
@@ -279,6 +325,118 @@ impl DecodeRun {
         }
     }
 
+    /// Chunked prefill of the step's new tokens over the cache (bf16 caches).
+    ///
+    /// # Errors
+    /// Whatever the launch returns (fp8 caches are unsupported by extend).
+    pub fn run_extend(&mut self, dev: &Device) -> Result<()> {
+        let m = &self.model;
+        let rows = self.batch * self.new;
+        let ql = HeadsLayout::contiguous(rows, m.heads_q, m.head_dim);
+        let out = DecodeOutput {
+            o: &mut self.o,
+            o_layout: ql,
+            lse: Some((&mut self.lse, LseLayout::contiguous(m.heads_q, rows))),
+        };
+        match &self.cache {
+            CacheBufs::Bf16 { k, v } => extend::<bf16, bf16>(
+                dev,
+                &self.step,
+                &self.q,
+                &ql,
+                &PagedCache {
+                    layout: self.layout,
+                    k,
+                    v,
+                    scales: KvScales::None,
+                },
+                out,
+                &ExtendOptions::default(),
+            ),
+            CacheBufs::Fp8 { .. } => Err(Error::unsupported(
+                "decode workload",
+                "cache",
+                "extend reads bf16 caches",
+            )),
+        }
+    }
+
+    /// Appends the step's new K and V rows (K rotated with a base-500000 RoPE table).
+    ///
+    /// # Errors
+    /// Whatever the launch returns.
+    pub fn run_append(&mut self, dev: &Device) -> Result<()> {
+        let m = &self.model;
+        let l = HeadsLayout::contiguous(self.batch * self.new, m.heads_kv, m.head_dim);
+        let new = NewKv {
+            k: &self.k_new,
+            k_layout: l,
+            v: &self.v_new,
+            v_layout: l,
+        };
+        let rope = Some(AppendRope {
+            table: &self.rope,
+            style: RopeStyle::Neox,
+            precision: AnglePrecision::F64,
+        });
+        match &mut self.cache {
+            CacheBufs::Bf16 { k, v } => append_kv::<bf16, bf16>(
+                dev,
+                &self.step,
+                &new,
+                PagedCacheMut {
+                    layout: self.layout,
+                    k,
+                    v,
+                    scales: KvScalesMut::None,
+                },
+                rope,
+            ),
+            CacheBufs::Fp8 {
+                k,
+                v,
+                k_scale,
+                v_scale,
+            } => append_kv::<bf16, Fp8E4m3>(
+                dev,
+                &self.step,
+                &new,
+                PagedCacheMut {
+                    layout: self.layout,
+                    k,
+                    v,
+                    scales: KvScalesMut::PerTokenHead {
+                        k: k_scale,
+                        v: v_scale,
+                    },
+                },
+                rope,
+            ),
+        }
+    }
+
+    /// Bytes one append moves: the new K and V rows read (bf16), written in the cache type
+    /// (with a 4-byte scale per row for fp8).
+    pub fn append_bytes(&self) -> usize {
+        let m = &self.model;
+        let rows = self.batch * self.new * m.heads_kv;
+        let (elem, scale) = match self.cache {
+            CacheBufs::Bf16 { .. } => (2, 0),
+            CacheBufs::Fp8 { .. } => (1, 4),
+        };
+        2 * rows * (m.head_dim * 2 + m.head_dim * elem + scale)
+    }
+
+    /// FLOPs of one extend: 4 x head_dim per visible (query, key) pair and query head
+    /// (FlashAttention's count, exact for the bottom-right causal mask).
+    pub fn extend_flops(&self) -> f64 {
+        let m = &self.model;
+        let (n, c) = (self.new as f64, self.context as f64);
+        // Query i of n sees c - n + i + 1 keys.
+        let pairs = n * (c - n) + n * (n + 1.0) / 2.0;
+        4.0 * m.head_dim as f64 * m.heads_q as f64 * self.batch as f64 * pairs
+    }
+
     /// Bytes one step moves: every cached K and V element (and fp8 scale) read once, Q
     /// read, O and LSE written.
     pub fn bytes(&self) -> usize {
@@ -288,9 +446,10 @@ impl DecodeRun {
             CacheBufs::Bf16 { .. } => (2, 0),
             CacheBufs::Fp8 { .. } => (1, 4),
         };
+        let rows = self.batch * self.new;
         2 * tokens * m.heads_kv * (m.head_dim * elem + scale)
-            + 2 * self.batch * m.heads_q * m.head_dim * 2
-            + self.batch * m.heads_q * 4
+            + 2 * rows * m.heads_q * m.head_dim * 2
+            + rows * m.heads_q * 4
     }
 
     /// Runs once and returns the largest |O - reference| and |LSE - reference| over
@@ -301,6 +460,19 @@ impl DecodeRun {
     /// Launch or copy failures.
     pub fn max_error(&mut self, dev: &Device, samples: usize) -> Result<(f64, f64)> {
         self.run(dev)?;
+        self.check(dev, samples)
+    }
+
+    /// As [`DecodeRun::max_error`] after an extend run.
+    ///
+    /// # Errors
+    /// Launch or copy failures.
+    pub fn max_error_extend(&mut self, dev: &Device, samples: usize) -> Result<(f64, f64)> {
+        self.run_extend(dev)?;
+        self.check(dev, samples)
+    }
+
+    fn check(&mut self, dev: &Device, samples: usize) -> Result<(f64, f64)> {
         let o = dev.download(&self.o)?;
         let lse = dev.download(&self.lse)?;
         let m = self.model;
@@ -313,8 +485,10 @@ impl DecodeRun {
             let b = (i * 7) % self.batch;
             let h = (i * 5 + b) % m.heads_q;
             let hk = h / group;
+            // The sequence's first new token (position context - new), which sees every
+            // key before it and itself.
             let q: Vec<f64> = (0..d)
-                .map(|c| self.q_host[(b * m.heads_q + h) * d + c].to_f64())
+                .map(|c| self.q_host[(b * self.new * m.heads_q + h) * d + c].to_f64())
                 .collect();
             let value = |t: usize, c: usize| -> f64 {
                 let page = self.table[b * self.max_pages + t / ps] as usize;
@@ -326,7 +500,8 @@ impl DecodeRun {
                     x
                 }
             };
-            let s: Vec<f64> = (0..self.context)
+            let visible = self.context - self.new + 1;
+            let s: Vec<f64> = (0..visible)
                 .map(|t| scale * (0..d).map(|c| q[c] * value(t, c)).sum::<f64>())
                 .collect();
             let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -338,11 +513,11 @@ impl DecodeRun {
                     .enumerate()
                     .map(|(t, x)| (x - want_lse).exp() * value(t, c))
                     .sum();
-                let got = o[(b * m.heads_q + h) * d + c].to_f64();
+                let got = o[(b * self.new * m.heads_q + h) * d + c].to_f64();
                 let e = (got - want).abs();
                 worst_o = worst_o.max(if e.is_nan() { f64::INFINITY } else { e });
             }
-            let e = (f64::from(lse[h * self.batch + b]) - want_lse).abs();
+            let e = (f64::from(lse[h * self.batch * self.new + b * self.new]) - want_lse).abs();
             worst_lse = worst_lse.max(if e.is_nan() { f64::INFINITY } else { e });
         }
         Ok((worst_o, worst_lse))
