@@ -155,6 +155,46 @@ def decode_peers(copy):
             torch.cuda.empty_cache()
 
 
+def extend_peers():
+    """Chunked-prefill peers at the sweep's extend shapes: PyTorch SDPA with a bottom-right
+    causal mask (torch.nn.attention.bias.causal_lower_right) for a chunk of new queries over
+    a dense copy of the cache, flash / cuDNN / efficient backends, GQA through enable_gqa;
+    FLOPs counted as longctx counts them."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    try:
+        from torch.nn.attention.bias import causal_lower_right
+    except ImportError:
+        print("\nextend peers: this torch has no causal_lower_right; skipped")
+        return
+    print("\nPyTorch SDPA chunked prefill (bottom-right causal), bf16, llama3-8b heads")
+    print(f"{'batch':>5} {'context':>8} {'new':>6} {'backend':>22} {'time (ms)':>10} {'TFLOP/s':>8}")
+    hq, hkv, d = 32, 8, 128
+    backends = [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
+    for b, c, n in [(1, 8192, 1024), (1, 32768, 2048), (4, 32768, 512), (1, 131072, 4096)]:
+        q = torch.randn(b, hq, n, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, hkv, c, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(b, hkv, c, d, device="cuda", dtype=torch.bfloat16)
+        pairs = n * (c - n) + n * (n + 1) // 2
+        flops = 4 * d * hq * b * pairs
+        mask = causal_lower_right(n, c)
+        for bname, backend in backends:
+            for gqa in (True, False):
+                label = bname + (" enable_gqa" if gqa else " kv expanded")
+                try:
+                    kk, vv = (k, v) if gqa else (k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1))
+                    with sdpa_kernel(backend):
+                        fn = lambda: F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=gqa)
+                        ms = time_ms(fn, warmup=3, iters=10)
+                except Exception as e:
+                    print(f"{b:>5} {c:>8} {n:>6} {label:>22} unavailable: {type(e).__name__}")
+                    continue
+                print(f"{b:>5} {c:>8} {n:>6} {label:>22} {ms:>10.3f} {flops / (ms * 1e-3) / 1e12:>8.1f}")
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
 def attention_backward_peers():
     """PyTorch SDPA backward (forward run once, then the timed backward of the same graph)
     at the backward sweep's shapes, flash and cuDNN backends; FLOPs 2.5 x the forward's
@@ -267,11 +307,13 @@ if __name__ == "__main__":
     if "--moe" in sys.argv:  # only the MoE peers
         moe_peers(c)
         raise SystemExit(0)
-    if "--decode" in sys.argv:  # only the decode peers
+    if "--decode" in sys.argv:  # only the decode and prefill-over-cache peers
         decode_peers(c)
+        extend_peers()
         raise SystemExit(0)
     rope_peers(c)
     attention_peers()
     attention_backward_peers()
     decode_peers(c)
+    extend_peers()
     moe_peers(c)
