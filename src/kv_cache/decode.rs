@@ -66,6 +66,9 @@ pub struct DecodeTiles {
     pub threads: usize,
     /// Whether the kernel runs on tensor cores (head dims 64 and 128) or CUDA cores.
     pub tensor_cores: bool,
+    /// CTAs an SM holds at once (registers bound it: ~110-190 x 64-128 threads on tensor
+    /// cores, ~220 x 128 on CUDA cores); the split plan aims for this many per SM.
+    pub ctas_per_sm: usize,
 }
 
 impl DecodeTiles {
@@ -83,6 +86,7 @@ impl DecodeTiles {
                 tile_keys: 16 * w,
                 threads: 32 * w,
                 tensor_cores: true,
+                ctas_per_sm: 4,
             },
             None => {
                 let vec = (head_dim / 32).max(8);
@@ -92,6 +96,7 @@ impl DecodeTiles {
                         / (head_dim * dtype.size()),
                     threads: 32 * sys::LONGCTX_KV_DECODE_WARPS as usize,
                     tensor_cores: false,
+                    ctas_per_sm: 2,
                 }
             }
         }
@@ -143,9 +148,9 @@ impl DecodePlan {
 /// Plans a decode call.
 ///
 /// With [`Splits::Auto`], a batch whose (sequence, KV head, row tile) CTAs already number
-/// at least twice the SM count (two CTAs fit an SM) runs unsplit; otherwise the longest
-/// sequence is cut into enough chunks of at least 256 keys (whole tiles) to reach that
-/// count, at most [`MAX_DECODE_SPLITS`].
+/// at least [`DecodeTiles::ctas_per_sm`] times the SM count runs unsplit; otherwise the
+/// longest sequence is cut into enough chunks of at least 256 keys (whole tiles) to reach
+/// that count, at most [`MAX_DECODE_SPLITS`].
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] for a head dim not in [`DECODE_HEAD_DIMS`], heads that do not
@@ -218,7 +223,7 @@ pub fn plan_decode(
         }
         Splits::Auto => {
             let ctas = step.batch.saturating_mul(grid_y);
-            let target = 2 * sm_count.max(1);
+            let target = tiles.ctas_per_sm * sm_count.max(1);
             if ctas == 0 || ctas >= target || max_len == 0 {
                 (1, round(max_len))
             } else {
