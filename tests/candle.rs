@@ -1,6 +1,8 @@
 //! `longctx::candle` on candle CPU tensors against candle's own operations: candle-nn's
 //! rotary embeddings, softmax attention and a top-k router written with candle ops (matmul,
 //! mask, softmax, gather). Outputs and gradients (through `Var` + `backward()`) must agree.
+//! With `candle-cuda`, the module `cuda` runs the MoE ops on CUDA tensors against the same
+//! ops on CPU tensors (ignored without a GPU).
 #![cfg(feature = "candle")]
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
