@@ -1,6 +1,8 @@
 //! `longctx::candle` on candle CPU tensors against candle's own operations: candle-nn's
 //! rotary embeddings, softmax attention and a top-k router written with candle ops (matmul,
 //! mask, softmax, gather). Outputs and gradients (through `Var` + `backward()`) must agree.
+//! With `candle-cuda`, the module `cuda` runs the MoE ops on CUDA tensors against the same
+//! ops on CPU tensors (ignored without a GPU).
 #![cfg(feature = "candle")]
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
@@ -519,4 +521,236 @@ fn moe_rejects_bad_input_with_errors() -> R<()> {
     assert!(combine(&rand_t(&[perm.used_slots() - 1, 2], 1)?, &r.weights, &perm).is_err());
     assert!(permute(&r, 1, PermuteOptions::default()).is_err());
     Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// MoE on CUDA tensors (feature candle-cuda): the same ops on CPU tensors are the reference
+// ------------------------------------------------------------------------------------------
+
+#[cfg(feature = "candle-cuda")]
+mod cuda {
+    use super::*;
+    use longctx::candle::Routing;
+
+    /// candle's CUDA device 0, or `None` with a SKIPPED note when there is no GPU or the
+    /// crate was built without kernels; with `LONGCTX_REQUIRE_GPU=1` that fails instead.
+    fn cuda(test: &str) -> Option<Device> {
+        let required = std::env::var("LONGCTX_REQUIRE_GPU").as_deref() == Ok("1");
+        let why = if !longctx::device::kernels_compiled() {
+            "the crate was built without CUDA kernels (no nvcc at build time)".to_string()
+        } else {
+            match Device::new_cuda(0) {
+                Ok(d) => return Some(d),
+                Err(e) => e.to_string(),
+            }
+        };
+        assert!(!required, "{test}: LONGCTX_REQUIRE_GPU=1 but {why}");
+        eprintln!("SKIPPED {test}: {why}");
+        None
+    }
+
+    /// Largest difference, relative to the reference's largest magnitude, that a result of
+    /// `dtype` may show between the GPU (f32 accumulation, one rounding) and the CPU
+    /// reference (f64, one rounding), with a few roundings of candle ops in between.
+    fn rel_tol(dtype: DType) -> f64 {
+        match dtype {
+            DType::F32 => 1e-5,
+            DType::F16 => 4e-3,
+            _ => 3e-2,
+        }
+    }
+
+    /// `gpu` (on the GPU) against `cpu` (on the CPU): same dtype and shape, max |diff| at
+    /// most `rel` times max(1, max |cpu|).
+    fn assert_close_dev(what: &str, gpu: &Tensor, cpu: &Tensor, rel: f64) -> R<()> {
+        assert!(gpu.device().is_cuda(), "{what}: not on the GPU");
+        assert!(cpu.device().is_cpu(), "{what}: not on the CPU");
+        assert_eq!(gpu.dtype(), cpu.dtype(), "{what}: dtypes differ");
+        let scale = cpu
+            .to_dtype(DType::F64)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f64>()?
+            .max(1.0);
+        assert_close(what, &gpu.to_device(&Device::Cpu)?, cpu, rel * scale)
+    }
+
+    /// Routes the same logits (rounded to `dtype`) on CPU and on `dev`, weights times `c`
+    /// summed as the loss; checks ids, weights and the logits' gradients agree.
+    fn route_case(
+        dev: &Device,
+        cfg: &RouterConfig,
+        bias: Option<&[f64]>,
+        dtype: DType,
+        seed: u64,
+    ) -> R<()> {
+        let tokens = 11;
+        let z0 = (rand_t(&[tokens, cfg.experts], seed)? * 3.0)?.to_dtype(dtype)?;
+        let c = rand_t(&[tokens, cfg.top_k], seed + 1)?;
+        let run = |d: &Device| -> R<(Routing, Tensor)> {
+            let z = Var::from_tensor(&z0.to_device(d)?)?;
+            let r = route(z.as_tensor(), cfg, bias)?;
+            let g = r.weights.mul(&c.to_device(d)?)?.sum_all()?.backward()?;
+            let dz = g.get(z.as_tensor()).expect("logits gradient").clone();
+            Ok((r, dz))
+        };
+        let (rg, dzg) = run(dev)?;
+        let (rc, dzc) = run(&Device::Cpu)?;
+        let what = format!("{cfg:?} {dtype:?}");
+        assert_eq!(rg.host_ids, rc.host_ids, "{what}: ids");
+        assert_eq!(
+            rg.ids.to_device(&Device::Cpu)?.to_vec2::<u32>()?,
+            rc.ids.to_vec2::<u32>()?,
+            "{what}: ids tensor"
+        );
+        assert_eq!(rg.weights.dtype(), DType::F32);
+        // The weights are f32 from the same (rounded) logits on both devices.
+        assert_close_dev(&format!("{what}: weights"), &rg.weights, &rc.weights, 1e-5)?;
+        assert_eq!(dzg.dtype(), dtype, "{what}: gradient dtype");
+        assert_close_dev(
+            &format!("{what}: logits gradient"),
+            &dzg,
+            &dzc,
+            rel_tol(dtype),
+        )
+    }
+
+    #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+    fn gpu_moe_route_matches_cpu_with_gradients() -> R<()> {
+        let Some(dev) = cuda("gpu_moe_route_matches_cpu_with_gradients") else {
+            return Ok(());
+        };
+        let bias: Vec<f64> = (0..16).map(|e| 0.05 * (e % 5) as f64).collect();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            route_case(&dev, &RouterConfig::mixtral(8, 2), None, dtype, 40)?;
+            route_case(&dev, &RouterConfig::qwen_moe(8, 3, false), None, dtype, 42)?;
+            route_case(
+                &dev,
+                &RouterConfig::deepseek_v2(16, 4, 4, 2, 16.0),
+                None,
+                dtype,
+                44,
+            )?;
+            route_case(
+                &dev,
+                &RouterConfig::deepseek_v3(16, 4, 4, 2, true, 2.5),
+                Some(&bias),
+                dtype,
+                46,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// route -> permute -> gather -> expert e scales its rows by (e + 1) -> combine, on one
+    /// device: the output and the gradients of x, the weights and the logits.
+    fn moe_chain(
+        d: &Device,
+        z0: &Tensor,
+        x0: &Tensor,
+        c: &Tensor,
+        cfg: &RouterConfig,
+        opts: PermuteOptions,
+        cpu_permutation: bool,
+    ) -> R<Vec<Tensor>> {
+        let z = Var::from_tensor(&z0.to_device(d)?)?;
+        let x = Var::from_tensor(&x0.to_device(d)?)?;
+        let r = route(z.as_tensor(), cfg, None)?;
+        // The permutation from a CPU routing makes its device tables on first use.
+        let perm = if cpu_permutation {
+            permute(&route(z0, cfg, None)?, cfg.experts, opts)?
+        } else {
+            permute(&r, cfg.experts, opts)?
+        };
+        let gathered = gather(x.as_tensor(), &perm)?;
+        assert_eq!(gathered.dims(), &[perm.used_slots(), x0.dims()[1]]);
+        let mut segs = Vec::new();
+        for e in 0..cfg.experts {
+            let (start, end) = (perm.offsets()[e] as usize, perm.offsets()[e + 1] as usize);
+            if end > start {
+                segs.push((gathered.narrow(0, start, end - start)? * (e as f64 + 1.0))?);
+            }
+        }
+        let expert_out = Tensor::cat(&segs, 0)?;
+        let w = r.weights.clone();
+        let y = combine(&expert_out, &w, &perm)?;
+        let g = y
+            .to_dtype(DType::F32)?
+            .mul(&c.to_device(d)?)?
+            .sum_all()?
+            .backward()?;
+        Ok(vec![
+            y,
+            g.get(x.as_tensor()).expect("x gradient").clone(),
+            g.get(&w).expect("weights gradient").clone(),
+            g.get(z.as_tensor()).expect("logits gradient").clone(),
+        ])
+    }
+
+    #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+    fn gpu_moe_gather_combine_match_cpu_with_gradients() -> R<()> {
+        let Some(dev) = cuda("gpu_moe_gather_combine_match_cpu_with_gradients") else {
+            return Ok(());
+        };
+        let (tokens, hidden) = (13, 24);
+        // Qwen without renormalisation, so the logits' gradient through combine is not 0.
+        let cfg = RouterConfig::qwen_moe(6, 2, false);
+        let z0 = rand_t(&[tokens, cfg.experts], 51)?;
+        let c = rand_t(&[tokens, hidden], 53)?;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let x0 = rand_t(&[tokens, hidden], 52)?.to_dtype(dtype)?;
+            for (block, capacity_factor) in [(1, None), (4, None), (1, Some(0.75))] {
+                let opts = PermuteOptions {
+                    block,
+                    capacity_factor,
+                };
+                for cpu_permutation in [false, true] {
+                    let gpu = moe_chain(&dev, &z0, &x0, &c, &cfg, opts, cpu_permutation)?;
+                    let cpu = moe_chain(&Device::Cpu, &z0, &x0, &c, &cfg, opts, false)?;
+                    let what = format!("{dtype:?} block {block} capacity {capacity_factor:?}");
+                    for (name, (a, b)) in ["y", "d x", "d weights", "d logits"]
+                        .iter()
+                        .zip(gpu.iter().zip(&cpu))
+                    {
+                        // The weights and the logits stay f32; d weights is computed in f32
+                        // from the same expert outputs on both devices.
+                        let rel = if a.dtype() == DType::F32 {
+                            1e-5
+                        } else {
+                            rel_tol(dtype)
+                        };
+                        assert_close_dev(&format!("{what}: {name}"), a, b, rel)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    #[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+    fn gpu_moe_rejects_unsupported_input_with_errors() -> R<()> {
+        let Some(dev) = cuda("gpu_moe_rejects_unsupported_input_with_errors") else {
+            return Ok(());
+        };
+        let cfg = RouterConfig::mixtral(4, 2);
+        let z = rand_t(&[3, 4], 1)?.to_device(&dev)?;
+        let e = route(&z.to_dtype(DType::F64)?, &cfg, None).unwrap_err();
+        assert!(e.to_string().contains("dtype"), "{e}");
+        let r = route(&z, &cfg, None)?;
+        let perm = permute(&r, 4, PermuteOptions::default())?;
+        let x = rand_t(&[3, 8], 2)?.to_device(&dev)?;
+        assert!(gather(&x.to_dtype(DType::F64)?, &perm).is_err());
+        let g = gather(&x, &perm)?;
+        assert!(combine(&g.to_dtype(DType::F64)?, &r.weights, &perm).is_err());
+        // Expert outputs and weights on different devices.
+        assert!(combine(&g, &r.weights.to_device(&Device::Cpu)?, &perm).is_err());
+        // The CUDA path takes weights of any float dtype (converted to f32).
+        let y = combine(&g, &r.weights.to_dtype(DType::BF16)?, &perm)?;
+        assert_eq!(y.dims(), &[3, 8]);
+        Ok(())
+    }
 }

@@ -14,13 +14,14 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape, Storage, Tensor};
-use cudarc::driver::CudaView;
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr};
 use half::{bf16, f16};
 
-use super::{contiguous_range, dims3, invalid, wrap, CResult, ATTN, ROPE};
+use super::{contiguous_range, dims3, invalid, wrap, CResult, Permutation, ATTN, MOE, ROPE};
 use crate::attention::{AttentionOptions, AttnOutput, Qkv, SeqLens};
 use crate::device::Device;
 use crate::layout::HeadsLayout;
+use crate::moe::{ExpertIds, LossOptions, RouterConfig};
 use crate::rope::{
     apply_rope_packed, Direction, Positions, RopeConfig, RopeOptions, RopeStyle, RopeTable,
 };
@@ -108,9 +109,19 @@ fn view<'a, T: CudaDType>(
     r: (usize, usize),
     arg: &'static str,
 ) -> CResult<CudaView<'a, T>> {
+    view_in(ATTN, s, r, arg)
+}
+
+/// [`view`] for op `op`'s argument `arg`.
+fn view_in<'a, T: CudaDType>(
+    op: &'static str,
+    s: &'a CudaStorage,
+    r: (usize, usize),
+    arg: &'static str,
+) -> CResult<CudaView<'a, T>> {
     s.as_cuda_slice::<T>()?
         .try_slice(r.0..r.1)
-        .ok_or_else(|| invalid(ATTN, arg, "layout range leaves its buffer"))
+        .ok_or_else(|| invalid(op, arg, "layout range leaves its buffer"))
 }
 
 /// Attention forward on candle CUDA tensors: O (q's dtype) and the LSE tensor (f32,
@@ -351,4 +362,387 @@ pub(super) fn attention_backward(
             format!("dtype {other:?}; the CUDA attention kernels take f16 or bf16"),
         )),
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// MoE
+// ---------------------------------------------------------------------------------------
+
+/// A rank-2 layout's dims.
+fn dims2(arg: &'static str, l: &Layout) -> CResult<(usize, usize)> {
+    match l.dims() {
+        &[a, b] => Ok((a, b)),
+        other => Err(invalid(
+            MOE,
+            arg,
+            format!("shape {other:?}; expected rank 2"),
+        )),
+    }
+}
+
+/// a x b, or an error naming `arg` when that overflows.
+fn size2(a: usize, b: usize, arg: &'static str) -> CResult<usize> {
+    a.checked_mul(b)
+        .ok_or_else(|| invalid(MOE, arg, "size overflows usize"))
+}
+
+/// A fresh device buffer as a rank-2 tensor on candle's device, outside autograd (the
+/// buffer may hold one placeholder element more than an empty shape addresses).
+fn tensor2<T: CudaDType>(buf: CudaSlice<T>, shape: (usize, usize), cd: &CudaDevice) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(buf, cd.clone())),
+        shape,
+        BackpropOp::none(),
+        false,
+    )
+}
+
+/// The CUDA storage in a storage guard.
+fn moe_storage<'a>(st: &'a Storage, arg: &'static str) -> CResult<&'a CudaStorage> {
+    match st {
+        Storage::Cuda(s) => Ok(s),
+        _ => Err(invalid(MOE, arg, "is not on a CUDA device")),
+    }
+}
+
+/// The refusal of a dtype the MoE kernels are not built for.
+fn moe_dtype(arg: &'static str, dtype: DType, takes: &str) -> candle_core::Error {
+    invalid(
+        MOE,
+        arg,
+        format!("dtype {dtype:?}; the CUDA MoE kernels take {takes}"),
+    )
+}
+
+/// A permutation's tables on one device: longctx's permutation (made by its kernels from
+/// the uploaded ids) and the handle of the stream it was made on.
+#[derive(Debug)]
+pub(super) struct DeviceTables {
+    dev: Arc<Device>,
+    perm: crate::moe::Permutation,
+}
+
+/// `perm`'s device tables on `cd`: the ones made before on this device, else made now
+/// (the ids uploaded, the three permutation launches on candle's stream) and kept in `perm`
+/// for its clones and later calls.
+pub(super) fn device_tables(perm: &Permutation, cd: &CudaDevice) -> CResult<Arc<DeviceTables>> {
+    let dev = longctx_device(cd)?;
+    let mut slot = perm.device.lock().map_err(|_| {
+        invalid(
+            MOE,
+            "perm",
+            "the device tables slot was poisoned by a panic",
+        )
+    })?;
+    if let Some(t) = slot.as_ref() {
+        if Arc::ptr_eq(&t.dev, &dev) {
+            return Ok(t.clone());
+        }
+    }
+    let (tokens, top_k) = (perm.tokens(), perm.top_k());
+    let ids = ExpertIds::upload(&dev, &perm.host_ids, tokens, top_k, perm.experts).map_err(wrap)?;
+    let mut p =
+        crate::moe::Permutation::new(&dev, tokens, top_k, perm.experts, perm.opts).map_err(wrap)?;
+    crate::moe::permute(&dev, &ids, &mut p).map_err(wrap)?;
+    if p.plan().max_slots != perm.slots() {
+        return Err(invalid(
+            MOE,
+            "perm",
+            format!(
+                "the device tables have {} slots, the host tables {}",
+                p.plan().max_slots,
+                perm.slots()
+            ),
+        ));
+    }
+    let t = Arc::new(DeviceTables { dev, perm: p });
+    *slot = Some(t.clone());
+    Ok(t)
+}
+
+/// What the gating kernel produced for candle: the weights (f32 `[tokens, top_k]`, a fresh
+/// candle buffer), the ids on the host and longctx's routing (ids on the device).
+pub(super) struct RouteOut {
+    pub weights: CudaStorage,
+    pub shape: Shape,
+    pub host_ids: Vec<i32>,
+    pub routing: crate::moe::Routing,
+}
+
+/// Routing on a candle CUDA tensor of logits `[tokens, experts]` (f32 or bf16): the fused
+/// gating kernel on candle's stream, then the weights copied into a candle buffer (device
+/// to device) and the ids to the host (the one synchronising copy).
+pub(super) fn route(
+    cfg: &RouterConfig,
+    bias: Option<&[f64]>,
+    s: &CudaStorage,
+    l: &Layout,
+) -> CResult<RouteOut> {
+    let (tokens, _experts) = dims2("logits", l)?;
+    let range = contiguous_range(MOE, "logits", l)?;
+    let dev = longctx_device(&s.device)?;
+    let bias_dev = match bias {
+        Some(b) => {
+            let b32: Vec<f32> = b.iter().map(|&x| x as f32).collect();
+            Some(dev.upload(&b32).map_err(wrap)?)
+        }
+        None => None,
+    };
+    let bias_ptr = bias_dev.as_ref().map(|b| b as &dyn DevicePtr<f32>);
+    let mut routing = crate::moe::Routing::new(&dev, cfg, tokens).map_err(wrap)?;
+    match s.dtype() {
+        DType::F32 => {
+            let z = view_in::<f32>(MOE, s, range, "logits")?;
+            crate::moe::route::<f32>(&dev, cfg, &z, tokens, bias_ptr, &mut routing)
+        }
+        DType::BF16 => {
+            let z = view_in::<bf16>(MOE, s, range, "logits")?;
+            crate::moe::route::<bf16>(&dev, cfg, &z, tokens, bias_ptr, &mut routing)
+        }
+        other => return Err(moe_dtype("logits", other, "f32 or bf16 logits")),
+    }
+    .map_err(wrap)?;
+    let n = size2(tokens, cfg.top_k, "weights")?;
+    let mut weights = s.device.alloc_zeros::<f32>(n.max(1))?;
+    s.device.memcpy_dtod(routing.weights(), &mut weights)?;
+    let host_ids = routing.ids().download(&dev).map_err(wrap)?;
+    Ok(RouteOut {
+        weights: CudaStorage::wrap_cuda_slice(weights, s.device.clone()),
+        shape: Shape::from((tokens, cfg.top_k)),
+        host_ids,
+        routing,
+    })
+}
+
+/// The router backward on CUDA tensors: the gradient of the logits (the forward's input,
+/// f32 or bf16) given the weights' gradient `dw` (`[tokens, top_k]`), with the forward's
+/// device ids; computed in f32 and returned in the logits' dtype.
+pub(super) fn route_backward(
+    cfg: &RouterConfig,
+    routing: &crate::moe::Routing,
+    logits: &Tensor,
+    dw: &Tensor,
+) -> CResult<Tensor> {
+    let logits = logits.contiguous()?;
+    let dw = dw.to_dtype(DType::F32)?.contiguous()?;
+    let (gl, ll) = logits.storage_and_layout();
+    let (gd, ld) = dw.storage_and_layout();
+    let (sl, sd) = (moe_storage(&gl, "logits")?, moe_storage(&gd, "d_weights")?);
+    let (tokens, experts) = dims2("logits", ll)?;
+    let (rl, rd) = (
+        contiguous_range(MOE, "logits", ll)?,
+        contiguous_range(MOE, "d_weights", ld)?,
+    );
+    let dev = longctx_device(&sl.device)?;
+    let dwv = view_in::<f32>(MOE, sd, rd, "d_weights")?;
+    let mut d = sl
+        .device
+        .alloc_zeros::<f32>(size2(tokens, experts, "d_logits")?.max(1))?;
+    let no_losses = LossOptions {
+        aux_coef: 0.0,
+        z_coef: 0.0,
+    };
+    match sl.dtype() {
+        DType::F32 => {
+            let z = view_in::<f32>(MOE, sl, rl, "logits")?;
+            crate::moe::route_backward::<f32>(
+                &dev,
+                cfg,
+                &z,
+                tokens,
+                routing.ids(),
+                Some(&dwv),
+                None,
+                no_losses,
+                &mut d,
+            )
+        }
+        DType::BF16 => {
+            let z = view_in::<bf16>(MOE, sl, rl, "logits")?;
+            crate::moe::route_backward::<bf16>(
+                &dev,
+                cfg,
+                &z,
+                tokens,
+                routing.ids(),
+                Some(&dwv),
+                None,
+                no_losses,
+                &mut d,
+            )
+        }
+        other => return Err(moe_dtype("logits", other, "f32 or bf16 logits")),
+    }
+    .map_err(wrap)?;
+    let g = tensor2(d, (tokens, experts), &sl.device);
+    if logits.dtype() == DType::F32 {
+        Ok(g)
+    } else {
+        g.to_dtype(logits.dtype())
+    }
+}
+
+/// Gather on a candle CUDA tensor `x` `[tokens, hidden]`: `[slots, hidden]` in x's dtype,
+/// zeros in padding and past the used slots.
+pub(super) fn gather(
+    perm: &Permutation,
+    s: &CudaStorage,
+    l: &Layout,
+) -> CResult<(CudaStorage, Shape)> {
+    let (_tokens, hidden) = dims2("x", l)?;
+    let range = contiguous_range(MOE, "x", l)?;
+    let t = device_tables(perm, &s.device)?;
+    let slots = t.perm.plan().max_slots;
+    let n = size2(slots, hidden, "out")?;
+    macro_rules! run {
+        ($t:ty) => {{
+            let x = view_in::<$t>(MOE, s, range, "x")?;
+            let mut out = s.device.alloc_zeros::<$t>(n.max(1))?;
+            crate::moe::gather::<$t>(&t.dev, &t.perm, &x, hidden, None, &mut out).map_err(wrap)?;
+            CudaStorage::wrap_cuda_slice(out, s.device.clone())
+        }};
+    }
+    let out = match s.dtype() {
+        DType::F32 => run!(f32),
+        DType::F16 => run!(f16),
+        DType::BF16 => run!(bf16),
+        other => return Err(moe_dtype("x", other, "f32, f16 or bf16 hidden states")),
+    };
+    Ok((out, Shape::from((slots, hidden))))
+}
+
+/// The gather's gradient on CUDA tensors: `grad` `[slots, hidden]` summed back into each
+/// token's row (the unweighted combine kernel), in x's shape and dtype.
+pub(super) fn gather_backward(perm: &Permutation, x: &Tensor, grad: &Tensor) -> CResult<Tensor> {
+    let grad = grad.contiguous()?;
+    let (gg, lg) = grad.storage_and_layout();
+    let sg = moe_storage(&gg, "grad")?;
+    let (_slots, hidden) = dims2("grad", lg)?;
+    let rg = contiguous_range(MOE, "grad", lg)?;
+    let tokens = perm.tokens();
+    let t = device_tables(perm, &sg.device)?;
+    let n = size2(tokens, hidden, "d_x")?;
+    macro_rules! run {
+        ($t:ty) => {{
+            let g = view_in::<$t>(MOE, sg, rg, "grad")?;
+            let mut dx = sg.device.alloc_zeros::<$t>(n.max(1))?;
+            crate::moe::gather_backward::<$t>(&t.dev, &t.perm, &g, hidden, &mut dx)
+                .map_err(wrap)?;
+            tensor2(dx, (tokens, hidden), &sg.device)
+        }};
+    }
+    let dx = match sg.dtype() {
+        DType::F32 => run!(f32),
+        DType::F16 => run!(f16),
+        DType::BF16 => run!(bf16),
+        other => return Err(moe_dtype("grad", other, "f32, f16 or bf16 hidden states")),
+    };
+    if dx.dtype() == x.dtype() {
+        Ok(dx)
+    } else {
+        dx.to_dtype(x.dtype())
+    }
+}
+
+/// Combine on candle CUDA tensors: expert outputs `[slots, hidden]` (f32, f16, bf16) and f32
+/// weights `[tokens, top_k]` to `[tokens, hidden]` in the expert outputs' dtype.
+pub(super) fn combine(
+    perm: &Permutation,
+    (se, le): (&CudaStorage, &Layout),
+    (sw, lw): (&CudaStorage, &Layout),
+) -> CResult<(CudaStorage, Shape)> {
+    let (_slots, hidden) = dims2("expert_out", le)?;
+    let (re, rw) = (
+        contiguous_range(MOE, "expert_out", le)?,
+        contiguous_range(MOE, "weights", lw)?,
+    );
+    if sw.dtype() != DType::F32 {
+        return Err(moe_dtype("weights", sw.dtype(), "f32 weights"));
+    }
+    let w = view_in::<f32>(MOE, sw, rw, "weights")?;
+    let t = device_tables(perm, &se.device)?;
+    let tokens = perm.tokens();
+    let n = size2(tokens, hidden, "out")?;
+    macro_rules! run {
+        ($t:ty) => {{
+            let e = view_in::<$t>(MOE, se, re, "expert_out")?;
+            let mut out = se.device.alloc_zeros::<$t>(n.max(1))?;
+            crate::moe::combine::<$t>(&t.dev, &t.perm, &e, hidden, Some(&w), &mut out)
+                .map_err(wrap)?;
+            CudaStorage::wrap_cuda_slice(out, se.device.clone())
+        }};
+    }
+    let out = match se.dtype() {
+        DType::F32 => run!(f32),
+        DType::F16 => run!(f16),
+        DType::BF16 => run!(bf16),
+        other => {
+            return Err(moe_dtype(
+                "expert_out",
+                other,
+                "f32, f16 or bf16 hidden states",
+            ))
+        }
+    };
+    Ok((out, Shape::from((tokens, hidden))))
+}
+
+/// The combine's gradients on CUDA tensors: d expert_out (`[slots, hidden]`, expert_out's
+/// dtype, zeros in padding) and d weights (f32 `[tokens, top_k]`, 0 for dropped
+/// assignments), from the two gradient kernels.
+pub(super) fn combine_backward(
+    perm: &Permutation,
+    expert_out: &Tensor,
+    weights: &Tensor,
+    grad: &Tensor,
+) -> CResult<(Tensor, Tensor)> {
+    let expert_out = expert_out.contiguous()?;
+    let weights = weights.to_dtype(DType::F32)?.contiguous()?;
+    let grad = grad.to_dtype(expert_out.dtype())?.contiguous()?;
+    let (ge, le) = expert_out.storage_and_layout();
+    let (gw, lw) = weights.storage_and_layout();
+    let (gg, lg) = grad.storage_and_layout();
+    let (se, sw, sg) = (
+        moe_storage(&ge, "expert_out")?,
+        moe_storage(&gw, "weights")?,
+        moe_storage(&gg, "grad")?,
+    );
+    let (slots, hidden) = dims2("expert_out", le)?;
+    let (tokens, top_k) = dims2("weights", lw)?;
+    let (re, rw, rg) = (
+        contiguous_range(MOE, "expert_out", le)?,
+        contiguous_range(MOE, "weights", lw)?,
+        contiguous_range(MOE, "grad", lg)?,
+    );
+    let t = device_tables(perm, &se.device)?;
+    let w = view_in::<f32>(MOE, sw, rw, "weights")?;
+    let n_e = size2(slots, hidden, "d_expert_out")?;
+    let mut d_w = se
+        .device
+        .alloc_zeros::<f32>(size2(tokens, top_k, "d_weights")?.max(1))?;
+    macro_rules! run {
+        ($t:ty) => {{
+            let e = view_in::<$t>(MOE, se, re, "expert_out")?;
+            let g = view_in::<$t>(MOE, sg, rg, "grad")?;
+            let mut d_e = se.device.alloc_zeros::<$t>(n_e.max(1))?;
+            crate::moe::combine_backward::<$t>(
+                &t.dev, &t.perm, &g, &e, hidden, &w, &mut d_e, &mut d_w,
+            )
+            .map_err(wrap)?;
+            tensor2(d_e, (slots, hidden), &se.device)
+        }};
+    }
+    let d_e = match se.dtype() {
+        DType::F32 => run!(f32),
+        DType::F16 => run!(f16),
+        DType::BF16 => run!(bf16),
+        other => {
+            return Err(moe_dtype(
+                "expert_out",
+                other,
+                "f32, f16 or bf16 hidden states",
+            ))
+        }
+    };
+    Ok((d_e, tensor2(d_w, (tokens, top_k), &se.device)))
 }

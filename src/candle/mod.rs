@@ -18,9 +18,11 @@
 //!
 //! On CPU tensors every op runs the crate's f64 reference (slow, exact: for tests and small
 //! models); inputs may be f32, f64, f16 or bf16 and outputs keep the input's dtype. With the
-//! `candle-cuda` feature, RoPE and attention forward on CUDA tensors run longctx's kernels
-//! on candle's own stream (`CudaDevice::cuda_stream`), on candle's buffers (attention:
-//! f16/bf16 only). The MoE ops on CUDA tensors are not wired to the kernels yet and say so.
+//! `candle-cuda` feature, every op on CUDA tensors runs longctx's kernels on candle's own
+//! stream (`CudaDevice::cuda_stream`), on candle's buffers: RoPE (f32, f16, bf16) and
+//! attention (f16, bf16) forward and backward; MoE routing (logits f32 or bf16, f16 read as
+//! f32) with the router backward, gather and combine (f32, f16, bf16) with their gradients.
+//! f64 CUDA tensors are refused with an error.
 //!
 //! Errors: every failure is a `candle_core::Error`; longctx's validation errors are wrapped
 //! (`candle_core::Error::wrap`), so their text names the op, the argument and the problem.
@@ -622,18 +624,6 @@ fn attention_backward(
 
 const MOE: &str = "candle moe";
 
-/// The MoE ops have no CUDA path yet: a clear error instead of candle's generic one.
-fn moe_not_on_cuda(name: &'static str) -> candle_core::Error {
-    invalid(
-        MOE,
-        "device",
-        format!(
-            "{name} on CUDA tensors is not wired to longctx's MoE kernels yet; \
-             run the router on CPU tensors or use longctx::moe's CUDA API directly"
-        ),
-    )
-}
-
 /// Routing decisions: the chosen experts and their weights.
 #[derive(Debug, Clone)]
 pub struct Routing {
@@ -649,9 +639,16 @@ pub struct Routing {
 /// Routes `logits` `[tokens, experts]` with `cfg` (Mixtral, Qwen-MoE, DeepSeek-V2/V3
 /// gating); `bias` is DeepSeek-V3's per-expert correction, added to the choice only.
 ///
+/// On CUDA tensors the fused gating kernel runs on candle's stream (logits f32 or bf16; f16
+/// logits are converted to f32 first, and their gradient back to f16); the chosen ids are
+/// copied to the host once (a synchronising device-to-host copy of `tokens x top_k` i32s)
+/// because [`permute`] and [`Routing::host_ids`] read them there, and `ids` is made from
+/// that host copy; the weights stay on the device. The bias is uploaded as f32.
+///
 /// # Errors
 /// An invalid `cfg` (see [`RouterConfig::validate`]), logits that are not `[tokens,
-/// experts]` floats, a bias of the wrong length; CUDA tensors (not wired yet).
+/// experts]` floats, a bias of the wrong length; on CUDA tensors f64 logits and what the
+/// kernel rejects.
 pub fn route(logits: &Tensor, cfg: &RouterConfig, bias: Option<&[f64]>) -> CResult<Routing> {
     let [tokens, experts] = dims::<2>(MOE, "logits", logits)?;
     check_float(MOE, "logits", logits)?;
@@ -672,17 +669,22 @@ pub fn route(logits: &Tensor, cfg: &RouterConfig, bias: Option<&[f64]>) -> CResu
             ));
         }
     }
-    if logits.device().is_cuda() {
-        return Err(moe_not_on_cuda("routing"));
-    }
+    // The CUDA gating kernel reads f32 or bf16 logits: f16 goes through f32 (exact).
+    let logits_in = if logits.device().is_cuda() && logits.dtype() == DType::F16 {
+        logits.to_dtype(DType::F32)?
+    } else {
+        logits.contiguous()?
+    };
     let op = Arc::new(RouteOp {
         cfg: *cfg,
         bias: bias.map(Into::into),
         ids: Mutex::new(None),
+        #[cfg(feature = "candle-cuda")]
+        routing: Mutex::new(None),
     });
     let as_dyn: Arc<Box<dyn candle_core::CustomOp1 + Send + Sync>> =
         Arc::new(Box::new(RouteOpRef(op.clone())));
-    let weights = logits.contiguous()?.apply_op1_arc(as_dyn)?;
+    let weights = logits_in.apply_op1_arc(as_dyn)?;
     let host_ids = op
         .ids
         .lock()
@@ -701,7 +703,11 @@ pub fn route(logits: &Tensor, cfg: &RouterConfig, bias: Option<&[f64]>) -> CResu
 struct RouteOp {
     cfg: RouterConfig,
     bias: Option<Arc<[f64]>>,
+    /// The chosen ids on the host, written by the forward.
     ids: Mutex<Option<Arc<[i32]>>>,
+    /// The GPU routing (ids on the device) of a forward on CUDA, for the backward.
+    #[cfg(feature = "candle-cuda")]
+    routing: Mutex<Option<Arc<crate::moe::Routing>>>,
 }
 
 struct RouteOpRef(Arc<RouteOp>);
@@ -726,17 +732,52 @@ impl candle_core::CustomOp1 for RouteOpRef {
         ))
     }
 
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        let op = &self.0;
+        let out = cuda::route(&op.cfg, op.bias.as_deref(), s, l)?;
+        *op.ids
+            .lock()
+            .map_err(|_| invalid(MOE, "ids", "the ids slot was poisoned by a panic"))? =
+            Some(out.host_ids.into());
+        *op.routing
+            .lock()
+            .map_err(|_| invalid(MOE, "ids", "the routing slot was poisoned by a panic"))? =
+            Some(Arc::new(out.routing));
+        Ok((out.weights, out.shape))
+    }
+
     fn bwd(&self, logits: &Tensor, _w: &Tensor, dw: &Tensor) -> CResult<Option<Tensor>> {
         let op = &self.0;
+        if logits.device().is_cuda() {
+            #[cfg(feature = "candle-cuda")]
+            {
+                let routing = op
+                    .routing
+                    .lock()
+                    .map_err(|_| invalid(MOE, "ids", "the routing slot was poisoned by a panic"))?
+                    .clone()
+                    .ok_or_else(|| {
+                        invalid(
+                            MOE,
+                            "ids",
+                            "the forward's device ids are missing (the backward needs the \
+                             forward run on CUDA)",
+                        )
+                    })?;
+                return Ok(Some(cuda::route_backward(&op.cfg, &routing, logits, dw)?));
+            }
+        }
         let ids = op
             .ids
             .lock()
             .map_err(|_| invalid(MOE, "ids", "the ids slot was poisoned by a panic"))?
             .clone()
             .ok_or_else(|| invalid(MOE, "ids", "backward before forward"))?;
-        if logits.device().is_cuda() {
-            return Err(moe_not_on_cuda("the router backward"));
-        }
         let [tokens, _] = dims::<2>(MOE, "logits", logits)?;
         let g = moe_ref::route_backward_f64(
             &op.cfg,
@@ -762,10 +803,25 @@ impl candle_core::CustomOp1 for RouteOpRef {
 
 /// An expert-ordered layout of one routing's assignments (host tables): expert e's rows of
 /// a [`gather`]ed tensor are `offsets()[e] .. offsets()[e] + counts()[e]`, padding after.
+///
+/// With `candle-cuda`, the tables the kernels read live on the device too: made by
+/// [`permute`] when the routing is on a CUDA device, else by the first op on CUDA tensors
+/// (the GPU permutation kernels on the uploaded ids), once per `Permutation` (clones share
+/// them); an op on another CUDA device remakes them there.
 #[derive(Debug, Clone)]
 pub struct Permutation {
     tables: Arc<PermutationTables>,
     top_k: usize,
+    /// The routed ids on the host, `[tokens x top_k]`, and the sort's parameters, from
+    /// which the device tables are made.
+    #[cfg(feature = "candle-cuda")]
+    host_ids: Arc<[i32]>,
+    #[cfg(feature = "candle-cuda")]
+    experts: usize,
+    #[cfg(feature = "candle-cuda")]
+    opts: PermuteOptions,
+    #[cfg(feature = "candle-cuda")]
+    device: Arc<Mutex<Option<Arc<cuda::DeviceTables>>>>,
 }
 
 impl Permutation {
@@ -814,24 +870,47 @@ impl Permutation {
 /// Sorts a routing's assignments by expert (stable), with optional padding and capacity
 /// (see [`PermuteOptions`]).
 ///
+/// The host tables come from the reference sort of [`Routing::host_ids`]; when the
+/// routing's ids are on a CUDA device, the device tables are made there too (the ids
+/// uploaded, then longctx's permutation kernels on candle's stream), so the ops that follow
+/// read them without another copy.
+///
 /// # Errors
-/// Ids out of range or repeated within a token, a bad block or capacity.
+/// Ids out of range or repeated within a token, a bad block or capacity; on CUDA what the
+/// upload or the kernels report.
 pub fn permute(routing: &Routing, experts: usize, opts: PermuteOptions) -> CResult<Permutation> {
     let [tokens, top_k] = dims::<2>(MOE, "ids", &routing.ids)?;
     let tables =
         moe_ref::permute_f64(&routing.host_ids, tokens, top_k, experts, opts).map_err(wrap)?;
-    Ok(Permutation {
+    let perm = Permutation {
         tables: Arc::new(tables),
         top_k,
-    })
+        #[cfg(feature = "candle-cuda")]
+        host_ids: routing.host_ids.as_slice().into(),
+        #[cfg(feature = "candle-cuda")]
+        experts,
+        #[cfg(feature = "candle-cuda")]
+        opts,
+        #[cfg(feature = "candle-cuda")]
+        device: Arc::new(Mutex::new(None)),
+    };
+    #[cfg(feature = "candle-cuda")]
+    if let candle_core::Device::Cuda(cd) = routing.ids.device() {
+        cuda::device_tables(&perm, cd)?;
+    }
+    Ok(perm)
 }
 
 /// Hidden states `x` `[tokens, hidden]` into expert order `[used_slots, hidden]` (see
 /// [`Permutation::used_slots`]; zeros in padding). Differentiable: the gradient sums each
 /// token's rows back.
 ///
+/// On CUDA tensors (f32, f16, bf16) the gather kernel and, for the gradient, the gather's
+/// backward kernel run on candle's stream over the permutation's device tables.
+///
 /// # Errors
-/// `x` not `[perm.tokens(), hidden]` floats; CUDA tensors (not wired yet).
+/// `x` not `[perm.tokens(), hidden]` floats; on CUDA f64 tensors and what the kernel
+/// rejects (hidden of 0).
 pub fn gather(x: &Tensor, perm: &Permutation) -> CResult<Tensor> {
     let [tokens, _] = dims::<2>(MOE, "x", x)?;
     check_float(MOE, "x", x)?;
@@ -841,9 +920,6 @@ pub fn gather(x: &Tensor, perm: &Permutation) -> CResult<Tensor> {
             "x",
             format!("{tokens} tokens but the permutation has {}", perm.tokens()),
         ));
-    }
-    if x.device().is_cuda() {
-        return Err(moe_not_on_cuda("gather"));
     }
     let all = x.contiguous()?.apply_op1(GatherOp { perm: perm.clone() })?;
     let used = perm.used_slots();
@@ -860,8 +936,14 @@ pub fn gather(x: &Tensor, perm: &Permutation) -> CResult<Tensor> {
 /// expert_out[slot of (t, j)]` over kept assignments, with `weights` `[tokens, top_k]`
 /// (a routing's weights). Differentiable with respect to both.
 ///
+/// On CUDA tensors (expert outputs f32, f16 or bf16) the combine kernel runs on candle's
+/// stream over the permutation's device tables, with the weights as f32 (other float
+/// dtypes are converted first, and their gradient back); the backward runs the combine's
+/// gradient kernels (expert outputs and weights).
+///
 /// # Errors
-/// Shapes that do not fit the permutation; CUDA tensors (not wired yet).
+/// Shapes that do not fit the permutation; on CUDA f64 expert outputs, tensors on
+/// different devices and what the kernels reject.
 pub fn combine(expert_out: &Tensor, weights: &Tensor, perm: &Permutation) -> CResult<Tensor> {
     let [slots, _] = dims::<2>(MOE, "expert_out", expert_out)?;
     let [tokens, top_k] = dims::<2>(MOE, "weights", weights)?;
@@ -885,16 +967,22 @@ pub fn combine(expert_out: &Tensor, weights: &Tensor, perm: &Permutation) -> CRe
             ),
         ));
     }
-    if expert_out.device().is_cuda() || weights.device().is_cuda() {
-        return Err(moe_not_on_cuda("combine"));
+    if !expert_out.device().same_device(weights.device()) {
+        return Err(invalid(MOE, "weights", "on another device than expert_out"));
     }
+    // The CUDA kernels take f32 weights.
+    let weights = if weights.device().is_cuda() && weights.dtype() != DType::F32 {
+        weights.to_dtype(DType::F32)?
+    } else {
+        weights.contiguous()?
+    };
     // The reference reads every slot the tables provide for; unused ones are zeros.
     let expert_out = if slots < perm.slots() {
         expert_out.pad_with_zeros(0, 0, perm.slots() - slots)?
     } else {
         expert_out.contiguous()?
     };
-    expert_out.apply_op2(&weights.contiguous()?, CombineOp { perm: perm.clone() })
+    expert_out.apply_op2(&weights, CombineOp { perm: perm.clone() })
 }
 
 struct GatherOp {
@@ -917,9 +1005,19 @@ impl candle_core::CustomOp1 for GatherOp {
         ))
     }
 
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        cuda::gather(&self.perm, s, l)
+    }
+
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         if x.device().is_cuda() {
-            return Err(moe_not_on_cuda("the gather backward"));
+            #[cfg(feature = "candle-cuda")]
+            return Ok(Some(cuda::gather_backward(&self.perm, x, grad)?));
         }
         let hidden = x.dims().get(1).copied().unwrap_or(0);
         // The gather's gradient is the unweighted combine.
@@ -962,6 +1060,17 @@ impl candle_core::CustomOp2 for CombineOp {
         ))
     }
 
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        se: &candle_core::CudaStorage,
+        le: &Layout,
+        sw: &candle_core::CudaStorage,
+        lw: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        cuda::combine(&self.perm, (se, le), (sw, lw))
+    }
+
     fn bwd(
         &self,
         expert_out: &Tensor,
@@ -970,7 +1079,11 @@ impl candle_core::CustomOp2 for CombineOp {
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         if expert_out.device().is_cuda() {
-            return Err(moe_not_on_cuda("the combine backward"));
+            #[cfg(feature = "candle-cuda")]
+            {
+                let (d_e, d_w) = cuda::combine_backward(&self.perm, expert_out, weights, grad)?;
+                return Ok((Some(d_e), Some(d_w)));
+            }
         }
         let hidden = expert_out.dims().get(1).copied().unwrap_or(0);
         let (d_e, d_w) = moe_ref::combine_backward_f64(
