@@ -389,3 +389,34 @@ const _: () = {
         "Offset of field: LongctxKvAppendParams::pad0",
     ][::std::mem::offset_of!(LongctxKvAppendParams, pad0) - 164usize];
 };
+pub const LONGCTX_MLA_DECODE_WARPS: u32 = 4;
+pub const LONGCTX_MLA_DECODE_ROWS: u32 = 16;
+pub const LONGCTX_MLA_DECODE_TILE_KEYS: u32 = 32;
+pub const LONGCTX_MLA_DECODE_SMEM_BF16: u32 = 94208;
+pub const LONGCTX_MLA_DECODE_SMEM_FP8: u32 = 98304;
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LongctxMlaDecodeParams {
+    pub step: LongctxKvStep,
+    pub latent: u64,
+    pub rope: u64,
+    pub scale: u64,
+    pub q: u64,
+    pub q_token_stride: i64,
+    pub q_head_stride: i64,
+    pub o: u64,
+    pub o_token_stride: i64,
+    pub o_head_stride: i64,
+    pub lse: u64,
+    pub lse_head_stride: i64,
+    pub part_o: u64,
+    pub part_lse: u64,
+    pub page_size: u32,
+    pub heads: u32,
+    pub row_tiles: u32,
+    pub splits: u32,
+    pub chunk: u32,
+    pub total_new: u32,
+    pub exp_scale: f32,
+    pub pad0: u32,
+}
