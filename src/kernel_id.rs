@@ -156,6 +156,8 @@ pub(crate) enum KernelId {
     KvAppendBf16Fp8Scalar,
     MlaDecodeBf16,
     MlaDecodeBf16Fp8,
+    MlaAppendBf16,
+    MlaAppendBf16Fp8,
 }
 
 impl KernelId {
@@ -266,6 +268,8 @@ impl KernelId {
         KernelId::KvAppendBf16Fp8Scalar,
         KernelId::MlaDecodeBf16,
         KernelId::MlaDecodeBf16Fp8,
+        KernelId::MlaAppendBf16,
+        KernelId::MlaAppendBf16Fp8,
     ];
 
     pub(crate) fn index(self) -> usize {
@@ -336,7 +340,10 @@ impl KernelId {
             | KernelId::KvAppendBf16Scalar
             | KernelId::KvAppendBf16Fp8Vec
             | KernelId::KvAppendBf16Fp8Scalar => Family::KvCache,
-            KernelId::MlaDecodeBf16 | KernelId::MlaDecodeBf16Fp8 => Family::KvCache,
+            KernelId::MlaDecodeBf16
+            | KernelId::MlaDecodeBf16Fp8
+            | KernelId::MlaAppendBf16
+            | KernelId::MlaAppendBf16Fp8 => Family::KvCache,
             KernelId::AttnBwdPreF16
             | KernelId::AttnBwdPreBf16
             | KernelId::AttnBwdDqF16
@@ -475,6 +482,8 @@ impl KernelId {
             KernelId::KvAppendBf16Fp8Scalar => "longctx_kv_append_bf16_fp8_scalar",
             KernelId::MlaDecodeBf16 => "longctx_mla_decode_bf16",
             KernelId::MlaDecodeBf16Fp8 => "longctx_mla_decode_bf16_fp8",
+            KernelId::MlaAppendBf16 => "longctx_mla_append_bf16",
+            KernelId::MlaAppendBf16Fp8 => "longctx_mla_append_bf16_fp8",
         }
     }
 

@@ -940,3 +940,297 @@ fn gpu_mla_decode_parity() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Latent append (kernels/kv_cache/mla_append_kernel.cuh).
+
+use longctx::emulator::{HostLatentCacheMut, HostRope};
+use longctx::rope::{AnglePrecision, RopeConfig, RopeScaling, RopeStyle};
+
+/// DeepSeek-V3's RoPE over k_pe: 64 channels, base 10000, YaRN factor 40 from 4096
+/// positions, mscale = mscale_all_dim = 1 (attention factor 1).
+fn deepseek_v3_rope() -> RopeConfig {
+    RopeConfig::builder(MLA_ROPE_DIM)
+        .base(10000.0)
+        .max_position_embeddings(163_840)
+        .scaling(RopeScaling::Yarn {
+            factor: 40.0,
+            original_max_position_embeddings: 4096,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            mscale: Some(1.0),
+            mscale_all_dim: Some(1.0),
+            attention_factor: None,
+            truncate: true,
+        })
+        .build()
+        .unwrap()
+}
+
+/// k_pe rotated forward at `pos` in f64 (pairing `style`), times `factor`.
+fn rotate_f64(x: &[f64], pos: usize, inv: &[f64], factor: f64, style: RopeStyle) -> Vec<f64> {
+    let mut y = x.to_vec();
+    for (i, &f) in inv.iter().enumerate() {
+        let (a, b) = match style {
+            RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+            RopeStyle::Neox => (i, i + inv.len()),
+        };
+        let (s, c) = (pos as f64 * f).sin_cos();
+        y[a] = factor * (x[a] * c - x[b] * s);
+        y[b] = factor * (x[b] * c + x[a] * s);
+    }
+    y
+}
+
+/// One step's append through the emulator against the f64 rotation and the host fp8
+/// quantiser, on a cache pre-filled with sentinels: every new token's slot holds its c_kv
+/// (bf16 as given, or e4m3 codes of c / (absmax / 448) with that scale) and its rotated
+/// k_pe within bf16 rounding; every other slot is untouched. c_kv and k_pe are views of one
+/// `[total_new, 576]` buffer, as `kv_a_proj`'s output.
+fn append_case(ps: usize, lens: &[usize], news: &[usize], style: RopeStyle, fp8: bool, seed: u64) {
+    let c = LatCase {
+        page_size: ps,
+        heads: 16,
+        lens: lens.to_vec(),
+        news: news.to_vec(),
+        fp8,
+        seed,
+    };
+    let b = c.build();
+    let slots = b.layout.pages * ps;
+    let mut r = common::Rng(seed ^ 0xABCD);
+    let tn = b.total_new;
+    let rows: Vec<bf16> = (0..tn * MLA_LATENT_DIM)
+        .map(|i| {
+            let amp = if i % MLA_LATENT_DIM < MLA_KV_LORA_RANK {
+                1.7
+            } else {
+                2.0
+            };
+            bf16::from_f64(amp * r.uniform())
+        })
+        .collect();
+    let cl = HeadsLayout {
+        offset: 0,
+        tokens: tn,
+        heads: 1,
+        head_dim: MLA_KV_LORA_RANK,
+        token_stride: MLA_LATENT_DIM,
+        head_stride: MLA_LATENT_DIM,
+    };
+    let kl = HeadsLayout {
+        offset: MLA_KV_LORA_RANK,
+        head_dim: MLA_ROPE_DIM,
+        ..cl
+    };
+    let cfg = deepseek_v3_rope();
+    let max_len = *lens.iter().max().unwrap();
+    let inv = cfg.inv_freq_f64(max_len);
+    let factor = cfg.attention_factor();
+    let rope = HostRope {
+        inv_freq: &inv,
+        head_dim: MLA_ROPE_DIM,
+        attention_factor: factor,
+        max_positions: cfg.depends_on_length().then_some(max_len),
+        style,
+        precision: AnglePrecision::F64,
+    };
+    let mut lat = vec![bf16::from_f32(9.0); slots * MLA_LATENT_DIM];
+    let mut codes = vec![Fp8E4m3(0x11); slots * MLA_KV_LORA_RANK];
+    let mut scales = vec![-1.0f32; slots];
+    let mut rp = vec![bf16::from_f32(9.0); slots * MLA_ROPE_DIM];
+    let cache = if fp8 {
+        HostLatentCacheMut::Fp8 {
+            latent: &mut codes,
+            scales: &mut scales,
+            rope: &mut rp,
+        }
+    } else {
+        HostLatentCacheMut::Bf16(&mut lat)
+    };
+    emulator::mla_append(
+        &b.layout,
+        &b.step(),
+        &rows,
+        &cl,
+        &rows,
+        &kl,
+        cache,
+        Some(rope),
+    )
+    .unwrap();
+    let tag = format!("append ps {ps} lens {lens:?} news {news:?} {style:?} fp8 {fp8}");
+    let mut written = vec![false; slots];
+    for (bi, (&len, &n)) in lens.iter().zip(news).enumerate() {
+        for i in 0..n {
+            let t = b.cu_new[bi] as usize + i;
+            let pos = len - n + i;
+            let slot = b.block_table[bi * b.max_pages + pos / ps] as usize * ps + pos % ps;
+            written[slot] = true;
+            let row = &rows[t * MLA_LATENT_DIM..(t + 1) * MLA_LATENT_DIM];
+            let k: Vec<f64> = row[MLA_KV_LORA_RANK..]
+                .iter()
+                .map(|x| f64::from(*x))
+                .collect();
+            let want = rotate_f64(&k, pos, &inv, f64::from(factor), style);
+            let got: Vec<f64> = if fp8 {
+                rp[slot * MLA_ROPE_DIM..(slot + 1) * MLA_ROPE_DIM]
+                    .iter()
+                    .map(|x| f64::from(*x))
+                    .collect()
+            } else {
+                lat[slot * MLA_LATENT_DIM + MLA_KV_LORA_RANK..(slot + 1) * MLA_LATENT_DIM]
+                    .iter()
+                    .map(|x| f64::from(*x))
+                    .collect()
+            };
+            for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                let tol = 2f64.powi(-8) * w.abs() + 1e-5;
+                assert!(
+                    (g - w).abs() <= tol,
+                    "{tag}: token {t} k_pe[{j}] = {g}, want {w} at position {pos}"
+                );
+            }
+            let cv = &row[..MLA_KV_LORA_RANK];
+            if fp8 {
+                let amax = cv.iter().fold(0f32, |m, x| m.max(x.to_f32().abs()));
+                let sc = if amax / 448.0 > 0.0 {
+                    amax / 448.0
+                } else {
+                    1.0
+                };
+                assert_eq!(scales[slot], sc, "{tag}: token {t} scale");
+                for (j, x) in cv.iter().enumerate() {
+                    let want = Fp8E4m3::from_f32(x.to_f32() / sc);
+                    assert_eq!(
+                        codes[slot * MLA_KV_LORA_RANK + j],
+                        want,
+                        "{tag}: token {t} code {j}"
+                    );
+                }
+            } else {
+                assert_eq!(
+                    &lat[slot * MLA_LATENT_DIM..slot * MLA_LATENT_DIM + MLA_KV_LORA_RANK],
+                    cv,
+                    "{tag}: token {t} c_kv"
+                );
+            }
+        }
+    }
+    for (s, w) in written.iter().enumerate() {
+        if *w {
+            continue;
+        }
+        if fp8 {
+            assert_eq!(scales[s], -1.0, "{tag}: slot {s} written");
+            assert!(codes[s * MLA_KV_LORA_RANK..(s + 1) * MLA_KV_LORA_RANK]
+                .iter()
+                .all(|x| *x == Fp8E4m3(0x11)));
+        } else {
+            assert!(lat[s * MLA_LATENT_DIM..(s + 1) * MLA_LATENT_DIM]
+                .iter()
+                .all(|x| *x == bf16::from_f32(9.0)));
+        }
+    }
+}
+
+/// Page sizes 1, 3, 16, 64, lengths around a page, 1 and 2 new tokens per sequence, both
+/// pairings (DeepSeek's interleaved and HF's half-split), bf16 and fp8 caches.
+#[test]
+fn emu_mla_append_slots_rope_and_fp8() {
+    for ps in [1usize, 3, 16, 64] {
+        let lens = [1, ps.saturating_sub(1).max(1), ps, ps + 1, 300];
+        let news: Vec<usize> = lens.iter().map(|&l| l.min(1 + l % 2)).collect();
+        for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
+            for fp8 in [false, true] {
+                append_case(ps, &lens, &news, style, fp8, ps as u64);
+            }
+        }
+    }
+}
+
+/// Append then decode: the cache the append kernel wrote, read by the decode kernel,
+/// against the f64 reference on what the append stored (bf16 and fp8).
+#[test]
+fn emu_mla_append_then_decode() {
+    for fp8 in [false, true] {
+        let c = LatCase {
+            page_size: 16,
+            heads: 16,
+            lens: vec![3, 40],
+            news: vec![2, 1],
+            fp8,
+            seed: 31,
+        };
+        let mut b = c.build();
+        // Rewrite every token of every sequence through the append (a prefill step), no
+        // rotation, then read the stored values back as the reference's inputs.
+        let full: Vec<i32> = c.lens.iter().map(|&l| l as i32).collect();
+        let mut cu = vec![0i32];
+        for &l in &c.lens {
+            cu.push(cu.last().unwrap() + l as i32);
+        }
+        let tn = *cu.last().unwrap() as usize;
+        let mut r = common::Rng(5);
+        let rows: Vec<bf16> = (0..tn * MLA_LATENT_DIM)
+            .map(|_| bf16::from_f64(1.5 * r.uniform()))
+            .collect();
+        let cl = HeadsLayout {
+            offset: 0,
+            tokens: tn,
+            heads: 1,
+            head_dim: MLA_KV_LORA_RANK,
+            token_stride: MLA_LATENT_DIM,
+            head_stride: MLA_LATENT_DIM,
+        };
+        let kl = HeadsLayout {
+            offset: MLA_KV_LORA_RANK,
+            head_dim: MLA_ROPE_DIM,
+            ..cl
+        };
+        let prefill = StepTable {
+            table: PageTable {
+                block_table: &b.block_table,
+                max_pages_per_seq: b.max_pages,
+                seqlens: &full,
+            },
+            cu_new: &cu,
+        };
+        let cache = if fp8 {
+            HostLatentCacheMut::Fp8 {
+                latent: &mut b.codes,
+                scales: &mut b.scales,
+                rope: &mut b.rope,
+            }
+        } else {
+            HostLatentCacheMut::Bf16(&mut b.lat_bf16)
+        };
+        emulator::mla_append(&b.layout, &prefill, &rows, &cl, &rows, &kl, cache, None).unwrap();
+        let ps = c.page_size;
+        for (bi, &len) in c.lens.iter().enumerate() {
+            for t in 0..len {
+                let slot = b.block_table[bi * b.max_pages + t / ps] as usize * ps + t % ps;
+                for i in 0..MLA_KV_LORA_RANK {
+                    b.c_kv[bi][t * MLA_KV_LORA_RANK + i] = if fp8 {
+                        b.codes[slot * MLA_KV_LORA_RANK + i].to_f64() * f64::from(b.scales[slot])
+                    } else {
+                        f64::from(b.lat_bf16[slot * MLA_LATENT_DIM + i])
+                    };
+                }
+                for i in 0..MLA_ROPE_DIM {
+                    let want = rows[(cu[bi] as usize + t) * MLA_LATENT_DIM + MLA_KV_LORA_RANK + i];
+                    b.k_pe[bi][t * MLA_ROPE_DIM + i] = f64::from(want);
+                }
+            }
+        }
+        let (o, lse, plan) = mla_emu(&c, &b, Splits::AtMost(2), 1);
+        let want = b.reference(c.heads, f64::from(SCALE));
+        check_mla(
+            &format!("append then decode fp8 {fp8} {plan:?}"),
+            &o,
+            &lse,
+            &want,
+            b.max_v(),
+        );
+    }
+}

@@ -229,6 +229,34 @@ typedef struct LongctxMlaDecodeParams {
     uint32_t pad0;
 } LongctxMlaDecodeParams;
 
+/* MLA latent append (longctx_mla_append_*, src/mla/append.rs): writes each new token's c_kv
+ * (512) and k_pe (64) into its slot of the latent cache (layouts as the MLA decode's). New row
+ * r of sequence b is the token at position p = seqlens[b] - n_b + (r - cu_new[b]), slot
+ * p % page_size of page block_table[b * max_pages_per_seq + p / page_size]. With inv_freq != 0
+ * k_pe is rotated forward at p first (pairing rope_style over its 64 channels, angle
+ * angle_mode, cos and sin times attention_factor, as the RoPE kernel's forward). fp8: codes
+ * f32_to_e4m3(c / scale) with scale = absmax(c_kv row) / 448 (1 for an all-zero row) written to
+ * scale[slot]; k_pe stays bf16. One warp per new token. */
+#define LONGCTX_MLA_APPEND_WARPS 4u
+
+typedef struct LongctxMlaAppendParams {
+    LongctxKvStep step;
+    uint64_t c_kv;            /* device bf16*: new row r at c_kv + r * c_kv_stride (512)        */
+    uint64_t k_pe;            /* device bf16*: new row r at k_pe + r * k_pe_stride (64)         */
+    int64_t c_kv_stride;
+    int64_t k_pe_stride;
+    uint64_t latent;          /* bf16 cache [slots, 576], or fp8 codes [slots, 512]              */
+    uint64_t rope;            /* fp8: bf16 [slots, 64]; 0 for bf16                               */
+    uint64_t scale;           /* fp8: float [slots]; 0 for bf16                                  */
+    uint64_t inv_freq;        /* device double[32]; 0 = k_pe stored as given                     */
+    uint32_t page_size;
+    uint32_t total_new;
+    uint32_t rope_style;      /* LONGCTX_ROPE_STYLE_*                                            */
+    uint32_t angle_mode;      /* LONGCTX_ROPE_ANGLE_*                                            */
+    float attention_factor;
+    uint32_t pad0;
+} LongctxMlaAppendParams;
+
 #ifdef __cplusplus
 static_assert(sizeof(LongctxKvMergeParams) == 120, "LongctxKvMergeParams layout");
 static_assert(sizeof(LongctxKvCache) == 56, "LongctxKvCache layout");
@@ -237,6 +265,7 @@ static_assert(sizeof(LongctxKvDecodeParams) == 208, "LongctxKvDecodeParams layou
 static_assert(sizeof(LongctxKvExtendParams) == 248, "LongctxKvExtendParams layout");
 static_assert(sizeof(LongctxKvAppendParams) == 168, "LongctxKvAppendParams layout");
 static_assert(sizeof(LongctxMlaDecodeParams) == 168, "LongctxMlaDecodeParams layout");
+static_assert(sizeof(LongctxMlaAppendParams) == 120, "LongctxMlaAppendParams layout");
 #else
 _Static_assert(sizeof(LongctxKvMergeParams) == 120, "LongctxKvMergeParams layout");
 _Static_assert(sizeof(LongctxKvCache) == 56, "LongctxKvCache layout");
@@ -245,6 +274,7 @@ _Static_assert(sizeof(LongctxKvDecodeParams) == 208, "LongctxKvDecodeParams layo
 _Static_assert(sizeof(LongctxKvExtendParams) == 248, "LongctxKvExtendParams layout");
 _Static_assert(sizeof(LongctxKvAppendParams) == 168, "LongctxKvAppendParams layout");
 _Static_assert(sizeof(LongctxMlaDecodeParams) == 168, "LongctxMlaDecodeParams layout");
+_Static_assert(sizeof(LongctxMlaAppendParams) == 120, "LongctxMlaAppendParams layout");
 #endif
 
 #endif

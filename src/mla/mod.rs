@@ -14,9 +14,13 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
+mod append;
 mod decode;
 pub mod reference;
 
+pub use append::{append_latent, LatentCacheMut, MlaAppendShape, MlaAppendValidated, NewLatent};
+#[cfg(feature = "emulator")]
+pub(crate) use append::{plan_mla_append, MlaAppendAddrs};
 pub use decode::{
     decode_absorbed, latent_layout, mla_decode_smem_bytes, plan_mla_decode, LatentCache,
     LatentCacheShape, MlaDecodeOptions, MlaDecodePlan, MlaDecodeShape, MlaDecodeValidated,

@@ -495,3 +495,23 @@ const _: () = {
         "Offset of field: LongctxMlaDecodeParams::pad0",
     ][::std::mem::offset_of!(LongctxMlaDecodeParams, pad0) - 164usize];
 };
+pub const LONGCTX_MLA_APPEND_WARPS: u32 = 4;
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LongctxMlaAppendParams {
+    pub step: LongctxKvStep,
+    pub c_kv: u64,
+    pub k_pe: u64,
+    pub c_kv_stride: i64,
+    pub k_pe_stride: i64,
+    pub latent: u64,
+    pub rope: u64,
+    pub scale: u64,
+    pub inv_freq: u64,
+    pub page_size: u32,
+    pub total_new: u32,
+    pub rope_style: u32,
+    pub angle_mode: u32,
+    pub attention_factor: f32,
+    pub pad0: u32,
+}

@@ -65,3 +65,5 @@ unsafe impl cudarc::driver::DeviceRepr for LongctxKvExtendParams {}
 unsafe impl cudarc::driver::DeviceRepr for LongctxKvAppendParams {}
 // SAFETY: as above (the step and plain addresses, counts and a scale).
 unsafe impl cudarc::driver::DeviceRepr for LongctxMlaDecodeParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for LongctxMlaAppendParams {}
