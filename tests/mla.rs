@@ -987,7 +987,15 @@ fn rotate_f64(x: &[f64], pos: usize, inv: &[f64], factor: f64, style: RopeStyle)
 /// (bf16 as given, or e4m3 codes of c / (absmax / 448) with that scale) and its rotated
 /// k_pe within bf16 rounding; every other slot is untouched. c_kv and k_pe are views of one
 /// `[total_new, 576]` buffer, as `kv_a_proj`'s output.
-fn append_case(ps: usize, lens: &[usize], news: &[usize], style: RopeStyle, fp8: bool, seed: u64) {
+fn append_case(
+    dev: Option<&longctx::device::Device>,
+    ps: usize,
+    lens: &[usize],
+    news: &[usize],
+    style: RopeStyle,
+    fp8: bool,
+    seed: u64,
+) {
     let c = LatCase {
         page_size: ps,
         heads: 16,
@@ -1039,26 +1047,69 @@ fn append_case(ps: usize, lens: &[usize], news: &[usize], style: RopeStyle, fp8:
     let mut codes = vec![Fp8E4m3(0x11); slots * MLA_KV_LORA_RANK];
     let mut scales = vec![-1.0f32; slots];
     let mut rp = vec![bf16::from_f32(9.0); slots * MLA_ROPE_DIM];
-    let cache = if fp8 {
-        HostLatentCacheMut::Fp8 {
-            latent: &mut codes,
-            scales: &mut scales,
-            rope: &mut rp,
-        }
+    if let Some(dev) = dev {
+        use longctx::kv_cache::{AppendRope, KvStep};
+        use longctx::mla::{append_latent, LatentCacheMut, NewLatent};
+        use longctx::rope::RopeTable;
+        let step = KvStep::upload(dev, &b.layout, &b.step()).unwrap();
+        let rows_d = dev.upload(&rows).unwrap();
+        let table = RopeTable::new(dev, &cfg, max_len).unwrap();
+        let mut lat_d = dev.upload(&lat).unwrap();
+        let mut codes_d = dev.upload(&codes).unwrap();
+        let mut scales_d = dev.upload(&scales).unwrap();
+        let mut rp_d = dev.upload(&rp).unwrap();
+        let cache = if fp8 {
+            LatentCacheMut::Fp8 {
+                latent: &mut codes_d,
+                scales: &mut scales_d,
+                rope: &mut rp_d,
+            }
+        } else {
+            LatentCacheMut::Bf16 { latent: &mut lat_d }
+        };
+        append_latent(
+            dev,
+            &step,
+            &NewLatent {
+                c_kv: &rows_d,
+                c_kv_layout: cl,
+                k_pe: &rows_d,
+                k_pe_layout: kl,
+            },
+            cache,
+            Some(AppendRope {
+                table: &table,
+                style,
+                precision: AnglePrecision::F64,
+            }),
+        )
+        .unwrap();
+        lat = dev.download(&lat_d).unwrap();
+        codes = dev.download(&codes_d).unwrap();
+        scales = dev.download(&scales_d).unwrap();
+        rp = dev.download(&rp_d).unwrap();
     } else {
-        HostLatentCacheMut::Bf16(&mut lat)
-    };
-    emulator::mla_append(
-        &b.layout,
-        &b.step(),
-        &rows,
-        &cl,
-        &rows,
-        &kl,
-        cache,
-        Some(rope),
-    )
-    .unwrap();
+        let cache = if fp8 {
+            HostLatentCacheMut::Fp8 {
+                latent: &mut codes,
+                scales: &mut scales,
+                rope: &mut rp,
+            }
+        } else {
+            HostLatentCacheMut::Bf16(&mut lat)
+        };
+        emulator::mla_append(
+            &b.layout,
+            &b.step(),
+            &rows,
+            &cl,
+            &rows,
+            &kl,
+            cache,
+            Some(rope),
+        )
+        .unwrap();
+    }
     let tag = format!("append ps {ps} lens {lens:?} news {news:?} {style:?} fp8 {fp8}");
     let mut written = vec![false; slots];
     for (bi, (&len, &n)) in lens.iter().zip(news).enumerate() {
@@ -1143,7 +1194,7 @@ fn emu_mla_append_slots_rope_and_fp8() {
         let news: Vec<usize> = lens.iter().map(|&l| l.min(1 + l % 2)).collect();
         for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
             for fp8 in [false, true] {
-                append_case(ps, &lens, &news, style, fp8, ps as u64);
+                append_case(None, ps, &lens, &news, style, fp8, ps as u64);
             }
         }
     }
@@ -1232,5 +1283,24 @@ fn emu_mla_append_then_decode() {
             &want,
             b.max_v(),
         );
+    }
+}
+
+/// The append cases on the device (longer caches), against the same f64 rotation and host
+/// quantiser.
+#[test]
+#[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+fn gpu_mla_append_parity() {
+    let Some(dev) = common::gpu("gpu_mla_append_parity") else {
+        return;
+    };
+    for ps in [1usize, 16, 64] {
+        let lens = [1, ps + 1, 5000, 70_000];
+        let news = [1, 2, 2, 1];
+        for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
+            for fp8 in [false, true] {
+                append_case(Some(&dev), ps, &lens, &news, style, fp8, 7);
+            }
+        }
     }
 }

@@ -23,6 +23,7 @@ pub const LONGCTX_MLA_DECODE_ROWS: u32 = 16;
 pub const LONGCTX_MLA_DECODE_TILE_KEYS: u32 = 32;
 pub const LONGCTX_MLA_DECODE_SMEM_BF16: u32 = 94208;
 pub const LONGCTX_MLA_DECODE_SMEM_FP8: u32 = 98304;
+pub const LONGCTX_MLA_APPEND_WARPS: u32 = 4;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct LongctxKvCache {
@@ -495,7 +496,6 @@ const _: () = {
         "Offset of field: LongctxMlaDecodeParams::pad0",
     ][::std::mem::offset_of!(LongctxMlaDecodeParams, pad0) - 164usize];
 };
-pub const LONGCTX_MLA_APPEND_WARPS: u32 = 4;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct LongctxMlaAppendParams {
@@ -515,3 +515,57 @@ pub struct LongctxMlaAppendParams {
     pub attention_factor: f32,
     pub pad0: u32,
 }
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of LongctxMlaAppendParams",
+    ][::std::mem::size_of::<LongctxMlaAppendParams>() - 120usize];
+    [
+        "Alignment of LongctxMlaAppendParams",
+    ][::std::mem::align_of::<LongctxMlaAppendParams>() - 8usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::step",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, step) - 0usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::c_kv",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, c_kv) - 32usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::k_pe",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, k_pe) - 40usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::c_kv_stride",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, c_kv_stride) - 48usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::k_pe_stride",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, k_pe_stride) - 56usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::latent",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, latent) - 64usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::rope",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, rope) - 72usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::scale",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, scale) - 80usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::inv_freq",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, inv_freq) - 88usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::page_size",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, page_size) - 96usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::total_new",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, total_new) - 100usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::rope_style",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, rope_style) - 104usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::angle_mode",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, angle_mode) - 108usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::attention_factor",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, attention_factor) - 112usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::pad0",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, pad0) - 116usize];
+};
