@@ -732,11 +732,12 @@ fn emu_mla_decode_matches_naive_deepseek_v3() {
         .zip(&naive.lse)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f64::max);
+    eprintln!("naive vs kernel chain: O {e_o:e} (relative to max |O|), LSE {e_lse:e}");
     assert!(
-        e_o < 2e-2,
+        e_o < 1e-2,
         "O differs from naive MLA by {e_o:e} (relative to max |O|)"
     );
-    assert!(e_lse < 5e-2, "LSE differs from naive MLA by {e_lse:e}");
+    assert!(e_lse < 2e-2, "LSE differs from naive MLA by {e_lse:e}");
 }
 
 /// Typed errors: a layout that is not one 576-channel head, short cache buffers, Q / O of
