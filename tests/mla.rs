@@ -643,11 +643,13 @@ fn emu_mla_decode_page_sizes_and_lengths() {
 }
 
 /// 32, 64 and 128 heads (several row tiles; 128 heads x 2 tokens is 16 tiles), 1 and 2
-/// query tokens, bf16 and fp8, the automatic split plan for a small device.
+/// query tokens, sequences without new tokens, bf16 and fp8, the automatic split plan for
+/// a small device.
 #[test]
 fn emu_mla_decode_heads_and_fp8() {
     for (heads, lens, news) in [
-        (32usize, vec![40usize, 97], vec![1usize, 2]),
+        // An empty sequence and one with no new token ride along.
+        (32usize, vec![40usize, 0, 5, 97], vec![1usize, 0, 0, 2]),
         (64, vec![65, 3], vec![2, 1]),
         (128, vec![33], vec![2]),
     ] {
