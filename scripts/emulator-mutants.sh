@@ -66,6 +66,8 @@ MUTANTS=(
   "mla-warp-own-max|kernels/kv_cache/mla_decode_kernel.cuh|s/for (int w = 1; w < kWarps; ++w) mx = fmaxf(mx, red_max\[w \* kRows + r\]);/mx = red_max[warp * kRows + r];/|--test mla emu_mla_decode_"
   "mla-fp8-vscale|kernels/kv_cache/mla_decode_kernel.cuh|s/MmaType<T>::pack(p0 \* vsc\[0\], p1 \* vsc\[1\]);/MmaType<T>::pack(p0, p1);/|--test mla emu_mla_decode_"
   "mla-page-slot|kernels/kv_cache/mla_decode_kernel.cuh|s/page_size + j % page_size; };/page_size + (j + 1) % page_size; };/|--test mla emu_mla_decode_"
+  "mla-append-neox-partner|kernels/kv_cache/mla_append_kernel.cuh|s/__shfl_xor_sync(0xFFFFFFFFu, a, 16);/__shfl_xor_sync(0xFFFFFFFFu, a, 8);/|--test mla emu_mla_append_"
+  "mla-append-fp8-scale|kernels/kv_cache/mla_append_kernel.cuh|s/float scale = m \/ kFp8E4m3Max;/float scale = m \/ 440.f;/|--test mla emu_mla_append_"
   "moe-tie-rule|kernels/moe/reduce.cuh|s/(v == best_v \&\& id < best_id)/(v == best_v \&\& id > best_id)/|--test moe emu_route_edges"
   "moe-warp-lowest-slot|kernels/moe/gate_kernel.cuh|s/for (int j = kGateSlots - 1; j >= 0; --j) {/for (int j = 0; j < kGateSlots; ++j) {/|--test moe emu_route_edges"
   "moe-warp-group-butterfly|kernels/moe/gate_kernel.cuh|s/for (int off = gl >> 1; off > 0; off >>= 1) {/for (int off = gl >> 2; off > 0; off >>= 1) {/|--test moe emu_route_edges"
