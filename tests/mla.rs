@@ -619,7 +619,8 @@ fn mla_parity(tag: &str, c: &LatCase, splits: Splits, sm: usize) -> MlaDecodePla
 }
 
 /// Page sizes 1, 3, 16, 64 against lengths 1, page - 1, page, page + 1 and ~300 in one
-/// batch, 1 and 2 query tokens, 16 heads, bf16 and fp8, unsplit and split.
+/// batch, 1 and 2 query tokens, 16 heads, bf16 and fp8, unsplit, split in 4, and the
+/// automatic plan for a 132-SM device.
 #[test]
 fn emu_mla_decode_page_sizes_and_lengths() {
     for ps in [1usize, 3, 16, 64] {
@@ -638,12 +639,14 @@ fn emu_mla_decode_page_sizes_and_lengths() {
             assert_eq!(p.splits, 1);
             let p = mla_parity("split", &c, Splits::AtMost(4), 1);
             assert_eq!(p.splits, 4, "300 keys in 4 splits of whole tiles");
+            let p = mla_parity("auto", &c, Splits::Auto, 132);
+            assert_eq!(p.splits, 2, "auto: chunks of at least 256 keys");
         }
     }
 }
 
-/// 32, 64 and 128 heads (several row tiles; 128 heads x 2 tokens is 16 tiles), 1 and 2
-/// query tokens, sequences without new tokens, bf16 and fp8, the automatic split plan for
+/// 8, 24, 32, 64 and 128 heads (several row tiles; 128 heads x 2 tokens is 16 tiles; with 8
+/// or 24 heads a tile mixes two query tokens), 1 and 2 query tokens, sequences without new tokens, bf16 and fp8, the automatic split plan for
 /// a small device.
 #[test]
 fn emu_mla_decode_heads_and_fp8() {
@@ -652,6 +655,10 @@ fn emu_mla_decode_heads_and_fp8() {
         (32usize, vec![40usize, 0, 5, 97], vec![1usize, 0, 0, 2]),
         (64, vec![65, 3], vec![2, 1]),
         (128, vec![33], vec![2]),
+        // Tiles holding rows of two query tokens (each row its own causal bound): 8 heads
+        // (a 16-way tensor-parallel shard of DeepSeek-V3) and 24.
+        (8, vec![1, 50, 17], vec![1, 2, 2]),
+        (24, vec![2, 70], vec![2, 2]),
     ] {
         for fp8 in [false, true] {
             let c = LatCase {
