@@ -154,6 +154,10 @@ pub(crate) enum KernelId {
     KvAppendBf16Scalar,
     KvAppendBf16Fp8Vec,
     KvAppendBf16Fp8Scalar,
+    MlaDecodeBf16,
+    MlaDecodeBf16Fp8,
+    MlaAppendBf16,
+    MlaAppendBf16Fp8,
 }
 
 impl KernelId {
@@ -262,6 +266,10 @@ impl KernelId {
         KernelId::KvAppendBf16Scalar,
         KernelId::KvAppendBf16Fp8Vec,
         KernelId::KvAppendBf16Fp8Scalar,
+        KernelId::MlaDecodeBf16,
+        KernelId::MlaDecodeBf16Fp8,
+        KernelId::MlaAppendBf16,
+        KernelId::MlaAppendBf16Fp8,
     ];
 
     pub(crate) fn index(self) -> usize {
@@ -332,6 +340,10 @@ impl KernelId {
             | KernelId::KvAppendBf16Scalar
             | KernelId::KvAppendBf16Fp8Vec
             | KernelId::KvAppendBf16Fp8Scalar => Family::KvCache,
+            KernelId::MlaDecodeBf16
+            | KernelId::MlaDecodeBf16Fp8
+            | KernelId::MlaAppendBf16
+            | KernelId::MlaAppendBf16Fp8 => Family::KvCache,
             KernelId::AttnBwdPreF16
             | KernelId::AttnBwdPreBf16
             | KernelId::AttnBwdDqF16
@@ -468,6 +480,10 @@ impl KernelId {
             KernelId::KvAppendBf16Scalar => "longctx_kv_append_bf16_scalar",
             KernelId::KvAppendBf16Fp8Vec => "longctx_kv_append_bf16_fp8_vec",
             KernelId::KvAppendBf16Fp8Scalar => "longctx_kv_append_bf16_fp8_scalar",
+            KernelId::MlaDecodeBf16 => "longctx_mla_decode_bf16",
+            KernelId::MlaDecodeBf16Fp8 => "longctx_mla_decode_bf16_fp8",
+            KernelId::MlaAppendBf16 => "longctx_mla_append_bf16",
+            KernelId::MlaAppendBf16Fp8 => "longctx_mla_append_bf16_fp8",
         }
     }
 

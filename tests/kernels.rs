@@ -327,8 +327,9 @@ fn attention_backward_sass_uses_tensor_cores_and_no_local_memory() {
 
 /// The KV-cache family: the decode kernels for head dims 64 and 128 use tensor cores (one
 /// 16-key step of S = Q K^T and of P V per warp: d / 16 x 2 + d / 16 x 2 HMMA), ldmatrix
-/// and cp.async; every decode kernel copies with cp.async; nothing but sincosf's frame
-/// (append, rotating decode) uses local memory.
+/// and cp.async; every decode kernel copies with cp.async; MLA's absorbed decode uses
+/// tensor cores, ldmatrix and cp.async; nothing but sincosf's frame (the appends, the
+/// rotating decode) uses local memory.
 #[test]
 fn kv_cache_sass_uses_tensor_cores_and_no_local_memory() {
     let Some(counts) = family_sass(
@@ -340,7 +341,10 @@ fn kv_cache_sass_uses_tensor_cores_and_no_local_memory() {
     let syms: Vec<&str> = longctx::device::hot_kernel_symbols()
         .into_iter()
         // Extend's entries are the attention forward's body, in the attention family.
-        .filter(|s| s.starts_with("longctx_kv_") && !s.starts_with("longctx_kv_extend_"))
+        .filter(|s| {
+            (s.starts_with("longctx_kv_") && !s.starts_with("longctx_kv_extend_"))
+                || s.starts_with("longctx_mla_")
+        })
         .collect();
     let archs: std::collections::BTreeSet<&String> = counts.keys().map(|(a, _)| a).collect();
     assert!(
@@ -366,6 +370,7 @@ fn kv_cache_sass_uses_tensor_cores_and_no_local_memory() {
             // same; decode calls it only for un-rotated caches); ptxas reports no spill
             // (hot_kernels_do_not_spill).
             let sincos = sym.starts_with("longctx_kv_append_")
+                || sym.starts_with("longctx_mla_append_")
                 || (sym.starts_with("longctx_kv_decode_")
                     && (sym.ends_with("_hd64") || sym.ends_with("_hd128")));
             if !sincos {
@@ -374,6 +379,15 @@ fn kv_cache_sass_uses_tensor_cores_and_no_local_memory() {
                     (0, 0),
                     "{sym} {arch} uses local memory"
                 );
+            }
+            if sym.starts_with("longctx_mla_decode_") {
+                // MLA's absorbed decode: per 32-key tile a warp runs 36 k-steps of S and
+                // 2 x 16 of P V; the loops are partly unrolled, so the static count is lower.
+                assert!(
+                    n("HMMA") >= 32 && n("LDSM") > 0 && n("LDGSTS") > 0,
+                    "{sym} {arch}: {ops:?}"
+                );
+                continue;
             }
             if !sym.starts_with("longctx_kv_decode_") {
                 continue;

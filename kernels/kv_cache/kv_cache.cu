@@ -7,6 +7,8 @@
 #include "kv_cache/decode_kernel.cuh"
 #include "kv_cache/decode_mma_kernel.cuh"
 #include "kv_cache/merge_kernel.cuh"
+#include "kv_cache/mla_append_kernel.cuh"
+#include "kv_cache/mla_decode_kernel.cuh"
 
 using longctx::kv_cache::append_kernel_body;
 using longctx::kv_cache::kAppendThreads;
@@ -71,3 +73,23 @@ LONGCTX_KV_APPEND_ENTRY(longctx_kv_append_bf16_vec, __nv_bfloat16, __nv_bfloat16
 LONGCTX_KV_APPEND_ENTRY(longctx_kv_append_bf16_scalar, __nv_bfloat16, __nv_bfloat16, 1)
 LONGCTX_KV_APPEND_ENTRY(longctx_kv_append_bf16_fp8_vec, __nv_bfloat16, uint8_t, 8)
 LONGCTX_KV_APPEND_ENTRY(longctx_kv_append_bf16_fp8_scalar, __nv_bfloat16, uint8_t, 1)
+
+// MLA absorbed decode (mla_decode_kernel.cuh): bf16 queries over a bf16 or fp8 latent cache.
+#define LONGCTX_MLA_DECODE_ENTRY(NAME, FP8)                                              \
+    extern "C" __global__ void __launch_bounds__(longctx::mla_decode::kThreads)          \
+        NAME(const __grid_constant__ LongctxMlaDecodeParams p) {                         \
+        longctx::mla_decode::mla_decode_body<FP8>(p);                                    \
+    }
+
+LONGCTX_MLA_DECODE_ENTRY(longctx_mla_decode_bf16, false)
+LONGCTX_MLA_DECODE_ENTRY(longctx_mla_decode_bf16_fp8, true)
+
+// MLA latent append (mla_append_kernel.cuh): bf16 rows into a bf16 or fp8 latent cache.
+#define LONGCTX_MLA_APPEND_ENTRY(NAME, FP8)                                              \
+    extern "C" __global__ void __launch_bounds__(longctx::mla_append::kThreads)          \
+        NAME(const __grid_constant__ LongctxMlaAppendParams p) {                         \
+        longctx::mla_append::mla_append_body<FP8>(p);                                    \
+    }
+
+LONGCTX_MLA_APPEND_ENTRY(longctx_mla_append_bf16, false)
+LONGCTX_MLA_APPEND_ENTRY(longctx_mla_append_bf16_fp8, true)

@@ -192,6 +192,80 @@ typedef struct LongctxKvAppendParams {
     uint32_t pad0;
 } LongctxKvAppendParams;
 
+/* MLA absorbed decode (longctx_mla_decode_*, src/mla/decode.rs): DeepSeek's multi-head latent
+ * attention as multi-query attention over one latent KV head. The cache keeps, per token, the
+ * latent c_kv (512 channels, also the value) and the rotated k_pe (64 channels):
+ *   bf16:  latent[(page * page_size + slot) * 576 + c], c < 512 latent, 512 <= c < 576 k_pe
+ *   fp8:   latent[(page * page_size + slot) * 512 + c] e4m3 codes of c_kv, value code x
+ *          scale[page * page_size + slot] (f32), and rope[(page * page_size + slot) * 64 + c]
+ *          bf16 k_pe (unquantised)
+ * Token t of sequence b is slot t % page_size of page block_table[b * max_pages_per_seq +
+ * t / page_size]. Q is [total_new, heads, 576] bf16 ([q_abs | q_pe] per head); query i of the
+ * n new tokens of sequence b, at position p = seqlens[b] - n + i, sees keys 0 ..= p. One CTA per
+ * (split, row tile, sequence): row r of tile y is query token (16 y + r) / heads of head
+ * (16 y + r) % heads. Split s covers keys [s * chunk, (s + 1) * chunk). One split writes O
+ * [total_new, heads, 512] bf16 and the LSE (natural log, -inf for a row that saw no key); several
+ * write f32 partial states [splits, total_new, heads, 512] and [splits, heads, total_new] that
+ * merge_states combines. Dynamic shared memory: LONGCTX_MLA_DECODE_SMEM_*. */
+#define LONGCTX_MLA_DECODE_WARPS 4u
+#define LONGCTX_MLA_DECODE_ROWS 16u
+#define LONGCTX_MLA_DECODE_TILE_KEYS 32u
+#define LONGCTX_MLA_DECODE_SMEM_BF16 94208u
+#define LONGCTX_MLA_DECODE_SMEM_FP8 98304u
+
+typedef struct LongctxMlaDecodeParams {
+    LongctxKvStep step;
+    uint64_t latent;          /* device bf16* [pages, page_size, 576], or uint8 codes [.., 512] */
+    uint64_t rope;            /* fp8: device bf16* [pages, page_size, 64]; 0 for bf16            */
+    uint64_t scale;           /* fp8: device float* [pages, page_size]; 0 for bf16               */
+    uint64_t q;               /* device bf16* [total_new, heads, 576], 16-byte aligned rows      */
+    int64_t q_token_stride;
+    int64_t q_head_stride;
+    uint64_t o;               /* device bf16* [total_new, heads, 512], one split                 */
+    int64_t o_token_stride;
+    int64_t o_head_stride;
+    uint64_t lse;             /* device float* [heads, total_new], one split; 0 to skip          */
+    int64_t lse_head_stride;
+    uint64_t part_o;          /* device float* [splits, total_new, heads, 512]                   */
+    uint64_t part_lse;        /* device float* [splits, heads, total_new]                        */
+    uint32_t page_size;
+    uint32_t heads;
+    uint32_t row_tiles;       /* gridDim.y                                                       */
+    uint32_t splits;          /* gridDim.x                                                       */
+    uint32_t chunk;           /* keys per split, a multiple of LONGCTX_MLA_DECODE_TILE_KEYS      */
+    uint32_t total_new;
+    float exp_scale;          /* softmax scale x log2(e)                                         */
+    uint32_t pad0;
+} LongctxMlaDecodeParams;
+
+/* MLA latent append (longctx_mla_append_*, src/mla/append.rs): writes each new token's c_kv
+ * (512) and k_pe (64) into its slot of the latent cache (layouts as the MLA decode's). New row
+ * r of sequence b is the token at position p = seqlens[b] - n_b + (r - cu_new[b]), slot
+ * p % page_size of page block_table[b * max_pages_per_seq + p / page_size]. With inv_freq != 0
+ * k_pe is rotated forward at p first (pairing rope_style over its 64 channels, angle
+ * angle_mode, cos and sin times attention_factor, as the RoPE kernel's forward). fp8: codes
+ * f32_to_e4m3(c / scale) with scale = absmax(c_kv row) / 448 (1 for an all-zero row) written to
+ * scale[slot]; k_pe stays bf16. One warp per new token. */
+#define LONGCTX_MLA_APPEND_WARPS 4u
+
+typedef struct LongctxMlaAppendParams {
+    LongctxKvStep step;
+    uint64_t c_kv;            /* device bf16*: new row r at c_kv + r * c_kv_stride (512)        */
+    uint64_t k_pe;            /* device bf16*: new row r at k_pe + r * k_pe_stride (64)         */
+    int64_t c_kv_stride;
+    int64_t k_pe_stride;
+    uint64_t latent;          /* bf16 cache [slots, 576], or fp8 codes [slots, 512]              */
+    uint64_t rope;            /* fp8: bf16 [slots, 64]; 0 for bf16                               */
+    uint64_t scale;           /* fp8: float [slots]; 0 for bf16                                  */
+    uint64_t inv_freq;        /* device double[32]; 0 = k_pe stored as given                     */
+    uint32_t page_size;
+    uint32_t total_new;
+    uint32_t rope_style;      /* LONGCTX_ROPE_STYLE_*                                            */
+    uint32_t angle_mode;      /* LONGCTX_ROPE_ANGLE_*                                            */
+    float attention_factor;
+    uint32_t pad0;
+} LongctxMlaAppendParams;
+
 #ifdef __cplusplus
 static_assert(sizeof(LongctxKvMergeParams) == 120, "LongctxKvMergeParams layout");
 static_assert(sizeof(LongctxKvCache) == 56, "LongctxKvCache layout");
@@ -199,6 +273,8 @@ static_assert(sizeof(LongctxKvStep) == 32, "LongctxKvStep layout");
 static_assert(sizeof(LongctxKvDecodeParams) == 232, "LongctxKvDecodeParams layout");
 static_assert(sizeof(LongctxKvExtendParams) == 248, "LongctxKvExtendParams layout");
 static_assert(sizeof(LongctxKvAppendParams) == 168, "LongctxKvAppendParams layout");
+static_assert(sizeof(LongctxMlaDecodeParams) == 168, "LongctxMlaDecodeParams layout");
+static_assert(sizeof(LongctxMlaAppendParams) == 120, "LongctxMlaAppendParams layout");
 #else
 _Static_assert(sizeof(LongctxKvMergeParams) == 120, "LongctxKvMergeParams layout");
 _Static_assert(sizeof(LongctxKvCache) == 56, "LongctxKvCache layout");
@@ -206,6 +282,8 @@ _Static_assert(sizeof(LongctxKvStep) == 32, "LongctxKvStep layout");
 _Static_assert(sizeof(LongctxKvDecodeParams) == 232, "LongctxKvDecodeParams layout");
 _Static_assert(sizeof(LongctxKvExtendParams) == 248, "LongctxKvExtendParams layout");
 _Static_assert(sizeof(LongctxKvAppendParams) == 168, "LongctxKvAppendParams layout");
+_Static_assert(sizeof(LongctxMlaDecodeParams) == 168, "LongctxMlaDecodeParams layout");
+_Static_assert(sizeof(LongctxMlaAppendParams) == 120, "LongctxMlaAppendParams layout");
 #endif
 
 #endif

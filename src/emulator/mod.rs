@@ -31,12 +31,14 @@ use crate::sys;
 mod kv_append;
 mod kv_cache;
 mod kv_extend;
+mod mla;
 mod moe;
 mod ops;
 pub mod selftest;
 pub use kv_append::*;
 pub use kv_cache::*;
 pub use kv_extend::*;
+pub use mla::*;
 pub use moe::*;
 pub use ops::*;
 
@@ -271,6 +273,10 @@ entries! {
     KvAppendBf16Scalar => longctx_kv_append_bf16_scalar, longctx_kv_append_bf16_scalar: sys::LongctxKvAppendParams;
     KvAppendBf16Fp8Vec => longctx_kv_append_bf16_fp8_vec, longctx_kv_append_bf16_fp8_vec: sys::LongctxKvAppendParams;
     KvAppendBf16Fp8Scalar => longctx_kv_append_bf16_fp8_scalar, longctx_kv_append_bf16_fp8_scalar: sys::LongctxKvAppendParams;
+    MlaDecodeBf16 => longctx_mla_decode_bf16, longctx_mla_decode_bf16: sys::LongctxMlaDecodeParams;
+    MlaDecodeBf16Fp8 => longctx_mla_decode_bf16_fp8, longctx_mla_decode_bf16_fp8: sys::LongctxMlaDecodeParams;
+    MlaAppendBf16 => longctx_mla_append_bf16, longctx_mla_append_bf16: sys::LongctxMlaAppendParams;
+    MlaAppendBf16Fp8 => longctx_mla_append_bf16_fp8, longctx_mla_append_bf16_fp8: sys::LongctxMlaAppendParams;
 }
 
 /// What every emulated CUDA thread runs: the kernel entry with the launch's params.

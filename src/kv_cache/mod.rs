@@ -58,12 +58,13 @@ pub(crate) use append::{plan_append, AppendAddrs};
 pub(crate) use cache::{cache_params, step_params};
 pub(crate) use fp8::cache_matches;
 pub use fp8::{CacheDType, CacheElement, Fp8E4m3};
+#[cfg(feature = "emulator")]
+pub(crate) use merge::plan_merge;
 pub use merge::{
     merge_states, merge_states_raw, LseLayout, MergeOptions, MergeShape, MergeState,
     MergeValidated, StackedStates, States, MAX_MERGE_HEAD_DIM,
 };
-#[cfg(feature = "emulator")]
-pub(crate) use merge::{plan_merge, MergeAddrs};
+pub(crate) use merge::{plan_merge_typed, MergeAddrs};
 pub(crate) use paged::{dense_len, for_each_row};
 pub use paged::{PageTable, PagedKvLayout, ValidatedTable, MAX_CACHE_HEAD_DIM, MAX_PAGE_SIZE};
 pub use rotation::{rotation_tables, KvRotation, RotationShape};

@@ -14,7 +14,20 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
+mod append;
+mod decode;
 pub mod reference;
+
+pub use append::{append_latent, LatentCacheMut, MlaAppendShape, MlaAppendValidated, NewLatent};
+#[cfg(feature = "emulator")]
+pub(crate) use append::{plan_mla_append, MlaAppendAddrs};
+pub use decode::{
+    decode_absorbed, latent_layout, mla_decode_smem_bytes, plan_mla_decode, LatentCache,
+    LatentCacheShape, MlaDecodeOptions, MlaDecodePlan, MlaDecodeShape, MlaDecodeValidated,
+    MAX_MLA_HEADS, MLA_KV_LORA_RANK, MLA_LATENT_DIM, MLA_ROPE_DIM, MLA_TILE_KEYS,
+};
+#[cfg(feature = "emulator")]
+pub(crate) use decode::{plan_mla_decode_launch, MlaDecodeAddrs};
 
 /// The attention shape of an MLA model.
 #[derive(Debug, Clone, Copy, PartialEq)]

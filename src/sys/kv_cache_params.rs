@@ -18,6 +18,12 @@ pub const LONGCTX_KV_DECODE_MMA_WARPS_HD128: u32 = 2;
 pub const LONGCTX_KV_APPEND_WARPS: u32 = 4;
 pub const LONGCTX_KV_APPEND_MAX_HEAD_DIM: u32 = 1024;
 pub const LONGCTX_KV_APPEND_MAX_HEAD_DIM_SCALAR: u32 = 512;
+pub const LONGCTX_MLA_DECODE_WARPS: u32 = 4;
+pub const LONGCTX_MLA_DECODE_ROWS: u32 = 16;
+pub const LONGCTX_MLA_DECODE_TILE_KEYS: u32 = 32;
+pub const LONGCTX_MLA_DECODE_SMEM_BF16: u32 = 94208;
+pub const LONGCTX_MLA_DECODE_SMEM_FP8: u32 = 98304;
+pub const LONGCTX_MLA_APPEND_WARPS: u32 = 4;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct LongctxKvCache {
@@ -404,4 +410,178 @@ const _: () = {
     [
         "Offset of field: LongctxKvAppendParams::pad0",
     ][::std::mem::offset_of!(LongctxKvAppendParams, pad0) - 164usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LongctxMlaDecodeParams {
+    pub step: LongctxKvStep,
+    pub latent: u64,
+    pub rope: u64,
+    pub scale: u64,
+    pub q: u64,
+    pub q_token_stride: i64,
+    pub q_head_stride: i64,
+    pub o: u64,
+    pub o_token_stride: i64,
+    pub o_head_stride: i64,
+    pub lse: u64,
+    pub lse_head_stride: i64,
+    pub part_o: u64,
+    pub part_lse: u64,
+    pub page_size: u32,
+    pub heads: u32,
+    pub row_tiles: u32,
+    pub splits: u32,
+    pub chunk: u32,
+    pub total_new: u32,
+    pub exp_scale: f32,
+    pub pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of LongctxMlaDecodeParams",
+    ][::std::mem::size_of::<LongctxMlaDecodeParams>() - 168usize];
+    [
+        "Alignment of LongctxMlaDecodeParams",
+    ][::std::mem::align_of::<LongctxMlaDecodeParams>() - 8usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::step",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, step) - 0usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::latent",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, latent) - 32usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::rope",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, rope) - 40usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::scale",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, scale) - 48usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::q",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, q) - 56usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::q_token_stride",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, q_token_stride) - 64usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::q_head_stride",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, q_head_stride) - 72usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::o",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, o) - 80usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::o_token_stride",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, o_token_stride) - 88usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::o_head_stride",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, o_head_stride) - 96usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::lse",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, lse) - 104usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::lse_head_stride",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, lse_head_stride) - 112usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::part_o",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, part_o) - 120usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::part_lse",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, part_lse) - 128usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::page_size",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, page_size) - 136usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::heads",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, heads) - 140usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::row_tiles",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, row_tiles) - 144usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::splits",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, splits) - 148usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::chunk",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, chunk) - 152usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::total_new",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, total_new) - 156usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::exp_scale",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, exp_scale) - 160usize];
+    [
+        "Offset of field: LongctxMlaDecodeParams::pad0",
+    ][::std::mem::offset_of!(LongctxMlaDecodeParams, pad0) - 164usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LongctxMlaAppendParams {
+    pub step: LongctxKvStep,
+    pub c_kv: u64,
+    pub k_pe: u64,
+    pub c_kv_stride: i64,
+    pub k_pe_stride: i64,
+    pub latent: u64,
+    pub rope: u64,
+    pub scale: u64,
+    pub inv_freq: u64,
+    pub page_size: u32,
+    pub total_new: u32,
+    pub rope_style: u32,
+    pub angle_mode: u32,
+    pub attention_factor: f32,
+    pub pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of LongctxMlaAppendParams",
+    ][::std::mem::size_of::<LongctxMlaAppendParams>() - 120usize];
+    [
+        "Alignment of LongctxMlaAppendParams",
+    ][::std::mem::align_of::<LongctxMlaAppendParams>() - 8usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::step",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, step) - 0usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::c_kv",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, c_kv) - 32usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::k_pe",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, k_pe) - 40usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::c_kv_stride",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, c_kv_stride) - 48usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::k_pe_stride",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, k_pe_stride) - 56usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::latent",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, latent) - 64usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::rope",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, rope) - 72usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::scale",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, scale) - 80usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::inv_freq",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, inv_freq) - 88usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::page_size",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, page_size) - 96usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::total_new",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, total_new) - 100usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::rope_style",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, rope_style) - 104usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::angle_mode",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, angle_mode) - 108usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::attention_factor",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, attention_factor) - 112usize];
+    [
+        "Offset of field: LongctxMlaAppendParams::pad0",
+    ][::std::mem::offset_of!(LongctxMlaAppendParams, pad0) - 116usize];
 };

@@ -63,3 +63,7 @@ unsafe impl cudarc::driver::DeviceRepr for LongctxKvDecodeParams {}
 // SAFETY: as above (the attention params, the cache and the step, all plain data).
 unsafe impl cudarc::driver::DeviceRepr for LongctxKvExtendParams {}
 unsafe impl cudarc::driver::DeviceRepr for LongctxKvAppendParams {}
+// SAFETY: as above (the step and plain addresses, counts and a scale).
+unsafe impl cudarc::driver::DeviceRepr for LongctxMlaDecodeParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for LongctxMlaAppendParams {}
