@@ -328,8 +328,8 @@ fn attention_backward_sass_uses_tensor_cores_and_no_local_memory() {
 /// The KV-cache family: the decode kernels for head dims 64 and 128 use tensor cores (one
 /// 16-key step of S = Q K^T and of P V per warp: d / 16 x 2 + d / 16 x 2 HMMA), ldmatrix
 /// and cp.async; every decode kernel copies with cp.async; MLA's absorbed decode uses
-/// tensor cores, ldmatrix and cp.async; nothing but sincosf's frame (the appends, the
-/// rotating decode) uses local memory.
+/// tensor cores, ldmatrix and cp.async; nothing uses local memory (RoPE angles go through
+/// sincospi, which has no slow path with a stack frame).
 #[test]
 fn kv_cache_sass_uses_tensor_cores_and_no_local_memory() {
     let Some(counts) = family_sass(
@@ -365,30 +365,11 @@ fn kv_cache_sass_uses_tensor_cores_and_no_local_memory() {
                 n("LDL"),
                 n("STL")
             );
-            // Append's and the tensor-core decode's local memory is sincosf's 32-byte frame
-            // for the Payne-Hanek reduction of huge f32 angles (the RoPE kernel has the
-            // same; decode calls it only for un-rotated caches); ptxas reports no spill
-            // (hot_kernels_do_not_spill).
-            let sincos = sym.starts_with("longctx_kv_append_")
-                || sym.starts_with("longctx_mla_append_")
-                || (sym.starts_with("longctx_kv_decode_")
-                    && (sym.ends_with("_hd64") || sym.ends_with("_hd128")));
-            if !sincos {
-                assert_eq!(
-                    (n("LDL"), n("STL")),
-                    (0, 0),
-                    "{sym} {arch} uses local memory"
-                );
-            }
-            if sym.starts_with("longctx_mla_decode_") {
-                // MLA's absorbed decode: per 32-key tile a warp runs 36 k-steps of S and
-                // 2 x 16 of P V; the loops are partly unrolled, so the static count is lower.
-                assert!(
-                    n("HMMA") >= 32 && n("LDSM") > 0 && n("LDGSTS") > 0,
-                    "{sym} {arch}: {ops:?}"
-                );
-                continue;
-            }
+            assert_eq!(
+                (n("LDL"), n("STL")),
+                (0, 0),
+                "{sym} {arch} uses local memory"
+            );
             if !sym.starts_with("longctx_kv_decode_") {
                 continue;
             }

@@ -100,6 +100,14 @@ inline float __sinf(float x) { return sinf(x); }
 inline float __cosf(float x) { return cosf(x); }
 inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
 inline void __sincosf(float x, float* s, float* c) { sincosf(x, s, c); }
+// sin(pi x) and cos(pi x), rounded from f64 after an exact reduction of x modulo 2.
+inline void sincospif(float x, float* s, float* c) {
+    double r = fmod(double(x), 2.0);  // exact
+    if (r > 1.0) r -= 2.0;
+    if (r < -1.0) r += 2.0;
+    *s = float(sin(3.141592653589793 * r));
+    *c = float(cos(3.141592653589793 * r));
+}
 
 template <typename T> inline T __ldg(const T* p) { return *p; }
 inline void __threadfence() {}

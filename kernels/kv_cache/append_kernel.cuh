@@ -25,6 +25,7 @@
 
 #include "common/dtype.cuh"
 #include "common/fp8.cuh"
+#include "common/smem.cuh"
 #include "common/vec.cuh"
 #include "params/kv_cache_params.h"
 #include "params/rope_params.h"
@@ -62,7 +63,7 @@ __device__ __forceinline__ float2 append_cos_sin(const LongctxKvAppendParams& p,
 // Reads chunk `c0` of one row into f32 (rotating channels below `rot` when rot > 0).
 template <typename T, int W>
 __device__ __forceinline__ void load_chunk(const LongctxKvAppendParams& p, const T* src, int c0, int rot,
-                                           int32_t pos, float (&x)[W]) {
+                                           const float2* cs, float (&x)[W]) {
     Vec<T, W> a;
     a.load(src + c0);
     float own[W];
@@ -104,7 +105,7 @@ __device__ __forceinline__ void load_chunk(const LongctxKvAppendParams& p, const
         }
         const bool is_x = neox ? first : (c & 1) == 0;  // the pair's first element
         const int pair = neox ? pair0 + e : c >> 1;
-        const float2 t = append_cos_sin(p, pos, pair);
+        const float2 t = cs[pair];
         if (is_x) {
             const float xv = own[e], y = other[e];
             x[e] = xv * t.x - y * t.y;
@@ -119,7 +120,7 @@ __device__ __forceinline__ void load_chunk(const LongctxKvAppendParams& p, const
 // `scale_at` its scale's index (per token and head, or per head).
 template <typename T, typename S, int W>
 __device__ __forceinline__ void append_row(const LongctxKvAppendParams& p, const T* src, S* dst,
-                                           float* scales, int64_t scale_at, int rot, int32_t pos, int lane) {
+                                           float* scales, int64_t scale_at, int rot, const float2* cs, int lane) {
     // Chunks per lane at the largest head dim of this width.
     constexpr int kChunks = (W == 1 ? kAppendMaxDimScalar : kAppendMaxDim) / (32 * W);
     const int dim = int(p.cache.head_dim);
@@ -128,7 +129,7 @@ __device__ __forceinline__ void append_row(const LongctxKvAppendParams& p, const
     for (int k = 0; k < kChunks; ++k) {
         const int c0 = (32 * k + lane) * W;
         if (c0 < dim) {
-            load_chunk<T, W>(p, src, c0, rot, pos, x[k]);
+            load_chunk<T, W>(p, src, c0, rot, cs, x[k]);
         } else {
 #pragma unroll
             for (int e = 0; e < W; ++e) x[k][e] = 0.f;
@@ -179,6 +180,11 @@ __device__ __forceinline__ void append_row(const LongctxKvAppendParams& p, const
 
 template <typename T, typename S, int W>
 __device__ __forceinline__ void append_kernel_body(const LongctxKvAppendParams& p) {
+    // Per warp: (factor cos, factor sin) of every rotated pair of its row's position, formed
+    // before the row is loaded (as the RoPE kernel does), so no sincosf call sits between
+    // loads with the row's values live in registers.
+    constexpr int kMaxPairs = int(LONGCTX_ROPE_MAX_ROTARY_DIM) / 2;
+    LONGCTX_SHARED_ARRAY(float2, cs_all, kAppendWarps * kMaxPairs);
     const int lane = int(threadIdx.x) & 31;
     const int64_t heads = p.cache.heads_kv;
     const int64_t row = int64_t(blockIdx.x) * kAppendWarps + (int(threadIdx.x) >> 5);
@@ -208,13 +214,18 @@ __device__ __forceinline__ void append_kernel_body(const LongctxKvAppendParams& 
     const int64_t dst = cache_row * int64_t(p.cache.head_dim);
     const int64_t scale_at = p.cache.scale_mode == LONGCTX_KV_SCALE_HEAD ? head : cache_row;
     const int rot = p.inv_freq != 0 ? int(p.rotary_dim) : 0;
+    float2* cs = cs_all + (int(threadIdx.x) >> 5) * kMaxPairs;
+    if (rot > 0) {
+        for (int i = lane; i < rot / 2; i += 32) cs[i] = append_cos_sin(p, pos, i);
+        __syncwarp();
+    }
 
     append_row<T, S, W>(p, reinterpret_cast<const T*>(p.new_k) + token * p.k_token_stride + head * p.k_head_stride,
                         reinterpret_cast<S*>(p.cache.k) + dst, reinterpret_cast<float*>(p.cache.k_scale), scale_at,
-                        rot, pos, lane);
+                        rot, cs, lane);
     append_row<T, S, W>(p, reinterpret_cast<const T*>(p.new_v) + token * p.v_token_stride + head * p.v_head_stride,
                         reinterpret_cast<S*>(p.cache.v) + dst, reinterpret_cast<float*>(p.cache.v_scale), scale_at, 0,
-                        pos, lane);
+                        cs, lane);
 }
 
 }  // namespace kv_cache

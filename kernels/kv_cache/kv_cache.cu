@@ -60,7 +60,7 @@ LONGCTX_KV_DECODE_DIMS(longctx_kv_decode_bf16_fp8, __nv_bfloat16, uint8_t)
 
 // T: new K/V type; S: cache type (T itself, or uint8_t for fp8 e4m3 codes).
 #define LONGCTX_KV_APPEND_ENTRY(NAME, T, S, W)                                           \
-    extern "C" __global__ void __launch_bounds__(kAppendThreads)                         \
+    extern "C" __global__ void __launch_bounds__(kAppendThreads, 1)                      \
         NAME(const __grid_constant__ LongctxKvAppendParams p) {                          \
         append_kernel_body<T, S, W>(p);                                                  \
     }

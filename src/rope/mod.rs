@@ -46,12 +46,12 @@ pub enum Direction {
 /// How the GPU forms each angle position x inv_freq.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AnglePrecision {
-    /// f64 product and reduction modulo 2 pi, then an accurate f32 sincos: within ~1e-7
-    /// rad of the exact angle at any int32 position. The default.
+    /// f64 product and reduction modulo 2 pi, then an accurate f32 sincos (of pi times
+    /// r / pi): within ~1e-7 rad of the exact angle at any int32 position. The default.
     #[default]
     F64,
-    /// f32 product and `sincosf`, as HF transformers computes it: ~3e-2 rad off at position
-    /// 2^20. For comparison and benchmarks.
+    /// The f32 product as HF transformers forms it, then an accurate sincos of that f32
+    /// angle: ~3e-2 rad off at position 2^20. For comparison and benchmarks.
     F32,
 }
 
