@@ -4,7 +4,7 @@
 //!
 //!     cargo run --release --example sweep            # full sweep
 //!     cargo run --release --example sweep -- --quick # fewer lengths
-//!     cargo run --release --example sweep -- --attention   # only attention (or --moe, --decode)
+//!     cargo run --release --example sweep -- --attention   # only attention (or --moe, --decode, --mla)
 //!
 //! Without a GPU it checks the CPU reference on a small case and says the GPU part was
 //! skipped.
@@ -83,6 +83,9 @@ fn run() -> longctx::Result<()> {
     if std::env::args().any(|a| a == "--attention") {
         return attention_rows(&dev, quick);
     }
+    if std::env::args().any(|a| a == "--mla") {
+        return mla_rows(&dev, copy, quick);
+    }
     if std::env::args().any(|a| a == "--decode") {
         decode_rows(&dev, copy, quick)?;
         return append_extend_rows(&dev, copy, quick);
@@ -159,6 +162,7 @@ fn run() -> longctx::Result<()> {
     merge_rows(&dev, copy, quick)?;
     decode_rows(&dev, copy, quick)?;
     append_extend_rows(&dev, copy, quick)?;
+    mla_rows(&dev, copy, quick)?;
     moe_rows(&dev, copy, quick)?;
     Ok(())
 }
@@ -673,6 +677,71 @@ fn append_extend_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<(
             "{:<12} {:>5} {:>8} {:>6} {:>10.3} {:>9.1} {:>10.2e} {:>10.2e}",
             model.name, batch, context, new, ms, tflops, err_o, err_lse
         );
+    }
+    Ok(())
+}
+
+/// `mla::decode_absorbed` at DeepSeek-V3's dimensions (128 heads, and 16 for a TP-8 shard),
+/// one query token per sequence, bf16 and fp8 latent caches in pages of 64: GB/s against
+/// the copy ceiling (bytes = latent rows read + Q + O) and TFLOP/s (2 x heads x 1088 per
+/// cached token); the error is against f64 attention over the latent rows on sampled
+/// (sequence, head) rows.
+fn mla_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<()> {
+    use longctx::workloads::MlaRun;
+    println!(
+        "\n{:<10} {:>5} {:>5} {:>5} {:>8} {:>10} {:>9} {:>8} {:>8} {:>10} {:>10}",
+        "mla",
+        "heads",
+        "cache",
+        "batch",
+        "context",
+        "time (us)",
+        "GB/s",
+        "% copy",
+        "TFLOP/s",
+        "max err O",
+        "err LSE"
+    );
+    let cases: &[(usize, usize)] = if quick {
+        &[(1, 16384), (64, 4096)]
+    } else {
+        &[
+            (1, 4096),
+            (1, 65536),
+            (8, 16384),
+            (32, 16384),
+            (128, 4096),
+            (128, 16384),
+        ]
+    };
+    for heads in [128usize, 16] {
+        for fp8 in [false, true] {
+            for &(batch, context) in cases {
+                let mut r = MlaRun::new(dev, heads, batch, context, fp8, 13)?;
+                let ms = time_gpu(dev, 3, 20, || r.run(dev))?.median_ms();
+                let gbs = r.bytes() as f64 / (ms * 1e-3) / 1e9;
+                let tflops = r.flops() / (ms * 1e-3) / 1e12;
+                let (err_o, err_lse) = r.max_error(dev, 2)?;
+                let what = format!("mla h{heads} b{batch} ctx{context}");
+                // bf16 o_lat of values below ~1.25: output and P rounding (2 eps max|V|).
+                within(&what, err_o, 2.5 * 2f64.powi(-8) + 1e-4);
+                within(&what, err_lse, attn_lse_tol(context));
+                println!(
+                    "{:<10} {:>5} {:>5} {:>5} {:>8} {:>10.2} {:>9.0} {:>7.1}% {:>8.1} {:>10.2e} {:>10.2e}",
+                    "deepseek-v3",
+                    heads,
+                    if fp8 { "fp8" } else { "bf16" },
+                    batch,
+                    context,
+                    ms * 1e3,
+                    gbs,
+                    100.0 * gbs * 1e9 / copy,
+                    tflops,
+                    err_o,
+                    err_lse
+                );
+            }
+        }
     }
     Ok(())
 }

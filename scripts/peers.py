@@ -5,6 +5,7 @@ eager PyTorch RoPE the way HF transformers applies it (`apply_rotary_pos_emb`: q
 rotate_half(q)*sin) at the sweep's shapes. CUDA-event timing, median of many runs, random
 inputs.
 """
+import math
 import statistics
 
 import torch
@@ -195,6 +196,37 @@ def extend_peers():
         torch.cuda.empty_cache()
 
 
+def mla_peers(copy):
+    """MLA decode peer at the sweep's MLA shapes: PyTorch's absorbed form over a dense copy
+    of the latent cache (the batched matmuls and softmax an engine without a fused kernel
+    runs): scores = q_lat [b, h, 576] x latent [b, ctx, 576]^T, softmax, o_lat = P x
+    latent[..., :512]; bf16, one query token; bytes and FLOPs as longctx counts them."""
+    print("\nPyTorch absorbed MLA decode over a dense bf16 latent cache (DeepSeek-V3 dims)")
+    print(f"{'heads':>5} {'batch':>5} {'context':>8} {'time (us)':>10} {'GB/s':>8} {'% copy':>8} {'TFLOP/s':>8}")
+    scale = 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2
+    for heads in (128, 16):
+        for b, c in [(1, 4096), (1, 65536), (8, 16384), (32, 16384), (128, 4096), (128, 16384)]:
+            q = torch.randn(b, heads, 576, device="cuda", dtype=torch.bfloat16)
+            lat = torch.randn(b, c, 576, device="cuda", dtype=torch.bfloat16)
+
+            def fn():
+                s = torch.bmm(q, lat.transpose(1, 2)).float() * scale
+                p = torch.softmax(s, dim=-1).to(torch.bfloat16)
+                return torch.bmm(p, lat[:, :, :512])
+
+            try:
+                ms = time_ms(fn, warmup=3, iters=20)
+            except Exception as e:
+                print(f"{heads:>5} {b:>5} {c:>8} unavailable: {type(e).__name__}")
+                continue
+            nbytes = b * c * 1152 + b * heads * (576 + 512) * 2
+            flops = 2 * heads * 1088 * b * c
+            gbs = nbytes / (ms * 1e-3) / 1e9
+            print(f"{heads:>5} {b:>5} {c:>8} {ms * 1e3:>10.1f} {gbs:>8.0f} {100 * gbs * 1e9 / copy:>7.1f}% {flops / (ms * 1e-3) / 1e12:>8.1f}")
+            del q, lat
+            torch.cuda.empty_cache()
+
+
 def attention_backward_peers():
     """PyTorch SDPA backward (forward run once, then the timed backward of the same graph)
     at the backward sweep's shapes, flash and cuDNN backends; FLOPs 2.5 x the forward's
@@ -307,6 +339,9 @@ if __name__ == "__main__":
     if "--moe" in sys.argv:  # only the MoE peers
         moe_peers(c)
         raise SystemExit(0)
+    if "--mla" in sys.argv:  # only the MLA peer
+        mla_peers(c)
+        raise SystemExit(0)
     if "--decode" in sys.argv:  # only the decode and prefill-over-cache peers
         decode_peers(c)
         extend_peers()
@@ -316,4 +351,5 @@ if __name__ == "__main__":
     attention_backward_peers()
     decode_peers(c)
     extend_peers()
+    mla_peers(c)
     moe_peers(c)

@@ -893,4 +893,4 @@ mod moe_workloads {
 }
 
 mod decode;
-pub use decode::{decode_models, DecodeModel, DecodeRun};
+pub use decode::{decode_models, DecodeModel, DecodeRun, MlaRun};

@@ -531,3 +531,249 @@ fn gcd(a: usize, b: usize) -> usize {
         gcd(b, a % b)
     }
 }
+
+/// One absorbed MLA decode step over a paged latent cache at DeepSeek-V3's dimensions
+/// (latent 512 + rope 64, `heads` query heads, softmax scale from the V3 config), `batch`
+/// sequences of `context` tokens, one new token each, bf16 or fp8 latent, pages of 64
+/// tokens in a scrambled order. Latent element e holds block[e % FILL] (times its token's
+/// scale for fp8).
+pub struct MlaRun {
+    /// Query heads (128 for DeepSeek-V3, 16 for a TP-8 shard).
+    pub heads: usize,
+    /// Sequences.
+    pub batch: usize,
+    /// Cached tokens per sequence.
+    pub context: usize,
+    /// fp8 latent.
+    pub fp8: bool,
+    step: KvStep,
+    table: Vec<i32>,
+    max_pages: usize,
+    cache: MlaBufs,
+    block: Vec<f64>,
+    rope_block: Vec<f64>,
+    scales: Vec<f32>,
+    q_host: Vec<bf16>,
+    q: CudaSlice<bf16>,
+    o: CudaSlice<bf16>,
+    lse: CudaSlice<f32>,
+    workspace: CudaSlice<f32>,
+    opts: crate::mla::MlaDecodeOptions,
+}
+
+enum MlaBufs {
+    Bf16(CudaSlice<bf16>),
+    Fp8 {
+        latent: CudaSlice<Fp8E4m3>,
+        scales: CudaSlice<f32>,
+        rope: CudaSlice<bf16>,
+    },
+}
+
+const MLA_PAGE: usize = 64;
+
+impl MlaRun {
+    /// Allocates and fills the latent cache, the step and the buffers.
+    ///
+    /// # Errors
+    /// Invalid sizes; allocation or copy failures.
+    pub fn new(
+        dev: &Device,
+        heads: usize,
+        batch: usize,
+        context: usize,
+        fp8: bool,
+        seed: u64,
+    ) -> Result<Self> {
+        use crate::mla::{latent_layout, plan_mla_decode, MlaConfig, MlaDecodeOptions};
+        let max_pages = context.div_ceil(MLA_PAGE);
+        let pages = batch
+            .checked_mul(max_pages)
+            .ok_or_else(|| Error::invalid("mla workload", "context", "too large"))?;
+        let layout = latent_layout(pages, MLA_PAGE);
+        let stride = (1..)
+            .map(|k| pages / 2 + k)
+            .find(|&s| gcd(s, pages.max(1)) == 1)
+            .unwrap_or(1);
+        let table: Vec<i32> = (0..pages)
+            .map(|i| ((i * stride) % pages.max(1)) as i32)
+            .collect();
+        let seqlens = vec![context as i32; batch];
+        let cu_new: Vec<i32> = (0..=batch as i32).collect();
+        let st = StepTable {
+            table: PageTable {
+                block_table: &table,
+                max_pages_per_seq: max_pages,
+                seqlens: &seqlens,
+            },
+            cu_new: &cu_new,
+        };
+        let step = KvStep::upload(dev, &layout, &st)?;
+        let tokens = pages * MLA_PAGE;
+        let mut s = seed;
+        let (cache, block, rope_block, scales) = if fp8 {
+            let codes: Vec<Fp8E4m3> = (0..FILL)
+                .map(|_| Fp8E4m3::from_f64(400.0 * splitmix(&mut s)))
+                .collect();
+            let scales: Vec<f32> = (0..4099)
+                .map(|_| (0.0025 * (1.5 + 0.5 * splitmix(&mut s))) as f32)
+                .collect();
+            let rope: Vec<bf16> = (0..4099)
+                .map(|_| bf16::from_f64(splitmix(&mut s)))
+                .collect();
+            let block = codes.iter().map(|c| c.to_f64()).collect();
+            let rope_block = rope.iter().map(|x| x.to_f64()).collect();
+            (
+                MlaBufs::Fp8 {
+                    latent: upload_repeated(dev, &codes, tokens * 512)?,
+                    scales: upload_repeated(dev, &scales, tokens)?,
+                    rope: upload_repeated(dev, &rope, tokens * 64)?,
+                },
+                block,
+                rope_block,
+                scales,
+            )
+        } else {
+            let vals: Vec<bf16> = (0..FILL)
+                .map(|_| bf16::from_f64(splitmix(&mut s)))
+                .collect();
+            let block = vals.iter().map(|x| x.to_f64()).collect();
+            (
+                MlaBufs::Bf16(upload_repeated(dev, &vals, tokens * 576)?),
+                block,
+                Vec::new(),
+                Vec::new(),
+            )
+        };
+        let q_host: Vec<bf16> = (0..batch * heads * 576)
+            .map(|_| bf16::from_f64(splitmix(&mut s)))
+            .collect();
+        let mut cfg = MlaConfig::deepseek_v3();
+        cfg.heads = heads;
+        let opts = MlaDecodeOptions::new(&cfg);
+        let plan = plan_mla_decode(step.validated(), heads, dev.sm_count(), opts.splits)?;
+        let ws = plan.workspace_len(batch, heads)?;
+        Ok(MlaRun {
+            heads,
+            batch,
+            context,
+            fp8,
+            step,
+            table,
+            max_pages,
+            cache,
+            block,
+            rope_block,
+            scales,
+            q: dev.upload(&q_host)?,
+            q_host,
+            o: dev.zeros(batch * heads * 512)?,
+            lse: dev.zeros(batch * heads)?,
+            workspace: dev.zeros(ws.max(1))?,
+            opts,
+        })
+    }
+
+    /// One absorbed decode step.
+    ///
+    /// # Errors
+    /// Whatever the launch returns.
+    pub fn run(&mut self, dev: &Device) -> Result<()> {
+        use crate::mla::{decode_absorbed, LatentCache};
+        let ql = HeadsLayout::contiguous(self.batch, self.heads, 576);
+        let out = DecodeOutput {
+            o: &mut self.o,
+            o_layout: HeadsLayout::contiguous(self.batch, self.heads, 512),
+            lse: Some((&mut self.lse, LseLayout::contiguous(self.heads, self.batch))),
+        };
+        let cache = match &self.cache {
+            MlaBufs::Bf16(latent) => LatentCache::Bf16 { latent },
+            MlaBufs::Fp8 {
+                latent,
+                scales,
+                rope,
+            } => LatentCache::Fp8 {
+                latent,
+                scales,
+                rope,
+            },
+        };
+        decode_absorbed(
+            dev,
+            &self.step,
+            &self.q,
+            &ql,
+            &cache,
+            out,
+            Some(&mut self.workspace),
+            &self.opts,
+        )
+    }
+
+    /// Bytes one step moves: every cached token's row (1152 bytes bf16; 512 + 4 + 128 fp8)
+    /// read once, Q read, O and LSE written.
+    pub fn bytes(&self) -> usize {
+        let per_token = if self.fp8 { 512 + 4 + 128 } else { 1152 };
+        self.batch * self.context * per_token
+            + self.batch * self.heads * (576 + 512) * 2
+            + self.batch * self.heads * 4
+    }
+
+    /// FLOPs of one step: 2 x heads x (576 + 512) per cached token and query token.
+    pub fn flops(&self) -> f64 {
+        2.0 * self.heads as f64 * 1088.0 * (self.batch * self.context) as f64
+    }
+
+    /// Runs once; the largest |o_lat - reference| and |LSE - reference| over `samples`
+    /// (sequence, head) rows against f64 attention over the sequence's latent rows.
+    ///
+    /// # Errors
+    /// Launch or copy failures.
+    pub fn max_error(&mut self, dev: &Device, samples: usize) -> Result<(f64, f64)> {
+        self.run(dev)?;
+        let o = dev.download(&self.o)?;
+        let lse = dev.download(&self.lse)?;
+        let scale = f64::from(self.opts.softmax_scale);
+        let (mut worst_o, mut worst_lse) = (0.0f64, 0.0f64);
+        for i in 0..samples.max(1) {
+            let b = (i * 7) % self.batch;
+            let h = (i * 37 + b) % self.heads;
+            let q: Vec<f64> = (0..576)
+                .map(|c| self.q_host[(b * self.heads + h) * 576 + c].to_f64())
+                .collect();
+            // Channel c of token t's key (the first 512 are also the value).
+            let key = |t: usize, c: usize| -> f64 {
+                let page = self.table[b * self.max_pages + t / MLA_PAGE] as usize;
+                let row = page * MLA_PAGE + t % MLA_PAGE;
+                if self.fp8 {
+                    if c < 512 {
+                        self.block[(row * 512 + c) % FILL]
+                            * f64::from(self.scales[row % self.scales.len()])
+                    } else {
+                        self.rope_block[(row * 64 + c - 512) % self.rope_block.len()]
+                    }
+                } else {
+                    self.block[(row * 576 + c) % FILL]
+                }
+            };
+            let s: Vec<f64> = (0..self.context)
+                .map(|t| scale * (0..576).map(|c| q[c] * key(t, c)).sum::<f64>())
+                .collect();
+            let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+            let want_lse = mx + sum.ln();
+            for c in 0..512 {
+                let want: f64 = s
+                    .iter()
+                    .enumerate()
+                    .map(|(t, x)| (x - want_lse).exp() * key(t, c))
+                    .sum();
+                let e = (o[(b * self.heads + h) * 512 + c].to_f64() - want).abs();
+                worst_o = worst_o.max(if e.is_nan() { f64::INFINITY } else { e });
+            }
+            let e = (f64::from(lse[h * self.batch + b]) - want_lse).abs();
+            worst_lse = worst_lse.max(if e.is_nan() { f64::INFINITY } else { e });
+        }
+        Ok((worst_o, worst_lse))
+    }
+}
