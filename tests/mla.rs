@@ -1314,3 +1314,125 @@ fn gpu_mla_append_parity() {
         }
     }
 }
+
+/// The raw-pointer entry gives the safe op's bits (bf16 latent, split).
+#[test]
+#[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+fn gpu_mla_decode_raw_matches_safe() {
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    use longctx::kv_cache::{DecodeOutput, KvStep, LseLayout, PageTable, Splits, StepTable};
+    use longctx::layout::{RawBuffer, RawTensor};
+    use longctx::mla::{
+        decode_absorbed, decode_absorbed_raw, latent_layout, plan_mla_decode, LatentCache,
+        MlaDecodeOptions, RawLatentCache,
+    };
+    let Some(dev) = common::gpu("gpu_mla_decode_raw_matches_safe") else {
+        return;
+    };
+    let heads = 32;
+    let layout = latent_layout(40, 16);
+    let table: Vec<i32> = (0..40).rev().collect();
+    let (lens, cu) = ([600i32], [0i32, 2]);
+    let st = StepTable {
+        table: PageTable {
+            block_table: &table,
+            max_pages_per_seq: 40,
+            seqlens: &lens,
+        },
+        cu_new: &cu,
+    };
+    let step = KvStep::upload(&dev, &layout, &st).unwrap();
+    let mut r = common::Rng(3);
+    let lat: Vec<bf16> = (0..layout.cache_len().unwrap())
+        .map(|_| bf16::from_f64(r.uniform()))
+        .collect();
+    let q: Vec<bf16> = (0..2 * heads * 576)
+        .map(|_| bf16::from_f64(r.uniform()))
+        .collect();
+    let (latd, qd) = (dev.upload(&lat).unwrap(), dev.upload(&q).unwrap());
+    let mut cfg = MlaConfig::deepseek_v3();
+    cfg.heads = heads;
+    let opts = MlaDecodeOptions {
+        splits: Splits::AtMost(5),
+        ..MlaDecodeOptions::new(&cfg)
+    };
+    let plan = plan_mla_decode(step.validated(), heads, dev.sm_count(), opts.splits).unwrap();
+    let wl = plan.workspace_len(2, heads).unwrap().max(1);
+    let ql = HeadsLayout::contiguous(2, heads, 576);
+    let ol = HeadsLayout::contiguous(2, heads, 512);
+    let ll = LseLayout::contiguous(heads, 2);
+    let mut o1 = dev.zeros::<bf16>(2 * heads * 512).unwrap();
+    let mut l1 = dev.zeros::<f32>(2 * heads).unwrap();
+    let mut w1 = dev.zeros::<f32>(wl).unwrap();
+    decode_absorbed(
+        &dev,
+        &step,
+        &qd,
+        &ql,
+        &LatentCache::Bf16 { latent: &latd },
+        DecodeOutput {
+            o: &mut o1,
+            o_layout: ol,
+            lse: Some((&mut l1, ll)),
+        },
+        Some(&mut w1),
+        &opts,
+    )
+    .unwrap();
+    let mut o2 = dev.zeros::<bf16>(2 * heads * 512).unwrap();
+    let mut l2 = dev.zeros::<f32>(2 * heads).unwrap();
+    let mut w2 = dev.zeros::<f32>(wl).unwrap();
+    let stream = dev.stream().clone();
+    {
+        let (qp, _g0) = qd.device_ptr(&stream);
+        let (lp, _g1) = latd.device_ptr(&stream);
+        let (op, _g2) = o2.device_ptr_mut(&stream);
+        let (lsp, _g3) = l2.device_ptr_mut(&stream);
+        let (wp, _g4) = w2.device_ptr_mut(&stream);
+        // SAFETY: live allocations of this context of the stated lengths, the outputs
+        // distinct; synchronised before the guards drop.
+        unsafe {
+            decode_absorbed_raw(
+                &dev,
+                &step,
+                RawTensor {
+                    ptr: qp,
+                    len: q.len(),
+                    layout: ql,
+                },
+                RawLatentCache::Bf16 {
+                    latent: RawBuffer {
+                        ptr: lp,
+                        len: lat.len(),
+                    },
+                },
+                RawTensor {
+                    ptr: op,
+                    len: 2 * heads * 512,
+                    layout: ol,
+                },
+                Some((
+                    RawBuffer {
+                        ptr: lsp,
+                        len: 2 * heads,
+                    },
+                    ll,
+                )),
+                Some(RawBuffer { ptr: wp, len: wl }),
+                &opts,
+            )
+            .unwrap();
+        }
+        dev.synchronize().unwrap();
+    }
+    let b16 = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let b32 = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        b16(dev.download(&o1).unwrap()),
+        b16(dev.download(&o2).unwrap())
+    );
+    assert_eq!(
+        b32(dev.download(&l1).unwrap()),
+        b32(dev.download(&l2).unwrap())
+    );
+}

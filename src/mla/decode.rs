@@ -24,7 +24,7 @@ use crate::kv_cache::{
     MAX_DECODE_QUERIES, MAX_DECODE_SPLITS,
 };
 use crate::launch::KernelLaunch;
-use crate::layout::HeadsLayout;
+use crate::layout::{check_element_alignment, HeadsLayout, RawBuffer, RawTensor};
 use crate::sys;
 
 use super::MlaConfig;
@@ -743,9 +743,28 @@ pub fn decode_absorbed(
         seqlens: sl,
         cu_new: cn,
     };
-    let Some((dl, ml)) = plan_mla_decode_launch(sv, &v, &addrs)? else {
+    // SAFETY: the buffers are live allocations of this context (owns_any above), borrowed
+    // (the outputs mutably, so no input aliases them) until the launches are queued.
+    unsafe { launch_validated(dev, sv, &v, &addrs) }
+}
+
+/// Plans and queues the launches of a validated call at these addresses.
+///
+/// # Safety
+/// Every address is the start of a live allocation of `dev`'s context holding the length
+/// `v` was validated with; the outputs (o_lat, LSE, workspace) overlap no input and no
+/// other work touches them until the launches complete; the step arrays are those of a
+/// `KvStep` validated against the latent layout.
+unsafe fn launch_validated(
+    dev: &Device,
+    sv: &ValidatedStep,
+    v: &MlaDecodeValidated,
+    addrs: &MlaDecodeAddrs,
+) -> Result<()> {
+    let Some((dl, ml)) = plan_mla_decode_launch(sv, v, addrs)? else {
         return Ok(());
     };
+    let stream = dev.stream();
     dev.allow_dynamic_smem(dl.id, dl.smem_bytes as usize, OP, "device")?;
     let func = dev.function(dl.id)?;
     let mut builder = stream.launch_builder(&func);
@@ -755,8 +774,7 @@ pub fn decode_absorbed(
     // new-token offsets consistent); MlaDecodeShape::validate proved the cache buffers hold
     // every slot, the Q, O and LSE views inside their buffers, the workspace large enough
     // for the plan; plan_mla_decode_launch checked the 16-byte alignment of the cache and
-    // Q; the buffers are live allocations of this context (owns_any above), borrowed (the
-    // outputs mutably, so no input aliases them) until the launches are queued.
+    // Q; the caller guarantees the addresses (see above).
     unsafe { builder.launch(dl.config()) }
         .map(|_| ())
         .map_err(cuda_err(OP))?;
@@ -772,4 +790,140 @@ pub fn decode_absorbed(
             .map_err(cuda_err(OP))?;
     }
     Ok(())
+}
+
+/// A latent cache given by raw device pointers (for [`decode_absorbed_raw`]).
+#[derive(Debug, Clone, Copy)]
+pub enum RawLatentCache {
+    /// `[pages, page_size, 1, 576]` bf16.
+    Bf16 {
+        /// The cache.
+        latent: RawBuffer,
+    },
+    /// e4m3 codes `[.., 512]`, f32 scales `[..]`, bf16 `k_pe` `[.., 64]`.
+    Fp8 {
+        /// Codes.
+        latent: RawBuffer,
+        /// Scales.
+        scales: RawBuffer,
+        /// `k_pe`.
+        rope: RawBuffer,
+    },
+}
+
+/// [`decode_absorbed`] on raw device pointers (burn/cubecl-style frameworks). The step is a
+/// [`KvStep`] (its device tables were validated when it was built); everything
+/// [`decode_absorbed`] checks about shapes, lengths, alignment and options is checked here
+/// too.
+///
+/// # Safety
+/// Each pointer is the start of a live device allocation (or a part of one) of `dev`'s CUDA
+/// context holding at least `len` elements (bf16 for Q, O, a bf16 latent and `k_pe`; e4m3
+/// codes; f32 for scales, LSE and workspace); O, the LSE and the workspace overlap each other
+/// and no input; no other work writes the inputs or touches the outputs until the launches,
+/// queued on `dev`'s stream, complete; the memory stays allocated until then.
+///
+/// # Errors
+/// As [`decode_absorbed`], plus a pointer that is not a multiple of its element size (kind
+/// alignment).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn decode_absorbed_raw(
+    dev: &Device,
+    step: &KvStep,
+    q_lat: RawTensor,
+    cache: RawLatentCache,
+    o: RawTensor,
+    lse: Option<(RawBuffer, LseLayout)>,
+    workspace: Option<RawBuffer>,
+    opts: &MlaDecodeOptions,
+) -> Result<()> {
+    if !dev.owns(step.block_table()) {
+        return Err(Error::invalid(
+            OP,
+            "step",
+            "lives on another device context",
+        ));
+    }
+    let cc = dev.compute_capability();
+    if cc < (8, 0) {
+        return Err(Error::invalid(
+            OP,
+            "device",
+            format!(
+                "the kernel needs sm_80 or newer; this device is sm_{}{}",
+                cc.0, cc.1
+            ),
+        ));
+    }
+    check_element_alignment(OP, "q", q_lat.ptr, 2)?;
+    check_element_alignment(OP, "o", o.ptr, 2)?;
+    let (shape, lat, sc, rp) = match cache {
+        RawLatentCache::Bf16 { latent } => {
+            check_element_alignment(OP, "cache.latent", latent.ptr, 2)?;
+            (
+                LatentCacheShape::Bf16 {
+                    latent_len: latent.len,
+                },
+                latent.ptr,
+                0,
+                0,
+            )
+        }
+        RawLatentCache::Fp8 {
+            latent,
+            scales,
+            rope,
+        } => {
+            check_element_alignment(OP, "cache.scales", scales.ptr, 4)?;
+            check_element_alignment(OP, "cache.rope", rope.ptr, 2)?;
+            (
+                LatentCacheShape::Fp8 {
+                    latent_len: latent.len,
+                    scales_len: scales.len,
+                    rope_len: rope.len,
+                },
+                latent.ptr,
+                scales.ptr,
+                rope.ptr,
+            )
+        }
+    };
+    for (arg, b) in [("lse", lse.map(|l| l.0)), ("workspace", workspace)] {
+        if let Some(b) = b {
+            check_element_alignment(OP, arg, b.ptr, 4)?;
+        }
+    }
+    let sv = step.validated();
+    let v = MlaDecodeShape {
+        step: sv,
+        layout: *step.layout(),
+        cache: shape,
+        q: q_lat.layout,
+        q_len: q_lat.len,
+        o: o.layout,
+        o_len: o.len,
+        lse: lse.map(|(b, l)| (l, b.len)),
+        workspace_len: workspace.map_or(0, |w| w.len),
+        sm_count: dev.sm_count(),
+    }
+    .validate(opts)?;
+    let stream = dev.stream();
+    let (bt, _g0) = step.block_table().device_ptr(stream);
+    let (sl, _g1) = step.seqlens().device_ptr(stream);
+    let (cn, _g2) = step.cu_new().device_ptr(stream);
+    let addrs = MlaDecodeAddrs {
+        q: q_lat.ptr,
+        o: o.ptr,
+        lse: lse.map_or(0, |l| l.0.ptr),
+        latent: lat,
+        scales: sc,
+        rope: rp,
+        workspace: workspace.map_or(0, |w| w.ptr),
+        block_table: bt,
+        seqlens: sl,
+        cu_new: cn,
+    };
+    // SAFETY: the caller's contract for the raw buffers; the step's arrays are this
+    // handle's own, guarded until the launches are queued.
+    unsafe { launch_validated(dev, sv, &v, &addrs) }
 }

@@ -22,9 +22,10 @@ pub use append::{append_latent, LatentCacheMut, MlaAppendShape, MlaAppendValidat
 #[cfg(feature = "emulator")]
 pub(crate) use append::{plan_mla_append, MlaAppendAddrs};
 pub use decode::{
-    decode_absorbed, latent_layout, mla_decode_smem_bytes, plan_mla_decode, LatentCache,
-    LatentCacheShape, MlaDecodeOptions, MlaDecodePlan, MlaDecodeShape, MlaDecodeValidated,
-    MAX_MLA_HEADS, MLA_KV_LORA_RANK, MLA_LATENT_DIM, MLA_ROPE_DIM, MLA_TILE_KEYS,
+    decode_absorbed, decode_absorbed_raw, latent_layout, mla_decode_smem_bytes, plan_mla_decode,
+    LatentCache, LatentCacheShape, MlaDecodeOptions, MlaDecodePlan, MlaDecodeShape,
+    MlaDecodeValidated, RawLatentCache, MAX_MLA_HEADS, MLA_KV_LORA_RANK, MLA_LATENT_DIM,
+    MLA_ROPE_DIM, MLA_TILE_KEYS,
 };
 #[cfg(feature = "emulator")]
 pub(crate) use decode::{plan_mla_decode_launch, MlaDecodeAddrs};
