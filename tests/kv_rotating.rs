@@ -363,6 +363,22 @@ fn static_equality<T: Element + CacheElement>() {
             AnglePrecision::F32,
             128,
         ),
+        // The CUDA-core kernels (head dims 256 and 512).
+        (
+            RopeConfig::builder(256).base(1e4).build().unwrap(),
+            RopeStyle::Interleaved,
+            AnglePrecision::F64,
+            256,
+        ),
+        (
+            RopeConfig::builder(512)
+                .partial_rotary_factor(0.25)
+                .build()
+                .unwrap(),
+            RopeStyle::Neox,
+            AnglePrecision::F64,
+            512,
+        ),
     ];
     for (i, (config, style, precision, d)) in cases.into_iter().enumerate() {
         let b = Batch::new::<T>(16, &[70, 1, 33], &[2, 1, 3], 2, 4, d, 40 + i as u64);
@@ -630,9 +646,12 @@ fn dynamic_and_static_rotations_differ_past_the_original_length() {
 
 #[test]
 fn emu_rotating_rejects_bad_calls() {
+    // An fp8 cache at head dim 256 (the CUDA-core kernel cannot rotate fp8 codes).
     let b = Batch::new::<bf16>(16, &[20], &[1], 1, 2, 256, 1);
     let n = b.layout.cache_len().unwrap();
-    let k = vec![bf16::ZERO; n];
+    let k = vec![Fp8E4m3(0); n];
+    let rows = b.layout.pages * b.layout.page_size;
+    let sc = vec![1f32; rows];
     let q: Vec<bf16> = b.q.iter().map(|&x| bf16::from_f64(x)).collect();
     let ql = HeadsLayout::contiguous(1, 2, 256);
     let ka = Aligned::new(&k);
@@ -640,7 +659,7 @@ fn emu_rotating_rejects_bad_calls() {
         layout: b.layout,
         k: ka.as_slice(),
         v: ka.as_slice(),
-        scales: None,
+        scales: Some((ScaleMode::PerTokenHead, &sc[..], &sc[..])),
     };
     let mut o = vec![bf16::ZERO; 512];
     let mut ws = vec![0f32; 1 << 12];
@@ -650,7 +669,7 @@ fn emu_rotating_rejects_bad_calls() {
         style: RopeStyle::Neox,
         precision: AnglePrecision::F64,
     };
-    let e = emulator::decode_rotating::<bf16, bf16>(
+    let e = emulator::decode_rotating::<bf16, Fp8E4m3>(
         &b.step(),
         &rot,
         &q,

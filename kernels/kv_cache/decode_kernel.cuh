@@ -27,6 +27,7 @@
 #include "common/dtype.cuh"
 #include "common/fp8.cuh"
 #include "common/smem.cuh"
+#include "kv_cache/rotate.cuh"
 #include "params/kv_cache_params.h"
 
 namespace longctx {
@@ -150,10 +151,23 @@ __device__ __forceinline__ void decode_kernel_body(const LongctxKvDecodeParams& 
     for (int r = 0; r < kRows; ++r) {
         const int row = r0 + r;
         if (row < rows_total) {
-            const T* qp = reinterpret_cast<const T*>(p.q) + int64_t(tok0 + row / hpk) * p.q_token_stride +
-                          int64_t(kv_head * hpk + row % hpk) * p.q_head_stride + tx * kVec;
+            const T* qrow = reinterpret_cast<const T*>(p.q) + int64_t(tok0 + row / hpk) * p.q_token_stride +
+                            int64_t(kv_head * hpk + row % hpk) * p.q_head_stride;
+            if (p.rope_inv_freq != 0) {
+                // Un-rotated queries: rotated at their position, rounded to T as the RoPE
+                // kernel stores them.
+                const double* inv = reinterpret_cast<const double*>(p.rope_inv_freq) + int64_t(b) * (p.rotary_dim / 2);
+                const float factor = reinterpret_cast<const float*>(p.rope_factor)[b];
+                const int pos = len - n_new + row / hpk;
+                auto get = [qrow](int ch) { return DType<T>::to_f32(qrow[ch]); };
 #pragma unroll
-            for (int e = 0; e < kVec; ++e) q[r][e] = DType<T>::to_f32(qp[e]);
+                for (int e = 0; e < kVec; ++e)
+                    q[r][e] = DType<T>::to_f32(
+                        DType<T>::from_f32(kv_rotate::rotated_channel(p, inv, factor, pos, tx * kVec + e, get)));
+            } else {
+#pragma unroll
+                for (int e = 0; e < kVec; ++e) q[r][e] = DType<T>::to_f32(qrow[tx * kVec + e]);
+            }
         } else {
 #pragma unroll
             for (int e = 0; e < kVec; ++e) q[r][e] = 0.f;
@@ -228,6 +242,28 @@ __device__ __forceinline__ void decode_kernel_body(const LongctxKvDecodeParams& 
             cp_async_wait<0>();
         }
         __syncthreads();
+
+        if constexpr (!kFp8) {
+            if (p.rope_inv_freq != 0) {
+                // Rotate the tile's keys in place (T caches only; the host refuses fp8 here):
+                // key row r at position lo + t * kTileN + r, every pair once.
+                const int half = int(p.rotary_dim) / 2;
+                const bool neox = p.rope_style == LONGCTX_ROPE_STYLE_NEOX;
+                const double* inv = reinterpret_cast<const double*>(p.rope_inv_freq) + int64_t(b) * half;
+                const float factor = reinterpret_cast<const float*>(p.rope_factor)[b];
+                S* ktile = reinterpret_cast<S*>(staging + st * Sh::kStageBytes);
+                for (int i = tid; i < kTileN * half; i += kThreads) {
+                    const int r = i / half;
+                    const int pair = i % half;
+                    const int pos = lo + t * kTileN + r;
+                    if (pos >= hi) continue;  // a zero-filled row past the split
+                    const int ca = neox ? pair : 2 * pair;
+                    const int cb = neox ? pair + half : 2 * pair + 1;
+                    kv_rotate::rotate_pair(p, inv[pair], factor, pos, ktile + r * D + ca, ktile + r * D + cb);
+                }
+                __syncthreads();
+            }
+        }
 
         const S* ks_tile = reinterpret_cast<const S*>(staging + st * Sh::kStageBytes);
         const S* vs_tile = ks_tile + kTileN * D;

@@ -32,7 +32,7 @@
 #include "common/mma.cuh"
 #include "common/smem.cuh"
 #include "params/kv_cache_params.h"
-#include "rope/angle.cuh"
+#include "kv_cache/rotate.cuh"
 
 namespace longctx {
 namespace kv_decode_mma {
@@ -84,30 +84,6 @@ __device__ __forceinline__ uint32_t widen_pair_fp8(uint32_t two_codes) {
     const float lo = e4m3_to_f32_div256(two_codes & 0xFFu);
     const float hi = e4m3_to_f32_div256((two_codes >> 8) & 0xFFu);
     return MmaType<T>::pack(lo, hi);
-}
-
-// Keys and queries stored un-rotated (LongctxKvDecodeParams::rope_inv_freq): the value of
-// channel `ch` of row `x` after RoPE at `pos` with inverse frequencies `inv` (f64), cos and
-// sin times `factor`: the RoPE kernel's arithmetic (rope/rope_kernel.cuh, rotate_item), so a
-// key rotated here equals the same key rotated by append's fused RoPE, bit for bit.
-template <typename GetX>
-__device__ __forceinline__ float rotated_channel(const LongctxKvDecodeParams& p, const double* inv, float factor,
-                                                 int pos, int ch, GetX x) {
-    const int rot = int(p.rotary_dim);
-    if (ch >= rot) return x(ch);
-    const int half = rot / 2;
-    const bool neox = p.rope_style == LONGCTX_ROPE_STYLE_NEOX;
-    // The pair's first and second channel, and whether ch is the first.
-    const int pair = neox ? (ch < half ? ch : ch - half) : ch / 2;
-    const int a = neox ? pair : 2 * pair;
-    const int b = neox ? pair + half : 2 * pair + 1;
-    float sn, cs;
-    rope::angle_sin_cos(p.rope_angle_mode, pos, inv[pair], &sn, &cs);
-    cs *= factor;
-    sn *= factor;
-    const float xa = x(a);
-    const float xb = x(b);
-    return ch == a ? xa * cs - xb * sn : xb * cs + xa * sn;
 }
 
 template <typename T, typename S, int D>
@@ -200,8 +176,8 @@ __device__ __forceinline__ void decode_mma_body(const LongctxKvDecodeParams& p) 
                             // The query's position: its token's place among the new tokens.
                             const int pos = len - n_new + (r0 + g + 8 * h) / hpk;
                             // Rounded to T, as the RoPE kernel stores a rotated query.
-                            x0 = DType<T>::to_f32(DType<T>::from_f32(rotated_channel(p, inv, factor, pos, c, get)));
-                            x1 = DType<T>::to_f32(DType<T>::from_f32(rotated_channel(p, inv, factor, pos, c + 1, get)));
+                            x0 = DType<T>::to_f32(DType<T>::from_f32(kv_rotate::rotated_channel(p, inv, factor, pos, c, get)));
+                            x1 = DType<T>::to_f32(DType<T>::from_f32(kv_rotate::rotated_channel(p, inv, factor, pos, c + 1, get)));
                         } else {
                             x0 = get(c);
                             x1 = get(c + 1);
@@ -331,14 +307,7 @@ __device__ __forceinline__ void decode_mma_body(const LongctxKvDecodeParams& p) 
                 const int cb = neox ? pair + half : 2 * pair + 1;
                 T* ea = reinterpret_cast<T*>(ktile + swz<D>(r, ca / 8)) + ca % 8;
                 T* eb = reinterpret_cast<T*>(ktile + swz<D>(r, cb / 8)) + cb % 8;
-                float sn, cs;
-                rope::angle_sin_cos(p.rope_angle_mode, pos, inv[pair], &sn, &cs);
-                cs *= factor;
-                sn *= factor;
-                const float xa = DType<T>::to_f32(*ea);
-                const float xb = DType<T>::to_f32(*eb);
-                *ea = DType<T>::from_f32(xa * cs - xb * sn);
-                *eb = DType<T>::from_f32(xb * cs + xa * sn);
+                kv_rotate::rotate_pair(p, inv[pair], factor, pos, ea, eb);
             }
             __syncthreads();
         }
