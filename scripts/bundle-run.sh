@@ -54,7 +54,7 @@ step_tests() {
 step_sanitizer() {
   : > "$LOG/sanitizer.log"
   for tool in memcheck racecheck; do
-    for t in tests/rope tests/attention tests/attention_backward tests/moe tests/kv_cache tests/kv_decode tests/kv_append tests/kv_extend tests/kv_rotating; do
+    for t in tests/rope tests/attention tests/attention_backward tests/moe tests/kv_cache tests/kv_decode tests/kv_append tests/kv_extend tests/kv_rotating tests/mla; do
       [ -x "$t" ] || continue
       echo "=== $tool $t" >> "$LOG/sanitizer.log"
       if LONGCTX_PARITY_CASES=6 timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 97 \
