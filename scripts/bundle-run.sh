@@ -19,17 +19,17 @@ limit="${LONGCTX_STEP_TIMEOUT:-300}"
 
 { date -u; nvidia-smi; nvcc --version 2>/dev/null | tail -n 2; } > "$LOG/env.txt" 2>&1
 
-# The binaries travel xz-compressed (scripts/gpu-bundle.sh); unpack them once.
+# The binaries travel as one solid xz tar (scripts/gpu-bundle.sh); unpack them once.
 python3 - <<'PY'
-import glob, lzma, os
-for path in glob.glob("tests/*.xz") + glob.glob("benches/*.xz") + glob.glob("examples/*.xz"):
-    out = path[:-3]
-    with open(path, "rb") as f:
-        data = lzma.decompress(f.read())
-    with open(out, "wb") as f:
-        f.write(data)
-    os.chmod(out, 0o755)
-    os.remove(path)
+import lzma, os, tarfile
+if os.path.exists("bins.tar.xz"):
+    with lzma.open("bins.tar.xz", "rb") as f:
+        with tarfile.open(fileobj=f, mode="r") as tar:
+            tar.extractall(".")
+    os.remove("bins.tar.xz")
+    for sub in ("tests", "benches", "examples"):
+        for name in os.listdir(sub):
+            os.chmod(os.path.join(sub, name), 0o755)
 PY
 
 # Parity and unit tests, every test binary, GPU required. The GPU tests are #[ignore]d so a

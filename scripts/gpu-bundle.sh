@@ -48,19 +48,20 @@ for line in sys.stdin:
   strip "$dest" 2>/dev/null || true
 done
 
-# Every binary embeds every fatbin; xz keeps the bundle inside its size limit. run.sh
-# unpacks them (Python's lzma, so the GPU machine needs no xz).
+# Every binary embeds every fatbin, so the binaries are mostly the same bytes: one solid xz
+# stream with a dictionary larger than a binary stores each fatbin about once. run.sh
+# unpacks it (Python's tarfile and lzma, so the GPU machine needs no xz).
 python3 - "$OUT" <<'PY'
-import lzma, os, sys
+import lzma, os, shutil, sys, tarfile
+out = sys.argv[1]
+filters = [{"id": lzma.FILTER_LZMA2, "preset": 9, "dict_size": 256 << 20}]
+with lzma.open(os.path.join(out, "bins.tar.xz"), "wb", format=lzma.FORMAT_XZ, filters=filters) as f:
+    with tarfile.open(fileobj=f, mode="w") as tar:
+        for sub in ("tests", "benches", "examples"):
+            for name in sorted(os.listdir(os.path.join(out, sub))):
+                tar.add(os.path.join(out, sub, name), arcname=os.path.join(sub, name))
 for sub in ("tests", "benches", "examples"):
-    d = os.path.join(sys.argv[1], sub)
-    for name in sorted(os.listdir(d)):
-        path = os.path.join(d, name)
-        with open(path, "rb") as f:
-            data = f.read()
-        with open(path + ".xz", "wb") as f:
-            f.write(lzma.compress(data, preset=6))
-        os.remove(path)
+    shutil.rmtree(os.path.join(out, sub))
 PY
 
 cp scripts/peers.py "$OUT/peers.py"
