@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::Aligned;
+
 use half::{bf16, f16};
 use longctx::attention::reference::Output;
 use longctx::dtype::{DType, Element};
@@ -18,32 +20,6 @@ use longctx::kv_cache::{
 use longctx::layout::HeadsLayout;
 use longctx::Error;
 use proptest::prelude::*;
-
-/// A slice of `len` elements starting on a 16-byte boundary (the kernel reads the cache
-/// in 16-byte chunks; a host Vec of bytes need not start on one).
-struct Aligned<S> {
-    buf: Vec<S>,
-    off: usize,
-    len: usize,
-}
-
-impl<S: Copy + Default> Aligned<S> {
-    fn new(values: &[S]) -> Self {
-        let size = std::mem::size_of::<S>();
-        let mut buf = vec![S::default(); values.len() + 16];
-        let addr = buf.as_ptr() as usize;
-        let off = (16 - addr % 16) % 16 / size;
-        buf[off..off + values.len()].copy_from_slice(values);
-        Aligned {
-            buf,
-            off,
-            len: values.len(),
-        }
-    }
-    fn as_slice(&self) -> &[S] {
-        &self.buf[self.off..self.off + self.len]
-    }
-}
 
 /// One decode problem: the logical cache, the paging, the queries.
 #[derive(Debug, Clone)]

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::Aligned;
+
 use half::{bf16, f16};
 use longctx::attention::reference::Output;
 use longctx::attention::{AttentionOptions, AttnElement, Mask};
@@ -18,32 +20,6 @@ use longctx::kv_cache::{
 };
 use longctx::layout::HeadsLayout;
 use longctx::{Error, ErrorKind};
-
-/// A slice of `len` elements starting on a 16-byte boundary (the kernel copies 16-byte
-/// chunks; a host Vec need not start on one).
-struct Aligned<S> {
-    buf: Vec<S>,
-    off: usize,
-    len: usize,
-}
-
-impl<S: Copy + Default> Aligned<S> {
-    fn new(values: &[S]) -> Self {
-        let size = std::mem::size_of::<S>();
-        let mut buf = vec![S::default(); values.len() + 16];
-        let addr = buf.as_ptr() as usize;
-        let off = (16 - addr % 16) % 16 / size;
-        buf[off..off + values.len()].copy_from_slice(values);
-        Aligned {
-            buf,
-            off,
-            len: values.len(),
-        }
-    }
-    fn as_slice(&self) -> &[S] {
-        &self.buf[self.off..self.off + self.len]
-    }
-}
 
 /// One extend problem: the logical cache, the paging, the queries.
 #[derive(Debug, Clone)]
@@ -369,7 +345,7 @@ fn run_dense<T: AttnElement>(c: &Case, b: &Built<T>, arch: Arch) -> (Vec<T>, Vec
     let k = Aligned::new(&dense_of(b, &b.k));
     let v = Aligned::new(&dense_of(b, &b.v));
     let q = Aligned::new(&b.q);
-    let total_k = k.len / (c.heads_kv * d);
+    let total_k = k.as_slice().len() / (c.heads_kv * d);
     let mut cu_k = vec![0i32];
     for &l in &b.seqlens {
         cu_k.push(cu_k.last().unwrap() + l);

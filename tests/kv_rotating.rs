@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::Aligned;
+
 use half::{bf16, f16};
 use longctx::dtype::{DType, Element};
 use longctx::emulator::{
@@ -23,30 +25,6 @@ use longctx::rope::{
     AnglePrecision, Direction, LengthScaling, RopeConfig, RopeOptions, RopeScaling, RopeStyle,
 };
 use longctx::Error;
-
-/// A 16-byte aligned copy (the decode kernel reads the cache in 16-byte chunks).
-struct Aligned<S> {
-    buf: Vec<S>,
-    off: usize,
-    len: usize,
-}
-
-impl<S: Copy + Default> Aligned<S> {
-    fn new(values: &[S]) -> Self {
-        let size = std::mem::size_of::<S>();
-        let mut buf = vec![S::default(); values.len() + 16];
-        let off = (16 - buf.as_ptr() as usize % 16) % 16 / size;
-        buf[off..off + values.len()].copy_from_slice(values);
-        Aligned {
-            buf,
-            off,
-            len: values.len(),
-        }
-    }
-    fn as_slice(&self) -> &[S] {
-        &self.buf[self.off..self.off + self.len]
-    }
-}
 
 /// A batch: page tables (shuffled pages), lengths, new-token counts, un-rotated K/V of every
 /// cached token (dense, sequences concatenated) and un-rotated queries.

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::Aligned;
+
 use half::bf16;
 use longctx::attention::reference::attention_f64;
 use longctx::attention::{AttentionOptions, Mask};
@@ -315,32 +317,6 @@ use longctx::mla::{
     latent_layout, plan_mla_decode, MlaDecodeOptions, MlaDecodePlan, MLA_KV_LORA_RANK,
     MLA_LATENT_DIM, MLA_ROPE_DIM,
 };
-
-/// A slice of `len` elements starting on a 16-byte boundary (the kernel reads the cache
-/// and Q in 16-byte chunks; a host Vec need not start on one).
-struct Aligned<S> {
-    buf: Vec<S>,
-    off: usize,
-    len: usize,
-}
-
-impl<S: Copy + Default> Aligned<S> {
-    fn new(values: &[S]) -> Self {
-        let size = std::mem::size_of::<S>();
-        let mut buf = vec![S::default(); values.len() + 16];
-        let addr = buf.as_ptr() as usize;
-        let off = (16 - addr % 16) % 16 / size;
-        buf[off..off + values.len()].copy_from_slice(values);
-        Aligned {
-            buf,
-            off,
-            len: values.len(),
-        }
-    }
-    fn as_slice(&self) -> &[S] {
-        &self.buf[self.off..self.off + self.len]
-    }
-}
 
 /// One latent decode problem.
 #[derive(Debug, Clone)]

@@ -567,58 +567,96 @@ pub(crate) fn plan_decode_launch<T: Element, S: CacheElement>(
     if plan.splits == 1 {
         return Ok(Some((decode, None)));
     }
-    // The merged LSE goes to the caller's view, or to the workspace's last rows.
-    let scratch_lse = plan.splits * (rows * v.head_dim + rows);
-    let (out_lse_layout, out_lse_addr, out_lse_len) = match v.lse {
-        Some(l) => (l, a.lse, usize::MAX),
-        None => (
-            LseLayout {
-                offset: scratch_lse,
-                heads: v.heads_q,
-                tokens: v.total_new,
-                head_stride: v.total_new,
-            },
-            a.workspace,
-            v.workspace_needed,
-        ),
-    };
-    let parts = StackedStates {
-        parts: plan.splits,
-        o: HeadsLayout::contiguous(v.total_new, v.heads_q, v.head_dim),
-        o_part_stride: rows * v.head_dim,
-        lse: LseLayout {
-            offset: plan.splits * rows * v.head_dim,
-            heads: v.heads_q,
-            tokens: v.total_new,
-            head_stride: v.total_new,
-        },
-        lse_part_stride: rows,
-    };
-    // The caller's views were checked against their buffers above; the merge re-checks
-    // the workspace views (usize::MAX stands for "already checked").
-    let m = MergeShape {
-        parts,
-        parts_o_len: v.workspace_needed,
-        parts_lse_len: v.workspace_needed,
+    let merge = SplitMerge {
+        splits: plan.splits,
+        total_new: v.total_new,
+        heads: v.heads_q,
+        dv: v.head_dim,
         out_o: v.o,
-        out_o_len: usize::MAX,
-        out_lse: out_lse_layout,
-        out_lse_len,
+        out_lse: v.lse,
+        workspace_needed: v.workspace_needed,
     }
-    .validate()?;
-    let merge = plan_merge_typed(
-        DType::F32,
-        T::DTYPE,
-        &m,
-        &MergeOptions::default(),
-        &MergeAddrs {
-            parts_o: a.workspace,
-            parts_lse: a.workspace,
-            out_o: a.o,
-            out_lse: out_lse_addr,
-        },
-    )?;
+    .plan(T::DTYPE, a.workspace, a.o, a.lse)?;
     Ok(Some((decode, merge)))
+}
+
+/// Where a split call's f32 partial states sit in its workspace and where the merge writes:
+/// partial O `[splits, total_new, heads, dv]` at the start, partial LSE `[splits, heads,
+/// total_new]` after it, and (when the caller asked for no LSE) the merged LSE after that.
+pub(crate) struct SplitMerge {
+    pub splits: usize,
+    pub total_new: usize,
+    pub heads: usize,
+    pub dv: usize,
+    /// The caller's O view (checked against its buffer by the caller).
+    pub out_o: HeadsLayout,
+    /// The caller's LSE view, if any (checked by the caller).
+    pub out_lse: Option<LseLayout>,
+    /// f32 elements of workspace the plan needs.
+    pub workspace_needed: usize,
+}
+
+impl SplitMerge {
+    /// The merge launch of the partial states into the caller's O (of `out`) and LSE.
+    pub(crate) fn plan(
+        &self,
+        out: DType,
+        workspace: u64,
+        o: u64,
+        lse: u64,
+    ) -> Result<Option<KernelLaunch<sys::LongctxKvMergeParams>>> {
+        let rows = self.total_new * self.heads; // fits: bounded by the O buffer
+        let lse_at = self.splits * rows * self.dv;
+        let (out_lse, out_lse_addr, out_lse_len) = match self.out_lse {
+            Some(l) => (l, lse, usize::MAX),
+            None => (
+                LseLayout {
+                    offset: lse_at + self.splits * rows,
+                    heads: self.heads,
+                    tokens: self.total_new,
+                    head_stride: self.total_new,
+                },
+                workspace,
+                self.workspace_needed,
+            ),
+        };
+        let parts = StackedStates {
+            parts: self.splits,
+            o: HeadsLayout::contiguous(self.total_new, self.heads, self.dv),
+            o_part_stride: rows * self.dv,
+            lse: LseLayout {
+                offset: lse_at,
+                heads: self.heads,
+                tokens: self.total_new,
+                head_stride: self.total_new,
+            },
+            lse_part_stride: rows,
+        };
+        // The caller's views were checked against their buffers; the merge re-checks the
+        // workspace views (usize::MAX stands for "already checked").
+        let m = MergeShape {
+            parts,
+            parts_o_len: self.workspace_needed,
+            parts_lse_len: self.workspace_needed,
+            out_o: self.out_o,
+            out_o_len: usize::MAX,
+            out_lse,
+            out_lse_len,
+        }
+        .validate()?;
+        plan_merge_typed(
+            DType::F32,
+            out,
+            &m,
+            &MergeOptions::default(),
+            &MergeAddrs {
+                parts_o: workspace,
+                parts_lse: workspace,
+                out_o: o,
+                out_lse: out_lse_addr,
+            },
+        )
+    }
 }
 
 /// The output of a decode call.

@@ -38,6 +38,7 @@ mod rotation;
 mod step;
 
 pub use cache::{CacheShape, KvScales, KvScalesMut, PagedCache, PagedCacheMut, ScaleMode};
+pub(crate) use decode::SplitMerge;
 pub use decode::{
     decode, decode_raw, decode_rotating, plan_decode, DecodeOptions, DecodeOutput, DecodePlan,
     DecodeShape, DecodeTiles, DecodeValidated, Splits, DECODE_HEAD_DIMS, MAX_DECODE_SPLITS,
@@ -60,11 +61,12 @@ pub(crate) use fp8::cache_matches;
 pub use fp8::{CacheDType, CacheElement, Fp8E4m3};
 #[cfg(feature = "emulator")]
 pub(crate) use merge::plan_merge;
+#[cfg(feature = "emulator")]
+pub(crate) use merge::MergeAddrs;
 pub use merge::{
     merge_states, merge_states_raw, LseLayout, MergeOptions, MergeShape, MergeState,
     MergeValidated, StackedStates, States, MAX_MERGE_HEAD_DIM,
 };
-pub(crate) use merge::{plan_merge_typed, MergeAddrs};
 pub(crate) use paged::{dense_len, for_each_row};
 pub use paged::{PageTable, PagedKvLayout, ValidatedTable, MAX_CACHE_HEAD_DIM, MAX_PAGE_SIZE};
 pub use rotation::{rotation_tables, KvRotation, RotationShape};

@@ -19,9 +19,8 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernel_id::KernelId;
 use crate::kv_cache::{
-    plan_merge_typed, step_params, DecodeOutput, Fp8E4m3, KvStep, LseLayout, MergeAddrs,
-    MergeOptions, MergeShape, PagedKvLayout, Splits, StackedStates, ValidatedStep,
-    MAX_DECODE_QUERIES, MAX_DECODE_SPLITS,
+    step_params, DecodeOutput, Fp8E4m3, KvStep, LseLayout, PagedKvLayout, SplitMerge, Splits,
+    ValidatedStep, MAX_DECODE_QUERIES, MAX_DECODE_SPLITS,
 };
 use crate::launch::KernelLaunch;
 use crate::layout::{check_element_alignment, HeadsLayout, RawBuffer, RawTensor};
@@ -554,56 +553,16 @@ pub(crate) fn plan_mla_decode_launch(
     if plan.splits == 1 {
         return Ok(Some((decode, None)));
     }
-    let scratch_lse = plan.splits * rows * (MLA_KV_LORA_RANK + 1);
-    let (out_lse_layout, out_lse_addr, out_lse_len) = match v.lse {
-        Some(l) => (l, a.lse, usize::MAX),
-        None => (
-            LseLayout {
-                offset: scratch_lse,
-                heads: v.heads,
-                tokens: v.total_new,
-                head_stride: v.total_new,
-            },
-            a.workspace,
-            v.workspace_needed,
-        ),
-    };
-    let parts = StackedStates {
-        parts: plan.splits,
-        o: HeadsLayout::contiguous(v.total_new, v.heads, MLA_KV_LORA_RANK),
-        o_part_stride: rows * MLA_KV_LORA_RANK,
-        lse: LseLayout {
-            offset: plan.splits * rows * MLA_KV_LORA_RANK,
-            heads: v.heads,
-            tokens: v.total_new,
-            head_stride: v.total_new,
-        },
-        lse_part_stride: rows,
-    };
-    // The caller's views were checked against their buffers; the merge re-checks the
-    // workspace views (usize::MAX stands for "already checked").
-    let m = MergeShape {
-        parts,
-        parts_o_len: v.workspace_needed,
-        parts_lse_len: v.workspace_needed,
+    let merge = SplitMerge {
+        splits: plan.splits,
+        total_new: v.total_new,
+        heads: v.heads,
+        dv: MLA_KV_LORA_RANK,
         out_o: v.o,
-        out_o_len: usize::MAX,
-        out_lse: out_lse_layout,
-        out_lse_len,
+        out_lse: v.lse,
+        workspace_needed: v.workspace_needed,
     }
-    .validate()?;
-    let merge = plan_merge_typed(
-        DType::F32,
-        DType::BF16,
-        &m,
-        &MergeOptions::default(),
-        &MergeAddrs {
-            parts_o: a.workspace,
-            parts_lse: a.workspace,
-            out_o: a.o,
-            out_lse: out_lse_addr,
-        },
-    )?;
+    .plan(DType::BF16, a.workspace, a.o, a.lse)?;
     Ok(Some((decode, merge)))
 }
 

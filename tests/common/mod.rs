@@ -47,3 +47,28 @@ pub fn skipped(test: &str, why: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }
+
+/// A slice of `len` elements starting on a 16-byte boundary (kernels read caches and Q in
+/// 16-byte chunks; a host Vec need not start on one).
+pub struct Aligned<S> {
+    buf: Vec<S>,
+    off: usize,
+    len: usize,
+}
+
+impl<S: Copy + Default> Aligned<S> {
+    pub fn new(values: &[S]) -> Self {
+        let size = std::mem::size_of::<S>();
+        let mut buf = vec![S::default(); values.len() + 16];
+        let off = (16 - buf.as_ptr() as usize % 16) % 16 / size;
+        buf[off..off + values.len()].copy_from_slice(values);
+        Aligned {
+            buf,
+            off,
+            len: values.len(),
+        }
+    }
+    pub fn as_slice(&self) -> &[S] {
+        &self.buf[self.off..self.off + self.len]
+    }
+}
