@@ -684,17 +684,19 @@ fn append_extend_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<(
 /// `mla::decode_absorbed` at DeepSeek-V3's dimensions (128 heads, and 16 for a TP-8 shard),
 /// one query token per sequence, bf16 and fp8 latent caches in pages of 64: GB/s against
 /// the copy ceiling (bytes = latent rows read + Q + O) and TFLOP/s (2 x heads x 1088 per
-/// cached token); the error is against f64 attention over the latent rows on sampled
-/// (sequence, head) rows.
+/// cached token); `rows x sp` is the plan's kernel (16 or 64 rows per CTA) and split count;
+/// the error is against f64 attention over the latent rows on sampled (sequence, head)
+/// rows.
 fn mla_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<()> {
     use longctx::workloads::MlaRun;
     println!(
-        "\n{:<10} {:>5} {:>5} {:>5} {:>8} {:>10} {:>9} {:>8} {:>8} {:>10} {:>10}",
+        "\n{:<10} {:>5} {:>5} {:>5} {:>8} {:>9} {:>10} {:>9} {:>8} {:>8} {:>10} {:>10}",
         "mla",
         "heads",
         "cache",
         "batch",
         "context",
+        "rows x sp",
         "time (us)",
         "GB/s",
         "% copy",
@@ -727,12 +729,13 @@ fn mla_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<()> {
                 within(&what, err_o, 2.5 * 2f64.powi(-8) + 1e-4);
                 within(&what, err_lse, attn_lse_tol(context));
                 println!(
-                    "{:<10} {:>5} {:>5} {:>5} {:>8} {:>10.2} {:>9.0} {:>7.1}% {:>8.1} {:>10.2e} {:>10.2e}",
+                    "{:<10} {:>5} {:>5} {:>5} {:>8} {:>9} {:>10.2} {:>9.0} {:>7.1}% {:>8.1} {:>10.2e} {:>10.2e}",
                     "deepseek-v3",
                     heads,
                     if fp8 { "fp8" } else { "bf16" },
                     batch,
                     context,
+                    format!("{}x{}", r.plan().rows_per_tile, r.plan().splits),
                     ms * 1e3,
                     gbs,
                     100.0 * gbs * 1e9 / copy,

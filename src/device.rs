@@ -162,6 +162,12 @@ impl Device {
         self.sm_count
     }
 
+    /// The most shared memory one block may opt into, in bytes (the kernel-choice input of
+    /// plans such as [`crate::mla::plan_mla_decode`]).
+    pub fn smem_per_block(&self) -> usize {
+        self.smem_opt_in_limit
+    }
+
     /// Waits for all work queued on this handle's stream.
     ///
     /// # Errors

@@ -156,6 +156,8 @@ pub(crate) enum KernelId {
     KvAppendBf16Fp8Scalar,
     MlaDecodeBf16,
     MlaDecodeBf16Fp8,
+    MlaDecodeR64Bf16,
+    MlaDecodeR64Bf16Fp8,
     MlaAppendBf16,
     MlaAppendBf16Fp8,
 }
@@ -268,6 +270,8 @@ impl KernelId {
         KernelId::KvAppendBf16Fp8Scalar,
         KernelId::MlaDecodeBf16,
         KernelId::MlaDecodeBf16Fp8,
+        KernelId::MlaDecodeR64Bf16,
+        KernelId::MlaDecodeR64Bf16Fp8,
         KernelId::MlaAppendBf16,
         KernelId::MlaAppendBf16Fp8,
     ];
@@ -342,6 +346,8 @@ impl KernelId {
             | KernelId::KvAppendBf16Fp8Scalar => Family::KvCache,
             KernelId::MlaDecodeBf16
             | KernelId::MlaDecodeBf16Fp8
+            | KernelId::MlaDecodeR64Bf16
+            | KernelId::MlaDecodeR64Bf16Fp8
             | KernelId::MlaAppendBf16
             | KernelId::MlaAppendBf16Fp8 => Family::KvCache,
             KernelId::AttnBwdPreF16
@@ -482,6 +488,8 @@ impl KernelId {
             KernelId::KvAppendBf16Fp8Scalar => "longctx_kv_append_bf16_fp8_scalar",
             KernelId::MlaDecodeBf16 => "longctx_mla_decode_bf16",
             KernelId::MlaDecodeBf16Fp8 => "longctx_mla_decode_bf16_fp8",
+            KernelId::MlaDecodeR64Bf16 => "longctx_mla_decode_r64_bf16",
+            KernelId::MlaDecodeR64Bf16Fp8 => "longctx_mla_decode_r64_bf16_fp8",
             KernelId::MlaAppendBf16 => "longctx_mla_append_bf16",
             KernelId::MlaAppendBf16Fp8 => "longctx_mla_append_bf16_fp8",
         }

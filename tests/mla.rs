@@ -307,6 +307,245 @@ fn emu_prefill_192_128_matches_naive_mla() {
     }
 }
 
+/// Training through the prefill path: the attention backward at head dims 192/128 on the
+/// expanded keys and values, chained through the expansion (dc_kv = sum over heads of
+/// W_UK^T dk_nope + W_UV^T dv; dk_pe = sum over heads of dk_rope), is naive MLA's gradient
+/// with respect to the latent and k_pe (checked against central differences of naive_f64
+/// in f64, to 1e-6 of the largest gradient); and the backward kernels (through the
+/// emulator) match the f64 backward of the same bf16 inputs within FlashAttention-style
+/// bounds anchored on the same-precision CPU mirror.
+#[test]
+fn emu_prefill_backward_192_128_matches_naive_mla() {
+    use longctx::attention::reference::{
+        attention_backward_f64, attention_backward_tiled_f32, Problem, Tiles,
+    };
+    use longctx::attention::{backward_workspace_len, BackwardOptions, BackwardTiles};
+    use longctx::emulator::{HostBackwardInputs, HostGrads};
+    let mut cfg = MlaConfig::deepseek_v3();
+    cfg.heads = 3;
+    let (t, h) = (37usize, cfg.heads);
+    let d = data(&cfg, t, t, 31);
+    let (r, dn, dr, dv) = (cfg.kv_lora_rank, 128usize, 64usize, 128usize);
+    let dk_all = dn + dr;
+    // The expansion of a latent (and k_pe) into per-head keys and values, in f64.
+    let expand = |c_kv: &[f64], k_pe: &[f64]| -> (Vec<f64>, Vec<f64>) {
+        let mut k = vec![0.0; t * h * dk_all];
+        let mut v = vec![0.0; t * h * dv];
+        for j in 0..t {
+            let c = &c_kv[j * r..(j + 1) * r];
+            for hh in 0..h {
+                let w = &d.w[hh * (dn + dv) * r..];
+                for i in 0..dn {
+                    k[(j * h + hh) * dk_all + i] = w[i * r..(i + 1) * r]
+                        .iter()
+                        .zip(c)
+                        .map(|(a, b)| a * b)
+                        .sum();
+                }
+                k[(j * h + hh) * dk_all + dn..][..dr].copy_from_slice(&k_pe[j * dr..(j + 1) * dr]);
+                for i in 0..dv {
+                    v[(j * h + hh) * dv + i] = w[(dn + i) * r..(dn + i + 1) * r]
+                        .iter()
+                        .zip(c)
+                        .map(|(a, b)| a * b)
+                        .sum();
+                }
+            }
+        }
+        (k, v)
+    };
+    let cu = [0usize, t];
+    let mut rng = common::Rng(32);
+    let dout: Vec<f64> = (0..t * h * dv)
+        .map(|_| f64::from(bf16::from_f64(rng.uniform())))
+        .collect();
+
+    // 1. The chain rule through the expansion equals naive MLA's gradient.
+    let (k, v) = expand(&d.c_kv, &d.k_pe);
+    let g = attention_backward_f64(
+        &Problem {
+            q: &d.q,
+            k: &k,
+            v: &v,
+            cu_seqlens_q: &cu,
+            cu_seqlens_k: &cu,
+            heads_q: h,
+            heads_kv: h,
+            head_dim: dk_all,
+            head_dim_v: dv,
+            scale: cfg.softmax_scale,
+            softcap: None,
+            mask: Mask::causal(),
+        },
+        &dout,
+    )
+    .unwrap();
+    let mut dc = vec![0.0; t * r];
+    let mut dpe = vec![0.0; t * dr];
+    for j in 0..t {
+        for hh in 0..h {
+            let w = &d.w[hh * (dn + dv) * r..];
+            let dkr = &g.dk[(j * h + hh) * dk_all..][..dk_all];
+            let dvr = &g.dv[(j * h + hh) * dv..][..dv];
+            for (c, x) in dc[j * r..(j + 1) * r].iter_mut().enumerate() {
+                let from_k: f64 = (0..dn).map(|i| w[i * r + c] * dkr[i]).sum();
+                let from_v: f64 = (0..dv).map(|i| w[(dn + i) * r + c] * dvr[i]).sum();
+                *x += from_k + from_v;
+            }
+            for i in 0..dr {
+                dpe[j * dr + i] += dkr[dn + i];
+            }
+        }
+    }
+    let loss = |c_kv: &[f64], k_pe: &[f64]| -> f64 {
+        let o = naive_f64(&cfg, &d.q, c_kv, k_pe, &d.w, t, t).unwrap().o;
+        o.iter().zip(&dout).map(|(a, b)| a * b).sum()
+    };
+    let gmax = dc.iter().chain(&dpe).fold(0.0f64, |m, x| m.max(x.abs()));
+    let step = 1e-5;
+    for (which, idx) in [
+        (0usize, 0usize),
+        (0, 5 * r + 77),
+        (0, (t - 1) * r + 511),
+        (0, 20 * r + 300),
+        (1, 3),
+        (1, 17 * dr + 40),
+        (1, (t - 1) * dr + 63),
+    ] {
+        let mut c_kv = d.c_kv.clone();
+        let mut k_pe = d.k_pe.clone();
+        let x = if which == 0 {
+            &mut c_kv[idx]
+        } else {
+            &mut k_pe[idx]
+        };
+        let x0 = *x;
+        *x = x0 + step;
+        let up = loss(&c_kv, &k_pe);
+        let (c_kv2, k_pe2) = if which == 0 {
+            c_kv[idx] = x0 - step;
+            (c_kv, k_pe)
+        } else {
+            k_pe[idx] = x0 - step;
+            (c_kv, k_pe)
+        };
+        let down = loss(&c_kv2, &k_pe2);
+        let fd = (up - down) / (2.0 * step);
+        let chain = if which == 0 { dc[idx] } else { dpe[idx] };
+        assert!(
+            (fd - chain).abs() <= 1e-6 * gmax,
+            "{} [{idx}]: chain rule {chain:e}, central difference {fd:e} (max |grad| {gmax:e})",
+            if which == 0 { "dc_kv" } else { "dk_pe" }
+        );
+    }
+
+    // 2. The backward kernels on the bf16-rounded expansion against the f64 backward of the
+    // same values.
+    let rnd = |x: &[f64]| -> Vec<bf16> { x.iter().map(|&v| bf16::from_f64(v)).collect() };
+    let widen = |x: &[bf16]| -> Vec<f64> { x.iter().map(|v| v.to_f64()).collect() };
+    let (qb, kb, vb) = (rnd(&d.q), rnd(&k), rnd(&v));
+    let (qr, kr, vr) = (widen(&qb), widen(&kb), widen(&vb));
+    let pr = Problem {
+        q: &qr,
+        k: &kr,
+        v: &vr,
+        cu_seqlens_q: &cu,
+        cu_seqlens_k: &cu,
+        heads_q: h,
+        heads_kv: h,
+        head_dim: dk_all,
+        head_dim_v: dv,
+        scale: cfg.softmax_scale,
+        softcap: None,
+        mask: Mask::causal(),
+    };
+    let fwd = attention_f64(&pr).unwrap();
+    let ob = rnd(&fwd.o);
+    let lse: Vec<f32> = fwd.lse.iter().map(|&x| x as f32).collect();
+    let want = attention_backward_f64(&pr, &dout).unwrap();
+    let tiles = BackwardTiles::for_head_dims(dk_all, dv).unwrap();
+    let f32s = |x: &[f64]| x.iter().map(|&y| y as f32).collect::<Vec<f32>>();
+    let cpu = attention_backward_tiled_f32(
+        &pr,
+        &f32s(&widen(&ob)),
+        &lse,
+        &f32s(&dout),
+        Tiles::new(tiles.block_m, tiles.block_n),
+        |x| bf16::from_f32(x).to_f32(),
+    )
+    .unwrap();
+    let dob = rnd(&dout);
+    let ql = HeadsLayout::contiguous(t, h, dk_all);
+    let vl = HeadsLayout::contiguous(t, h, dv);
+    let mut dq = vec![bf16::ZERO; t * h * dk_all];
+    let mut dk = vec![bf16::ZERO; t * h * dk_all];
+    let mut dvv = vec![bf16::ZERO; t * h * dv];
+    let mut ws = vec![f32::NAN; backward_workspace_len(t, h, dk_all).unwrap().max(1)];
+    let cu32 = [0i32, t as i32];
+    emulator::attention_backward(
+        &HostQkv {
+            q: &qb,
+            q_layout: ql,
+            k: &kb,
+            k_layout: ql,
+            v: &vb,
+            v_layout: vl,
+        },
+        &HostBackwardInputs {
+            o: &ob,
+            o_layout: vl,
+            dout: &dob,
+            dout_layout: vl,
+            lse: &lse,
+        },
+        HostGrads {
+            dq: &mut dq,
+            dq_layout: ql,
+            dk: &mut dk,
+            dk_layout: ql,
+            dv: &mut dvv,
+            dv_layout: vl,
+        },
+        &mut ws,
+        &cu32,
+        &cu32,
+        &BackwardOptions {
+            attention: AttentionOptions {
+                softmax_scale: Some(cfg.softmax_scale as f32),
+                mask: Mask::causal(),
+                softcap: None,
+            },
+            ..BackwardOptions::default()
+        },
+    )
+    .unwrap();
+    let eps = 2f64.powi(-8);
+    for (name, got, cpu, want) in [
+        ("dq", widen(&dq), &cpu.dq, &want.dq),
+        ("dk", widen(&dk), &cpu.dk, &want.dk),
+        ("dv", widen(&dvv), &cpu.dv, &want.dv),
+    ] {
+        let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let err = |a: &mut dyn Iterator<Item = f64>| {
+            a.zip(want.iter()).fold(0.0f64, |m, (x, y)| {
+                let e = (x - y).abs();
+                if e.is_nan() {
+                    f64::INFINITY
+                } else {
+                    m.max(e)
+                }
+            })
+        };
+        let e_emu = err(&mut got.iter().copied());
+        let e_cpu = err(&mut cpu.iter().map(|&x| f64::from(x)));
+        let tol = 3.0 * e_cpu + 4.0 * eps * scale + 1e-5;
+        assert!(
+            e_emu <= tol,
+            "{name}: error {e_emu:e} > {tol:e} (CPU mirror {e_cpu:e}, max |grad| {scale:e})"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Absorbed decode over the paged latent cache (kernels/kv_cache/mla_decode_kernel.cuh).
 
@@ -500,12 +739,20 @@ impl LatBuilt {
     }
 }
 
-/// Runs a case through the emulator; returns o_lat (widened), the LSE and the plan.
+/// Opt-in shared memory per block of an A100 (163 KB): more than 16 rows per sequence run
+/// the 64-row kernel.
+const SMEM_A100: usize = 166_912;
+/// Of an sm_86 / sm_89 part (99 KB): always the 16-row kernel.
+const SMEM_SM86: usize = 101_376;
+
+/// Runs a case through the emulator for a device with `sm_count` SMs and `smem` bytes of
+/// shared memory per block; returns o_lat (widened), the LSE and the plan.
 fn mla_emu(
     c: &LatCase,
     b: &LatBuilt,
     splits: Splits,
     sm_count: usize,
+    smem: usize,
 ) -> (Vec<f64>, Vec<f32>, MlaDecodePlan) {
     let q: Vec<bf16> = b.q.iter().map(|&x| bf16::from_f64(x)).collect();
     let q = Aligned::new(&q);
@@ -524,7 +771,7 @@ fn mla_emu(
         HostLatentCache::Bf16(lat.as_slice())
     };
     let sv = b.layout.validate_step(&b.step()).unwrap();
-    let plan = plan_mla_decode(&sv, c.heads, sm_count, splits).unwrap();
+    let plan = plan_mla_decode(&sv, c.heads, sm_count, smem, splits).unwrap();
     let mut ws = vec![f32::NAN; plan.workspace_len(b.total_new, c.heads).unwrap()];
     let mut o = vec![bf16::NAN; ol.numel().unwrap()];
     let mut lse = vec![f32::NAN; c.heads * b.total_new];
@@ -545,10 +792,21 @@ fn mla_emu(
         },
         &mut ws,
         sm_count,
+        smem,
         &opts,
     )
     .unwrap();
     assert_eq!(ran, plan);
+    let rows = c.heads * c.news.iter().copied().max().unwrap_or(0);
+    let want_rows = if rows > 16 && smem >= SMEM_A100 {
+        64
+    } else {
+        16
+    };
+    assert_eq!(
+        plan.rows_per_tile, want_rows,
+        "kernel choice for {rows} rows, {smem} B"
+    );
     (o.iter().map(|x| f64::from(*x)).collect(), lse, plan)
 }
 
@@ -580,9 +838,9 @@ fn check_mla(tag: &str, got_o: &[f64], got_lse: &[f32], want: &Output<f64>, max_
     }
 }
 
-fn mla_parity(tag: &str, c: &LatCase, splits: Splits, sm: usize) -> MlaDecodePlan {
+fn mla_parity(tag: &str, c: &LatCase, splits: Splits, sm: usize, smem: usize) -> MlaDecodePlan {
     let b = c.build();
-    let (o, lse, plan) = mla_emu(c, &b, splits, sm);
+    let (o, lse, plan) = mla_emu(c, &b, splits, sm, smem);
     let want = b.reference(c.heads, f64::from(SCALE));
     check_mla(
         &format!("{tag} {c:?} plan {plan:?}"),
@@ -611,12 +869,16 @@ fn emu_mla_decode_page_sizes_and_lengths() {
                 fp8,
                 seed: ps as u64 + 10 * u64::from(fp8),
             };
-            let p = mla_parity("unsplit", &c, Splits::AtMost(1), 1);
-            assert_eq!(p.splits, 1);
-            let p = mla_parity("split", &c, Splits::AtMost(4), 1);
-            assert_eq!(p.splits, 4, "300 keys in 4 splits of whole tiles");
-            let p = mla_parity("auto", &c, Splits::Auto, 132);
-            assert_eq!(p.splits, 2, "auto: chunks of at least 256 keys");
+            // 16 heads x up to 2 tokens: the 16-row kernel on a 99 KB part, the 64-row one
+            // (half its row groups idle) on an A100-class part.
+            for smem in [SMEM_SM86, SMEM_A100] {
+                let p = mla_parity("unsplit", &c, Splits::AtMost(1), 1, smem);
+                assert_eq!(p.splits, 1);
+                let p = mla_parity("split", &c, Splits::AtMost(4), 1, smem);
+                assert_eq!(p.splits, 4, "300 keys in 4 splits of whole tiles");
+                let p = mla_parity("auto", &c, Splits::Auto, 132, smem);
+                assert_eq!(p.splits, 2, "auto: chunks of at least 256 keys");
+            }
         }
     }
 }
@@ -634,7 +896,8 @@ fn emu_mla_decode_heads_and_fp8() {
         // Tiles holding rows of two query tokens (each row its own causal bound): 8 heads
         // (a 16-way tensor-parallel shard of DeepSeek-V3) and 24.
         (8, vec![1, 50, 17], vec![1, 2, 2]),
-        (24, vec![2, 70], vec![2, 2]),
+        // 24 heads x 1 token leaves the 64-row kernel's second row group 8 live rows.
+        (24, vec![2, 70, 40], vec![2, 2, 1]),
     ] {
         for fp8 in [false, true] {
             let c = LatCase {
@@ -645,7 +908,9 @@ fn emu_mla_decode_heads_and_fp8() {
                 fp8,
                 seed: heads as u64 + u64::from(fp8),
             };
-            mla_parity("heads", &c, Splits::Auto, 2);
+            for smem in [SMEM_SM86, SMEM_A100] {
+                mla_parity("heads", &c, Splits::Auto, 2, smem);
+            }
         }
     }
 }
@@ -705,6 +970,7 @@ fn emu_mla_decode_matches_naive_deepseek_v3() {
         },
         &mut [],
         132,
+        SMEM_A100,
         &MlaDecodeOptions::new(&cfg),
     )
     .unwrap();
@@ -770,6 +1036,7 @@ fn emu_mla_decode_errors() {
             },
             &mut ws,
             1,
+            SMEM_A100,
             opts,
         )
     };
@@ -829,8 +1096,8 @@ fn emu_mla_decode_errors() {
     );
     // Heads outside 1..=128 and more than 16 new tokens, on the plan.
     let sv = b.layout.validate_step(&b.step()).unwrap();
-    assert!(plan_mla_decode(&sv, 0, 1, Splits::Auto).is_err());
-    assert!(plan_mla_decode(&sv, 129, 1, Splits::Auto).is_err());
+    assert!(plan_mla_decode(&sv, 0, 1, SMEM_A100, Splits::Auto).is_err());
+    assert!(plan_mla_decode(&sv, 129, 1, SMEM_A100, Splits::Auto).is_err());
     let long = LatCase {
         lens: vec![20],
         news: vec![17],
@@ -839,7 +1106,7 @@ fn emu_mla_decode_errors() {
     .build();
     let sv = long.layout.validate_step(&long.step()).unwrap();
     assert!(matches!(
-        plan_mla_decode(&sv, 16, 1, Splits::Auto),
+        plan_mla_decode(&sv, 16, 1, SMEM_A100, Splits::Auto),
         Err(Error::InvalidArgument { .. })
     ));
 }
@@ -878,8 +1145,14 @@ fn gpu_mla_decode_parity() {
                 let codes = dev.upload(&b.codes).unwrap();
                 let scales = dev.upload(&b.scales).unwrap();
                 let rope = dev.upload(&b.rope).unwrap();
-                let plan =
-                    plan_mla_decode(step.validated(), heads, dev.sm_count(), splits).unwrap();
+                let plan = plan_mla_decode(
+                    step.validated(),
+                    heads,
+                    dev.sm_count(),
+                    dev.smem_per_block(),
+                    splits,
+                )
+                .unwrap();
                 let mut ws = dev
                     .zeros::<f32>(plan.workspace_len(b.total_new, heads).unwrap().max(1))
                     .unwrap();
@@ -1260,7 +1533,7 @@ fn emu_mla_append_then_decode() {
                 }
             }
         }
-        let (o, lse, plan) = mla_emu(&c, &b, Splits::AtMost(2), 1);
+        let (o, lse, plan) = mla_emu(&c, &b, Splits::AtMost(2), 1, SMEM_A100);
         let want = b.reference(c.heads, f64::from(SCALE));
         check_mla(
             &format!("append then decode fp8 {fp8} {plan:?}"),
@@ -1332,7 +1605,14 @@ fn gpu_mla_decode_raw_matches_safe() {
         splits: Splits::AtMost(5),
         ..MlaDecodeOptions::new(&cfg)
     };
-    let plan = plan_mla_decode(step.validated(), heads, dev.sm_count(), opts.splits).unwrap();
+    let plan = plan_mla_decode(
+        step.validated(),
+        heads,
+        dev.sm_count(),
+        dev.smem_per_block(),
+        opts.splits,
+    )
+    .unwrap();
     let wl = plan.workspace_len(2, heads).unwrap().max(1);
     let ql = HeadsLayout::contiguous(2, heads, 576);
     let ol = HeadsLayout::contiguous(2, heads, 512);

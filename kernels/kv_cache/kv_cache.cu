@@ -74,15 +74,18 @@ LONGCTX_KV_APPEND_ENTRY(longctx_kv_append_bf16_scalar, __nv_bfloat16, __nv_bfloa
 LONGCTX_KV_APPEND_ENTRY(longctx_kv_append_bf16_fp8_vec, __nv_bfloat16, uint8_t, 8)
 LONGCTX_KV_APPEND_ENTRY(longctx_kv_append_bf16_fp8_scalar, __nv_bfloat16, uint8_t, 1)
 
-// MLA absorbed decode (mla_decode_kernel.cuh): bf16 queries over a bf16 or fp8 latent cache.
-#define LONGCTX_MLA_DECODE_ENTRY(NAME, FP8)                                              \
-    extern "C" __global__ void __launch_bounds__(longctx::mla_decode::kThreads)          \
+// MLA absorbed decode (mla_decode_kernel.cuh): bf16 queries over a bf16 or fp8 latent cache,
+// 16 rows (query token, head) per CTA, or 64 on parts with 160 KB of shared memory per block.
+#define LONGCTX_MLA_DECODE_ENTRY(NAME, FP8, RG, MIN_BLOCKS)                              \
+    extern "C" __global__ void __launch_bounds__(longctx::mla_decode::Shape<RG>::kThreads, MIN_BLOCKS) \
         NAME(const __grid_constant__ LongctxMlaDecodeParams p) {                         \
-        longctx::mla_decode::mla_decode_body<FP8>(p);                                    \
+        longctx::mla_decode::mla_decode_body<FP8, RG>(p);                                \
     }
 
-LONGCTX_MLA_DECODE_ENTRY(longctx_mla_decode_bf16, false)
-LONGCTX_MLA_DECODE_ENTRY(longctx_mla_decode_bf16_fp8, true)
+LONGCTX_MLA_DECODE_ENTRY(longctx_mla_decode_bf16, false, 1, 1)
+LONGCTX_MLA_DECODE_ENTRY(longctx_mla_decode_bf16_fp8, true, 1, 1)
+LONGCTX_MLA_DECODE_ENTRY(longctx_mla_decode_r64_bf16, false, 4, 1)
+LONGCTX_MLA_DECODE_ENTRY(longctx_mla_decode_r64_bf16_fp8, true, 4, 1)
 
 // MLA latent append (mla_append_kernel.cuh): bf16 rows into a bf16 or fp8 latent cache.
 #define LONGCTX_MLA_APPEND_ENTRY(NAME, FP8)                                              \

@@ -2,19 +2,23 @@
 // kv_cache_params.h has the layouts; src/mla/decode.rs the host side).
 //
 // Multi-query attention with one KV head of 576 channels (K = [c_kv | k_pe]) whose first 512
-// channels are also V. One CTA per (split, row tile, sequence); its 16 rows are (query token,
-// head) pairs, one m16 MMA tile, so every head of the tile shares each latent byte read. Four
-// warps; the CTA walks its split in tiles of 32 keys, double-buffered with cp.async (a page
-// lookup per 16-byte chunk). Per tile:
-//   S (16 x 32) = Q K^T, k = 576: warp w computes the 8 keys 8w .. 8w + 7 (Q's A fragments
-//   by ldmatrix from a swizzled shared copy of Q, K's B fragments by ldmatrix from the
-//   swizzled tile);
-//   the row maxima of the four warps meet in shared memory, so every warp holds the same
+// channels are also V. One CTA per (split, row tile, sequence); its rows are (query token,
+// head) pairs, so every head of the tile shares each latent byte read. Two shapes:
+//   kRowGroups 1: 16 rows (one m16 MMA tile), 4 warps, each warp owning 8 keys of S and 128
+//     columns of O (94-98 KB of shared memory: every sm_80+ part);
+//   kRowGroups 4: 64 rows (four m16 tiles), 8 warps as 4 row groups x 2 column halves, each
+//     warp owning 16 keys of S and 256 columns of O for its 16 rows (154-158 KB: A100 / H100
+//     class parts). DeepSeek-V3's 128 heads read each latent byte in 2 CTAs instead of 8.
+// The CTA walks its split in tiles of 32 keys, double-buffered with cp.async (a page lookup
+// per 16-byte chunk). Per tile, for warp (row group rg, column warp cw):
+//   S (16 x keys of cw) = Q K^T, k = 576: Q's A fragments by ldmatrix from a swizzled shared
+//   copy of Q (reused across the warp's key tiles), K's B fragments by ldmatrix from the
+//   swizzled tile;
+//   the row maxima of a row group's column warps meet in shared memory, so they hold the same
 //   running max; each warp writes its P columns (bf16) to shared memory;
-//   O (16 x 512) += P V: warp w owns O's columns 128w .. 128w + 127 (64 f32 per lane) and
-//   reads all 32 keys' P and its 128 columns of V (ldmatrix.trans on the same tile).
-// No cross-warp combine is needed at the end: the warps share the max, own disjoint columns,
-// and only their row sums (over their own keys) are added.
+//   O (16 x columns of cw) += P V over all 32 keys, V by ldmatrix.trans on the same tile.
+// No cross-warp combine is needed at the end: the column warps share the max, own disjoint
+// columns, and only their row sums (over their own keys) are added.
 //
 // fp8 caches: the latent codes and the bf16 k_pe land in a staging buffer; the codes are
 // widened to bf16 (exact: every e4m3 value is a bf16 value) into the swizzled tile, k_pe
@@ -41,52 +45,76 @@ constexpr float kNegInf = -INFINITY;
 constexpr int kLat = 512;                         // latent channels (and V's)
 constexpr int kRope = 64;                         // k_pe channels
 constexpr int kDim = kLat + kRope;                // 576
-constexpr int kWarps = int(LONGCTX_MLA_DECODE_WARPS);
-constexpr int kThreads = 32 * kWarps;
-constexpr int kRows = int(LONGCTX_MLA_DECODE_ROWS);
 constexpr int kTileN = int(LONGCTX_MLA_DECODE_TILE_KEYS);
 constexpr int kChunks = kDim / 8;                 // 16-byte chunks of a bf16 row: 72
 constexpr int kRowBytes = kDim * 2;               // 1152
 constexpr int kTileBytes = kTileN * kRowBytes;    // one swizzled bf16 tile
-constexpr int kQBytes = kRows * kRowBytes;
 constexpr int kPStride = kTileN * 2 + 16;         // bytes per P row (padded)
-constexpr int kPBytes = kRows * kPStride;
-constexpr int kRedBytes = 2 * kWarps * kRows * 4; // row maxima and row sums per warp
 constexpr int kScaleBytes = 2 * kTileN * 4;       // fp8 scales per stage
-constexpr int kColsPerWarp = kLat / kWarps;       // 128
 
-static_assert(kRows == 16, "one m16 tile of rows");
-static_assert(kTileN == 8 * kWarps, "each warp computes 8 keys of S");
 static_assert(kTileN % 16 == 0, "P V runs whole k16 steps");
 static_assert(kChunks % 8 == 0, "the XOR swizzle stays inside a row");
 
-template <bool kFp8> struct Layout {
+// The CTA's shape: kRowGroups m16 row tiles, each computed by kColWarps warps.
+template <int kRowGroups> struct Shape {
+    static constexpr int kColWarps = kRowGroups == 1 ? 4 : 2;
+    static constexpr int kWarps = kRowGroups * kColWarps;
+    static constexpr int kThreads = 32 * kWarps;
+    static constexpr int kRows = 16 * kRowGroups;
+    static constexpr int kKeysPerWarp = kTileN / kColWarps;  // S columns of one warp
+    static constexpr int kNTiles = kKeysPerWarp / 8;         // n8 tiles of S per warp
+    static constexpr int kColsPerWarp = kLat / kColWarps;    // O columns of one warp
+    static constexpr int kQBytes = kRows * kRowBytes;
+    static constexpr int kPBytes = kRows * kPStride;
+    static constexpr int kRedBytes = 2 * kColWarps * kRows * 4;  // row maxima and sums
+    static_assert(kKeysPerWarp % 8 == 0, "whole n8 tiles of S per warp");
+    static_assert(kColsPerWarp % 16 == 0, "whole ldmatrix.x4.trans pairs of V per warp");
+    static_assert(kWarps == int(kRowGroups == 1 ? LONGCTX_MLA_DECODE_WARPS : LONGCTX_MLA_DECODE_R64_WARPS),
+                  "warps as the host launches them");
+    static_assert(kRows == int(kRowGroups == 1 ? LONGCTX_MLA_DECODE_ROWS : LONGCTX_MLA_DECODE_R64_ROWS),
+                  "rows per tile as the host plans them");
+};
+
+template <bool kFp8, int kRowGroups> struct Layout {
+    using S = Shape<kRowGroups>;
     // fp8 stage: codes [kTileN][512] then k_pe [kTileN][64] bf16.
     static constexpr int kStageBytes = kFp8 ? kTileN * (kLat + 2 * kRope) : kTileBytes;
     static constexpr int kWide = 2 * kStageBytes;                 // fp8: the widened tile
     static constexpr int kQ = kWide + (kFp8 ? kTileBytes : 0);
-    static constexpr int kP = kQ + kQBytes;
-    static constexpr int kRed = kP + kPBytes;
-    static constexpr int kScale = kRed + kRedBytes;
+    static constexpr int kP = kQ + S::kQBytes;
+    static constexpr int kRed = kP + S::kPBytes;
+    static constexpr int kScale = kRed + S::kRedBytes;
     static constexpr int kBytes = kScale + kScaleBytes;
-    static constexpr int kLoadIters = kFp8 ? kTileN * (kLat / 16) / kThreads : kTileN * kChunks / kThreads;
-    static_assert(kBytes == int(kFp8 ? LONGCTX_MLA_DECODE_SMEM_FP8 : LONGCTX_MLA_DECODE_SMEM_BF16),
-                  "shared memory size as the host computes it");
-    static_assert(kBytes <= 99 * 1024, "fits sm_86 / sm_89's 99 KB per block");
+    static constexpr int kLoadIters =
+        kFp8 ? kTileN * (kLat / 16) / S::kThreads : kTileN * kChunks / S::kThreads;
+    static_assert(kLoadIters * S::kThreads == (kFp8 ? kTileN * (kLat / 16) : kTileN * kChunks),
+                  "the tile's chunks split evenly over the threads");
+    static constexpr int kHostBytes =
+        kRowGroups == 1 ? int(kFp8 ? LONGCTX_MLA_DECODE_SMEM_FP8 : LONGCTX_MLA_DECODE_SMEM_BF16)
+                        : int(kFp8 ? LONGCTX_MLA_DECODE_R64_SMEM_FP8 : LONGCTX_MLA_DECODE_R64_SMEM_BF16);
+    static_assert(kBytes == kHostBytes, "shared memory size as the host computes it");
+    static_assert(kRowGroups != 1 || kBytes <= 99 * 1024, "16 rows fit sm_86 / sm_89's 99 KB per block");
+    static_assert(kBytes <= 163 * 1024, "64 rows fit sm_80's 163 KB per block");
 };
 
 // Byte offset of chunk `c` (8 bf16) of row `r` in a swizzled 576-channel tile.
 __device__ __forceinline__ uint32_t swz(int r, int c) { return uint32_t(r * kRowBytes + ((c ^ (r & 7)) << 4)); }
 
-template <bool kFp8>
+template <bool kFp8, int kRowGroups>
 __device__ __forceinline__ void mla_decode_body(const LongctxMlaDecodeParams& p) {
     using T = __nv_bfloat16;
-    using L = Layout<kFp8>;
+    using S = Shape<kRowGroups>;
+    using L = Layout<kFp8, kRowGroups>;
+    constexpr int kThreads = S::kThreads;
+    constexpr int kRows = S::kRows;
+    constexpr int kColWarps = S::kColWarps;
+    constexpr int kNT = S::kNTiles;
+    constexpr int kColsPerWarp = S::kColsPerWarp;
 
     LONGCTX_DYNAMIC_SMEM(uint4, smem_main, 16);
     char* const smem = reinterpret_cast<char*>(smem_main);
-    float* const red_max = reinterpret_cast<float*>(smem + L::kRed);  // [warp][row]
-    float* const red_sum = red_max + kWarps * kRows;                   // [warp][row]
+    float* const red_max = reinterpret_cast<float*>(smem + L::kRed);  // [column warp][row]
+    float* const red_sum = red_max + kColWarps * kRows;                // [column warp][row]
     float* const smem_scale = reinterpret_cast<float*>(smem + L::kScale);  // [stage][key]
 
     const int tid = int(threadIdx.x);
@@ -94,6 +122,8 @@ __device__ __forceinline__ void mla_decode_body(const LongctxMlaDecodeParams& p)
     const int lane = tid & 31;
     const int g = lane >> 2;
     const int t4 = lane & 3;
+    const int rg = warp / kColWarps;  // row group: the CTA's rows 16 rg .. 16 rg + 15
+    const int cw = warp % kColWarps;  // column warp: S keys and O columns of the row group
 
     const int split = int(blockIdx.x);
     const int row_tile = int(blockIdx.y);
@@ -106,12 +136,16 @@ __device__ __forceinline__ void mla_decode_body(const LongctxMlaDecodeParams& p)
     const int rows_total = n_new * heads;
     const int r0 = row_tile * kRows;
     if (r0 >= rows_total) return;  // the whole CTA leaves: no row of this tile exists
+    // A row group past the sequence's rows skips its MMAs (its rows are masked anyway) but
+    // keeps to the barriers.
+    const bool rg_live = r0 + 16 * rg < rows_total;
 
-    // This lane's rows g and g + 8 see keys 0 ..= row_hi (none past the sequence's rows).
+    // This lane's rows (of the CTA) 16 rg + g and 16 rg + g + 8 see keys 0 ..= row_hi (none
+    // past the sequence's rows).
     int row_hi[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        const int row = r0 + g + 8 * h;
+        const int row = r0 + 16 * rg + g + 8 * h;
         row_hi[h] = row < rows_total ? len - n_new + row / heads : -1;
     }
     const int last = min(r0 + kRows, rows_total) - 1;
@@ -190,11 +224,12 @@ __device__ __forceinline__ void mla_decode_body(const LongctxMlaDecodeParams& p)
     for (int dj = 0; dj < kColsPerWarp / 8; ++dj)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[dj][e] = 0.f;
-    float row_max[2] = {kNegInf, kNegInf};  // raw score units, the same in every warp
+    float row_max[2] = {kNegInf, kNegInf};  // raw score units, the same in the row group's warps
     float row_sum[2] = {0.f, 0.f};          // this lane's partial sums over its warp's keys
 
     const float exp_scale = p.exp_scale;
-    const int n0 = warp * 8;  // this warp's first key of a tile for S
+    const int n0 = cw * S::kKeysPerWarp;  // this warp's first key of a tile for S
+    const int lr0 = 16 * rg + g;          // this lane's first row of the CTA (the other: + 8)
     const int n_tiles = hi > lo ? (hi - lo + kTileN - 1) / kTileN : 0;
     if (n_tiles > 0) {
         load_tile(lo, 0);
@@ -239,59 +274,78 @@ __device__ __forceinline__ void mla_decode_body(const LongctxMlaDecodeParams& p)
             tile = s_base + uint32_t(L::kWide);
         }
 
-        // S = Q K^T for this warp's 8 keys; s[2h + e] is row g + 8h, key n0 + 2 t4 + e.
-        float s[4] = {0.f, 0.f, 0.f, 0.f};
-        const int kr = n0 + (lane & 7);
-        const int qr = lane & 15;
+        // S = Q K^T for this warp's keys; s[nt][2h + e] is row lr0 + 8h, key n0 + 8 nt + 2 t4 + e.
+        float s[kNT][4];
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+        const int qr = 16 * rg + (lane & 15);
         auto s_steps = [&](int kk0, int kk1) {
 #pragma unroll 4
             for (int kk = kk0; kk < kk1; ++kk) {
-                // Two k16 steps: K matrices (keys, chunks 4kk .. 4kk + 3); Q's A fragments.
-                uint32_t bk[4], qa0[4], qa1[4];
-                ldmatrix_x4(bk, tile + swz(kr, 4 * kk + (lane >> 3)));
+                // Two k16 steps: Q's A fragments (rows of the group, chunks 4kk .. 4kk + 3),
+                // then per n8 tile the K matrices (8 keys, the same chunks).
+                uint32_t qa0[4], qa1[4];
                 ldmatrix_x4(qa0, q_s + swz(qr, 4 * kk + (lane >> 4)));
                 ldmatrix_x4(qa1, q_s + swz(qr, 4 * kk + 2 + (lane >> 4)));
-                mma_16816<T>(s, qa0, bk[0], bk[1]);
-                mma_16816<T>(s, qa1, bk[2], bk[3]);
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt) {
+                    uint32_t bk[4];
+                    ldmatrix_x4(bk, tile + swz(n0 + 8 * nt + (lane & 7), 4 * kk + (lane >> 3)));
+                    mma_16816<T>(s[nt], qa0, bk[0], bk[1]);
+                    mma_16816<T>(s[nt], qa1, bk[2], bk[3]);
+                }
             }
         };
         const int j_base = lo + t * kTileN + n0 + 2 * t4;
-        float vsc[2] = {1.f, 1.f};
-        if constexpr (kFp8) {
-            s_steps(0, kLat / 32);
+        float vsc[kNT][2];
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                vsc[e] = smem_scale[st * kTileN + n0 + 2 * t4 + e];
-                s[e] *= vsc[e];
-                s[2 + e] *= vsc[e];
+        for (int nt = 0; nt < kNT; ++nt) vsc[nt][0] = vsc[nt][1] = 1.f;
+        if (rg_live) {
+            if constexpr (kFp8) {
+                s_steps(0, kLat / 32);
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        vsc[nt][e] = smem_scale[st * kTileN + n0 + 8 * nt + 2 * t4 + e];
+                        s[nt][e] *= vsc[nt][e];
+                        s[nt][2 + e] *= vsc[nt][e];
+                    }
+                }
+                s_steps(kLat / 32, kDim / 32);
+            } else {
+                s_steps(0, kDim / 32);
             }
-            s_steps(kLat / 32, kDim / 32);
-        } else {
-            s_steps(0, kDim / 32);
         }
 
         // Mask; the tile's row maxima through shared memory.
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
+            float mx = kNegInf;
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int j = j_base + e;
-                if (j >= hi || j > row_hi[h]) s[2 * h + e] = kNegInf;
+            for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int j = j_base + 8 * nt + e;
+                    if (j >= hi || j > row_hi[h]) s[nt][2 * h + e] = kNegInf;
+                    mx = fmaxf(mx, s[nt][2 * h + e]);
+                }
             }
-            float mx = fmaxf(s[2 * h], s[2 * h + 1]);
             mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
-            if (t4 == 0) red_max[warp * kRows + g + 8 * h] = mx;
+            if (t4 == 0) red_max[cw * kRows + lr0 + 8 * h] = mx;
         }
         __syncthreads();
 
-        // Online softmax with the CTA's max; P (times the fp8 scale) to shared memory.
+        // Online softmax with the row group's max; P (times the fp8 scale) to shared memory.
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int r = g + 8 * h;
+            const int r = lr0 + 8 * h;
             float mx = red_max[r];
 #pragma unroll
-            for (int w = 1; w < kWarps; ++w) mx = fmaxf(mx, red_max[w * kRows + r]);
+            for (int w = 1; w < kColWarps; ++w) mx = fmaxf(mx, red_max[w * kRows + r]);
             const float m_new = fmaxf(row_max[h], mx);
             // A row with no visible key so far keeps max -inf: 0 stands in for it, so the
             // factors are 2^-inf = 0 instead of NaN.
@@ -305,56 +359,61 @@ __device__ __forceinline__ void mla_decode_body(const LongctxMlaDecodeParams& p)
                 acc[dj][2 * h + 1] *= corr;
             }
             const float m_scaled = m_use * exp_scale;
-            const float p0 = fast_exp2(fmaf(s[2 * h], exp_scale, -m_scaled));
-            const float p1 = fast_exp2(fmaf(s[2 * h + 1], exp_scale, -m_scaled));
-            row_sum[h] += p0 + p1;
-            *reinterpret_cast<uint32_t*>(smem + L::kP + r * kPStride + (n0 + 2 * t4) * 2) =
-                MmaType<T>::pack(p0 * vsc[0], p1 * vsc[1]);
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt) {
+                const float p0 = fast_exp2(fmaf(s[nt][2 * h], exp_scale, -m_scaled));
+                const float p1 = fast_exp2(fmaf(s[nt][2 * h + 1], exp_scale, -m_scaled));
+                row_sum[h] += p0 + p1;
+                *reinterpret_cast<uint32_t*>(smem + L::kP + r * kPStride + (n0 + 8 * nt + 2 * t4) * 2) =
+                    MmaType<T>::pack(p0 * vsc[nt][0], p1 * vsc[nt][1]);
+            }
         }
         __syncthreads();
 
-        // O[:, 128 warp ..] += P V over the tile's 32 keys.
+        // O[rows of rg, columns of cw] += P V over the tile's 32 keys.
+        if (rg_live) {
 #pragma unroll
-        for (int ks = 0; ks < kTileN / 16; ++ks) {
-            uint32_t pa[4];
-            const char* prow = smem + L::kP + (16 * ks + 2 * t4) * 2;
-            pa[0] = *reinterpret_cast<const uint32_t*>(prow + g * kPStride);
-            pa[1] = *reinterpret_cast<const uint32_t*>(prow + (g + 8) * kPStride);
-            pa[2] = *reinterpret_cast<const uint32_t*>(prow + g * kPStride + 16);
-            pa[3] = *reinterpret_cast<const uint32_t*>(prow + (g + 8) * kPStride + 16);
+            for (int ks = 0; ks < kTileN / 16; ++ks) {
+                uint32_t pa[4];
+                const char* prow = smem + L::kP + (16 * ks + 2 * t4) * 2;
+                pa[0] = *reinterpret_cast<const uint32_t*>(prow + lr0 * kPStride);
+                pa[1] = *reinterpret_cast<const uint32_t*>(prow + (lr0 + 8) * kPStride);
+                pa[2] = *reinterpret_cast<const uint32_t*>(prow + lr0 * kPStride + 16);
+                pa[3] = *reinterpret_cast<const uint32_t*>(prow + (lr0 + 8) * kPStride + 16);
 #pragma unroll
-            for (int dp = 0; dp < kColsPerWarp / 16; ++dp) {
-                // Matrices: (keys 0-7, cols lo), (keys 8-15, cols lo), (keys 0-7, cols hi),
-                // (keys 8-15, cols hi).
-                const int vr = 16 * ks + (lane & 15);
-                const int vc = warp * (kColsPerWarp / 8) + 2 * dp + (lane >> 4);
-                uint32_t bv[4];
-                ldmatrix_x4_trans(bv, tile + swz(vr, vc));
-                mma_16816<T>(acc[2 * dp], pa, bv[0], bv[1]);
-                mma_16816<T>(acc[2 * dp + 1], pa, bv[2], bv[3]);
+                for (int dp = 0; dp < kColsPerWarp / 16; ++dp) {
+                    // Matrices: (keys 0-7, cols lo), (keys 8-15, cols lo), (keys 0-7, cols hi),
+                    // (keys 8-15, cols hi).
+                    const int vr = 16 * ks + (lane & 15);
+                    const int vc = cw * (kColsPerWarp / 8) + 2 * dp + (lane >> 4);
+                    uint32_t bv[4];
+                    ldmatrix_x4_trans(bv, tile + swz(vr, vc));
+                    mma_16816<T>(acc[2 * dp], pa, bv[0], bv[1]);
+                    mma_16816<T>(acc[2 * dp + 1], pa, bv[2], bv[3]);
+                }
             }
         }
     }
 
-    // Row sums: over the lane quad, then over the warps.
+    // Row sums: over the lane quad, then over the row group's column warps.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         float l = row_sum[h];
         l += __shfl_xor_sync(kFullMask, l, 1);
         l += __shfl_xor_sync(kFullMask, l, 2);
-        if (t4 == 0) red_sum[warp * kRows + g + 8 * h] = l;
+        if (t4 == 0) red_sum[cw * kRows + lr0 + 8 * h] = l;
     }
     __syncthreads();
 
     const bool one_split = p.splits == 1;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        const int r = g + 8 * h;
+        const int r = lr0 + 8 * h;
         const int row = r0 + r;
         if (row >= rows_total) continue;
         float sum = 0.f;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) sum += red_sum[w * kRows + r];
+        for (int w = 0; w < kColWarps; ++w) sum += red_sum[w * kRows + r];
         const bool seen = row_max[h] != kNegInf && sum > 0.f;
         const float inv = seen ? 1.f / sum : 0.f;
         const float lse = seen ? (row_max[h] * exp_scale + log2f(sum)) * 0.6931471805599453f : kNegInf;
@@ -364,21 +423,21 @@ __device__ __forceinline__ void mla_decode_body(const LongctxMlaDecodeParams& p)
             T* out = reinterpret_cast<T*>(p.o) + token * p.o_token_stride + head * p.o_head_stride;
 #pragma unroll
             for (int dj = 0; dj < kColsPerWarp / 8; ++dj) {
-                const int c = warp * kColsPerWarp + 8 * dj + 2 * t4;
+                const int c = cw * kColsPerWarp + 8 * dj + 2 * t4;
                 out[c] = DType<T>::from_f32(acc[dj][2 * h] * inv);
                 out[c + 1] = DType<T>::from_f32(acc[dj][2 * h + 1] * inv);
             }
-            if (warp == 0 && t4 == 0 && p.lse != 0)
+            if (cw == 0 && t4 == 0 && p.lse != 0)
                 reinterpret_cast<float*>(p.lse)[head * p.lse_head_stride + token] = lse;
         } else {
             float* out = reinterpret_cast<float*>(p.part_o) + ((int64_t(split) * p.total_new + token) * heads + head) * kLat;
 #pragma unroll
             for (int dj = 0; dj < kColsPerWarp / 8; ++dj) {
-                const int c = warp * kColsPerWarp + 8 * dj + 2 * t4;
+                const int c = cw * kColsPerWarp + 8 * dj + 2 * t4;
                 out[c] = acc[dj][2 * h] * inv;
                 out[c + 1] = acc[dj][2 * h + 1] * inv;
             }
-            if (warp == 0 && t4 == 0)
+            if (cw == 0 && t4 == 0)
                 reinterpret_cast<float*>(p.part_lse)[(int64_t(split) * heads + head) * p.total_new + token] = lse;
         }
     }

@@ -202,8 +202,10 @@ typedef struct LongctxKvAppendParams {
  * Token t of sequence b is slot t % page_size of page block_table[b * max_pages_per_seq +
  * t / page_size]. Q is [total_new, heads, 576] bf16 ([q_abs | q_pe] per head); query i of the
  * n new tokens of sequence b, at position p = seqlens[b] - n + i, sees keys 0 ..= p. One CTA per
- * (split, row tile, sequence): row r of tile y is query token (16 y + r) / heads of head
- * (16 y + r) % heads. Split s covers keys [s * chunk, (s + 1) * chunk). One split writes O
+ * (split, row tile, sequence): row r of tile y is query token (R y + r) / heads of head
+ * (R y + r) % heads, R the kernel's rows per tile: 16 (longctx_mla_decode_bf16*, 4 warps) or
+ * 64 (longctx_mla_decode_r64_bf16*, 8 warps, for devices with 160 KB of shared memory per block).
+ * Split s covers keys [s * chunk, (s + 1) * chunk). One split writes O
  * [total_new, heads, 512] bf16 and the LSE (natural log, -inf for a row that saw no key); several
  * write f32 partial states [splits, total_new, heads, 512] and [splits, heads, total_new] that
  * merge_states combines. Dynamic shared memory: LONGCTX_MLA_DECODE_SMEM_*. */
@@ -212,6 +214,10 @@ typedef struct LongctxKvAppendParams {
 #define LONGCTX_MLA_DECODE_TILE_KEYS 32u
 #define LONGCTX_MLA_DECODE_SMEM_BF16 94208u
 #define LONGCTX_MLA_DECODE_SMEM_FP8 98304u
+#define LONGCTX_MLA_DECODE_R64_WARPS 8u
+#define LONGCTX_MLA_DECODE_R64_ROWS 64u
+#define LONGCTX_MLA_DECODE_R64_SMEM_BF16 153856u
+#define LONGCTX_MLA_DECODE_R64_SMEM_FP8 157952u
 
 typedef struct LongctxMlaDecodeParams {
     LongctxKvStep step;

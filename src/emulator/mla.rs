@@ -28,9 +28,11 @@ pub enum HostLatentCache<'a> {
     },
 }
 
-/// [`crate::mla::decode_absorbed`] on the CPU, for a device with `sm_count` SMs (the split
-/// plan's input). `layout` is the step's ([`crate::mla::latent_layout`]). Returns the plan
-/// it ran.
+/// [`crate::mla::decode_absorbed`] on the CPU, for a device with `sm_count` SMs and
+/// `smem_per_block` bytes of opt-in shared memory per block (the plan's inputs: 166,912
+/// for an A100, 232,448 for an H100, which pick the 64-row kernel for more than 16 rows;
+/// 101,376 for sm_86/89 parts, which keep the 16-row one). `layout` is the step's
+/// ([`crate::mla::latent_layout`]). Returns the plan it ran.
 ///
 /// # Errors
 /// As the GPU op, plus [`Error::Emulator`](crate::Error::Emulator) when a kernel misbehaves.
@@ -44,6 +46,7 @@ pub fn mla_decode(
     out: HostDecodeOutput<bf16>,
     workspace: &mut [f32],
     sm_count: usize,
+    smem_per_block: usize,
     opts: &MlaDecodeOptions,
 ) -> Result<MlaDecodePlan> {
     let shape = match *cache {
@@ -73,6 +76,7 @@ pub fn mla_decode(
         lse: out.lse.as_ref().map(|(b, l)| (*l, b.len())),
         workspace_len: workspace.len(),
         sm_count,
+        smem_per_block,
     }
     .validate(opts)?;
     let qb = HostBuf::input(q_lat, c"q");

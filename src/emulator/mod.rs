@@ -275,6 +275,8 @@ entries! {
     KvAppendBf16Fp8Scalar => longctx_kv_append_bf16_fp8_scalar, longctx_kv_append_bf16_fp8_scalar: sys::LongctxKvAppendParams;
     MlaDecodeBf16 => longctx_mla_decode_bf16, longctx_mla_decode_bf16: sys::LongctxMlaDecodeParams;
     MlaDecodeBf16Fp8 => longctx_mla_decode_bf16_fp8, longctx_mla_decode_bf16_fp8: sys::LongctxMlaDecodeParams;
+    MlaDecodeR64Bf16 => longctx_mla_decode_r64_bf16, longctx_mla_decode_r64_bf16: sys::LongctxMlaDecodeParams;
+    MlaDecodeR64Bf16Fp8 => longctx_mla_decode_r64_bf16_fp8, longctx_mla_decode_r64_bf16_fp8: sys::LongctxMlaDecodeParams;
     MlaAppendBf16 => longctx_mla_append_bf16, longctx_mla_append_bf16: sys::LongctxMlaAppendParams;
     MlaAppendBf16Fp8 => longctx_mla_append_bf16_fp8, longctx_mla_append_bf16_fp8: sys::LongctxMlaAppendParams;
 }

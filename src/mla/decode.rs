@@ -183,14 +183,17 @@ impl MlaDecodeOptions {
 }
 
 /// How one call is split: a pure function of the step's lengths, the head count and the
-/// device's SM count.
+/// device's SM count and shared memory per block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MlaDecodePlan {
     /// KV splits (CTAs per (row tile, sequence)); 1 writes the output directly.
     pub splits: usize,
     /// Keys per split, a multiple of the kernel's key tile.
     pub chunk: usize,
-    /// Row tiles of 16 (query token, head) rows per sequence.
+    /// (query token, head) rows per CTA: [`MLA_ROWS_NARROW`] or [`MLA_ROWS_WIDE`] (which
+    /// kernel runs).
+    pub rows_per_tile: usize,
+    /// Row tiles per sequence.
     pub row_tiles: usize,
 }
 
@@ -218,12 +221,24 @@ impl MlaDecodePlan {
 
 /// Keys per tile of the kernel.
 pub const MLA_TILE_KEYS: usize = sys::LONGCTX_MLA_DECODE_TILE_KEYS as usize;
-const ROWS: usize = sys::LONGCTX_MLA_DECODE_ROWS as usize;
+/// Rows per CTA of the kernel that runs on every sm_80+ part (4 warps, under 99 KB of
+/// shared memory).
+pub const MLA_ROWS_NARROW: usize = sys::LONGCTX_MLA_DECODE_ROWS as usize;
+/// Rows per CTA of the kernel for parts with at least [`MLA_WIDE_SMEM_BYTES`] of shared
+/// memory per block (A100, H100, H200: 8 warps; DeepSeek-V3's 128 heads read each latent
+/// byte in 2 CTAs instead of 8).
+pub const MLA_ROWS_WIDE: usize = sys::LONGCTX_MLA_DECODE_R64_ROWS as usize;
+/// The shared memory per block (opt-in) a device needs for the 64-row kernel (its fp8
+/// variant's, the larger).
+pub const MLA_WIDE_SMEM_BYTES: usize = sys::LONGCTX_MLA_DECODE_R64_SMEM_FP8 as usize;
 
-/// Plans a call: with [`Splits::Auto`], a batch whose (sequence, row tile) CTAs number at
-/// least twice the SM count runs unsplit; otherwise the longest sequence is cut into
-/// enough chunks of at least 256 keys (whole tiles) to reach that count, at most
-/// [`MAX_DECODE_SPLITS`].
+/// Plans a call. The kernel: 64 rows per CTA when a sequence has more than 16 (query
+/// token, head) rows and `smem_per_block` (the device's opt-in maximum,
+/// [`Device::smem_per_block`]) holds [`MLA_WIDE_SMEM_BYTES`], else 16. With
+/// [`Splits::Auto`], a batch whose (sequence, row tile) CTAs number at least the SM count
+/// times the CTAs an SM holds (2 of 16 rows on an H100, 1 of 64) runs unsplit; otherwise
+/// the longest sequence is cut into enough chunks of at least 256 keys (whole tiles) to
+/// reach that count, at most [`MAX_DECODE_SPLITS`].
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] for `heads` outside 1..=[`MAX_MLA_HEADS`], more than
@@ -233,6 +248,7 @@ pub fn plan_mla_decode(
     step: &ValidatedStep,
     heads: usize,
     sm_count: usize,
+    smem_per_block: usize,
     splits: Splits,
 ) -> Result<MlaDecodePlan> {
     if heads == 0 || heads > MAX_MLA_HEADS {
@@ -253,7 +269,14 @@ pub fn plan_mla_decode(
         ));
     }
     // Bounded: heads <= 128, max_new <= 16.
-    let row_tiles = (heads * step.max_new).div_ceil(ROWS).max(1);
+    let rows = heads * step.max_new;
+    let wide = rows > MLA_ROWS_NARROW && smem_per_block >= MLA_WIDE_SMEM_BYTES;
+    let (rows_per_tile, ctas_per_sm) = if wide {
+        (MLA_ROWS_WIDE, 1)
+    } else {
+        (MLA_ROWS_NARROW, 2)
+    };
+    let row_tiles = rows.div_ceil(rows_per_tile).max(1);
     if step.batch > 65_535 {
         return Err(Error::invalid(
             OP,
@@ -277,7 +300,7 @@ pub fn plan_mla_decode(
         }
         Splits::Auto => {
             let ctas = step.batch.saturating_mul(row_tiles);
-            let target = 2 * sm_count.max(1);
+            let target = ctas_per_sm * sm_count.max(1);
             if ctas == 0 || ctas >= target || max_len == 0 {
                 (1, round(max_len))
             } else {
@@ -297,6 +320,7 @@ pub fn plan_mla_decode(
     Ok(MlaDecodePlan {
         splits,
         chunk,
+        rows_per_tile,
         row_tiles,
     })
 }
@@ -324,6 +348,8 @@ pub struct MlaDecodeShape<'a> {
     pub workspace_len: usize,
     /// The device's SM count (the split plan's input).
     pub sm_count: usize,
+    /// The device's opt-in shared memory per block (picks the kernel).
+    pub smem_per_block: usize,
 }
 
 /// A call that passed [`MlaDecodeShape::validate`].
@@ -356,7 +382,13 @@ impl MlaDecodeShape<'_> {
     pub fn validate(&self, opts: &MlaDecodeOptions) -> Result<MlaDecodeValidated> {
         self.cache.validate(&self.layout)?;
         let heads = self.q.heads;
-        let plan = plan_mla_decode(self.step, heads, self.sm_count, opts.splits)?;
+        let plan = plan_mla_decode(
+            self.step,
+            heads,
+            self.sm_count,
+            self.smem_per_block,
+            opts.splits,
+        )?;
         let total_new = self.step.total_new;
         for (arg, x, len, d) in [
             ("q", &self.q, self.q_len, MLA_LATENT_DIM),
@@ -453,13 +485,16 @@ fn byte_addr(base: u64, offset: usize, elem: usize, arg: &'static str) -> Result
         .ok_or_else(|| Error::invalid(OP, arg, "offset overflows the address space"))
 }
 
-/// Dynamic shared memory of the kernel for a bf16 or fp8 cache.
-pub fn mla_decode_smem_bytes(fp8: bool) -> usize {
-    if fp8 {
-        sys::LONGCTX_MLA_DECODE_SMEM_FP8 as usize
-    } else {
-        sys::LONGCTX_MLA_DECODE_SMEM_BF16 as usize
-    }
+/// Dynamic shared memory of the kernel with `rows_per_tile` rows ([`MLA_ROWS_NARROW`] or
+/// [`MLA_ROWS_WIDE`]) for a bf16 or fp8 cache.
+pub fn mla_decode_smem_bytes(fp8: bool, rows_per_tile: usize) -> usize {
+    let bytes = match (rows_per_tile == MLA_ROWS_WIDE, fp8) {
+        (false, false) => sys::LONGCTX_MLA_DECODE_SMEM_BF16,
+        (false, true) => sys::LONGCTX_MLA_DECODE_SMEM_FP8,
+        (true, false) => sys::LONGCTX_MLA_DECODE_R64_SMEM_BF16,
+        (true, true) => sys::LONGCTX_MLA_DECODE_R64_SMEM_FP8,
+    };
+    bytes as usize
 }
 
 /// The launches of one validated call: the decode kernel, and with several splits the
@@ -539,16 +574,26 @@ pub(crate) fn plan_mla_decode_launch(
         exp_scale: v.exp_scale,
         pad0: 0,
     };
+    let wide = plan.rows_per_tile == MLA_ROWS_WIDE;
     let decode = KernelLaunch {
-        id: if v.fp8 {
-            KernelId::MlaDecodeBf16Fp8
-        } else {
-            KernelId::MlaDecodeBf16
+        id: match (wide, v.fp8) {
+            (false, false) => KernelId::MlaDecodeBf16,
+            (false, true) => KernelId::MlaDecodeBf16Fp8,
+            (true, false) => KernelId::MlaDecodeR64Bf16,
+            (true, true) => KernelId::MlaDecodeR64Bf16Fp8,
         },
         params,
         grid: (plan.splits as u32, plan.row_tiles as u32, step.batch as u32),
-        block: (32 * sys::LONGCTX_MLA_DECODE_WARPS, 1, 1),
-        smem_bytes: mla_decode_smem_bytes(v.fp8) as u32,
+        block: (
+            32 * if wide {
+                sys::LONGCTX_MLA_DECODE_R64_WARPS
+            } else {
+                sys::LONGCTX_MLA_DECODE_WARPS
+            },
+            1,
+            1,
+        ),
+        smem_bytes: mla_decode_smem_bytes(v.fp8, plan.rows_per_tile) as u32,
     };
     if plan.splits == 1 {
         return Ok(Some((decode, None)));
@@ -651,6 +696,7 @@ pub fn decode_absorbed(
         lse: out.lse.as_ref().map(|(b, l)| (*l, b.len())),
         workspace_len: workspace.as_ref().map_or(0, |w| w.len()),
         sm_count: dev.sm_count(),
+        smem_per_block: dev.smem_per_block(),
     }
     .validate(opts)?;
     let stream = dev.stream();
@@ -864,6 +910,7 @@ pub unsafe fn decode_absorbed_raw(
         lse: lse.map(|(b, l)| (l, b.len)),
         workspace_len: workspace.map_or(0, |w| w.len),
         sm_count: dev.sm_count(),
+        smem_per_block: dev.smem_per_block(),
     }
     .validate(opts)?;
     let stream = dev.stream();

@@ -25,7 +25,7 @@ pub use decode::{
     decode_absorbed, decode_absorbed_raw, latent_layout, mla_decode_smem_bytes, plan_mla_decode,
     LatentCache, LatentCacheShape, MlaDecodeOptions, MlaDecodePlan, MlaDecodeShape,
     MlaDecodeValidated, RawLatentCache, MAX_MLA_HEADS, MLA_KV_LORA_RANK, MLA_LATENT_DIM,
-    MLA_ROPE_DIM, MLA_TILE_KEYS,
+    MLA_ROPE_DIM, MLA_ROWS_NARROW, MLA_ROWS_WIDE, MLA_TILE_KEYS, MLA_WIDE_SMEM_BYTES,
 };
 #[cfg(feature = "emulator")]
 pub(crate) use decode::{plan_mla_decode_launch, MlaDecodeAddrs};

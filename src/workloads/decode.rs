@@ -559,6 +559,7 @@ pub struct MlaRun {
     lse: CudaSlice<f32>,
     workspace: CudaSlice<f32>,
     opts: crate::mla::MlaDecodeOptions,
+    plan: crate::mla::MlaDecodePlan,
 }
 
 enum MlaBufs {
@@ -651,7 +652,13 @@ impl MlaRun {
         let mut cfg = MlaConfig::deepseek_v3();
         cfg.heads = heads;
         let opts = MlaDecodeOptions::new(&cfg);
-        let plan = plan_mla_decode(step.validated(), heads, dev.sm_count(), opts.splits)?;
+        let plan = plan_mla_decode(
+            step.validated(),
+            heads,
+            dev.sm_count(),
+            dev.smem_per_block(),
+            opts.splits,
+        )?;
         let ws = plan.workspace_len(batch, heads)?;
         Ok(MlaRun {
             heads,
@@ -671,7 +678,13 @@ impl MlaRun {
             lse: dev.zeros(batch * heads)?,
             workspace: dev.zeros(ws.max(1))?,
             opts,
+            plan,
         })
+    }
+
+    /// The plan each step runs (which kernel: rows per CTA; splits).
+    pub fn plan(&self) -> crate::mla::MlaDecodePlan {
+        self.plan
     }
 
     /// One absorbed decode step.
