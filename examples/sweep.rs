@@ -614,7 +614,8 @@ fn merge_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<()> {
 /// `kv_cache::append_kv` (new K/V rows into their pages, K rotated on the way; bytes = new
 /// rows read in bf16 + written in the cache type, target the copy bandwidth) and
 /// `kv_cache::extend` (a prefill chunk over the cache on tensor cores; FLOPs as
-/// FlashAttention counts them for the bottom-right causal mask) at Llama-3-8B's heads.
+/// FlashAttention counts them for the bottom-right causal mask) at Llama-3-8B's heads, and
+/// at head dim 512 (the row-packed kernel) on the decode sweep's second model.
 fn append_extend_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<()> {
     use longctx::workloads::{decode_models, DecodeRun};
     let model = decode_models()[0];
@@ -664,7 +665,18 @@ fn append_extend_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<(
             (1, 131072, 4096),
         ]
     };
-    for &(batch, context, new) in cases {
+    // Head dim 512 (the row-packed kernel) on the few-head model, shorter contexts.
+    let wide = decode_models()[1];
+    let wide_cases: &[(usize, usize, usize)] = if quick {
+        &[(1, 8192, 1024)]
+    } else {
+        &[(1, 8192, 1024), (1, 32768, 2048)]
+    };
+    let runs = cases
+        .iter()
+        .map(|&c| (model, c))
+        .chain(wide_cases.iter().map(|&c| (wide, c)));
+    for (model, (batch, context, new)) in runs {
         let mut r = DecodeRun::with_new_tokens(dev, model, batch, context, 16, false, new, 6)?;
         let ms = time_gpu(dev, 3, 10, || r.run_extend(dev))?.median_ms();
         let tflops = r.extend_flops() / (ms * 1e-3) / 1e12;

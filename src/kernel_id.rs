@@ -146,6 +146,8 @@ pub(crate) enum KernelId {
     KvExtendBf16Hd96,
     KvExtendBf16Hd128,
     KvExtendBf16Hd256,
+    KvExtendF16Hd512,
+    KvExtendBf16Hd512,
     KvAppendF16Vec,
     KvAppendF16Scalar,
     KvAppendF16Fp8Vec,
@@ -260,6 +262,8 @@ impl KernelId {
         KernelId::KvExtendBf16Hd96,
         KernelId::KvExtendBf16Hd128,
         KernelId::KvExtendBf16Hd256,
+        KernelId::KvExtendF16Hd512,
+        KernelId::KvExtendBf16Hd512,
         KernelId::KvAppendF16Vec,
         KernelId::KvAppendF16Scalar,
         KernelId::KvAppendF16Fp8Vec,
@@ -344,6 +348,8 @@ impl KernelId {
             | KernelId::KvAppendBf16Scalar
             | KernelId::KvAppendBf16Fp8Vec
             | KernelId::KvAppendBf16Fp8Scalar => Family::KvCache,
+            // Head dim 512's extend is its own kernel in the KV cache's source file.
+            KernelId::KvExtendF16Hd512 | KernelId::KvExtendBf16Hd512 => Family::KvCache,
             KernelId::MlaDecodeBf16
             | KernelId::MlaDecodeBf16Fp8
             | KernelId::MlaDecodeR64Bf16
@@ -478,6 +484,8 @@ impl KernelId {
             KernelId::KvExtendBf16Hd96 => "longctx_kv_extend_bf16_hd96",
             KernelId::KvExtendBf16Hd128 => "longctx_kv_extend_bf16_hd128",
             KernelId::KvExtendBf16Hd256 => "longctx_kv_extend_bf16_hd256",
+            KernelId::KvExtendF16Hd512 => "longctx_kv_extend_f16_hd512",
+            KernelId::KvExtendBf16Hd512 => "longctx_kv_extend_bf16_hd512",
             KernelId::KvAppendF16Vec => "longctx_kv_append_f16_vec",
             KernelId::KvAppendF16Scalar => "longctx_kv_append_f16_scalar",
             KernelId::KvAppendF16Fp8Vec => "longctx_kv_append_f16_fp8_vec",

@@ -164,7 +164,11 @@ fn run_emu<T: AttnElement + CacheElement>(
         &c.options(),
     )
     .unwrap();
-    assert_eq!(tiles.ptx_arch, arch.ptx_arch());
+    match tiles {
+        // Head dim 512: the row-packed kernel, the same code on every arch.
+        None => assert_eq!(c.head_dim, 512),
+        Some(t) => assert_eq!(t.ptx_arch, arch.ptx_arch()),
+    }
     (o, lse)
 }
 
@@ -319,6 +323,36 @@ fn emu_extend_dims_dtypes_and_masks() {
                 },
             );
         }
+    }
+}
+
+/// Head dim 512 (the row-packed kernel: 16 (token, group head) rows per CTA, K and V tiles
+/// of 32 keys): page sizes 1, 3, 16, 64 and 256 against cache lengths around a page and
+/// chunks of 0, 1, 17 and 130 new tokens (130 x GQA 2 is 17 row tiles, the last one
+/// partial), GQA 1, 3 (row tiles that split a token's heads) and 4, windows shorter than a
+/// tile and than a chunk, softcap, f16 and bf16.
+#[test]
+fn emu_extend_head_dim_512() {
+    for (i, ps) in [1usize, 3, 16, 64, 256].into_iter().enumerate() {
+        let mut lens = vec![ps.saturating_sub(1), ps, ps + 1, 2 * ps + 40, 0];
+        let chunks = [0usize, 1, 17, 130];
+        let mut news: Vec<usize> = lens
+            .iter()
+            .enumerate()
+            .map(|(j, &l)| chunks[(j + ps) % 4].min(l))
+            .collect();
+        lens.push(200);
+        news.push(130);
+        let mut c = base(ps, lens, news);
+        c.head_dim = 512;
+        c.seed = 500 + ps as u64;
+        parity::<bf16>("bf16 d512", &c, Arch::Sm80);
+        c.group = [3, 4, 1, 3, 4][i];
+        c.heads_kv = 2;
+        c.window_left = Some([5, 40, 20, 150, 31][i]);
+        c.softcap = Some(5.0);
+        c.seed += 1000;
+        parity::<f16>("f16 d512 window softcap", &c, Arch::Sm90);
     }
 }
 
@@ -677,7 +711,7 @@ fn gpu_extend_parity() {
         c.seed = ps as u64;
         cases.push(c);
     }
-    for d in [64usize, 96, 128, 256] {
+    for d in [64usize, 96, 128, 256, 512] {
         let mut c = base(16, vec![150, 33, 17], vec![70, 33, 1]);
         c.head_dim = d;
         c.group = 4;

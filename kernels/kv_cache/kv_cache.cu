@@ -6,6 +6,7 @@
 #include "kv_cache/append_kernel.cuh"
 #include "kv_cache/decode_kernel.cuh"
 #include "kv_cache/decode_mma_kernel.cuh"
+#include "kv_cache/extend_wide_kernel.cuh"
 #include "kv_cache/merge_kernel.cuh"
 #include "kv_cache/mla_append_kernel.cuh"
 #include "kv_cache/mla_decode_kernel.cuh"
@@ -96,3 +97,13 @@ LONGCTX_MLA_DECODE_ENTRY(longctx_mla_decode_r64_bf16_fp8, true, 4, 1)
 
 LONGCTX_MLA_APPEND_ENTRY(longctx_mla_append_bf16, false)
 LONGCTX_MLA_APPEND_ENTRY(longctx_mla_append_bf16_fp8, true)
+
+// Extend at head dim 512 (extend_wide_kernel.cuh): the forward's tiles stop at 256.
+#define LONGCTX_KV_EXTEND_WIDE_ENTRY(NAME, T)                                            \
+    extern "C" __global__ void __launch_bounds__(longctx::extend_wide::kThreads)        \
+        NAME(const __grid_constant__ LongctxKvExtendParams p) {                          \
+        longctx::extend_wide::extend_wide_body<T>(p);                                    \
+    }
+
+LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_f16_hd512, __half)
+LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_bf16_hd512, __nv_bfloat16)

@@ -4,13 +4,14 @@ use super::{run, Arch, HostBuf, HostCache, HostDecodeOutput};
 use crate::attention::{AttnElement, TileConfig};
 use crate::error::Result;
 use crate::kv_cache::{
-    plan_extend_launch, CacheElement, CacheShape, ExtendAddrs, ExtendOptions, ExtendShape,
-    StepTable,
+    plan_extend_launch, plan_extend_wide_launch, CacheElement, CacheShape, ExtendAddrs,
+    ExtendOptions, ExtendShape, StepTable, EXTEND_WIDE_HEAD_DIM,
 };
 use crate::layout::HeadsLayout;
 
 /// [`crate::kv_cache::extend`] on the CPU, running the code compiled for `arch` (its tile
-/// shape, as the forward's emulated op does). Returns the tile shape it ran.
+/// shape, as the forward's emulated op does). Returns the tile shape it ran; `None` at head
+/// dim [`EXTEND_WIDE_HEAD_DIM`], whose row-packed kernel is the same code on every arch.
 ///
 /// # Errors
 /// As the GPU op, plus [`Error::Emulator`](crate::Error::Emulator) when the kernel
@@ -23,7 +24,7 @@ pub fn extend<T: AttnElement, S: CacheElement>(
     cache: &HostCache<S>,
     out: HostDecodeOutput<T>,
     opts: &ExtendOptions,
-) -> Result<TileConfig> {
+) -> Result<Option<TileConfig>> {
     let sv = cache.layout.validate_step(step)?;
     let v = ExtendShape {
         step: &sv,
@@ -41,7 +42,11 @@ pub fn extend<T: AttnElement, S: CacheElement>(
     }
     .validate(opts)?;
     let d = v.head_dim();
-    let tiles = TileConfig::for_code(d, d, arch.ptx_arch())?;
+    let tiles = if d == EXTEND_WIDE_HEAD_DIM {
+        None
+    } else {
+        Some(TileConfig::for_code(d, d, arch.ptx_arch())?)
+    };
     let qb = HostBuf::input(q, c"q");
     let kb = HostBuf::input(cache.k, c"cache.k");
     let vb = HostBuf::input(cache.v, c"cache.v");
@@ -61,7 +66,11 @@ pub fn extend<T: AttnElement, S: CacheElement>(
         seqlens: slb.addr(),
         cu_new: cnb.addr(),
     };
-    let Some(l) = plan_extend_launch::<T, S>(&sv, &v, &tiles, tiles.smem_bytes(), &addrs)? else {
+    let launch = match &tiles {
+        Some(t) => plan_extend_launch::<T, S>(&sv, &v, t, t.smem_bytes(), &addrs)?,
+        None => plan_extend_wide_launch::<T, S>(&sv, &v, &addrs)?,
+    };
+    let Some(l) = launch else {
         return Ok(tiles);
     };
     let mut bufs = vec![qb, kb, vb, btb, slb, cnb, ob];

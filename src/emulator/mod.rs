@@ -265,6 +265,8 @@ entries! {
     KvExtendBf16Hd96 => longctx_kv_extend_bf16_hd96, longctx_kv_extend_bf16_hd96_emu_sm90: sys::LongctxKvExtendParams;
     KvExtendBf16Hd128 => longctx_kv_extend_bf16_hd128, longctx_kv_extend_bf16_hd128_emu_sm90: sys::LongctxKvExtendParams;
     KvExtendBf16Hd256 => longctx_kv_extend_bf16_hd256, longctx_kv_extend_bf16_hd256_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendF16Hd512 => longctx_kv_extend_f16_hd512, longctx_kv_extend_f16_hd512: sys::LongctxKvExtendParams;
+    KvExtendBf16Hd512 => longctx_kv_extend_bf16_hd512, longctx_kv_extend_bf16_hd512: sys::LongctxKvExtendParams;
     KvAppendF16Vec => longctx_kv_append_f16_vec, longctx_kv_append_f16_vec: sys::LongctxKvAppendParams;
     KvAppendF16Scalar => longctx_kv_append_f16_scalar, longctx_kv_append_f16_scalar: sys::LongctxKvAppendParams;
     KvAppendF16Fp8Vec => longctx_kv_append_f16_fp8_vec, longctx_kv_append_f16_fp8_vec: sys::LongctxKvAppendParams;

@@ -6,6 +6,11 @@
 //! K/V row's address looked up in the sequence's page table. Types, validation, the launch
 //! plan shared by the CUDA path and the emulator, and the CUDA op.
 //!
+//! Head dim 512 is past the forward's tile table (a 64-row tile's O would be 256 f32 per
+//! lane); it runs a kernel of its own (kernels/kv_cache/extend_wide_kernel.cuh) that packs
+//! 16 (new token, query head of a KV head's group) rows per CTA, as the MLA decode does, on
+//! the same tensor-core main loop and online softmax.
+//!
 //! Caches of f16 and bf16 with the queries' type and head dims [`EXTEND_HEAD_DIMS`] are
 //! supported; an fp8 cache is [`Error::unsupported`] (future work: dequantise each K/V tile
 //! into shared memory before the ldmatrix loads).
@@ -31,7 +36,10 @@ const OP: &str = "extend";
 
 /// Head dims the extend kernels are built for (head_dim == head_dim_v; the forward's tile
 /// table rows).
-pub const EXTEND_HEAD_DIMS: &[usize] = &[64, 96, 128, 256];
+pub const EXTEND_HEAD_DIMS: &[usize] = &[64, 96, 128, 256, EXTEND_WIDE_HEAD_DIM];
+
+/// The head dim that runs the row-packed kernel instead of the forward's tiles.
+pub const EXTEND_WIDE_HEAD_DIM: usize = 512;
 
 /// Per-call options of [`extend`].
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -67,8 +75,9 @@ pub struct ExtendShape<'a> {
 /// An extend call that passed [`ExtendShape::validate`].
 #[derive(Debug, Clone)]
 pub struct ExtendValidated {
-    /// The portable tile shape of the head dim (the launch uses the loaded code's).
-    pub tiles: TileConfig,
+    /// The portable tile shape of the head dim (the launch uses the loaded code's); `None`
+    /// at [`EXTEND_WIDE_HEAD_DIM`], which runs the row-packed kernel.
+    pub tiles: Option<TileConfig>,
     heads_q: usize,
     total_new: usize,
     head_dim: usize,
@@ -116,7 +125,11 @@ impl ExtendShape<'_> {
                 format!("{d}: the extend kernels are built for {EXTEND_HEAD_DIMS:?}"),
             ));
         }
-        let tiles = TileConfig::for_head_dims(d, d)?;
+        let tiles = if d == EXTEND_WIDE_HEAD_DIM {
+            None
+        } else {
+            Some(TileConfig::for_head_dims(d, d)?)
+        };
         let heads_q = self.q.heads;
         if l.heads_kv == 0 || heads_q == 0 || heads_q % l.heads_kv != 0 {
             return Err(Error::invalid(
@@ -238,6 +251,8 @@ pub(crate) fn kernel_id(t: DType, d: usize) -> Result<KernelId> {
         (DType::BF16, 96) => KvExtendBf16Hd96,
         (DType::BF16, 128) => KvExtendBf16Hd128,
         (DType::BF16, 256) => KvExtendBf16Hd256,
+        (DType::F16, 512) => KvExtendF16Hd512,
+        (DType::BF16, 512) => KvExtendBf16Hd512,
         _ => {
             return Err(Error::unsupported(
                 OP,
@@ -359,6 +374,104 @@ pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
     }))
 }
 
+/// The launch of one validated call at [`EXTEND_WIDE_HEAD_DIM`], shared by the CUDA and
+/// emulated backends: grid (row tiles of 16 (token, group head) rows, KV heads, sequences),
+/// the kernel's fixed shared memory. Checks as [`plan_extend_launch`]. `None` for a call
+/// with no query row.
+pub(crate) fn plan_extend_wide_launch<T: AttnElement, S: CacheElement>(
+    step: &ValidatedStep,
+    v: &ExtendValidated,
+    a: &ExtendAddrs,
+) -> Result<Option<KernelLaunch<sys::LongctxKvExtendParams>>> {
+    if !same_type::<T, S>() {
+        return Err(Error::unsupported(
+            OP,
+            "cache",
+            format!(
+                "{:?} queries over a {:?} cache: extend reads caches of the queries' type",
+                T::DTYPE,
+                S::CACHE_DTYPE
+            ),
+        ));
+    }
+    if v.head_dim != EXTEND_WIDE_HEAD_DIM {
+        return Err(Error::invalid(
+            OP,
+            "head_dim",
+            format!("{} is not the row-packed kernel's", v.head_dim),
+        ));
+    }
+    if v.total_new == 0 || step.batch == 0 {
+        return Ok(None);
+    }
+    let id = kernel_id(T::DTYPE, v.head_dim)?;
+    for (addr, arg) in [(a.k, "cache.k"), (a.v, "cache.v")] {
+        if addr % 16 != 0 {
+            return Err(Error::misaligned(
+                OP,
+                arg,
+                format!("the cache starts at {addr:#x}; the kernel copies 16-byte chunks"),
+            ));
+        }
+    }
+    let elem = T::DTYPE.size();
+    check_alignment(&v.q, a.q, elem, "q")?;
+    check_alignment(&v.o, a.o, elem, "o")?;
+    let (lse, lse_stride) = match v.lse {
+        Some(l) => (
+            (l.offset as u64)
+                .checked_mul(4)
+                .and_then(|b| b.checked_add(a.lse))
+                .ok_or_else(|| Error::invalid(OP, "lse", "offset overflows the address space"))?,
+            l.head_stride as i64,
+        ),
+        None => (0, 0),
+    };
+    let heads_kv = v.cache.layout.heads_kv;
+    let group = v.heads_q / heads_kv;
+    let rows = sys::LONGCTX_KV_EXTEND_WIDE_ROWS as usize;
+    // max_new <= MAX_TOKENS and group <= 65535 (validate): no overflow in u64.
+    let row_tiles = (step.max_new as u64 * group as u64).div_ceil(rows as u64);
+    let m_blocks = u32::try_from(row_tiles)
+        .ok()
+        .filter(|&x| x <= i32::MAX as u32)
+        .ok_or_else(|| Error::invalid(OP, "cu_new", "too many row tiles for the grid"))?;
+    let zero = sys::LongctxAttnTensor {
+        data: 0,
+        token_stride: 0,
+        head_stride: 0,
+    };
+    let params = sys::LongctxKvExtendParams {
+        attn: sys::LongctxAttnParams {
+            q: tensor(&v.q, a.q, elem),
+            k: zero,
+            v: zero,
+            o: tensor(&v.o, a.o, elem),
+            lse,
+            lse_head_stride: lse_stride,
+            cu_seqlens_q: a.cu_new,
+            cu_seqlens_k: 0,
+            batch: step.batch as u32,
+            heads_q: v.heads_q as u32,
+            heads_per_kv: group as u32,
+            num_m_blocks: m_blocks,
+            window_left: v.window_left,
+            window_right: 0,
+            exp_scale: v.consts.exp_scale,
+            softcap_in: v.consts.softcap_in,
+        },
+        cache: cache_params(&v.cache, a.k, a.v, 0, 0),
+        step: step_params(step, a.block_table, a.seqlens, a.cu_new),
+    };
+    Ok(Some(KernelLaunch {
+        id,
+        params,
+        grid: (m_blocks, heads_kv as u32, step.batch as u32),
+        block: (32 * sys::LONGCTX_KV_EXTEND_WIDE_WARPS, 1, 1),
+        smem_bytes: sys::LONGCTX_KV_EXTEND_WIDE_SMEM,
+    }))
+}
+
 /// Attention of each sequence's new tokens (any number: a prefill chunk, or decode's one)
 /// over its paged cache on `dev`'s stream, with the attention forward's tensor-core kernel.
 /// The step's new tokens must already be in the cache (append first): query i of the n
@@ -440,6 +553,9 @@ pub fn extend<T: AttnElement, S: CacheElement>(
     }
     let d = v.head_dim;
     let id = kernel_id(T::DTYPE, d)?;
+    if d == EXTEND_WIDE_HEAD_DIM {
+        return launch_wide::<T, S>(dev, step, q, cache, out, &v);
+    }
     // The key tile depends on which code the driver loaded (the sm_90a cubin or code for
     // compute_80); shared memory covers the larger of its tiles and the device arch's own,
     // as the forward does.
@@ -498,6 +614,66 @@ pub fn extend<T: AttnElement, S: CacheElement>(
     // memory was sized for the loaded code's tiles and opted into above. Outputs are
     // borrowed mutably, so no input aliases them; the guards keep every buffer alive until
     // the launch is queued.
+    unsafe { builder.launch(l.config()) }
+        .map(|_| ())
+        .map_err(cuda_err(OP))
+}
+
+/// [`extend`]'s launch at [`EXTEND_WIDE_HEAD_DIM`].
+fn launch_wide<T: AttnElement, S: CacheElement>(
+    dev: &Device,
+    step: &KvStep,
+    q: &dyn DevicePtr<T>,
+    cache: &PagedCache<S>,
+    out: DecodeOutput<T>,
+    v: &ExtendValidated,
+) -> Result<()> {
+    let sv = step.validated();
+    let stream = dev.stream();
+    let (qp, _g0) = q.device_ptr(stream);
+    let (kp, _g1) = cache.k.device_ptr(stream);
+    let (vp, _g2) = cache.v.device_ptr(stream);
+    let (bt, _g3) = step.block_table().device_ptr(stream);
+    let (sl, _g4) = step.seqlens().device_ptr(stream);
+    let (cn, _g5) = step.cu_new().device_ptr(stream);
+    let DecodeOutput { o, lse, .. } = out;
+    let (op, _g6) = o.device_ptr_mut(stream);
+    let (lp, _g7) = match lse {
+        Some((l, _)) => {
+            let (p, g) = l.device_ptr_mut(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let Some(l) = plan_extend_wide_launch::<T, S>(
+        sv,
+        v,
+        &ExtendAddrs {
+            q: qp,
+            o: op,
+            lse: lp,
+            k: kp,
+            v: vp,
+            block_table: bt,
+            seqlens: sl,
+            cu_new: cn,
+        },
+    )?
+    else {
+        return Ok(());
+    };
+    dev.allow_dynamic_smem(l.id, l.smem_bytes as usize, OP, "head_dim")?;
+    let func = dev.function(l.id)?;
+    let mut builder = stream.launch_builder(&func);
+    builder.arg(&l.params);
+    // SAFETY: as in `extend`: the step's device arrays were validated against the cache's
+    // layout when the KvStep was built; ExtendShape::validate proved the cache buffers hold
+    // the whole layout, the Q, O and LSE views inside their buffers, lengths within
+    // MAX_TOKENS, heads_q a multiple of heads_kv and the grid within limits;
+    // plan_extend_wide_launch checked the dtype pair and the 16-byte alignment of the cache,
+    // Q and O (cache rows are 1024 bytes). The kernel's fixed shared memory was opted into
+    // above. Outputs are borrowed mutably; the guards keep every buffer alive until the
+    // launch is queued.
     unsafe { builder.launch(l.config()) }
         .map(|_| ())
         .map_err(cuda_err(OP))

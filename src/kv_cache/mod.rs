@@ -45,9 +45,11 @@ pub use decode::{
 };
 #[cfg(feature = "emulator")]
 pub(crate) use decode::{plan_decode_launch, DecodeAddrs};
-pub use extend::{extend, ExtendOptions, ExtendShape, ExtendValidated, EXTEND_HEAD_DIMS};
+pub use extend::{
+    extend, ExtendOptions, ExtendShape, ExtendValidated, EXTEND_HEAD_DIMS, EXTEND_WIDE_HEAD_DIM,
+};
 #[cfg(feature = "emulator")]
-pub(crate) use extend::{plan_extend_launch, ExtendAddrs};
+pub(crate) use extend::{plan_extend_launch, plan_extend_wide_launch, ExtendAddrs};
 mod reference_append;
 
 pub use append::{

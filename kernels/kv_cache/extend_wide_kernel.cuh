@@ -1,0 +1,301 @@
+// Extend (chunked prefill) over a paged cache at head dim 512 on tensor cores (kernels/params/
+// kv_cache_params.h has the layouts; src/kv_cache/extend.rs the host side).
+//
+// The attention forward's tile table stops at head dim 256: a 64-row tile's O at 512 columns
+// is 256 f32 per lane. This kernel packs rows differently, as the MLA decode does: one CTA per
+// (row tile, KV head, sequence); its 16 rows are (new token, query head of the KV head's
+// group) pairs, row = token x group + head-in-group, each with its own causal (bottom-right)
+// and window bounds, so a chunk of any length runs in ceil(tokens x group / 16) row tiles and
+// every query head of the group shares each K/V byte the CTA reads. Four warps; per tile of
+// 32 keys:
+//   S (16 x 32) = Q K^T, k = 512: warp w computes keys 8w .. 8w + 7 (Q's A fragments by
+//   ldmatrix from a swizzled shared copy of Q, K's B fragments by ldmatrix from the swizzled
+//   K tile); softcap; the four warps' row maxima meet in shared memory, so every warp
+//   carries the same running max; each warp writes its P columns to shared memory;
+//   O (16 x 512) += P V: warp w owns O's columns 128w .. 128w + 127 (64 f32 per lane), V by
+//   ldmatrix.trans from the V tile.
+// K and V have one shared-memory buffer each (32 KB) and are pipelined as FlashAttention-2
+// does: V(t) is copied while S(t) is computed, K(t + 1) while P V(t) is. 82 KB of shared
+// memory in all, so every sm_80+ part runs it.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+
+#include "common/cp_async.cuh"
+#include "common/dtype.cuh"
+#include "common/fast_math.cuh"
+#include "common/mma.cuh"
+#include "common/smem.cuh"
+#include "params/attention_params.h"
+#include "params/kv_cache_params.h"
+
+namespace longctx {
+namespace extend_wide {
+
+constexpr unsigned kFullMask = 0xFFFFFFFFu;
+constexpr float kNegInf = -INFINITY;
+
+constexpr int kDim = 512;
+constexpr int kWarps = int(LONGCTX_KV_EXTEND_WIDE_WARPS);
+constexpr int kThreads = 32 * kWarps;
+constexpr int kRows = int(LONGCTX_KV_EXTEND_WIDE_ROWS);
+constexpr int kTileN = int(LONGCTX_KV_EXTEND_WIDE_TILE_KEYS);
+constexpr int kChunks = kDim / 8;               // 16-byte chunks of a row: 64
+constexpr int kRowBytes = kDim * 2;             // 1024
+constexpr int kTileBytes = kTileN * kRowBytes;  // one swizzled K or V tile
+constexpr int kPStride = kTileN * 2 + 16;       // bytes per P row (padded)
+constexpr int kColsPerWarp = kDim / kWarps;     // 128
+
+constexpr int kOffK = 0;
+constexpr int kOffV = kOffK + kTileBytes;
+constexpr int kOffQ = kOffV + kTileBytes;
+constexpr int kOffP = kOffQ + kRows * kRowBytes;
+constexpr int kOffRed = kOffP + kRows * kPStride;
+constexpr int kSmemBytes = kOffRed + 2 * kWarps * kRows * 4;
+
+static_assert(kRows == 16, "one m16 tile of rows");
+static_assert(kTileN == 8 * kWarps, "each warp computes 8 keys of S");
+static_assert(kTileN % 16 == 0, "P V runs whole k16 steps");
+static_assert(kTileN * kChunks % kThreads == 0, "a tile's chunks split evenly over the threads");
+static_assert(kSmemBytes == int(LONGCTX_KV_EXTEND_WIDE_SMEM), "shared memory as the host computes it");
+static_assert(kSmemBytes <= 99 * 1024, "fits sm_86 / sm_89's 99 KB per block");
+
+// Byte offset of chunk `c` (8 elements) of row `r` in a swizzled 512-channel tile.
+__device__ __forceinline__ uint32_t swz(int r, int c) { return uint32_t(r * kRowBytes + ((c ^ (r & 7)) << 4)); }
+
+template <typename T>
+__device__ __forceinline__ void extend_wide_body(const LongctxKvExtendParams& p) {
+    LONGCTX_DYNAMIC_SMEM(uint4, smem_main, 16);
+    char* const smem = reinterpret_cast<char*>(smem_main);
+    float* const red_max = reinterpret_cast<float*>(smem + kOffRed);  // [warp][row]
+    float* const red_sum = red_max + kWarps * kRows;                   // [warp][row]
+
+    const int tid = int(threadIdx.x);
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int g = lane >> 2;
+    const int t4 = lane & 3;
+
+    const int row_tile = int(blockIdx.x);
+    const int head_kv = int(blockIdx.y);
+    const int b = int(blockIdx.z);
+    const int* cu_new = reinterpret_cast<const int*>(p.step.cu_new);
+    const int len = reinterpret_cast<const int*>(p.step.seqlens)[b];
+    const int tok0 = cu_new[b];
+    const int n_new = cu_new[b + 1] - tok0;
+    const int group = int(p.attn.heads_per_kv);
+    const int rows_total = n_new * group;
+    const int r0 = row_tile * kRows;
+    if (r0 >= rows_total) return;  // the whole CTA leaves: no row of this tile exists
+    const int window = p.attn.window_left;
+
+    // This lane's rows g and g + 8 see keys row_lo ..= row_hi (none past the sequence's rows).
+    int row_lo[2], row_hi[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = r0 + g + 8 * h;
+        const int pos = len - n_new + row / group;
+        row_hi[h] = row < rows_total ? pos : -1;
+        row_lo[h] = max(0, pos - window);
+    }
+    const int first = r0;
+    const int last = min(r0 + kRows, rows_total) - 1;
+    const int cta_hi = len - n_new + last / group;                   // the last key any row sees
+    const int lo = max(0, len - n_new + first / group - window);      // the first key any row sees
+    const int hi = min(len, cta_hi + 1);                              // exclusive
+
+    const uint32_t s_base = smem_addr_of(smem);
+    const uint32_t q_s = s_base + uint32_t(kOffQ);
+
+    // Q's rows into the swizzled shared copy (zeros for rows past the sequence's).
+    const T* q = reinterpret_cast<const T*>(p.attn.q.data);
+    for (int i = tid; i < kRows * kChunks; i += kThreads) {
+        const int r = i / kChunks;
+        const int c = i % kChunks;
+        const int row = r0 + r;
+        uint4 x = make_uint4(0u, 0u, 0u, 0u);
+        if (row < rows_total) {
+            const int head = head_kv * group + row % group;
+            const T* src = q + int64_t(tok0 + row / group) * p.attn.q.token_stride +
+                           int64_t(head) * p.attn.q.head_stride + 8 * c;
+            x = *reinterpret_cast<const uint4*>(src);
+        }
+        *reinterpret_cast<uint4*>(smem + kOffQ + swz(r, c)) = x;
+    }
+
+    const int page_size = int(p.cache.page_size);
+    const int heads_kv = int(p.cache.heads_kv);
+    const int* table = reinterpret_cast<const int*>(p.step.block_table) + int64_t(b) * p.step.max_pages_per_seq;
+
+    // Copies keys j0 .. j0 + kTileN of K or V (rows past hi are zero-filled).
+    auto load_tile = [&](uint64_t base, int j0, int off) {
+        const uint32_t dst = s_base + uint32_t(off);
+#pragma unroll 4
+        for (int i = 0; i < kTileN * kChunks / kThreads; ++i) {
+            const int chunk = i * kThreads + tid;
+            const int row = chunk / kChunks;
+            const int col = chunk % kChunks;
+            const int j = j0 + row;
+            const bool valid = j < hi;
+            const int jj = valid ? j : j0;
+            const int64_t slot = int64_t(table[jj / page_size]) * page_size + jj % page_size;
+            cp_async_16(dst + swz(row, col),
+                        reinterpret_cast<const T*>(base) + (slot * heads_kv + head_kv) * kDim + col * 8, valid);
+        }
+    };
+
+    float acc[kColsPerWarp / 8][4];
+#pragma unroll
+    for (int dj = 0; dj < kColsPerWarp / 8; ++dj)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[dj][e] = 0.f;
+    float row_max[2] = {kNegInf, kNegInf};  // transformed score units, the same in every warp
+    float row_sum[2] = {0.f, 0.f};          // this lane's partial sums over its warp's keys
+
+    const float exp_scale = p.attn.exp_scale;
+    const float softcap_in = p.attn.softcap_in;
+    const int n0 = warp * 8;  // this warp's first key of a tile for S
+    const int t0 = lo / kTileN;
+    const int n_tiles = hi > lo ? (hi - 1) / kTileN - t0 + 1 : 0;
+    // Groups in flight: K(t) then V(t) are committed in that order, K(t + 1) after S(t).
+    if (n_tiles > 0) {
+        load_tile(p.cache.k, t0 * kTileN, kOffK);
+        cp_async_commit();
+    }
+    for (int t = 0; t < n_tiles; ++t) {
+        const int j0 = (t0 + t) * kTileN;
+        __syncthreads();  // every warp is done with V(t - 1) and P (and Q landed)
+        load_tile(p.cache.v, j0, kOffV);
+        cp_async_commit();
+        cp_async_wait<1>();  // K(t) landed (V(t) may be in flight)
+        __syncthreads();
+
+        // S = Q K^T for this warp's 8 keys; s[2h + e] is row g + 8h, key n0 + 2 t4 + e.
+        float s[4] = {0.f, 0.f, 0.f, 0.f};
+        const int kr = n0 + (lane & 7);
+        const int qr = lane & 15;
+#pragma unroll 4
+        for (int kk = 0; kk < kDim / 32; ++kk) {
+            uint32_t bk[4], qa0[4], qa1[4];
+            ldmatrix_x4(bk, s_base + uint32_t(kOffK) + swz(kr, 4 * kk + (lane >> 3)));
+            ldmatrix_x4(qa0, q_s + swz(qr, 4 * kk + (lane >> 4)));
+            ldmatrix_x4(qa1, q_s + swz(qr, 4 * kk + 2 + (lane >> 4)));
+            mma_16816<T>(s, qa0, bk[0], bk[1]);
+            mma_16816<T>(s, qa1, bk[2], bk[3]);
+        }
+        if (softcap_in != 0.f) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[e] = fast_tanh(s[e] * softcap_in);
+        }
+
+        // Mask; the tile's row maxima through shared memory.
+        const int j_base = j0 + n0 + 2 * t4;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int j = j_base + e;
+                if (j >= hi || j > row_hi[h] || j < row_lo[h]) s[2 * h + e] = kNegInf;
+            }
+            float mx = fmaxf(s[2 * h], s[2 * h + 1]);
+            mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
+            if (t4 == 0) red_max[warp * kRows + g + 8 * h] = mx;
+        }
+        __syncthreads();  // every warp is done with K(t): K(t + 1) may land there
+        if (t + 1 < n_tiles) {
+            load_tile(p.cache.k, j0 + kTileN, kOffK);
+        }
+        cp_async_commit();  // possibly empty: keeps the group count uniform
+
+        // Online softmax with the CTA's max; P to shared memory.
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = g + 8 * h;
+            float mx = red_max[r];
+#pragma unroll
+            for (int w = 1; w < kWarps; ++w) mx = fmaxf(mx, red_max[w * kRows + r]);
+            const float m_new = fmaxf(row_max[h], mx);
+            // A row with no visible key so far keeps max -inf: 0 stands in for it, so the
+            // factors are 2^-inf = 0 instead of NaN.
+            const float m_use = m_new == kNegInf ? 0.f : m_new;
+            const float corr = fast_exp2((row_max[h] - m_use) * exp_scale);
+            row_max[h] = m_new;
+            row_sum[h] *= corr;
+#pragma unroll
+            for (int dj = 0; dj < kColsPerWarp / 8; ++dj) {
+                acc[dj][2 * h] *= corr;
+                acc[dj][2 * h + 1] *= corr;
+            }
+            const float m_scaled = m_use * exp_scale;
+            const float p0 = fast_exp2(fmaf(s[2 * h], exp_scale, -m_scaled));
+            const float p1 = fast_exp2(fmaf(s[2 * h + 1], exp_scale, -m_scaled));
+            row_sum[h] += p0 + p1;
+            *reinterpret_cast<uint32_t*>(smem + kOffP + r * kPStride + (n0 + 2 * t4) * 2) =
+                MmaType<T>::pack(p0, p1);
+        }
+        cp_async_wait<1>();  // V(t) landed (K(t + 1) may be in flight)
+        __syncthreads();     // and P is complete
+
+        // O[:, 128 warp ..] += P V over the tile's 32 keys.
+#pragma unroll
+        for (int ks = 0; ks < kTileN / 16; ++ks) {
+            uint32_t pa[4];
+            const char* prow = smem + kOffP + (16 * ks + 2 * t4) * 2;
+            pa[0] = *reinterpret_cast<const uint32_t*>(prow + g * kPStride);
+            pa[1] = *reinterpret_cast<const uint32_t*>(prow + (g + 8) * kPStride);
+            pa[2] = *reinterpret_cast<const uint32_t*>(prow + g * kPStride + 16);
+            pa[3] = *reinterpret_cast<const uint32_t*>(prow + (g + 8) * kPStride + 16);
+#pragma unroll
+            for (int dp = 0; dp < kColsPerWarp / 16; ++dp) {
+                // Matrices: (keys 0-7, cols lo), (keys 8-15, cols lo), (keys 0-7, cols hi),
+                // (keys 8-15, cols hi).
+                const int vr = 16 * ks + (lane & 15);
+                const int vc = warp * (kColsPerWarp / 8) + 2 * dp + (lane >> 4);
+                uint32_t bv[4];
+                ldmatrix_x4_trans(bv, s_base + uint32_t(kOffV) + swz(vr, vc));
+                mma_16816<T>(acc[2 * dp], pa, bv[0], bv[1]);
+                mma_16816<T>(acc[2 * dp + 1], pa, bv[2], bv[3]);
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // Row sums: over the lane quad, then over the warps.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float l = row_sum[h];
+        l += __shfl_xor_sync(kFullMask, l, 1);
+        l += __shfl_xor_sync(kFullMask, l, 2);
+        if (t4 == 0) red_sum[warp * kRows + g + 8 * h] = l;
+    }
+    __syncthreads();
+
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = g + 8 * h;
+        const int row = r0 + r;
+        if (row >= rows_total) continue;
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) sum += red_sum[w * kRows + r];
+        const bool seen = row_max[h] != kNegInf && sum > 0.f;
+        const float inv = seen ? 1.f / sum : 0.f;
+        const int64_t token = tok0 + row / group;
+        const int64_t head = int64_t(head_kv) * group + row % group;
+        T* out = reinterpret_cast<T*>(p.attn.o.data) + token * p.attn.o.token_stride + head * p.attn.o.head_stride;
+#pragma unroll
+        for (int dj = 0; dj < kColsPerWarp / 8; ++dj) {
+            const int c = warp * kColsPerWarp + 8 * dj + 2 * t4;
+            *reinterpret_cast<uint32_t*>(out + c) =
+                MmaType<T>::pack(acc[dj][2 * h] * inv, acc[dj][2 * h + 1] * inv);
+        }
+        if (warp == 0 && t4 == 0 && p.attn.lse != 0) {
+            const float lse = seen ? (row_max[h] * exp_scale + log2f(sum)) * 0.6931471805599453f : kNegInf;
+            reinterpret_cast<float*>(p.attn.lse)[head * p.attn.lse_head_stride + token] = lse;
+        }
+    }
+}
+
+}  // namespace extend_wide
+}  // namespace longctx
