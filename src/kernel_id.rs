@@ -148,6 +148,8 @@ pub(crate) enum KernelId {
     KvExtendBf16Hd256,
     KvExtendF16Hd512,
     KvExtendBf16Hd512,
+    KvExtendR64F16Hd512,
+    KvExtendR64Bf16Hd512,
     KvAppendF16Vec,
     KvAppendF16Scalar,
     KvAppendF16Fp8Vec,
@@ -264,6 +266,8 @@ impl KernelId {
         KernelId::KvExtendBf16Hd256,
         KernelId::KvExtendF16Hd512,
         KernelId::KvExtendBf16Hd512,
+        KernelId::KvExtendR64F16Hd512,
+        KernelId::KvExtendR64Bf16Hd512,
         KernelId::KvAppendF16Vec,
         KernelId::KvAppendF16Scalar,
         KernelId::KvAppendF16Fp8Vec,
@@ -349,7 +353,10 @@ impl KernelId {
             | KernelId::KvAppendBf16Fp8Vec
             | KernelId::KvAppendBf16Fp8Scalar => Family::KvCache,
             // Head dim 512's extend is its own kernel in the KV cache's source file.
-            KernelId::KvExtendF16Hd512 | KernelId::KvExtendBf16Hd512 => Family::KvCache,
+            KernelId::KvExtendF16Hd512
+            | KernelId::KvExtendBf16Hd512
+            | KernelId::KvExtendR64F16Hd512
+            | KernelId::KvExtendR64Bf16Hd512 => Family::KvCache,
             KernelId::MlaDecodeBf16
             | KernelId::MlaDecodeBf16Fp8
             | KernelId::MlaDecodeR64Bf16
@@ -486,6 +493,8 @@ impl KernelId {
             KernelId::KvExtendBf16Hd256 => "longctx_kv_extend_bf16_hd256",
             KernelId::KvExtendF16Hd512 => "longctx_kv_extend_f16_hd512",
             KernelId::KvExtendBf16Hd512 => "longctx_kv_extend_bf16_hd512",
+            KernelId::KvExtendR64F16Hd512 => "longctx_kv_extend_r64_f16_hd512",
+            KernelId::KvExtendR64Bf16Hd512 => "longctx_kv_extend_r64_bf16_hd512",
             KernelId::KvAppendF16Vec => "longctx_kv_append_f16_vec",
             KernelId::KvAppendF16Scalar => "longctx_kv_append_f16_scalar",
             KernelId::KvAppendF16Fp8Vec => "longctx_kv_append_f16_fp8_vec",

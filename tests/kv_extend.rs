@@ -20,6 +20,7 @@ use longctx::kv_cache::{
 };
 use longctx::layout::HeadsLayout;
 use longctx::{Error, ErrorKind};
+use proptest::prelude::*;
 
 /// One extend problem: the logical cache, the paging, the queries.
 #[derive(Debug, Clone)]
@@ -326,11 +327,12 @@ fn emu_extend_dims_dtypes_and_masks() {
     }
 }
 
-/// Head dim 512 (the row-packed kernel: 16 (token, group head) rows per CTA, K and V tiles
-/// of 32 keys): page sizes 1, 3, 16, 64 and 256 against cache lengths around a page and
-/// chunks of 0, 1, 17 and 130 new tokens (130 x GQA 2 is 17 row tiles, the last one
-/// partial), GQA 1, 3 (row tiles that split a token's heads) and 4, windows shorter than a
-/// tile and than a chunk, softcap, f16 and bf16.
+/// Head dim 512 (the row-packed kernels: 16 or 64 (token, group head) rows per CTA, K and V
+/// tiles of 32 keys): page sizes 1, 3, 16, 64 and 256 against cache lengths around a page
+/// and chunks of 0, 1, 17 and 130 new tokens (130 x GQA 2 is 17 row tiles of 16, the last
+/// one partial, or 5 of 64), GQA 1, 3 (row tiles that split a token's heads; 17 x 3 rows
+/// leave a 64-row tile's last row group 3 live rows) and 4, windows shorter than a tile and
+/// than a chunk, softcap, f16 and bf16, each on both kernels.
 #[test]
 fn emu_extend_head_dim_512() {
     for (i, ps) in [1usize, 3, 16, 64, 256].into_iter().enumerate() {
@@ -346,13 +348,67 @@ fn emu_extend_head_dim_512() {
         let mut c = base(ps, lens, news);
         c.head_dim = 512;
         c.seed = 500 + ps as u64;
-        parity::<bf16>("bf16 d512", &c, Arch::Sm80);
+        // Sm80 plans as a 99 KB part (the 16-row kernel), Sm90 as an H100 (the 64-row
+        // kernel wherever a sequence has more than 16 rows).
+        for arch in [Arch::Sm80, Arch::Sm90] {
+            parity::<bf16>("bf16 d512", &c, arch);
+        }
         c.group = [3, 4, 1, 3, 4][i];
         c.heads_kv = 2;
         c.window_left = Some([5, 40, 20, 150, 31][i]);
         c.softcap = Some(5.0);
         c.seed += 1000;
-        parity::<f16>("f16 d512 window softcap", &c, Arch::Sm90);
+        for arch in [Arch::Sm90, Arch::Sm80] {
+            parity::<f16>("f16 d512 window softcap", &c, arch);
+        }
+    }
+}
+
+fn extend_case_strategy() -> impl Strategy<Value = (Case, bool, bool)> {
+    (
+        prop::sample::select(vec![1usize, 3, 16, 64, 256]),
+        1usize..=2,
+        prop::sample::select(vec![1usize, 2, 3, 4]),
+        prop::sample::select(vec![64usize, 96, 128, 256, 512]),
+        prop::collection::vec((0usize..200, 0usize..=70), 1..=3),
+        prop::option::of(0usize..60),
+        any::<u64>(),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(ps, hkv, group, d, seqs, window, seed, f16_, sm90)| {
+            let lens: Vec<usize> = seqs.iter().map(|s| s.0).collect();
+            let news: Vec<usize> = seqs.iter().map(|s| s.1.min(s.0)).collect();
+            let c = Case {
+                page_size: ps,
+                heads_kv: hkv,
+                group,
+                head_dim: d,
+                lens,
+                news,
+                window_left: window,
+                softcap: if seed % 3 == 0 { Some(6.5) } else { None },
+                seed,
+                shuffle: seed % 2 == 0,
+            };
+            (c, f16_, sm90)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// Random batches (chunks of 0 to 70 over caches of 0 to 199), page sizes, GQA ratios,
+    /// head dims (512's row-packed kernels included), windows, softcap, dtypes and tile
+    /// shapes.
+    #[test]
+    fn emu_extend_parity_random((c, f16_, sm90) in extend_case_strategy()) {
+        let arch = if sm90 { Arch::Sm90 } else { Arch::Sm80 };
+        if f16_ {
+            parity::<f16>("f16 random", &c, arch);
+        } else {
+            parity::<bf16>("bf16 random", &c, arch);
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use longctx::layout::HeadsLayout;
 use longctx::mla::reference::{absorb_query_f64, absorbed_f64, expand_output_f64, naive_f64};
 use longctx::mla::{yarn_mscale, MlaConfig};
 use longctx::Error;
+use proptest::prelude::*;
 
 struct Data {
     q: Vec<f64>,
@@ -912,6 +913,44 @@ fn emu_mla_decode_heads_and_fp8() {
                 mla_parity("heads", &c, Splits::Auto, 2, smem);
             }
         }
+    }
+}
+
+fn mla_case_strategy() -> impl Strategy<Value = (LatCase, usize, bool)> {
+    (
+        prop::sample::select(vec![1usize, 3, 16, 64, 256]),
+        prop::sample::select(vec![8usize, 16, 24, 32, 64]),
+        prop::collection::vec((0usize..160, 0usize..=2), 1..=3),
+        any::<bool>(),
+        any::<u64>(),
+        1usize..=5,
+        any::<bool>(),
+    )
+        .prop_map(|(ps, heads, seqs, fp8, seed, splits, wide)| {
+            let lens: Vec<usize> = seqs.iter().map(|s| s.0).collect();
+            let news: Vec<usize> = seqs.iter().map(|s| s.1.min(s.0)).collect();
+            let c = LatCase {
+                page_size: ps,
+                heads,
+                lens,
+                news,
+                fp8,
+                seed,
+            };
+            (c, splits, wide)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Random batches (caches of 0 to 159, 0 to 2 new tokens), page sizes, head counts,
+    /// bf16 and fp8, 1 to 5 splits, on a 99 KB part (the 16-row kernel) or an A100-class one
+    /// (the 64-row kernel for more than 16 rows).
+    #[test]
+    fn emu_mla_decode_parity_random((c, splits, wide) in mla_case_strategy()) {
+        let smem = if wide { SMEM_A100 } else { SMEM_SM86 };
+        mla_parity("random", &c, Splits::AtMost(splits), 1, smem);
     }
 }
 

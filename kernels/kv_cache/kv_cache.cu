@@ -98,12 +98,15 @@ LONGCTX_MLA_DECODE_ENTRY(longctx_mla_decode_r64_bf16_fp8, true, 4, 1)
 LONGCTX_MLA_APPEND_ENTRY(longctx_mla_append_bf16, false)
 LONGCTX_MLA_APPEND_ENTRY(longctx_mla_append_bf16_fp8, true)
 
-// Extend at head dim 512 (extend_wide_kernel.cuh): the forward's tiles stop at 256.
-#define LONGCTX_KV_EXTEND_WIDE_ENTRY(NAME, T)                                            \
-    extern "C" __global__ void __launch_bounds__(longctx::extend_wide::kThreads)        \
+// Extend at head dim 512 (extend_wide_kernel.cuh): the forward's tiles stop at 256. 16 rows
+// per CTA, or 64 on parts with 136 KB of shared memory per block.
+#define LONGCTX_KV_EXTEND_WIDE_ENTRY(NAME, T, RG)                                        \
+    extern "C" __global__ void __launch_bounds__(longctx::extend_wide::Shape<RG>::kThreads, 1) \
         NAME(const __grid_constant__ LongctxKvExtendParams p) {                          \
-        longctx::extend_wide::extend_wide_body<T>(p);                                    \
+        longctx::extend_wide::extend_wide_body<T, RG>(p);                                \
     }
 
-LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_f16_hd512, __half)
-LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_bf16_hd512, __nv_bfloat16)
+LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_f16_hd512, __half, 1)
+LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_bf16_hd512, __nv_bfloat16, 1)
+LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_r64_f16_hd512, __half, 4)
+LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_r64_bf16_hd512, __nv_bfloat16, 4)

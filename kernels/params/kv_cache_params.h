@@ -126,14 +126,18 @@ typedef struct LongctxKvDecodeParams {
  * of sequence b's K is cache.k + ((block_table[b * max_pages_per_seq + j / page_size] *
  * page_size + j % page_size) * heads_kv + head_kv) * head_dim, and its key count seqlens[b].
  * f16 / bf16 caches of the queries' type; head_dim == head_dim_v. */
-/* Extend at head dim 512 (longctx_kv_extend_*_hd512, kernels/kv_cache/extend_wide_kernel.cuh):
- * the same params, a different grid. One CTA of LONGCTX_KV_EXTEND_WIDE_WARPS warps per (row
- * tile, KV head, sequence): row r of tile y is new token (16 y + r) / heads_per_kv of query
- * head head_kv * heads_per_kv + (16 y + r) % heads_per_kv; attn.num_m_blocks is gridDim.x. */
+/* Extend at head dim 512 (longctx_kv_extend_*_hd512 and longctx_kv_extend_r64_*_hd512,
+ * kernels/kv_cache/extend_wide_kernel.cuh): the same params, a different grid. One CTA per (row
+ * tile, KV head, sequence): row r of tile y is new token (R y + r) / heads_per_kv of query head
+ * head_kv * heads_per_kv + (R y + r) % heads_per_kv, R = 16 (4 warps) or 64 (8 warps, for
+ * devices with 136 KB of shared memory per block); attn.num_m_blocks is gridDim.x. */
 #define LONGCTX_KV_EXTEND_WIDE_WARPS 4u
 #define LONGCTX_KV_EXTEND_WIDE_ROWS 16u
 #define LONGCTX_KV_EXTEND_WIDE_TILE_KEYS 32u
 #define LONGCTX_KV_EXTEND_WIDE_SMEM 83712u
+#define LONGCTX_KV_EXTEND_WIDE_R64_WARPS 8u
+#define LONGCTX_KV_EXTEND_WIDE_R64_ROWS 64u
+#define LONGCTX_KV_EXTEND_WIDE_R64_SMEM 137216u
 
 typedef struct LongctxKvExtendParams {
     LongctxAttnParams attn;

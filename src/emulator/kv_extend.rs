@@ -11,7 +11,9 @@ use crate::layout::HeadsLayout;
 
 /// [`crate::kv_cache::extend`] on the CPU, running the code compiled for `arch` (its tile
 /// shape, as the forward's emulated op does). Returns the tile shape it ran; `None` at head
-/// dim [`EXTEND_WIDE_HEAD_DIM`], whose row-packed kernel is the same code on every arch.
+/// dim [`EXTEND_WIDE_HEAD_DIM`], whose row-packed kernel is the same code on every arch and
+/// whose rows per CTA follow [`Arch::smem_per_block`] (16 for `Sm80`, 64 for `Sm90` when a
+/// sequence has more than 16 rows).
 ///
 /// # Errors
 /// As the GPU op, plus [`Error::Emulator`](crate::Error::Emulator) when the kernel
@@ -68,7 +70,7 @@ pub fn extend<T: AttnElement, S: CacheElement>(
     };
     let launch = match &tiles {
         Some(t) => plan_extend_launch::<T, S>(&sv, &v, t, t.smem_bytes(), &addrs)?,
-        None => plan_extend_wide_launch::<T, S>(&sv, &v, &addrs)?,
+        None => plan_extend_wide_launch::<T, S>(&sv, &v, arch.smem_per_block(), &addrs)?,
     };
     let Some(l) = launch else {
         return Ok(tiles);

@@ -87,6 +87,16 @@ impl Arch {
             Arch::Sm90 => 90,
         }
     }
+
+    /// The opt-in shared memory per block the emulated plans assume, for ops that pick a
+    /// kernel by it: `Sm80` as the smallest part the portable code runs on (sm_86 / sm_89,
+    /// 99 KB), `Sm90` as an H100 (227 KB).
+    pub fn smem_per_block(self) -> usize {
+        match self {
+            Arch::Sm80 => 101_376,
+            Arch::Sm90 => 232_448,
+        }
+    }
 }
 
 /// One host buffer a launch may touch.
@@ -267,6 +277,8 @@ entries! {
     KvExtendBf16Hd256 => longctx_kv_extend_bf16_hd256, longctx_kv_extend_bf16_hd256_emu_sm90: sys::LongctxKvExtendParams;
     KvExtendF16Hd512 => longctx_kv_extend_f16_hd512, longctx_kv_extend_f16_hd512: sys::LongctxKvExtendParams;
     KvExtendBf16Hd512 => longctx_kv_extend_bf16_hd512, longctx_kv_extend_bf16_hd512: sys::LongctxKvExtendParams;
+    KvExtendR64F16Hd512 => longctx_kv_extend_r64_f16_hd512, longctx_kv_extend_r64_f16_hd512: sys::LongctxKvExtendParams;
+    KvExtendR64Bf16Hd512 => longctx_kv_extend_r64_bf16_hd512, longctx_kv_extend_r64_bf16_hd512: sys::LongctxKvExtendParams;
     KvAppendF16Vec => longctx_kv_append_f16_vec, longctx_kv_append_f16_vec: sys::LongctxKvAppendParams;
     KvAppendF16Scalar => longctx_kv_append_f16_scalar, longctx_kv_append_f16_scalar: sys::LongctxKvAppendParams;
     KvAppendF16Fp8Vec => longctx_kv_append_f16_fp8_vec, longctx_kv_append_f16_fp8_vec: sys::LongctxKvAppendParams;

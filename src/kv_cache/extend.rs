@@ -374,13 +374,35 @@ pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
     }))
 }
 
+/// Rows per CTA of the head-dim-512 extend kernel on every sm_80+ part.
+pub const EXTEND_WIDE_ROWS_NARROW: usize = sys::LONGCTX_KV_EXTEND_WIDE_ROWS as usize;
+/// Rows per CTA of the head-dim-512 extend kernel on parts with at least
+/// [`EXTEND_WIDE_R64_SMEM_BYTES`] of shared memory per block (A100, H100, H200).
+pub const EXTEND_WIDE_ROWS_WIDE: usize = sys::LONGCTX_KV_EXTEND_WIDE_R64_ROWS as usize;
+/// Shared memory per block (opt-in) the 64-row head-dim-512 extend kernel needs.
+pub const EXTEND_WIDE_R64_SMEM_BYTES: usize = sys::LONGCTX_KV_EXTEND_WIDE_R64_SMEM as usize;
+
+/// Rows per CTA of the head-dim-512 extend kernel for a step whose largest chunk brings
+/// `max_new` tokens to a group of `group` query heads per KV head, on a device allowing
+/// `smem_per_block` bytes of shared memory per block: 64 when a sequence has more than 16
+/// rows and the device holds the 64-row kernel, else 16.
+pub fn extend_wide_rows(max_new: usize, group: usize, smem_per_block: usize) -> usize {
+    let rows = max_new.saturating_mul(group);
+    if rows > EXTEND_WIDE_ROWS_NARROW && smem_per_block >= EXTEND_WIDE_R64_SMEM_BYTES {
+        EXTEND_WIDE_ROWS_WIDE
+    } else {
+        EXTEND_WIDE_ROWS_NARROW
+    }
+}
+
 /// The launch of one validated call at [`EXTEND_WIDE_HEAD_DIM`], shared by the CUDA and
-/// emulated backends: grid (row tiles of 16 (token, group head) rows, KV heads, sequences),
-/// the kernel's fixed shared memory. Checks as [`plan_extend_launch`]. `None` for a call
-/// with no query row.
+/// emulated backends: grid (row tiles of [`extend_wide_rows`] (token, group head) rows, KV
+/// heads, sequences), the kernel's fixed shared memory. Checks as [`plan_extend_launch`].
+/// `None` for a call with no query row.
 pub(crate) fn plan_extend_wide_launch<T: AttnElement, S: CacheElement>(
     step: &ValidatedStep,
     v: &ExtendValidated,
+    smem_per_block: usize,
     a: &ExtendAddrs,
 ) -> Result<Option<KernelLaunch<sys::LongctxKvExtendParams>>> {
     if !same_type::<T, S>() {
@@ -404,7 +426,23 @@ pub(crate) fn plan_extend_wide_launch<T: AttnElement, S: CacheElement>(
     if v.total_new == 0 || step.batch == 0 {
         return Ok(None);
     }
-    let id = kernel_id(T::DTYPE, v.head_dim)?;
+    let heads_kv = v.cache.layout.heads_kv;
+    let group = v.heads_q / heads_kv;
+    let rows = extend_wide_rows(step.max_new, group, smem_per_block);
+    let wide = rows == EXTEND_WIDE_ROWS_WIDE;
+    let id = match (T::DTYPE, wide) {
+        (DType::F16, false) => KernelId::KvExtendF16Hd512,
+        (DType::BF16, false) => KernelId::KvExtendBf16Hd512,
+        (DType::F16, true) => KernelId::KvExtendR64F16Hd512,
+        (DType::BF16, true) => KernelId::KvExtendR64Bf16Hd512,
+        (t, _) => {
+            return Err(Error::unsupported(
+                OP,
+                "dtype",
+                format!("no extend kernel for {t:?} with head dim 512"),
+            ))
+        }
+    };
     for (addr, arg) in [(a.k, "cache.k"), (a.v, "cache.v")] {
         if addr % 16 != 0 {
             return Err(Error::misaligned(
@@ -427,9 +465,6 @@ pub(crate) fn plan_extend_wide_launch<T: AttnElement, S: CacheElement>(
         ),
         None => (0, 0),
     };
-    let heads_kv = v.cache.layout.heads_kv;
-    let group = v.heads_q / heads_kv;
-    let rows = sys::LONGCTX_KV_EXTEND_WIDE_ROWS as usize;
     // max_new <= MAX_TOKENS and group <= 65535 (validate): no overflow in u64.
     let row_tiles = (step.max_new as u64 * group as u64).div_ceil(rows as u64);
     let m_blocks = u32::try_from(row_tiles)
@@ -467,8 +502,20 @@ pub(crate) fn plan_extend_wide_launch<T: AttnElement, S: CacheElement>(
         id,
         params,
         grid: (m_blocks, heads_kv as u32, step.batch as u32),
-        block: (32 * sys::LONGCTX_KV_EXTEND_WIDE_WARPS, 1, 1),
-        smem_bytes: sys::LONGCTX_KV_EXTEND_WIDE_SMEM,
+        block: (
+            32 * if wide {
+                sys::LONGCTX_KV_EXTEND_WIDE_R64_WARPS
+            } else {
+                sys::LONGCTX_KV_EXTEND_WIDE_WARPS
+            },
+            1,
+            1,
+        ),
+        smem_bytes: if wide {
+            sys::LONGCTX_KV_EXTEND_WIDE_R64_SMEM
+        } else {
+            sys::LONGCTX_KV_EXTEND_WIDE_SMEM
+        },
     }))
 }
 
@@ -648,6 +695,7 @@ fn launch_wide<T: AttnElement, S: CacheElement>(
     let Some(l) = plan_extend_wide_launch::<T, S>(
         sv,
         v,
+        dev.smem_per_block(),
         &ExtendAddrs {
             q: qp,
             o: op,

@@ -46,7 +46,9 @@ pub use decode::{
 #[cfg(feature = "emulator")]
 pub(crate) use decode::{plan_decode_launch, DecodeAddrs};
 pub use extend::{
-    extend, ExtendOptions, ExtendShape, ExtendValidated, EXTEND_HEAD_DIMS, EXTEND_WIDE_HEAD_DIM,
+    extend, extend_wide_rows, ExtendOptions, ExtendShape, ExtendValidated, EXTEND_HEAD_DIMS,
+    EXTEND_WIDE_HEAD_DIM, EXTEND_WIDE_R64_SMEM_BYTES, EXTEND_WIDE_ROWS_NARROW,
+    EXTEND_WIDE_ROWS_WIDE,
 };
 #[cfg(feature = "emulator")]
 pub(crate) use extend::{plan_extend_launch, plan_extend_wide_launch, ExtendAddrs};
