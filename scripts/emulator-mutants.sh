@@ -67,6 +67,7 @@ MUTANTS=(
   "kv-decode-rotate-k-position-cuda-cores|kernels/kv_cache/decode_kernel.cuh|s/const int pos = lo + t \* kTileN + r;/const int pos = lo + t * kTileN + r + 1;/|--test kv_rotating emu_rotating_static"
   "kv-decode-rotate-fp8-partner|kernels/kv_cache/decode_kernel.cuh|s/const int xb = !rot ? 2 \* pair + 1 : neox ? pair + half : 2 \* pair + 1;/const int xb = !rot ? 2 * pair + 1 : neox ? (pair + 1) % half + half : 2 * pair + 1;/|--test kv_rotating emu_rotating_fp8"
   "kv-decode-rotate-fp8-part-row|kernels/kv_cache/decode_kernel.cuh|s/const int row = part \* kWideRows + r;/const int row = r;/|--test kv_rotating emu_rotating_fp8"
+  "kv-decode-rotate-fp8-part-barrier|kernels/kv_cache/decode_kernel.cuh|s/if (part > 0) __syncthreads();/if (part > 0) ;/|--test kv_rotating emu_rotating_fp8"
   "kv-decode-rotate-q-factor|kernels/kv_cache/rotate.cuh|0,/    cs \*= factor;/s//    ;/|--test kv_rotating emu_rotating_"
   "mla-own-key|kernels/kv_cache/mla_decode_kernel.cuh|s/len - n_new + row \/ heads : -1;/len - n_new + row \/ heads - 1 : -1;/|--test mla emu_mla_decode_"
   "mla-warp-own-max|kernels/kv_cache/mla_decode_kernel.cuh|s/for (int w = 1; w < kWarps; ++w) mx = fmaxf(mx, red_max\[w \* kRows + r\]);/mx = red_max[warp * kRows + r];/|--test mla emu_mla_decode_"
