@@ -3,8 +3,10 @@
 //! batch 1, 8 and 64, contexts 1k to 128k, bf16 and fp8 caches, pages of 16 and 64 tokens.
 //! Throughput is bytes (criterion's "bytes": every cached K/V element and fp8 scale read
 //! once, Q read, O and LSE written); the target is the device's copy bandwidth (the sweep
-//! measures it in the same run). Without a GPU it benches the f64 reference at a small
-//! size instead and says so.
+//! measures it in the same run). Groups `decode-rotating/...` time `decode_rotating` (keys
+//! and queries rotated on load) beside `decode` on the same Llama-3-8B cache, batch 1 and
+//! 16, contexts 32k and 128k. Without a GPU it benches the f64 reference at a small size
+//! instead and says so.
 
 use std::time::Duration;
 
@@ -52,6 +54,42 @@ fn gpu_benches(c: &mut Criterion, dev: &Device) {
                 }
             }
         }
+    }
+    rotating_benches(c, dev);
+}
+
+/// `decode_rotating` beside `decode` on the same cache at Llama-3-8B's heads, bf16, pages
+/// of 16, batch 1 and 16, contexts 32k and 128k: the target is rotating within 10%
+/// of plain.
+fn rotating_benches(c: &mut Criterion, dev: &Device) {
+    let Some(model) = decode_models().into_iter().find(|m| m.name == "llama3-8b") else {
+        return;
+    };
+    for batch in [1usize, 16] {
+        let mut group = c.benchmark_group(format!(
+            "decode-rotating/{}/bf16/page16/batch{batch}",
+            model.name
+        ));
+        group
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(200))
+            .measurement_time(Duration::from_secs(1));
+        for ctx in [32768usize, 131072] {
+            let mut run = DecodeRun::new(dev, model, batch, ctx, 16, false, 7)
+                .expect("allocate decode buffers");
+            group.throughput(Throughput::Bytes(run.bytes() as u64));
+            for rotating in [false, true] {
+                run.set_rotating(dev, rotating).expect("rotation tables");
+                let id = format!("{}/{ctx}", if rotating { "rotating" } else { "plain" });
+                group.bench_function(BenchmarkId::from_parameter(id), |b| {
+                    b.iter_custom(|iters| {
+                        longctx::timing::time_batch(dev, iters, || run.run(dev))
+                            .expect("decode launch")
+                    })
+                });
+            }
+        }
+        group.finish();
     }
 }
 

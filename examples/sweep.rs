@@ -88,6 +88,7 @@ fn run() -> longctx::Result<()> {
     }
     if std::env::args().any(|a| a == "--decode") {
         decode_rows(&dev, copy, quick)?;
+        decode_rotating_rows(&dev, copy, quick)?;
         return append_extend_rows(&dev, copy, quick);
     }
 
@@ -161,6 +162,7 @@ fn run() -> longctx::Result<()> {
     attention_rows(&dev, quick)?;
     merge_rows(&dev, copy, quick)?;
     decode_rows(&dev, copy, quick)?;
+    decode_rotating_rows(&dev, copy, quick)?;
     append_extend_rows(&dev, copy, quick)?;
     mla_rows(&dev, copy, quick)?;
     moe_rows(&dev, copy, quick)?;
@@ -236,6 +238,77 @@ fn decode_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// `kv_cache::decode_rotating` beside `kv_cache::decode` on the same cache: Llama-3-8B's
+/// heads (32 query / 8 KV, d 128), bf16, pages of 16, one new token per sequence, batch 1
+/// and 16, contexts 32k and 128k (quick: 32k). The plain row reads the cache as rotated
+/// keys; the rotating row reads it as un-rotated keys and rotates every key and query on
+/// load (base 500000, f64 angles). The target: rotating within 10% of plain
+/// (ratio <= 1.10). Errors against f64 attention with the rotation done in f64.
+fn decode_rotating_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<()> {
+    use longctx::workloads::{decode_models, DecodeRun};
+    println!(
+        "\n{:<18} {:>5} {:>8} {:>6} {:>10} {:>9} {:>8} {:>7} {:>10} {:>10}",
+        "decode (rotating)",
+        "batch",
+        "context",
+        "splits",
+        "time (us)",
+        "GB/s",
+        "% copy",
+        "/ plain",
+        "max err O",
+        "err LSE"
+    );
+    let cases: &[(usize, usize)] = if quick {
+        &[(1, 32768), (16, 32768)]
+    } else {
+        &[(1, 32768), (1, 131072), (16, 32768), (16, 131072)]
+    };
+    let Some(model) = decode_models().into_iter().find(|m| m.name == "llama3-8b") else {
+        return Ok(());
+    };
+    for &(batch, context) in cases {
+        let mut r = DecodeRun::new(dev, model, batch, context, 16, false, 99)?;
+        let row = |r: &mut DecodeRun, plain_ms: Option<f64>| -> longctx::Result<f64> {
+            let ms = time_gpu(dev, 3, 20, || r.run(dev))?.median_ms();
+            let gbs = r.bytes() as f64 / (ms * 1e-3) / 1e9;
+            let (err_o, err_lse) = r.max_error(dev, 3)?;
+            let bound = r.rotation_score_bound();
+            let what = format!(
+                "decode {} b{batch} ctx{context}{}",
+                model.name,
+                if r.rotating() { " rotating" } else { "" }
+            );
+            // As the plain rows, plus what rounding the rotated keys and queries to bf16
+            // may move a score (and through it the weights) by.
+            within(
+                &what,
+                err_o,
+                2f64.powi(-8) + 1e-4 + ((2.0 * bound).exp() - 1.0),
+            );
+            within(&what, err_lse, attn_lse_tol(context) + bound);
+            println!(
+                "{:<18} {:>5} {:>8} {:>6} {:>10.2} {:>9.0} {:>7.1}% {:>7} {:>10.2e} {:>10.2e}",
+                if r.rotating() { "rotating" } else { "plain" },
+                batch,
+                context,
+                r.plan.map_or(0, |p| p.splits),
+                ms * 1e3,
+                gbs,
+                100.0 * gbs * 1e9 / copy,
+                plain_ms.map_or("-".to_string(), |p| format!("{:.3}", ms / p)),
+                err_o,
+                err_lse
+            );
+            Ok(ms)
+        };
+        let plain = row(&mut r, None)?;
+        r.set_rotating(dev, true)?;
+        row(&mut r, Some(plain))?;
     }
     Ok(())
 }

@@ -19,6 +19,13 @@
 // fp8 caches (S = uint8_t codes): an element is code x scale; the code is widened to f16
 // bits (value / 256, exact), the 256 and the scale multiply the dot product (K) and the
 // probability (V), once per key. Scales per (token, head) are staged with their tile.
+//
+// Keys stored un-rotated (p.rope_inv_freq != 0): an f16/bf16 tile is rotated in place once
+// it lands. An fp8 tile is rotated as the tensor-core kernel does it: the codes widened to
+// T (value / 256, exact), rotated in f32 and rounded to T (kv_rotate::rotate_pair), the 256
+// and the scale applied to the dot product afterwards; rotation before the scale. The
+// rotated keys do not fit the code stage, so they go to a T tile of half a stage's keys
+// (kWideRows rows), filled twice per tile, each half read by the dot products in between.
 #pragma once
 #include <math.h>
 #include <stdint.h>
@@ -58,7 +65,13 @@ template <typename S, int D> struct Shape {
     static constexpr int kChunksPerRow = kRowBytes / 16;
     static constexpr int kChunksPerThread = kTileN * kChunksPerRow / kThreads;
     static constexpr int kStageBytes = 2 * kTileN * kRowBytes;  // K then V
-    static constexpr int kStagingBytes = 2 * kStageBytes;
+    // fp8 and rotating: the rotated keys of half a tile, as T (always 2 bytes), after the
+    // stages. Half, because a whole tile's (16 KB) would take the static shared memory past
+    // 48 KB.
+    static constexpr int kWideParts = sizeof(S) == 1 ? 2 : 1;
+    static constexpr int kWideRows = kTileN / kWideParts;
+    static constexpr int kWideBytes = sizeof(S) == 1 ? kWideRows * D * 2 : 0;
+    static constexpr int kStagingBytes = 2 * kStageBytes + kWideBytes;
     static constexpr int kCombineBytes = kGroups * kRows * (D + 2) * 4;
     static constexpr int kMainBytes = kStagingBytes > kCombineBytes ? kStagingBytes : kCombineBytes;
     static constexpr int kScaleFloats = 2 * 2 * kTileN;  // [stage][K, V][kTileN]
@@ -70,6 +83,7 @@ template <typename S, int D> struct Shape {
     static_assert(kTileN % kGroups == 0, "a tile is whole steps of the CTA's key groups");
     static_assert((kTileN * kChunksPerRow) % kThreads == 0, "tile loads split evenly");
     static_assert(kTileN <= kThreads, "one thread per key row stages the scales");
+    static_assert(kWideRows % kGroups == 0, "a wide part is whole steps of the key groups");
 };
 
 // Raw load of a lane's kVec stored elements from shared memory.
@@ -98,6 +112,7 @@ __device__ __forceinline__ void decode_kernel_body(const LongctxKvDecodeParams& 
     constexpr int kRows = Sh::kRows;
     constexpr int kTileN = Sh::kTileN;
     constexpr int kGroups = Sh::kGroups;
+    constexpr int kWideRows = Sh::kWideRows;
     constexpr bool kFp8 = Stored<S>::kFp8;
 
     LONGCTX_SHARED_ARRAY(uint4, smem_main, Sh::kMainBytes / 16);
@@ -243,14 +258,15 @@ __device__ __forceinline__ void decode_kernel_body(const LongctxKvDecodeParams& 
         }
         __syncthreads();
 
+        const bool rotating = p.rope_inv_freq != 0;
+        const int half = int(p.rotary_dim) / 2;
+        const bool neox = p.rope_style == LONGCTX_ROPE_STYLE_NEOX;
+        const double* inv = rotating ? reinterpret_cast<const double*>(p.rope_inv_freq) + int64_t(b) * half : nullptr;
+        const float factor = rotating ? reinterpret_cast<const float*>(p.rope_factor)[b] : 1.f;
         if constexpr (!kFp8) {
-            if (p.rope_inv_freq != 0) {
-                // Rotate the tile's keys in place (T caches only; the host refuses fp8 here):
-                // key row r at position lo + t * kTileN + r, every pair once.
-                const int half = int(p.rotary_dim) / 2;
-                const bool neox = p.rope_style == LONGCTX_ROPE_STYLE_NEOX;
-                const double* inv = reinterpret_cast<const double*>(p.rope_inv_freq) + int64_t(b) * half;
-                const float factor = reinterpret_cast<const float*>(p.rope_factor)[b];
+            if (rotating) {
+                // Rotate the tile's keys in place: key row r at position lo + t * kTileN + r,
+                // every pair once.
                 S* ktile = reinterpret_cast<S*>(staging + st * Sh::kStageBytes);
                 for (int i = tid; i < kTileN * half; i += kThreads) {
                     const int r = i / half;
@@ -267,49 +283,82 @@ __device__ __forceinline__ void decode_kernel_body(const LongctxKvDecodeParams& 
 
         const S* ks_tile = reinterpret_cast<const S*>(staging + st * Sh::kStageBytes);
         const S* vs_tile = ks_tile + kTileN * D;
+        // fp8 and rotating: the rotated T keys of the current part (rows part * kWideRows ..).
+        T* const wide = reinterpret_cast<T*>(staging + 2 * Sh::kStageBytes);
 #pragma unroll 1
-        for (int u = 0; u < kTileN / kGroups; ++u) {
-            const int row = u * kGroups + group;
-            const int j = lo + t * kTileN + row;
-            float ksc = head_k_scale, vsc = head_v_scale;
-            if (kFp8 && per_token_scale) {
-                ksc *= smem_scale[(st * 2) * kTileN + row];
-                vsc *= smem_scale[(st * 2 + 1) * kTileN + row];
+        for (int part = 0; part < Sh::kWideParts; ++part) {
+            if (kFp8 && rotating) {
+                if (part > 0) __syncthreads();  // every thread is done with the previous part
+                // Pair i of row r: the rotary pairs (i < half) as RoPE pairs them, then the
+                // remaining channels two by two, copied widened; every element written once.
+                for (int i = tid; i < kWideRows * (D / 2); i += kThreads) {
+                    const int r = i / (D / 2);
+                    const int pair = i % (D / 2);
+                    const int row = part * kWideRows + r;
+                    const int pos = lo + t * kTileN + row;
+                    const bool rot = pair < half;
+                    const int xa = !rot ? 2 * pair : neox ? pair : 2 * pair;
+                    const int xb = !rot ? 2 * pair + 1 : neox ? pair + half : 2 * pair + 1;
+                    T* ea = wide + r * D + xa;
+                    T* eb = wide + r * D + xb;
+                    *ea = DType<T>::from_f32(Stored<S>::widen(ks_tile[row * D + xa]));
+                    *eb = DType<T>::from_f32(Stored<S>::widen(ks_tile[row * D + xb]));
+                    // Rows past the split are zero-filled and never scored: left unrotated.
+                    if (rot && pos < hi) kv_rotate::rotate_pair(p, inv[pair], factor, pos, ea, eb);
+                }
+                __syncthreads();
             }
-            Slice<S, kVec> kx;
-            load_slice(kx, ks_tile + row * D + tx * kVec);
-            float kf[kVec];
+#pragma unroll 1
+            for (int u = part * (kWideRows / kGroups); u < (part + 1) * (kWideRows / kGroups); ++u) {
+                const int row = u * kGroups + group;
+                const int j = lo + t * kTileN + row;
+                float ksc = head_k_scale, vsc = head_v_scale;
+                if (kFp8 && per_token_scale) {
+                    ksc *= smem_scale[(st * 2) * kTileN + row];
+                    vsc *= smem_scale[(st * 2 + 1) * kTileN + row];
+                }
+                float kf[kVec];
+                if (kFp8 && rotating) {
+                    Slice<T, kVec> kw;
+                    load_slice(kw, wide + (row - part * kWideRows) * D + tx * kVec);
 #pragma unroll
-            for (int e = 0; e < kVec; ++e) kf[e] = Stored<S>::widen(kx.elt[e]);
-            float s[kRows];
+                    for (int e = 0; e < kVec; ++e) kf[e] = DType<T>::to_f32(kw.elt[e]);
+                } else {
+                    Slice<S, kVec> kx;
+                    load_slice(kx, ks_tile + row * D + tx * kVec);
 #pragma unroll
-            for (int r = 0; r < kRows; ++r) {
-                float a = 0.f;
+                    for (int e = 0; e < kVec; ++e) kf[e] = Stored<S>::widen(kx.elt[e]);
+                }
+                float s[kRows];
 #pragma unroll
-                for (int e = 0; e < kVec; ++e) a = fmaf(q[r][e], kf[e], a);
-                s[r] = a;
-            }
+                for (int r = 0; r < kRows; ++r) {
+                    float a = 0.f;
 #pragma unroll
-            for (int off = kTx / 2; off > 0; off >>= 1)
+                    for (int e = 0; e < kVec; ++e) a = fmaf(q[r][e], kf[e], a);
+                    s[r] = a;
+                }
 #pragma unroll
-                for (int r = 0; r < kRows; ++r) s[r] += __shfl_xor_sync(kFullMask, s[r], off);
+                for (int off = kTx / 2; off > 0; off >>= 1)
+#pragma unroll
+                    for (int r = 0; r < kRows; ++r) s[r] += __shfl_xor_sync(kFullMask, s[r], off);
 
-            Slice<S, kVec> vx;
-            load_slice(vx, vs_tile + row * D + tx * kVec);
+                Slice<S, kVec> vx;
+                load_slice(vx, vs_tile + row * D + tx * kVec);
 #pragma unroll
-            for (int r = 0; r < kRows; ++r) {
-                if (j >= hi || j < row_lo[r] || j > row_hi[r]) continue;
-                float x = s[r] * ksc;
-                if (p.softcap_in != 0.f) x = tanhf(x * p.softcap_in);
-                x *= p.exp_scale;
-                const float m_new = fmaxf(m[r], x);
-                const float corr = exp2f(m[r] - m_new);  // 0 on the row's first key
-                const float pr = exp2f(x - m_new);
-                m[r] = m_new;
-                l[r] = l[r] * corr + pr;
-                const float w = pr * vsc;
+                for (int r = 0; r < kRows; ++r) {
+                    if (j >= hi || j < row_lo[r] || j > row_hi[r]) continue;
+                    float x = s[r] * ksc;
+                    if (p.softcap_in != 0.f) x = tanhf(x * p.softcap_in);
+                    x *= p.exp_scale;
+                    const float m_new = fmaxf(m[r], x);
+                    const float corr = exp2f(m[r] - m_new);  // 0 on the row's first key
+                    const float pr = exp2f(x - m_new);
+                    m[r] = m_new;
+                    l[r] = l[r] * corr + pr;
+                    const float w = pr * vsc;
 #pragma unroll
-                for (int e = 0; e < kVec; ++e) acc[r][e] = fmaf(w, Stored<S>::widen(vx.elt[e]), acc[r][e] * corr);
+                    for (int e = 0; e < kVec; ++e) acc[r][e] = fmaf(w, Stored<S>::widen(vx.elt[e]), acc[r][e] * corr);
+                }
             }
         }
         __syncthreads();  // the next iteration's copies overwrite this stage

@@ -362,15 +362,6 @@ impl DecodeShape<'_> {
             ));
         }
         if let Some(r) = self.rotation {
-            if !plan.tiles.tensor_cores && self.cache.dtype == CacheDType::Fp8E4m3 {
-                return Err(Error::unsupported(
-                    OP,
-                    "rotation",
-                    format!(
-                        "keys rotated on load from an fp8 cache need head dim 64 or 128, not {d}"
-                    ),
-                ));
-            }
             if r.rotary_dim == 0 || r.rotary_dim % 2 != 0 || r.rotary_dim > d {
                 return Err(Error::invalid(
                     OP,
@@ -711,12 +702,13 @@ pub fn decode<T: Element, S: CacheElement>(
 /// ([`KvRotation::upload`] for this step). With a static rule this gives what a cache of
 /// keys rotated at append time gives (bit for bit on the emulator); with dynamic scaling
 /// (HF's dynamic NTK, dynamic YaRN) every key gets the current length's rotation, which a
-/// rotated cache cannot. Every head dim of [`DECODE_HEAD_DIMS`]; an fp8 cache at head dims
-/// 64 and 128 (the tensor-core kernel widens the codes before rotating them).
+/// rotated cache cannot. Every head dim of [`DECODE_HEAD_DIMS`] and every cache type; an
+/// fp8 key is rotated after widening, before its scale: the codes (value / 256) are rotated
+/// and rounded to `T`, and 256 x the scale multiplies the score, at every head dim.
 ///
 /// # Errors
-/// As [`decode`], plus tables made for another step or head dim (`rotation`), an fp8 cache
-/// at head dim 256 or 512 (unsupported), a rotary dim that is odd or above the head dim.
+/// As [`decode`], plus tables made for another step or head dim (`rotation`), a rotary dim
+/// that is odd or above the head dim.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_rotating<T: Element, S: CacheElement>(
     dev: &Device,

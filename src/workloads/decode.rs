@@ -7,12 +7,13 @@ use super::splitmix;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::kv_cache::{
-    append_kv, decode, extend, plan_decode, AppendRope, CacheDType, DecodeOptions, DecodeOutput,
-    DecodePlan, ExtendOptions, Fp8E4m3, KvScales, KvScalesMut, KvStep, LseLayout, NewKv, PageTable,
-    PagedCache, PagedCacheMut, PagedKvLayout, ScaleMode, Splits, StepTable, MAX_DECODE_QUERIES,
+    append_kv, decode, decode_rotating, extend, plan_decode, AppendRope, CacheDType, DecodeOptions,
+    DecodeOutput, DecodePlan, ExtendOptions, Fp8E4m3, KvRotation, KvScales, KvScalesMut, KvStep,
+    LseLayout, NewKv, PageTable, PagedCache, PagedCacheMut, PagedKvLayout, ScaleMode, Splits,
+    StepTable, MAX_DECODE_QUERIES,
 };
 use crate::layout::HeadsLayout;
-use crate::rope::{AnglePrecision, RopeConfig, RopeStyle, RopeTable};
+use crate::rope::{AnglePrecision, LengthScaling, RopeConfig, RopeStyle, RopeTable};
 
 /// Elements of the random block the cache is filled with (a prime, so the pattern does not
 /// line up with rows or pages).
@@ -67,7 +68,10 @@ enum CacheBufs {
 /// tokens per sequence are the last of them), bf16 queries, a bf16 or fp8 (per token and
 /// head scales) cache in pages of `page_size`, pages spread over the pool in a scrambled
 /// order. Cache element e holds block[e % FILL] (times its scale for fp8). Times decode
-/// (`new` <= 16), extend (chunked prefill, bf16) and append (with fused RoPE).
+/// (`new` <= 16), extend (chunked prefill, bf16) and append (with fused RoPE); after
+/// [`DecodeRun::set_rotating`], decode reads the cache as un-rotated keys and rotates them
+/// and the queries on load (`decode_rotating`, the base-500000 rule), to measure what the
+/// rotation costs against the plain decode of the same cache.
 pub struct DecodeRun {
     /// The model shape.
     pub model: DecodeModel,
@@ -96,6 +100,8 @@ pub struct DecodeRun {
     k_new: CudaSlice<bf16>,
     v_new: CudaSlice<bf16>,
     rope: RopeTable,
+    rope_config: RopeConfig,
+    rotation: Option<KvRotation>,
 }
 
 fn upload_repeated<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
@@ -265,7 +271,56 @@ impl DecodeRun {
             k_new: upload_repeated(dev, &kv_block, rows * model.heads_kv * model.head_dim)?,
             v_new: upload_repeated(dev, &kv_block, rows * model.heads_kv * model.head_dim)?,
             rope: RopeTable::new(dev, &rope_cfg, context.max(1))?,
+            rope_config: rope_cfg,
+            rotation: None,
         })
+    }
+
+    /// Makes [`DecodeRun::run`] rotate keys and queries on load (`decode_rotating`, the
+    /// base-500000 rule, NeoX pairs, f64 angles) when `on`, or read them as they are.
+    ///
+    /// # Errors
+    /// Allocation or copy failures of the rotation tables.
+    pub fn set_rotating(&mut self, dev: &Device, on: bool) -> Result<()> {
+        self.rotation = if on {
+            Some(KvRotation::upload(
+                dev,
+                &self.step,
+                &LengthScaling::Config(self.rope_config.clone()),
+                RopeStyle::Neox,
+                AnglePrecision::F64,
+            )?)
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    /// Whether [`DecodeRun::run`] rotates on load.
+    pub fn rotating(&self) -> bool {
+        self.rotation.is_some()
+    }
+
+    /// A bound on how far one score of the rotating decode may move from exact rotation:
+    /// the kernel rounds each rotated key and query to bf16, `scale x 2 eps |q| |k|` with
+    /// |q| and |k| bounded by sqrt(d) times their largest element; 0 when not rotating.
+    pub fn rotation_score_bound(&self) -> f64 {
+        if self.rotation.is_none() {
+            return 0.0;
+        }
+        let d = self.model.head_dim as f64;
+        let qmax = self
+            .q_host
+            .iter()
+            .fold(0.0f64, |m, x| m.max(x.to_f64().abs()));
+        let kmax = match self.cache {
+            CacheBufs::Bf16 { .. } => self.block.iter().fold(0.0f64, |m, x| m.max(x.abs())),
+            CacheBufs::Fp8 { .. } => {
+                let smax = self.scales.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                self.block.iter().fold(0.0f64, |m, x| m.max(x.abs())) * f64::from(smax)
+            }
+        };
+        2.0 * 2f64.powi(-8) * d * qmax * kmax / d.sqrt()
     }
 
     /// One decode step (O and LSE).
@@ -282,33 +337,34 @@ impl DecodeRun {
             lse: Some((&mut self.lse, LseLayout::contiguous(m.heads_q, rows))),
         };
         let opts = DecodeOptions::default();
-        match &self.cache {
-            CacheBufs::Bf16 { k, v } => decode::<bf16, bf16>(
-                dev,
-                &self.step,
-                &self.q,
-                &ql,
-                &PagedCache {
+        let ws = Some(&mut self.workspace as &mut dyn cudarc::driver::DevicePtrMut<f32>);
+        match (&self.cache, &self.rotation) {
+            (CacheBufs::Bf16 { k, v }, rot) => {
+                let cache = PagedCache {
                     layout: self.layout,
                     k,
                     v,
                     scales: KvScales::None,
+                };
+                match rot {
+                    None => {
+                        decode::<bf16, bf16>(dev, &self.step, &self.q, &ql, &cache, out, ws, &opts)
+                    }
+                    Some(r) => decode_rotating::<bf16, bf16>(
+                        dev, &self.step, r, &self.q, &ql, &cache, out, ws, &opts,
+                    ),
+                }
+            }
+            (
+                CacheBufs::Fp8 {
+                    k,
+                    v,
+                    k_scale,
+                    v_scale,
                 },
-                out,
-                Some(&mut self.workspace),
-                &opts,
-            ),
-            CacheBufs::Fp8 {
-                k,
-                v,
-                k_scale,
-                v_scale,
-            } => decode::<bf16, Fp8E4m3>(
-                dev,
-                &self.step,
-                &self.q,
-                &ql,
-                &PagedCache {
+                rot,
+            ) => {
+                let cache = PagedCache {
                     layout: self.layout,
                     k,
                     v,
@@ -317,11 +373,16 @@ impl DecodeRun {
                         k: k_scale,
                         v: v_scale,
                     },
-                },
-                out,
-                Some(&mut self.workspace),
-                &opts,
-            ),
+                };
+                match rot {
+                    None => decode::<bf16, Fp8E4m3>(
+                        dev, &self.step, &self.q, &ql, &cache, out, ws, &opts,
+                    ),
+                    Some(r) => decode_rotating::<bf16, Fp8E4m3>(
+                        dev, &self.step, r, &self.q, &ql, &cache, out, ws, &opts,
+                    ),
+                }
+            }
         }
     }
 
@@ -454,7 +515,8 @@ impl DecodeRun {
 
     /// Runs once and returns the largest |O - reference| and |LSE - reference| over
     /// `samples` (sequence, head) rows, each against f64 attention over its sequence's
-    /// cache read through the page table.
+    /// cache read through the page table (when rotating, with the query and every key
+    /// rotated in f64 at their positions).
     ///
     /// # Errors
     /// Launch or copy failures.
@@ -480,6 +542,24 @@ impl DecodeRun {
         let group = m.heads_q / m.heads_kv;
         let fp8 = matches!(self.cache, CacheBufs::Fp8 { .. });
         let scale = 1.0 / (d as f64).sqrt();
+        // NeoX pairs (i, i + half) rotated by pos x inv_freq[i], times the attention factor.
+        let rotation = self.rotation.as_ref().map(|_| {
+            (
+                self.rope_config.inv_freq_f64(self.context),
+                self.rope_config.attention_factor_f64(),
+            )
+        });
+        let rotate = |x: &mut [f64], pos: usize| {
+            if let Some((inv, f)) = &rotation {
+                let half = inv.len();
+                for (i, w) in inv.iter().enumerate() {
+                    let (sn, cs) = (pos as f64 * w).sin_cos();
+                    let (a, b) = (x[i], x[i + half]);
+                    x[i] = f * (a * cs - b * sn);
+                    x[i + half] = f * (b * cs + a * sn);
+                }
+            }
+        };
         let (mut worst_o, mut worst_lse) = (0.0f64, 0.0f64);
         for i in 0..samples.max(1) {
             let b = (i * 7) % self.batch;
@@ -487,9 +567,10 @@ impl DecodeRun {
             let hk = h / group;
             // The sequence's first new token (position context - new), which sees every
             // key before it and itself.
-            let q: Vec<f64> = (0..d)
+            let mut q: Vec<f64> = (0..d)
                 .map(|c| self.q_host[(b * self.new * m.heads_q + h) * d + c].to_f64())
                 .collect();
+            rotate(&mut q, self.context - self.new);
             let value = |t: usize, c: usize| -> f64 {
                 let page = self.table[b * self.max_pages + t / ps] as usize;
                 let row = (page * ps + t % ps) * m.heads_kv + hk;
@@ -502,7 +583,11 @@ impl DecodeRun {
             };
             let visible = self.context - self.new + 1;
             let s: Vec<f64> = (0..visible)
-                .map(|t| scale * (0..d).map(|c| q[c] * value(t, c)).sum::<f64>())
+                .map(|t| {
+                    let mut k: Vec<f64> = (0..d).map(|c| value(t, c)).collect();
+                    rotate(&mut k, t);
+                    scale * q.iter().zip(&k).map(|(a, b)| a * b).sum::<f64>()
+                })
                 .collect();
             let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let sum: f64 = s.iter().map(|x| (x - mx).exp()).sum();
