@@ -651,8 +651,16 @@ fn append_extend_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<(
         }
     }
     println!(
-        "\n{:<12} {:>5} {:>8} {:>6} {:>10} {:>9} {:>10} {:>10}",
-        "extend", "batch", "context", "new", "time (ms)", "TFLOP/s", "max err O", "err LSE"
+        "\n{:<12} {:>5} {:>5} {:>8} {:>6} {:>10} {:>9} {:>10} {:>10}",
+        "extend",
+        "cache",
+        "batch",
+        "context",
+        "new",
+        "time (ms)",
+        "TFLOP/s",
+        "max err O",
+        "err LSE"
     );
     let cases: &[(usize, usize, usize)] = if quick {
         &[(1, 32768, 2048)]
@@ -664,19 +672,24 @@ fn append_extend_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<(
             (1, 131072, 4096),
         ]
     };
-    for &(batch, context, new) in cases {
-        let mut r = DecodeRun::with_new_tokens(dev, model, batch, context, 16, false, new, 6)?;
-        let ms = time_gpu(dev, 3, 10, || r.run_extend(dev))?.median_ms();
-        let tflops = r.extend_flops() / (ms * 1e-3) / 1e12;
-        let (err_o, err_lse) = r.max_error_extend(dev, 2)?;
-        let what = format!("extend b{batch} ctx{context} new{new}");
-        // P is rounded to bf16 before P V, as in the attention forward: bf16 tolerance.
-        within(&what, err_o, ATTN_O_TOL);
-        within(&what, err_lse, attn_lse_tol(context));
-        println!(
-            "{:<12} {:>5} {:>8} {:>6} {:>10.3} {:>9.1} {:>10.2e} {:>10.2e}",
-            model.name, batch, context, new, ms, tflops, err_o, err_lse
-        );
+    // fp8: the same kernel after each tile is widened in shared memory; the reference reads
+    // each fp8 value as the kernel does, bf16(code x scale), so the bf16 tolerances hold.
+    for fp8 in [false, true] {
+        for &(batch, context, new) in cases {
+            let mut r = DecodeRun::with_new_tokens(dev, model, batch, context, 16, fp8, new, 6)?;
+            let ms = time_gpu(dev, 3, 10, || r.run_extend(dev))?.median_ms();
+            let tflops = r.extend_flops() / (ms * 1e-3) / 1e12;
+            let (err_o, err_lse) = r.max_error_extend(dev, 2)?;
+            let cache = if fp8 { "fp8" } else { "bf16" };
+            let what = format!("extend {cache} b{batch} ctx{context} new{new}");
+            // P is rounded to bf16 before P V, as in the attention forward: bf16 tolerance.
+            within(&what, err_o, ATTN_O_TOL);
+            within(&what, err_lse, attn_lse_tol(context));
+            println!(
+                "{:<12} {:>5} {:>5} {:>8} {:>6} {:>10.3} {:>9.1} {:>10.2e} {:>10.2e}",
+                model.name, cache, batch, context, new, ms, tflops, err_o, err_lse
+            );
+        }
     }
     Ok(())
 }

@@ -4,8 +4,8 @@ use super::{run, Arch, HostBuf, HostCache, HostDecodeOutput};
 use crate::attention::{AttnElement, TileConfig};
 use crate::error::Result;
 use crate::kv_cache::{
-    plan_extend_launch, CacheElement, CacheShape, ExtendAddrs, ExtendOptions, ExtendShape,
-    StepTable,
+    extend_smem_bytes, plan_extend_launch, CacheElement, CacheShape, ExtendAddrs, ExtendOptions,
+    ExtendShape, StepTable,
 };
 use crate::layout::HeadsLayout;
 
@@ -45,6 +45,13 @@ pub fn extend<T: AttnElement, S: CacheElement>(
     let qb = HostBuf::input(q, c"q");
     let kb = HostBuf::input(cache.k, c"cache.k");
     let vb = HostBuf::input(cache.v, c"cache.v");
+    let (ksb, vsb) = match cache.scales {
+        Some((_, k, v)) => (
+            Some(HostBuf::input(k, c"cache.k_scale")),
+            Some(HostBuf::input(v, c"cache.v_scale")),
+        ),
+        None => (None, None),
+    };
     let btb = HostBuf::input(step.table.block_table, c"block_table");
     let slb = HostBuf::input(step.table.seqlens, c"seqlens");
     let cnb = HostBuf::input(step.cu_new, c"cu_new");
@@ -57,14 +64,19 @@ pub fn extend<T: AttnElement, S: CacheElement>(
         lse: lb.as_ref().map_or(0, HostBuf::addr),
         k: kb.addr(),
         v: vb.addr(),
+        k_scale: ksb.as_ref().map_or(0, HostBuf::addr),
+        v_scale: vsb.as_ref().map_or(0, HostBuf::addr),
         block_table: btb.addr(),
         seqlens: slb.addr(),
         cu_new: cnb.addr(),
     };
-    let Some(l) = plan_extend_launch::<T, S>(&sv, &v, &tiles, tiles.smem_bytes(), &addrs)? else {
+    let smem = extend_smem_bytes(&tiles, S::CACHE_DTYPE);
+    let Some(l) = plan_extend_launch::<T, S>(&sv, &v, &tiles, smem, &addrs)? else {
         return Ok(tiles);
     };
     let mut bufs = vec![qb, kb, vb, btb, slb, cnb, ob];
+    bufs.extend(ksb);
+    bufs.extend(vsb);
     bufs.extend(lb);
     run("extend", &l, arch, &bufs)?;
     Ok(tiles)

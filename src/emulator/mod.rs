@@ -166,6 +166,14 @@ sm90_entries! {
     longctx_kv_extend_bf16_hd96_emu_sm90: sys::LongctxKvExtendParams;
     longctx_kv_extend_bf16_hd128_emu_sm90: sys::LongctxKvExtendParams;
     longctx_kv_extend_bf16_hd256_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_f16_fp8_hd64_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_f16_fp8_hd96_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_f16_fp8_hd128_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_f16_fp8_hd256_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_bf16_fp8_hd64_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_bf16_fp8_hd96_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_bf16_fp8_hd128_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_bf16_fp8_hd256_emu_sm90: sys::LongctxKvExtendParams;
 }
 
 entries! {
@@ -265,6 +273,14 @@ entries! {
     KvExtendBf16Hd96 => longctx_kv_extend_bf16_hd96, longctx_kv_extend_bf16_hd96_emu_sm90: sys::LongctxKvExtendParams;
     KvExtendBf16Hd128 => longctx_kv_extend_bf16_hd128, longctx_kv_extend_bf16_hd128_emu_sm90: sys::LongctxKvExtendParams;
     KvExtendBf16Hd256 => longctx_kv_extend_bf16_hd256, longctx_kv_extend_bf16_hd256_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendF16Fp8Hd64 => longctx_kv_extend_f16_fp8_hd64, longctx_kv_extend_f16_fp8_hd64_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendF16Fp8Hd96 => longctx_kv_extend_f16_fp8_hd96, longctx_kv_extend_f16_fp8_hd96_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendF16Fp8Hd128 => longctx_kv_extend_f16_fp8_hd128, longctx_kv_extend_f16_fp8_hd128_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendF16Fp8Hd256 => longctx_kv_extend_f16_fp8_hd256, longctx_kv_extend_f16_fp8_hd256_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendBf16Fp8Hd64 => longctx_kv_extend_bf16_fp8_hd64, longctx_kv_extend_bf16_fp8_hd64_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendBf16Fp8Hd96 => longctx_kv_extend_bf16_fp8_hd96, longctx_kv_extend_bf16_fp8_hd96_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendBf16Fp8Hd128 => longctx_kv_extend_bf16_fp8_hd128, longctx_kv_extend_bf16_fp8_hd128_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendBf16Fp8Hd256 => longctx_kv_extend_bf16_fp8_hd256, longctx_kv_extend_bf16_fp8_hd256_emu_sm90: sys::LongctxKvExtendParams;
     KvAppendF16Vec => longctx_kv_append_f16_vec, longctx_kv_append_f16_vec: sys::LongctxKvAppendParams;
     KvAppendF16Scalar => longctx_kv_append_f16_scalar, longctx_kv_append_f16_scalar: sys::LongctxKvAppendParams;
     KvAppendF16Fp8Vec => longctx_kv_append_f16_fp8_vec, longctx_kv_append_f16_fp8_vec: sys::LongctxKvAppendParams;

@@ -6,9 +6,13 @@
 //! K/V row's address looked up in the sequence's page table. Types, validation, the launch
 //! plan shared by the CUDA path and the emulator, and the CUDA op.
 //!
-//! Caches of f16 and bf16 with the queries' type and head dims [`EXTEND_HEAD_DIMS`] are
-//! supported; an fp8 cache is [`Error::unsupported`] (future work: dequantise each K/V tile
-//! into shared memory before the ldmatrix loads).
+//! Caches of f16 and bf16 with the queries' type, and fp8 e4m3 caches (per-(token, head)
+//! or per-head scales) under f16 or bf16 queries, with head dims [`EXTEND_HEAD_DIMS`]. An
+//! fp8 tile lands as codes in a staging tile and is widened in shared memory to the query
+//! type, each element `T(code x scale)`, before the 16-bit main loop reads it (so fp8 extend
+//! equals the 16-bit extend over the cache dequantised to T, bit for bit). fp8 at head dim
+//! 256 needs [`extend_smem_bytes`] = 114,944 bytes of shared memory: sm_80 and sm_90 have
+//! it, sm_86 / sm_89 (99 KB) refuse it with [`ErrorKind::Unsupported`](crate::ErrorKind).
 
 use cudarc::driver::{DevicePtr, PushKernelArg};
 
@@ -96,17 +100,12 @@ impl ExtendShape<'_> {
     /// its buffer (`q`, `o`); an LSE view of another shape or leaving its buffer (`lse`);
     /// more than [`MAX_TOKENS`] new tokens or cached tokens in a sequence, or more query
     /// heads or sequences than the grid holds (`cu_new`, `seqlens`, `heads_q`); a softmax
-    /// scale or softcap that is not finite and positive; a stride past i64. Of kind
-    /// unsupported: an fp8 cache (`cache`) and a head dim not in [`EXTEND_HEAD_DIMS`].
+    /// scale or softcap that is not finite and positive; a stride past i64; an fp8 cache
+    /// without scales, a 16-bit one with scales, or scales shorter than their layout
+    /// (`cache.scales`, `cache.k_scale`, `cache.v_scale`). Of kind unsupported: a head dim
+    /// not in [`EXTEND_HEAD_DIMS`].
     pub fn validate(&self, opts: &ExtendOptions) -> Result<ExtendValidated> {
         self.cache.validate()?;
-        if self.cache.dtype == CacheDType::Fp8E4m3 {
-            return Err(Error::unsupported(
-                OP,
-                "cache",
-                "extend over an fp8 cache is not implemented yet (f16 and bf16 caches are)",
-            ));
-        }
         let l = &self.cache.layout;
         let d = l.head_dim;
         if !EXTEND_HEAD_DIMS.contains(&d) {
@@ -222,38 +221,67 @@ pub(crate) struct ExtendAddrs {
     pub lse: u64,
     pub k: u64,
     pub v: u64,
+    /// fp8: K's and V's f32 scales (0 for a 16-bit cache).
+    pub k_scale: u64,
+    pub v_scale: u64,
     pub block_table: u64,
     pub seqlens: u64,
     pub cu_new: u64,
 }
 
-pub(crate) fn kernel_id(t: DType, d: usize) -> Result<KernelId> {
+pub(crate) fn kernel_id(t: DType, s: CacheDType, d: usize) -> Result<KernelId> {
     use KernelId::*;
-    Ok(match (t, d) {
-        (DType::F16, 64) => KvExtendF16Hd64,
-        (DType::F16, 96) => KvExtendF16Hd96,
-        (DType::F16, 128) => KvExtendF16Hd128,
-        (DType::F16, 256) => KvExtendF16Hd256,
-        (DType::BF16, 64) => KvExtendBf16Hd64,
-        (DType::BF16, 96) => KvExtendBf16Hd96,
-        (DType::BF16, 128) => KvExtendBf16Hd128,
-        (DType::BF16, 256) => KvExtendBf16Hd256,
+    let fp8 = s == CacheDType::Fp8E4m3;
+    Ok(match (t, fp8, d) {
+        (DType::F16, false, 64) => KvExtendF16Hd64,
+        (DType::F16, false, 96) => KvExtendF16Hd96,
+        (DType::F16, false, 128) => KvExtendF16Hd128,
+        (DType::F16, false, 256) => KvExtendF16Hd256,
+        (DType::BF16, false, 64) => KvExtendBf16Hd64,
+        (DType::BF16, false, 96) => KvExtendBf16Hd96,
+        (DType::BF16, false, 128) => KvExtendBf16Hd128,
+        (DType::BF16, false, 256) => KvExtendBf16Hd256,
+        (DType::F16, true, 64) => KvExtendF16Fp8Hd64,
+        (DType::F16, true, 96) => KvExtendF16Fp8Hd96,
+        (DType::F16, true, 128) => KvExtendF16Fp8Hd128,
+        (DType::F16, true, 256) => KvExtendF16Fp8Hd256,
+        (DType::BF16, true, 64) => KvExtendBf16Fp8Hd64,
+        (DType::BF16, true, 96) => KvExtendBf16Fp8Hd96,
+        (DType::BF16, true, 128) => KvExtendBf16Fp8Hd128,
+        (DType::BF16, true, 256) => KvExtendBf16Fp8Hd256,
         _ => {
             return Err(Error::unsupported(
                 OP,
                 "dtype",
-                format!("no extend kernel for {t:?} with head dim {d}"),
+                format!("no extend kernel for {t:?} queries over a {s:?} cache with head dim {d}"),
             ))
         }
     })
 }
 
-/// Whether queries of `T` read a cache of `S` in extend: the same 16-bit type.
-fn same_type<T: AttnElement, S: CacheElement>() -> bool {
+/// Whether queries of `T` read a cache of `S` in extend: the same 16-bit type, or fp8.
+fn cache_matches<T: AttnElement, S: CacheElement>() -> bool {
     matches!(
         (T::DTYPE, S::CACHE_DTYPE),
-        (DType::F16, CacheDType::F16) | (DType::BF16, CacheDType::BF16)
+        (DType::F16, CacheDType::F16)
+            | (DType::BF16, CacheDType::BF16)
+            | (DType::F16 | DType::BF16, CacheDType::Fp8E4m3)
     )
+}
+
+/// Bytes of dynamic shared memory the extend kernel for `tiles` needs over a cache of
+/// `cache`: the forward's Q, K and V tiles, and for fp8 the staged codes of one tile
+/// (`block_n x head_dim` bytes) and its rows' f32 scales (`block_n x 4`).
+pub fn extend_smem_bytes(tiles: &TileConfig, cache: CacheDType) -> usize {
+    let base = tiles.smem_bytes();
+    if cache == CacheDType::Fp8E4m3 {
+        let extra = tiles
+            .block_n
+            .saturating_mul(tiles.head_dim.saturating_add(4));
+        base.saturating_add(extra)
+    } else {
+        base
+    }
 }
 
 /// The launch of one validated call, shared by the CUDA and emulated backends: the kernel
@@ -267,13 +295,13 @@ pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
     smem: usize,
     a: &ExtendAddrs,
 ) -> Result<Option<KernelLaunch<sys::LongctxKvExtendParams>>> {
-    if !same_type::<T, S>() {
+    if !cache_matches::<T, S>() {
         return Err(Error::unsupported(
             OP,
             "cache",
             format!(
-                "{:?} queries over a {:?} cache: extend reads caches of the queries' type \
-                 (fp8 extend is not implemented yet)",
+                "{:?} queries over a {:?} cache: extend reads caches of the queries' type, \
+                 or fp8",
                 T::DTYPE,
                 S::CACHE_DTYPE
             ),
@@ -290,7 +318,32 @@ pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
     if v.total_new == 0 || step.batch == 0 {
         return Ok(None);
     }
-    let id = kernel_id(T::DTYPE, v.head_dim)?;
+    let id = kernel_id(T::DTYPE, S::CACHE_DTYPE, v.head_dim)?;
+    let need = extend_smem_bytes(tiles, S::CACHE_DTYPE);
+    if smem < need {
+        return Err(Error::invalid(
+            OP,
+            "tiles",
+            format!("{smem} bytes of shared memory, the kernel for {tiles:?} needs {need}"),
+        ));
+    }
+    let fp8 = S::CACHE_DTYPE == CacheDType::Fp8E4m3;
+    if (a.k_scale != 0, a.v_scale != 0) != (fp8, fp8) {
+        return Err(Error::invalid(
+            OP,
+            "cache.scales",
+            "an fp8 cache needs K and V scales, a 16-bit cache none",
+        ));
+    }
+    for (addr, arg) in [(a.k_scale, "cache.k_scale"), (a.v_scale, "cache.v_scale")] {
+        if addr % 4 != 0 {
+            return Err(Error::misaligned(
+                OP,
+                arg,
+                format!("the scales start at {addr:#x}; the kernel reads f32"),
+            ));
+        }
+    }
     for (addr, arg) in [(a.k, "cache.k"), (a.v, "cache.v")] {
         if addr % 16 != 0 {
             return Err(Error::misaligned(
@@ -301,8 +354,9 @@ pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
         }
     }
     let elem = T::DTYPE.size();
-    // Cache rows are dense: head_dim x 2 bytes, a multiple of 16 for every extend head dim.
-    debug_assert!(v.head_dim * elem % 16 == 0);
+    // Cache rows are dense: head_dim x 2 (fp8: 1) bytes, a multiple of 16 for every extend
+    // head dim.
+    debug_assert!(v.head_dim % 16 == 0);
     check_alignment(&v.q, a.q, elem, "q")?;
     check_alignment(&v.o, a.o, elem, "o")?;
     let (lse, lse_stride) = match v.lse {
@@ -346,7 +400,7 @@ pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
             exp_scale: v.consts.exp_scale,
             softcap_in: v.consts.softcap_in,
         },
-        cache: cache_params(&v.cache, a.k, a.v, 0, 0),
+        cache: cache_params(&v.cache, a.k, a.v, a.k_scale, a.v_scale),
         step: step_params(step, a.block_table, a.seqlens, a.cu_new),
     };
     Ok(Some(KernelLaunch {
@@ -366,12 +420,14 @@ pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
 /// `max(0, p - window_left) ..= p`. `q` is `[total_new, heads_q, head_dim]` (rotated
 /// already); query head h reads KV head `h / (heads_q / heads_kv)`. O has Q's shape; the
 /// LSE (natural log, -inf for a row that sees no key) is written when `out.lse` is given.
+/// An fp8 cache's values are `code x scale` with `cache.scales` (required for fp8, refused
+/// for 16-bit caches), each rounded once to T before the MMAs.
 /// One launch, nothing allocated; nothing is launched when there is no new token.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] for everything [`ExtendShape::validate`] rejects, a cache
 /// whose layout differs from the step's, a cache, Q or O not 16-byte aligned (kind
-/// misaligned), a buffer of another context; of kind unsupported: an fp8 cache or one of
+/// misaligned), a buffer of another context; of kind unsupported: a 16-bit cache of
 /// another type than the queries, a head dim not in [`EXTEND_HEAD_DIMS`], a device older
 /// than sm_80, more shared memory than the device allows; [`Error::KernelsNotCompiled`]
 /// without kernels; [`Error::Cuda`] if the launch fails.
@@ -402,6 +458,10 @@ pub fn extend<T: AttnElement, S: CacheElement>(
         (dev.owns_any(&*out.o), "o"),
         (dev.owns(step.block_table()), "step"),
     ];
+    if let KvScales::Fp8 { k, v, .. } = cache.scales {
+        owned.push((dev.owns_any(k), "cache.k_scale"));
+        owned.push((dev.owns_any(v), "cache.v_scale"));
+    }
     if let Some((l, _)) = &out.lse {
         owned.push((dev.owns_any(&**l), "lse"));
     }
@@ -424,12 +484,13 @@ pub fn extend<T: AttnElement, S: CacheElement>(
         lse: out.lse.as_ref().map(|(b, l)| (*l, b.len())),
     }
     .validate(opts)?;
-    if !same_type::<T, S>() {
+    if !cache_matches::<T, S>() {
         return Err(Error::unsupported(
             OP,
             "cache",
             format!(
-                "{:?} queries over a {:?} cache: extend reads caches of the queries' type",
+                "{:?} queries over a {:?} cache: extend reads caches of the queries' type, \
+                 or fp8",
                 T::DTYPE,
                 S::CACHE_DTYPE
             ),
@@ -439,19 +500,28 @@ pub fn extend<T: AttnElement, S: CacheElement>(
         return Ok(());
     }
     let d = v.head_dim;
-    let id = kernel_id(T::DTYPE, d)?;
+    let id = kernel_id(T::DTYPE, S::CACHE_DTYPE, d)?;
     // The key tile depends on which code the driver loaded (the sm_90a cubin or code for
     // compute_80); shared memory covers the larger of its tiles and the device arch's own,
     // as the forward does.
     let tiles = TileConfig::for_code(d, d, dev.ptx_arch(id)?)?;
     let cc = dev.compute_capability();
     let native = TileConfig::for_code(d, d, u32::try_from(cc.0 * 10 + cc.1).unwrap_or(0))?;
-    let smem = tiles.smem_bytes().max(native.smem_bytes());
+    let smem = extend_smem_bytes(&tiles, S::CACHE_DTYPE)
+        .max(extend_smem_bytes(&native, S::CACHE_DTYPE));
     dev.allow_dynamic_smem(id, smem, OP, "head_dim")?;
     let stream = dev.stream();
     let (qp, _g0) = q.device_ptr(stream);
     let (kp, _g1) = cache.k.device_ptr(stream);
     let (vp, _g2) = cache.v.device_ptr(stream);
+    let (ksp, vsp, _g8, _g9) = match cache.scales {
+        KvScales::None => (0, 0, None, None),
+        KvScales::Fp8 { k, v, .. } => {
+            let (a, ga) = k.device_ptr(stream);
+            let (b, gb) = v.device_ptr(stream);
+            (a, b, Some(ga), Some(gb))
+        }
+    };
     let (bt, _g3) = step.block_table().device_ptr(stream);
     let (sl, _g4) = step.seqlens().device_ptr(stream);
     let (cn, _g5) = step.cu_new().device_ptr(stream);
@@ -475,6 +545,8 @@ pub fn extend<T: AttnElement, S: CacheElement>(
             lse: lp,
             k: kp,
             v: vp,
+            k_scale: ksp,
+            v_scale: vsp,
             block_table: bt,
             seqlens: sl,
             cu_new: cn,
@@ -490,12 +562,16 @@ pub fn extend<T: AttnElement, S: CacheElement>(
     // KvStep was built (every page id a sequence uses in range, every table row long
     // enough for its length, lengths and new-token offsets consistent, new tokens at most
     // the length); the kernel reads table entries only for keys below a sequence's length.
-    // ExtendShape::validate proved the cache buffers hold the whole layout, the Q, O and
-    // LSE views inside their buffers with O's rows disjoint, lengths within MAX_TOKENS (the
-    // kernel's int32 mask arithmetic), heads_q a multiple of heads_kv, and the grid within
-    // limits; plan_extend_launch checked the dtype pair and the 16-byte alignment of the
-    // cache, Q and O (cache rows are head_dim x 2 bytes, a multiple of 16). Dynamic shared
-    // memory was sized for the loaded code's tiles and opted into above. Outputs are
+    // ExtendShape::validate proved the cache buffers hold the whole layout (and, for fp8,
+    // scales as long as their layout: the kernel reads a scale only for a key below its
+    // sequence's length, at that key's slot, or at the KV head), the Q, O and LSE views
+    // inside their buffers with O's rows disjoint, lengths within MAX_TOKENS (the kernel's
+    // int32 mask arithmetic), heads_q a multiple of heads_kv, and the grid within limits;
+    // plan_extend_launch checked the dtype pair, that scales come with fp8 and only with
+    // it, their 4-byte alignment, and the 16-byte alignment of the cache, Q and O (cache
+    // rows are head_dim x 2 or x 1 bytes, a multiple of 16). Dynamic shared memory was
+    // sized for the loaded code's tiles (fp8's staging included, extend_smem_bytes) and
+    // opted into above. Outputs are
     // borrowed mutably, so no input aliases them; the guards keep every buffer alive until
     // the launch is queued.
     unsafe { builder.launch(l.config()) }
