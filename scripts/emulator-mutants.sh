@@ -59,6 +59,8 @@ MUTANTS=(
   "kv-extend-short-seqlen|kernels/attention/block_info.cuh|s/        sk = seqlens\[batch\];/        sk = seqlens[batch] - (seqlens[batch] > 0);/|--test kv_extend emu_extend_"
   "kv-extend-fp8-v-scale|kernels/attention/attention_kernel.cuh|s/scale_next = paged.v_scale_of(k0, sk);/scale_next = 256.f;/|--test kv_extend emu_extend_fp8"
   "kv-extend-fp8-widen-barrier|kernels/attention/attention_kernel.cuh|s/smem + kOffV, tid);\n            __syncthreads();/smem + kOffV, tid);\n            ;/|--test kv_extend emu_extend_fp8"
+  "kv-extend-rotate-k-position|kernels/attention/attention_kernel.cuh|s/smem + kOffK, k1,/smem + kOffK, k1 + 1,/|--test kv_rotating emu_extend_rotating_"
+  "kv-extend-rotate-q-position|kernels/attention/attention_kernel.cuh|s/smem, bi.m0 + bi.diag,/smem, bi.m0 + bi.diag + 1,/|--test kv_rotating emu_extend_rotating_"
   "kv-append-slot-off-by-one|kernels/kv_cache/append_kernel.cuh|s/(int64_t(page) \* page_size + pos % page_size)/(int64_t(page) * page_size + (pos + 1) % page_size)/|--test kv_append emu_append"
   "kv-append-rope-position|kernels/kv_cache/append_kernel.cuh|s/rot, pos, lane);/rot, pos + 1, lane);/|--test kv_append emu_append"
   "kv-append-rope-sign|kernels/kv_cache/append_kernel.cuh|s/x\[e\] = xv \* t.x - y \* t.y;/x[e] = xv * t.x + y * t.y;/|--test kv_append emu_append"

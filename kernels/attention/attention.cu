@@ -59,3 +59,28 @@ LONGCTX_KV_EXTEND_FP8_ENTRY(longctx_kv_extend_bf16_fp8_hd64, __nv_bfloat16, 64)
 LONGCTX_KV_EXTEND_FP8_ENTRY(longctx_kv_extend_bf16_fp8_hd96, __nv_bfloat16, 96)
 LONGCTX_KV_EXTEND_FP8_ENTRY(longctx_kv_extend_bf16_fp8_hd128, __nv_bfloat16, 128)
 LONGCTX_KV_EXTEND_FP8_ENTRY(longctx_kv_extend_bf16_fp8_hd256, __nv_bfloat16, 256)
+
+// Extend over a cache of un-rotated keys (exact dynamic scaling): each Q tile and K tile is
+// rotated in shared memory after it lands (Rotating<...>), 16-bit and fp8 caches.
+#define LONGCTX_KV_EXTEND_ROT_ENTRY(NAME, T, D, SOURCE)                               \
+    extern "C" __global__ void __launch_bounds__(Traits<D, D>::kThreads)              \
+        LONGCTX_ENTRY_NAME(NAME)(const __grid_constant__ LongctxKvExtendParams p) {   \
+        attn_fwd_body<T, D, D, longctx::attn::Rotating<SOURCE>>(p);                   \
+    }
+
+LONGCTX_KV_EXTEND_ROT_ENTRY(longctx_kv_extend_rot_f16_hd64, __half, 64, longctx::attn::PagedKv)
+LONGCTX_KV_EXTEND_ROT_ENTRY(longctx_kv_extend_rot_f16_hd96, __half, 96, longctx::attn::PagedKv)
+LONGCTX_KV_EXTEND_ROT_ENTRY(longctx_kv_extend_rot_f16_hd128, __half, 128, longctx::attn::PagedKv)
+LONGCTX_KV_EXTEND_ROT_ENTRY(longctx_kv_extend_rot_f16_hd256, __half, 256, longctx::attn::PagedKv)
+LONGCTX_KV_EXTEND_ROT_ENTRY(longctx_kv_extend_rot_bf16_hd64, __nv_bfloat16, 64, longctx::attn::PagedKv)
+LONGCTX_KV_EXTEND_ROT_ENTRY(longctx_kv_extend_rot_bf16_hd96, __nv_bfloat16, 96, longctx::attn::PagedKv)
+LONGCTX_KV_EXTEND_ROT_ENTRY(longctx_kv_extend_rot_bf16_hd128, __nv_bfloat16, 128, longctx::attn::PagedKv)
+LONGCTX_KV_EXTEND_ROT_ENTRY(longctx_kv_extend_rot_bf16_hd256, __nv_bfloat16, 256, longctx::attn::PagedKv)
+LONGCTX_KV_EXTEND_ROT_ENTRY(longctx_kv_extend_rot_f16_fp8_hd64, __half, 64, longctx::attn::PagedKvFp8)
+LONGCTX_KV_EXTEND_ROT_ENTRY(longctx_kv_extend_rot_f16_fp8_hd96, __half, 96, longctx::attn::PagedKvFp8)
+LONGCTX_KV_EXTEND_ROT_ENTRY(longctx_kv_extend_rot_f16_fp8_hd128, __half, 128, longctx::attn::PagedKvFp8)
+LONGCTX_KV_EXTEND_ROT_ENTRY(longctx_kv_extend_rot_f16_fp8_hd256, __half, 256, longctx::attn::PagedKvFp8)
+LONGCTX_KV_EXTEND_ROT_ENTRY(longctx_kv_extend_rot_bf16_fp8_hd64, __nv_bfloat16, 64, longctx::attn::PagedKvFp8)
+LONGCTX_KV_EXTEND_ROT_ENTRY(longctx_kv_extend_rot_bf16_fp8_hd96, __nv_bfloat16, 96, longctx::attn::PagedKvFp8)
+LONGCTX_KV_EXTEND_ROT_ENTRY(longctx_kv_extend_rot_bf16_fp8_hd128, __nv_bfloat16, 128, longctx::attn::PagedKvFp8)
+LONGCTX_KV_EXTEND_ROT_ENTRY(longctx_kv_extend_rot_bf16_fp8_hd256, __nv_bfloat16, 256, longctx::attn::PagedKvFp8)

@@ -52,6 +52,7 @@
 #include "common/fast_math.cuh"
 #include "common/fp8.cuh"
 #include "common/mma.cuh"
+#include "kv_cache/rotate.cuh"
 #include "params/attention_params.h"
 #include "params/kv_cache_params.h"
 
@@ -172,6 +173,7 @@ struct DenseKv {
     using Params = LongctxAttnParams;
     static constexpr bool kPaged = false;
     static constexpr bool kFp8 = false;
+    static constexpr bool kRotate = false;
     static __device__ __forceinline__ const LongctxAttnParams& attn(const Params& p) { return p; }
 
     // No paged loader: the body's strided copies serve.
@@ -188,6 +190,7 @@ struct PagedKv {
     using Params = LongctxKvExtendParams;
     static constexpr bool kPaged = true;
     static constexpr bool kFp8 = false;
+    static constexpr bool kRotate = false;
     static __device__ __forceinline__ const LongctxAttnParams& attn(const Params& p) { return p.attn; }
 
     template <typename T, int ROWS, int D, int ROW_ELEMS, int THREADS> struct Loader {
@@ -227,6 +230,7 @@ struct PagedKvFp8 {
     using Params = LongctxKvExtendParams;
     static constexpr bool kPaged = true;
     static constexpr bool kFp8 = true;
+    static constexpr bool kRotate = false;
     static __device__ __forceinline__ const LongctxAttnParams& attn(const Params& p) { return p.attn; }
 
     template <typename T, int ROWS, int D, int ROW_ELEMS, int THREADS> struct Loader {
@@ -296,6 +300,36 @@ struct PagedKvFp8 {
         __device__ __forceinline__ float v_scale_of(int k0, int sk) const { return scale(p.cache.v_scale, k0, sk); }
     };
 };
+
+// A paged source (PagedKv, PagedKvFp8) whose keys are stored un-rotated (exact dynamic
+// scaling, params/kv_cache_params.h): after each K tile is in shared memory as T (after
+// the fp8 widening), and after the Q tile lands, every row is rotated in place at its
+// position with the sequence's inv_freq row and attention factor (rotate_tile_rows), before
+// any ldmatrix reads it. The rotation is the rotating decode's (kv_cache/rotate.cuh).
+template <typename Base> struct Rotating : Base {
+    static constexpr bool kRotate = true;
+};
+
+// Rotates rows r < valid of a swizzled T tile (rows of ROW_ELEMS elements) in place: row r
+// at position pos0 + r, each of its rotary_dim / 2 pairs by one thread (pairs are disjoint:
+// no element is touched twice). Not unrolled: it runs while O's accumulators are live.
+template <typename T, int ROWS, int ROW_ELEMS, int THREADS>
+__device__ __forceinline__ void rotate_tile_rows(const LongctxKvExtendParams& p, const double* inv, float factor,
+                                                 uint8_t* tile, int pos0, int valid, int tid) {
+    const int half = int(p.rotary_dim) / 2;
+    const bool neox = p.rope_style == LONGCTX_ROPE_STYLE_NEOX;
+    const int rows = min(valid, ROWS);
+#pragma unroll 1
+    for (int i = tid; i < rows * half; i += THREADS) {
+        const int r = i / half;
+        const int pair = i - r * half;
+        const int ca = neox ? pair : 2 * pair;
+        const int cb = neox ? pair + half : 2 * pair + 1;
+        T* ea = reinterpret_cast<T*>(tile + swizzle<ROW_ELEMS>(r, ca / 8)) + ca % 8;
+        T* eb = reinterpret_cast<T*>(tile + swizzle<ROW_ELEMS>(r, cb / 8)) + cb % 8;
+        kv_rotate::rotate_pair(p, inv[pair], factor, pos0 + r, ea, eb);
+    }
+}
 
 // Widens a staged tile of fp8 codes (ROWS rows of D codes at stage + r * D) into the
 // swizzled T tile at `tile` (rows of ROW_ELEMS elements): element (r, c) becomes
@@ -450,6 +484,9 @@ __device__ __forceinline__ void attn_fwd_body(const typename Kv::Params& kv_para
     [[maybe_unused]] uint8_t* const stage = smem + kOffStage;
     [[maybe_unused]] float* const scale256 = reinterpret_cast<float*>(smem + kOffScale);
 
+    // Rotating sources: the sequence's inv_freq row and attention factor.
+    [[maybe_unused]] const double* rot_inv = nullptr;
+    [[maybe_unused]] float rot_factor = 0.f;
     const TileLoader<kBlockN, D, kRowQK, kThreads> k_loader(tid);
     const TileLoader<kBlockN, DV, kRowV, kThreads> v_loader(tid);
     // This thread's copy source in key tile 0 of the sequence; tile n adds n * kBlockN rows.
@@ -481,6 +518,19 @@ __device__ __forceinline__ void attn_fwd_body(const typename Kv::Params& kv_para
     __syncthreads();
     if constexpr (Kv::kFp8) {
         widen_fp8_tile<T, kBlockN, D, kRowQK, kThreads>(stage, scale256, smem + kOffK, tid);
+        __syncthreads();
+    }
+    if constexpr (Kv::kRotate) {
+        // Query row r of the tile sits at key position m0 + r + diag (bottom-right); rows
+        // past the chunk are zero-filled and stay so. Then the first key tile.
+        rot_inv = reinterpret_cast<const double*>(kv_params.rope_inv_freq) +
+                  int64_t(blockIdx.z) * int64_t(kv_params.rotary_dim / 2);
+        rot_factor = reinterpret_cast<const float*>(kv_params.rope_factor)[blockIdx.z];
+        rotate_tile_rows<T, kBlockM, kRowQK, kThreads>(kv_params, rot_inv, rot_factor, smem, bi.m0 + bi.diag,
+                                                       rows_here, tid);
+        const int k0 = n_min * kBlockN;
+        rotate_tile_rows<T, kBlockN, kRowQK, kThreads>(kv_params, rot_inv, rot_factor, smem + kOffK, k0, sk - k0,
+                                                       tid);
         __syncthreads();
     }
 
@@ -714,6 +764,14 @@ __device__ __forceinline__ void attn_fwd_body(const typename Kv::Params& kv_para
             // K[n+1]'s codes landed and every warp is done with sV.
             if (n + 1 < n_max) {
                 widen_fp8_tile<T, kBlockN, D, kRowQK, kThreads>(stage, scale256, smem + kOffK, tid);
+                __syncthreads();
+            }
+        }
+        if constexpr (Kv::kRotate) {
+            if (n + 1 < n_max) {
+                const int k1 = k0 + kBlockN;
+                rotate_tile_rows<T, kBlockN, kRowQK, kThreads>(kv_params, rot_inv, rot_factor, smem + kOffK, k1,
+                                                               sk - k1, tid);
                 __syncthreads();
             }
         }

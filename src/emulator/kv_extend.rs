@@ -1,11 +1,11 @@
 //! Extend (chunked prefill over the paged cache) on host buffers, through the emulator.
 
-use super::{run, Arch, HostBuf, HostCache, HostDecodeOutput};
+use super::{run, Arch, HostBuf, HostCache, HostDecodeOutput, HostRotation};
 use crate::attention::{AttnElement, TileConfig};
 use crate::error::Result;
 use crate::kv_cache::{
-    extend_smem_bytes, plan_extend_launch, CacheElement, CacheShape, ExtendAddrs, ExtendOptions,
-    ExtendShape, StepTable,
+    extend_smem_bytes, plan_extend_launch, rotation_tables, CacheElement, CacheShape,
+    ExtendAddrs, ExtendOptions, ExtendShape, RotationShape, StepTable,
 };
 use crate::layout::HeadsLayout;
 
@@ -18,6 +18,42 @@ use crate::layout::HeadsLayout;
 pub fn extend<T: AttnElement, S: CacheElement>(
     arch: Arch,
     step: &StepTable,
+    q: &[T],
+    q_layout: &HeadsLayout,
+    cache: &HostCache<S>,
+    out: HostDecodeOutput<T>,
+    opts: &ExtendOptions,
+) -> Result<TileConfig> {
+    extend_impl(arch, step, None, q, q_layout, cache, out, opts)
+}
+
+/// [`crate::kv_cache::extend_rotating`] on the CPU: keys in the cache and `q` un-rotated,
+/// rotated on load with each sequence's rotation at its current length (tables computed
+/// here, as [`KvRotation::upload`](crate::kv_cache::KvRotation::upload) does). Returns the
+/// tile shape it ran.
+///
+/// # Errors
+/// As the GPU op, plus [`Error::Emulator`](crate::Error::Emulator) when the kernel
+/// misbehaves.
+#[allow(clippy::too_many_arguments)]
+pub fn extend_rotating<T: AttnElement, S: CacheElement>(
+    arch: Arch,
+    step: &StepTable,
+    rotation: &HostRotation,
+    q: &[T],
+    q_layout: &HeadsLayout,
+    cache: &HostCache<S>,
+    out: HostDecodeOutput<T>,
+    opts: &ExtendOptions,
+) -> Result<TileConfig> {
+    extend_impl(arch, step, Some(rotation), q, q_layout, cache, out, opts)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn extend_impl<T: AttnElement, S: CacheElement>(
+    arch: Arch,
+    step: &StepTable,
+    rotation: Option<&HostRotation>,
     q: &[T],
     q_layout: &HeadsLayout,
     cache: &HostCache<S>,
@@ -38,8 +74,33 @@ pub fn extend<T: AttnElement, S: CacheElement>(
         o: out.o_layout,
         o_len: out.o.len(),
         lse: out.lse.as_ref().map(|(b, l)| (*l, b.len())),
+        rotation: rotation.map(|r| RotationShape {
+            rotary_dim: r.scaling.config().rotary_dim(),
+            style: r.style,
+            precision: r.precision,
+        }),
     }
     .validate(opts)?;
+    let tables = match rotation {
+        Some(r) => {
+            if r.scaling.config().head_dim() != cache.layout.head_dim {
+                return Err(crate::Error::invalid(
+                    "extend",
+                    "rotation",
+                    "the scaling's head dim differs from the cache's",
+                ));
+            }
+            Some(rotation_tables(&sv, r.scaling)?)
+        }
+        None => None,
+    };
+    let (ifb, fb) = match &tables {
+        Some((i, f)) => (
+            Some(HostBuf::input(i.as_slice(), c"rope_inv_freq")),
+            Some(HostBuf::input(f.as_slice(), c"rope_factor")),
+        ),
+        None => (None, None),
+    };
     let d = v.head_dim();
     let tiles = TileConfig::for_code(d, d, arch.ptx_arch())?;
     let qb = HostBuf::input(q, c"q");
@@ -69,6 +130,8 @@ pub fn extend<T: AttnElement, S: CacheElement>(
         block_table: btb.addr(),
         seqlens: slb.addr(),
         cu_new: cnb.addr(),
+        rope_inv_freq: ifb.as_ref().map_or(0, HostBuf::addr),
+        rope_factor: fb.as_ref().map_or(0, HostBuf::addr),
     };
     let smem = extend_smem_bytes(&tiles, S::CACHE_DTYPE);
     let Some(l) = plan_extend_launch::<T, S>(&sv, &v, &tiles, smem, &addrs)? else {
@@ -78,6 +141,8 @@ pub fn extend<T: AttnElement, S: CacheElement>(
     bufs.extend(ksb);
     bufs.extend(vsb);
     bufs.extend(lb);
+    bufs.extend(ifb);
+    bufs.extend(fb);
     run("extend", &l, arch, &bufs)?;
     Ok(tiles)
 }

@@ -174,6 +174,22 @@ sm90_entries! {
     longctx_kv_extend_bf16_fp8_hd96_emu_sm90: sys::LongctxKvExtendParams;
     longctx_kv_extend_bf16_fp8_hd128_emu_sm90: sys::LongctxKvExtendParams;
     longctx_kv_extend_bf16_fp8_hd256_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_rot_f16_hd64_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_rot_f16_hd96_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_rot_f16_hd128_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_rot_f16_hd256_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_rot_bf16_hd64_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_rot_bf16_hd96_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_rot_bf16_hd128_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_rot_bf16_hd256_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_rot_f16_fp8_hd64_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_rot_f16_fp8_hd96_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_rot_f16_fp8_hd128_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_rot_f16_fp8_hd256_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_rot_bf16_fp8_hd64_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_rot_bf16_fp8_hd96_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_rot_bf16_fp8_hd128_emu_sm90: sys::LongctxKvExtendParams;
+    longctx_kv_extend_rot_bf16_fp8_hd256_emu_sm90: sys::LongctxKvExtendParams;
 }
 
 entries! {
@@ -281,6 +297,22 @@ entries! {
     KvExtendBf16Fp8Hd96 => longctx_kv_extend_bf16_fp8_hd96, longctx_kv_extend_bf16_fp8_hd96_emu_sm90: sys::LongctxKvExtendParams;
     KvExtendBf16Fp8Hd128 => longctx_kv_extend_bf16_fp8_hd128, longctx_kv_extend_bf16_fp8_hd128_emu_sm90: sys::LongctxKvExtendParams;
     KvExtendBf16Fp8Hd256 => longctx_kv_extend_bf16_fp8_hd256, longctx_kv_extend_bf16_fp8_hd256_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendRotF16Hd64 => longctx_kv_extend_rot_f16_hd64, longctx_kv_extend_rot_f16_hd64_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendRotF16Hd96 => longctx_kv_extend_rot_f16_hd96, longctx_kv_extend_rot_f16_hd96_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendRotF16Hd128 => longctx_kv_extend_rot_f16_hd128, longctx_kv_extend_rot_f16_hd128_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendRotF16Hd256 => longctx_kv_extend_rot_f16_hd256, longctx_kv_extend_rot_f16_hd256_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendRotBf16Hd64 => longctx_kv_extend_rot_bf16_hd64, longctx_kv_extend_rot_bf16_hd64_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendRotBf16Hd96 => longctx_kv_extend_rot_bf16_hd96, longctx_kv_extend_rot_bf16_hd96_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendRotBf16Hd128 => longctx_kv_extend_rot_bf16_hd128, longctx_kv_extend_rot_bf16_hd128_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendRotBf16Hd256 => longctx_kv_extend_rot_bf16_hd256, longctx_kv_extend_rot_bf16_hd256_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendRotF16Fp8Hd64 => longctx_kv_extend_rot_f16_fp8_hd64, longctx_kv_extend_rot_f16_fp8_hd64_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendRotF16Fp8Hd96 => longctx_kv_extend_rot_f16_fp8_hd96, longctx_kv_extend_rot_f16_fp8_hd96_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendRotF16Fp8Hd128 => longctx_kv_extend_rot_f16_fp8_hd128, longctx_kv_extend_rot_f16_fp8_hd128_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendRotF16Fp8Hd256 => longctx_kv_extend_rot_f16_fp8_hd256, longctx_kv_extend_rot_f16_fp8_hd256_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendRotBf16Fp8Hd64 => longctx_kv_extend_rot_bf16_fp8_hd64, longctx_kv_extend_rot_bf16_fp8_hd64_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendRotBf16Fp8Hd96 => longctx_kv_extend_rot_bf16_fp8_hd96, longctx_kv_extend_rot_bf16_fp8_hd96_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendRotBf16Fp8Hd128 => longctx_kv_extend_rot_bf16_fp8_hd128, longctx_kv_extend_rot_bf16_fp8_hd128_emu_sm90: sys::LongctxKvExtendParams;
+    KvExtendRotBf16Fp8Hd256 => longctx_kv_extend_rot_bf16_fp8_hd256, longctx_kv_extend_rot_bf16_fp8_hd256_emu_sm90: sys::LongctxKvExtendParams;
     KvAppendF16Vec => longctx_kv_append_f16_vec, longctx_kv_append_f16_vec: sys::LongctxKvAppendParams;
     KvAppendF16Scalar => longctx_kv_append_f16_scalar, longctx_kv_append_f16_scalar: sys::LongctxKvAppendParams;
     KvAppendF16Fp8Vec => longctx_kv_append_f16_fp8_vec, longctx_kv_append_f16_fp8_vec: sys::LongctxKvAppendParams;

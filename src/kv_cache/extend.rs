@@ -13,6 +13,10 @@
 //! equals the 16-bit extend over the cache dequantised to T, bit for bit). fp8 at head dim
 //! 256 needs [`extend_smem_bytes`] = 114,944 bytes of shared memory: sm_80 and sm_90 have
 //! it, sm_86 / sm_89 (99 KB) refuse it with [`ErrorKind::Unsupported`](crate::ErrorKind).
+//!
+//! [`extend_rotating`] reads a cache of un-rotated keys (exact dynamic scaling): each Q and
+//! K tile is rotated in shared memory after it lands, with the sequence's rotation at its
+//! current length, as [`decode_rotating`](super::decode_rotating) does.
 
 use cudarc::driver::{DevicePtr, PushKernelArg};
 
@@ -20,6 +24,7 @@ use super::cache::{cache_params, step_params, CacheShape, KvScales, PagedCache};
 use super::decode::DecodeOutput;
 use super::fp8::{CacheDType, CacheElement};
 use super::merge::LseLayout;
+use super::rotation::{KvRotation, RotationShape};
 use super::step::{KvStep, ValidatedStep};
 use crate::attention::cuda::{require_sm80, tensor};
 use crate::attention::{check_alignment, AttnElement, SoftmaxConsts, TileConfig, MAX_TOKENS};
@@ -29,6 +34,7 @@ use crate::error::{Error, Result};
 use crate::kernel_id::KernelId;
 use crate::launch::KernelLaunch;
 use crate::layout::HeadsLayout;
+use crate::rope::{AnglePrecision, RopeStyle};
 use crate::sys;
 
 const OP: &str = "extend";
@@ -66,6 +72,9 @@ pub struct ExtendShape<'a> {
     pub o_len: usize,
     /// The LSE view `[heads_q, total_new]` and its buffer's length, if asked for.
     pub lse: Option<(LseLayout, usize)>,
+    /// Keys and queries stored un-rotated, rotated on load ([`extend_rotating`]), or
+    /// `None` for rotated ones.
+    pub rotation: Option<RotationShape>,
 }
 
 /// An extend call that passed [`ExtendShape::validate`].
@@ -82,6 +91,7 @@ pub struct ExtendValidated {
     o: HeadsLayout,
     lse: Option<LseLayout>,
     cache: CacheShape,
+    rotation: Option<RotationShape>,
 }
 
 impl ExtendValidated {
@@ -102,8 +112,9 @@ impl ExtendShape<'_> {
     /// heads or sequences than the grid holds (`cu_new`, `seqlens`, `heads_q`); a softmax
     /// scale or softcap that is not finite and positive; a stride past i64; an fp8 cache
     /// without scales, a 16-bit one with scales, or scales shorter than their layout
-    /// (`cache.scales`, `cache.k_scale`, `cache.v_scale`). Of kind unsupported: a head dim
-    /// not in [`EXTEND_HEAD_DIMS`].
+    /// (`cache.scales`, `cache.k_scale`, `cache.v_scale`); a rotation whose rotary dim is
+    /// odd, 0 or above the head dim (`rotation`). Of kind unsupported: a head dim not in
+    /// [`EXTEND_HEAD_DIMS`].
     pub fn validate(&self, opts: &ExtendOptions) -> Result<ExtendValidated> {
         self.cache.validate()?;
         let l = &self.cache.layout;
@@ -116,6 +127,15 @@ impl ExtendShape<'_> {
             ));
         }
         let tiles = TileConfig::for_head_dims(d, d)?;
+        if let Some(r) = self.rotation {
+            if r.rotary_dim == 0 || r.rotary_dim % 2 != 0 || r.rotary_dim > d {
+                return Err(Error::invalid(
+                    OP,
+                    "rotation",
+                    format!("rotary dim {} must be even and in 2..={d}", r.rotary_dim),
+                ));
+            }
+        }
         let heads_q = self.q.heads;
         if l.heads_kv == 0 || heads_q == 0 || heads_q % l.heads_kv != 0 {
             return Err(Error::invalid(
@@ -210,6 +230,7 @@ impl ExtendShape<'_> {
             o: self.o,
             lse: self.lse.map(|x| x.0),
             cache: self.cache,
+            rotation: self.rotation,
         })
     }
 }
@@ -227,11 +248,44 @@ pub(crate) struct ExtendAddrs {
     pub block_table: u64,
     pub seqlens: u64,
     pub cu_new: u64,
+    /// Rotation on load: the per-sequence tables (0 without).
+    pub rope_inv_freq: u64,
+    pub rope_factor: u64,
 }
 
-pub(crate) fn kernel_id(t: DType, s: CacheDType, d: usize) -> Result<KernelId> {
+pub(crate) fn kernel_id(t: DType, s: CacheDType, d: usize, rotate: bool) -> Result<KernelId> {
     use KernelId::*;
     let fp8 = s == CacheDType::Fp8E4m3;
+    if rotate {
+        return Ok(match (t, fp8, d) {
+            (DType::F16, false, 64) => KvExtendRotF16Hd64,
+            (DType::F16, false, 96) => KvExtendRotF16Hd96,
+            (DType::F16, false, 128) => KvExtendRotF16Hd128,
+            (DType::F16, false, 256) => KvExtendRotF16Hd256,
+            (DType::BF16, false, 64) => KvExtendRotBf16Hd64,
+            (DType::BF16, false, 96) => KvExtendRotBf16Hd96,
+            (DType::BF16, false, 128) => KvExtendRotBf16Hd128,
+            (DType::BF16, false, 256) => KvExtendRotBf16Hd256,
+            (DType::F16, true, 64) => KvExtendRotF16Fp8Hd64,
+            (DType::F16, true, 96) => KvExtendRotF16Fp8Hd96,
+            (DType::F16, true, 128) => KvExtendRotF16Fp8Hd128,
+            (DType::F16, true, 256) => KvExtendRotF16Fp8Hd256,
+            (DType::BF16, true, 64) => KvExtendRotBf16Fp8Hd64,
+            (DType::BF16, true, 96) => KvExtendRotBf16Fp8Hd96,
+            (DType::BF16, true, 128) => KvExtendRotBf16Fp8Hd128,
+            (DType::BF16, true, 256) => KvExtendRotBf16Fp8Hd256,
+            _ => {
+                return Err(Error::unsupported(
+                    OP,
+                    "dtype",
+                    format!(
+                        "no rotating extend kernel for {t:?} queries over a {s:?} cache with \
+                         head dim {d}"
+                    ),
+                ))
+            }
+        });
+    }
     Ok(match (t, fp8, d) {
         (DType::F16, false, 64) => KvExtendF16Hd64,
         (DType::F16, false, 96) => KvExtendF16Hd96,
@@ -318,7 +372,10 @@ pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
     if v.total_new == 0 || step.batch == 0 {
         return Ok(None);
     }
-    let id = kernel_id(T::DTYPE, S::CACHE_DTYPE, v.head_dim)?;
+    let id = kernel_id(T::DTYPE, S::CACHE_DTYPE, v.head_dim, v.rotation.is_some())?;
+    if v.rotation.is_some() && (a.rope_inv_freq == 0 || a.rope_factor == 0) {
+        return Err(Error::invalid(OP, "rotation", "rotation tables missing"));
+    }
     let need = extend_smem_bytes(tiles, S::CACHE_DTYPE);
     if smem < need {
         return Err(Error::invalid(
@@ -402,6 +459,26 @@ pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
         },
         cache: cache_params(&v.cache, a.k, a.v, a.k_scale, a.v_scale),
         step: step_params(step, a.block_table, a.seqlens, a.cu_new),
+        rotary_dim: v.rotation.map_or(0, |r| r.rotary_dim as u32),
+        rope_style: match v.rotation.map(|r| r.style) {
+            Some(RopeStyle::Interleaved) => sys::LONGCTX_ROPE_STYLE_INTERLEAVED,
+            _ => sys::LONGCTX_ROPE_STYLE_NEOX,
+        },
+        rope_inv_freq: if v.rotation.is_some() {
+            a.rope_inv_freq
+        } else {
+            0
+        },
+        rope_factor: if v.rotation.is_some() {
+            a.rope_factor
+        } else {
+            0
+        },
+        rope_angle_mode: match v.rotation.map(|r| r.precision) {
+            Some(AnglePrecision::F32) => sys::LONGCTX_ROPE_ANGLE_F32,
+            _ => sys::LONGCTX_ROPE_ANGLE_F64,
+        },
+        pad0: 0,
     };
     Ok(Some(KernelLaunch {
         id,
@@ -434,6 +511,55 @@ pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
 pub fn extend<T: AttnElement, S: CacheElement>(
     dev: &Device,
     step: &KvStep,
+    q: &dyn DevicePtr<T>,
+    q_layout: &HeadsLayout,
+    cache: &PagedCache<S>,
+    out: DecodeOutput<T>,
+    opts: &ExtendOptions,
+) -> Result<()> {
+    extend_impl(dev, step, None, q, q_layout, cache, out, opts)
+}
+
+/// [`extend`] over a cache whose keys are stored un-rotated (appended without RoPE), with
+/// un-rotated queries: the kernel rotates each query tile and each key tile in shared
+/// memory after it lands, every row at its position, with the sequence's rotation at its
+/// current length from `rotation` ([`KvRotation::upload`] for this step), cos and sin
+/// times the attention factor, rounded to T, before the MMAs read them. With a static rule
+/// this gives what a cache of keys rotated at append time and rotated queries give (bit
+/// for bit on the emulator); with dynamic scaling (HF's dynamic NTK, dynamic YaRN) every
+/// key gets the current length's rotation, which a rotated cache cannot. Every head dim of
+/// [`EXTEND_HEAD_DIMS`], 16-bit and fp8 caches (fp8 tiles are rotated after widening).
+///
+/// # Errors
+/// As [`extend`], plus tables made for another step or head dim or on another device
+/// context, and a rotary dim that is odd, 0 or above the head dim (`rotation`).
+#[allow(clippy::too_many_arguments)]
+pub fn extend_rotating<T: AttnElement, S: CacheElement>(
+    dev: &Device,
+    step: &KvStep,
+    rotation: &KvRotation,
+    q: &dyn DevicePtr<T>,
+    q_layout: &HeadsLayout,
+    cache: &PagedCache<S>,
+    out: DecodeOutput<T>,
+    opts: &ExtendOptions,
+) -> Result<()> {
+    if !dev.owns(rotation.inv_freq()) || !dev.owns(rotation.factor()) {
+        return Err(Error::invalid(
+            OP,
+            "rotation",
+            "lives on another device context",
+        ));
+    }
+    rotation.check_step(step.validated(), step.layout().head_dim)?;
+    extend_impl(dev, step, Some(rotation), q, q_layout, cache, out, opts)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn extend_impl<T: AttnElement, S: CacheElement>(
+    dev: &Device,
+    step: &KvStep,
+    rotation: Option<&KvRotation>,
     q: &dyn DevicePtr<T>,
     q_layout: &HeadsLayout,
     cache: &PagedCache<S>,
@@ -482,6 +608,7 @@ pub fn extend<T: AttnElement, S: CacheElement>(
         o: out.o_layout,
         o_len: out.o.len(),
         lse: out.lse.as_ref().map(|(b, l)| (*l, b.len())),
+        rotation: rotation.map(KvRotation::shape),
     }
     .validate(opts)?;
     if !cache_matches::<T, S>() {
@@ -500,7 +627,7 @@ pub fn extend<T: AttnElement, S: CacheElement>(
         return Ok(());
     }
     let d = v.head_dim;
-    let id = kernel_id(T::DTYPE, S::CACHE_DTYPE, d)?;
+    let id = kernel_id(T::DTYPE, S::CACHE_DTYPE, d, rotation.is_some())?;
     // The key tile depends on which code the driver loaded (the sm_90a cubin or code for
     // compute_80); shared memory covers the larger of its tiles and the device arch's own,
     // as the forward does.
@@ -521,6 +648,14 @@ pub fn extend<T: AttnElement, S: CacheElement>(
             let (b, gb) = v.device_ptr(stream);
             (a, b, Some(ga), Some(gb))
         }
+    };
+    let (rope_if, rope_f, _g10, _g11) = match rotation {
+        Some(r) => {
+            let (a, ga) = r.inv_freq().device_ptr(stream);
+            let (b, gb) = r.factor().device_ptr(stream);
+            (a, b, Some(ga), Some(gb))
+        }
+        None => (0, 0, None, None),
     };
     let (bt, _g3) = step.block_table().device_ptr(stream);
     let (sl, _g4) = step.seqlens().device_ptr(stream);
@@ -550,6 +685,8 @@ pub fn extend<T: AttnElement, S: CacheElement>(
             block_table: bt,
             seqlens: sl,
             cu_new: cn,
+            rope_inv_freq: rope_if,
+            rope_factor: rope_f,
         },
     )?
     else {
@@ -571,9 +708,11 @@ pub fn extend<T: AttnElement, S: CacheElement>(
     // it, their 4-byte alignment, and the 16-byte alignment of the cache, Q and O (cache
     // rows are head_dim x 2 or x 1 bytes, a multiple of 16). Dynamic shared memory was
     // sized for the loaded code's tiles (fp8's staging included, extend_smem_bytes) and
-    // opted into above. Outputs are
-    // borrowed mutably, so no input aliases them; the guards keep every buffer alive until
-    // the launch is queued.
+    // opted into above. With rotation, check_step proved the tables were built for this
+    // step's lengths and head dim: inv_freq holds batch x rotary_dim / 2 f64 and factor
+    // batch f32 (validate bounded rotary_dim by the head dim), read at blockIdx.z < batch.
+    // Outputs are borrowed mutably, so no input aliases them; the guards keep every buffer
+    // alive until the launch is queued.
     unsafe { builder.launch(l.config()) }
         .map(|_| ())
         .map_err(cuda_err(OP))

@@ -46,7 +46,8 @@ pub use decode::{
 #[cfg(feature = "emulator")]
 pub(crate) use decode::{plan_decode_launch, DecodeAddrs};
 pub use extend::{
-    extend, extend_smem_bytes, ExtendOptions, ExtendShape, ExtendValidated, EXTEND_HEAD_DIMS,
+    extend, extend_rotating, extend_smem_bytes, ExtendOptions, ExtendShape, ExtendValidated,
+    EXTEND_HEAD_DIMS,
 };
 #[cfg(feature = "emulator")]
 pub(crate) use extend::{plan_extend_launch, ExtendAddrs};
