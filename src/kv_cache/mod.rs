@@ -11,7 +11,9 @@
 //!   packed, split-KV sized by [`plan_decode`]; f16/bf16/fp8 caches.
 //! * [`extend`]: chunked prefill over the paged cache (any number of new tokens per
 //!   sequence attending to its cache, causal bottom-right), the attention forward's
-//!   tensor-core kernel with paged K/V addressing.
+//!   tensor-core kernel with paged K/V addressing; f16/bf16/fp8 caches (fp8 tiles widened
+//!   in shared memory). [`extend_rotating`] reads un-rotated keys and queries and rotates
+//!   them on load (exact dynamic scaling), as [`decode_rotating`] does.
 //! * [`merge_states`]: combines partial attention states `(O_p, LSE_p)` of the same query
 //!   rows, each computed over a disjoint subset of the keys, into the state of attention
 //!   over their union: `LSE = log sum_p exp(LSE_p)`, `O = sum_p exp(LSE_p - LSE) O_p`.
