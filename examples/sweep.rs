@@ -725,8 +725,16 @@ fn append_extend_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<(
         }
     }
     println!(
-        "\n{:<12} {:>5} {:>8} {:>6} {:>10} {:>9} {:>10} {:>10}",
-        "extend", "batch", "context", "new", "time (ms)", "TFLOP/s", "max err O", "err LSE"
+        "\n{:<12} {:>5} {:>5} {:>8} {:>6} {:>10} {:>9} {:>10} {:>10}",
+        "extend",
+        "cache",
+        "batch",
+        "context",
+        "new",
+        "time (ms)",
+        "TFLOP/s",
+        "max err O",
+        "err LSE"
     );
     let cases: &[(usize, usize, usize)] = if quick {
         &[(1, 32768, 2048)]
@@ -738,29 +746,36 @@ fn append_extend_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<(
             (1, 131072, 4096),
         ]
     };
-    // Head dim 512 (the row-packed kernel) on the few-head model, shorter contexts.
+    // fp8: the same kernel after each tile is widened in shared memory; the reference reads
+    // each fp8 value as the kernel does, bf16(code x scale), so the bf16 tolerances hold.
+    // Head dim 512 (the row-packed kernel, 16-bit caches) on the few-head model, shorter
+    // contexts.
     let wide = decode_models()[1];
     let wide_cases: &[(usize, usize, usize)] = if quick {
         &[(1, 8192, 1024)]
     } else {
         &[(1, 8192, 1024), (1, 32768, 2048)]
     };
-    let runs = cases
-        .iter()
-        .map(|&c| (model, c))
-        .chain(wide_cases.iter().map(|&c| (wide, c)));
-    for (model, (batch, context, new)) in runs {
-        let mut r = DecodeRun::with_new_tokens(dev, model, batch, context, 16, false, new, 6)?;
+    let runs = [false, true]
+        .into_iter()
+        .flat_map(|fp8| cases.iter().map(move |&c| (model, fp8, c)))
+        .chain(wide_cases.iter().map(|&c| (wide, false, c)));
+    for (model, fp8, (batch, context, new)) in runs {
+        let mut r = DecodeRun::with_new_tokens(dev, model, batch, context, 16, fp8, new, 6)?;
         let ms = time_gpu(dev, 3, 10, || r.run_extend(dev))?.median_ms();
         let tflops = r.extend_flops() / (ms * 1e-3) / 1e12;
         let (err_o, err_lse) = r.max_error_extend(dev, 2)?;
-        let what = format!("extend b{batch} ctx{context} new{new}");
+        let cache = if fp8 { "fp8" } else { "bf16" };
+        let what = format!(
+            "extend {} {cache} b{batch} ctx{context} new{new}",
+            model.name
+        );
         // P is rounded to bf16 before P V, as in the attention forward: bf16 tolerance.
         within(&what, err_o, ATTN_O_TOL);
         within(&what, err_lse, attn_lse_tol(context));
         println!(
-            "{:<12} {:>5} {:>8} {:>6} {:>10.3} {:>9.1} {:>10.2e} {:>10.2e}",
-            model.name, batch, context, new, ms, tflops, err_o, err_lse
+            "{:<12} {:>5} {:>5} {:>8} {:>6} {:>10.3} {:>9.1} {:>10.2e} {:>10.2e}",
+            model.name, cache, batch, context, new, ms, tflops, err_o, err_lse
         );
     }
     Ok(())

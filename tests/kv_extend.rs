@@ -3,7 +3,9 @@
 //! checkers on) for the portable and the sm_90a tile shapes, against the f64 reference over
 //! the logical cache (page sizes 1 to 256, chunks of 0 to 130 new tokens, edge lengths,
 //! GQA, head dims 64 to 256, f16 / bf16, windows, softcap); bit for bit against the dense
-//! forward on the gathered K/V; paging invisible; validation; GPU twins (`#[ignore]`d).
+//! forward on the gathered K/V; paging invisible; fp8 e4m3 caches (both scale layouts)
+//! against the reference over their widened values and bit for bit against the 16-bit
+//! extend on those values; validation; GPU twins (`#[ignore]`d).
 
 mod common;
 
@@ -364,6 +366,40 @@ fn emu_extend_head_dim_512() {
     }
 }
 
+/// Head dim 512's kernel reads 16-bit caches: an fp8 cache there is a typed unsupported
+/// error naming the cache, before any launch.
+#[test]
+fn emu_extend_head_dim_512_refuses_fp8() {
+    let mut c = base(16, vec![40, 3], vec![20, 2]);
+    c.head_dim = 512;
+    let b = c.build::<bf16>();
+    let f = fp8_of(&c, &b, ScaleMode::PerTokenHead);
+    let ql = HeadsLayout::contiguous(b.total_new, b.heads_q, 512);
+    let k = Aligned::new(&f.k);
+    let v = Aligned::new(&f.v);
+    let mut o = vec![bf16::ZERO; ql.numel().unwrap()];
+    let e = emulator::extend::<bf16, Fp8E4m3>(
+        Arch::Sm90,
+        &b.step(),
+        &b.q,
+        &ql,
+        &HostCache {
+            layout: b.layout,
+            k: k.as_slice(),
+            v: v.as_slice(),
+            scales: Some((f.mode, &f.k_scale, &f.v_scale)),
+        },
+        HostDecodeOutput {
+            o: &mut o,
+            o_layout: ql,
+            lse: None,
+        },
+        &c.options(),
+    );
+    assert_eq!(arg_of(e), ("cache", ErrorKind::Unsupported));
+    assert!(o.iter().all(|x| *x == bf16::ZERO), "nothing was written");
+}
+
 fn extend_case_strategy() -> impl Strategy<Value = (Case, bool, bool)> {
     (
         prop::sample::select(vec![1usize, 3, 16, 64, 256]),
@@ -551,6 +587,282 @@ fn scatter<T: Copy>(b: &mut Built<T>, k: &[T], v: &[T]) {
     assert_eq!(i, k.len());
 }
 
+/// An fp8 copy of a case's cache: codes of the case's K and V values under per-(token,
+/// head) scales spread over two octaves (or per-head ones), and the values extend computes
+/// with, `T(code x scale)` (the f32 product rounded once to T: what the kernel widens into
+/// shared memory).
+struct Fp8Cache<T> {
+    mode: ScaleMode,
+    k: Vec<Fp8E4m3>,
+    v: Vec<Fp8E4m3>,
+    k_scale: Vec<f32>,
+    v_scale: Vec<f32>,
+    k_wide: Vec<T>,
+    v_wide: Vec<T>,
+}
+
+fn fp8_of<T: Element>(c: &Case, b: &Built<T>, mode: ScaleMode) -> Fp8Cache<T> {
+    let mut r = common::Rng(c.seed ^ 0x5eed);
+    let d = c.head_dim;
+    let rows = b.layout.pages * b.layout.page_size * c.heads_kv;
+    let n_scales = match mode {
+        ScaleMode::PerTokenHead => rows,
+        ScaleMode::PerHead => c.heads_kv,
+    };
+    // K values reach 1.5 and V values 1: codes up to 1.5 / 0.006 = 250 < 448.
+    let k_scale: Vec<f32> = (0..n_scales)
+        .map(|_| (0.004 * (1.5 + r.uniform())) as f32)
+        .collect();
+    let v_scale: Vec<f32> = (0..n_scales)
+        .map(|_| (0.003 * (1.5 + r.uniform())) as f32)
+        .collect();
+    let scale_of = |s: &[f32], i: usize| match mode {
+        ScaleMode::PerTokenHead => s[i / d],
+        ScaleMode::PerHead => s[(i / d) % c.heads_kv],
+    };
+    let quantise = |x: &[T], s: &[f32]| -> (Vec<Fp8E4m3>, Vec<T>) {
+        x.iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let sc = scale_of(s, i);
+                let code = Fp8E4m3::from_f64(e.to_f64() / f64::from(sc));
+                // code.to_f32() is exact; the product is the kernel's f32 product.
+                (code, round_f32::<T>(code.to_f32() * sc))
+            })
+            .unzip()
+    };
+    let (k, k_wide) = quantise(&b.k, &k_scale);
+    let (v, v_wide) = quantise(&b.v, &v_scale);
+    Fp8Cache {
+        mode,
+        k,
+        v,
+        k_scale,
+        v_scale,
+        k_wide,
+        v_wide,
+    }
+}
+
+/// `x` rounded to T, to nearest even. (`half`'s conversions from f64 drop the low 32 bits of
+/// the f64 before rounding, so an f32 just above a tie of T would round down; from f32 they
+/// see every bit.)
+fn round_f32<T: Element>(x: f32) -> T {
+    let y = match T::DTYPE {
+        DType::BF16 => bf16::from_f32(x).to_f64(),
+        DType::F16 => f16::from_f32(x).to_f64(),
+        _ => f64::from(x),
+    };
+    // Exact: y is a value of T.
+    T::from_f64(y)
+}
+
+/// Runs a case over its fp8 cache through the emulator for `arch`.
+fn run_emu_fp8<T: AttnElement + CacheElement>(
+    c: &Case,
+    b: &Built<T>,
+    f: &Fp8Cache<T>,
+    arch: Arch,
+) -> (Vec<T>, Vec<f32>) {
+    let ql = HeadsLayout::contiguous(b.total_new, b.heads_q, c.head_dim);
+    let k = Aligned::new(&f.k);
+    let v = Aligned::new(&f.v);
+    let cache = HostCache {
+        layout: b.layout,
+        k: k.as_slice(),
+        v: v.as_slice(),
+        scales: Some((f.mode, &f.k_scale, &f.v_scale)),
+    };
+    let mut o = vec![<T as Element>::from_f64(f64::NAN); ql.numel().unwrap()];
+    let mut lse = vec![f32::NAN; b.heads_q * b.total_new];
+    let tiles = emulator::extend::<T, Fp8E4m3>(
+        arch,
+        &b.step(),
+        &b.q,
+        &ql,
+        &cache,
+        HostDecodeOutput {
+            o: &mut o,
+            o_layout: ql,
+            lse: Some((&mut lse, LseLayout::contiguous(b.heads_q, b.total_new))),
+        },
+        &c.options(),
+    )
+    .unwrap()
+    .expect("fp8 extend runs the forward's tiles");
+    assert_eq!(tiles.ptx_arch, arch.ptx_arch());
+    (o, lse)
+}
+
+/// The case with its cache replaced by the fp8 cache's widened values.
+fn widened<T: Clone>(b: &Built<T>, f: &Fp8Cache<T>) -> Built<T> {
+    Built {
+        layout: b.layout,
+        block_table: b.block_table.clone(),
+        max_pages: b.max_pages,
+        seqlens: b.seqlens.clone(),
+        cu_new: b.cu_new.clone(),
+        k: f.k_wide.clone(),
+        v: f.v_wide.clone(),
+        q: b.q.clone(),
+        heads_q: b.heads_q,
+        total_new: b.total_new,
+    }
+}
+
+/// fp8 extend against the f64 reference over the dequantised cache (each value code x
+/// scale as extend uses it, rounded once to T), with the 16-bit parity's tolerances: a key
+/// more or less moves a row's LSE by about 1 / keys, a K scale off by one row or dropped
+/// moves scores by up to 2x, a V scale dropped moves O by a factor 150 or more.
+fn parity_fp8<T: AttnElement + CacheElement>(tag: &str, c: &Case, mode: ScaleMode, arch: Arch) {
+    let b = c.build::<T>();
+    let f = fp8_of(c, &b, mode);
+    let (o, lse) = run_emu_fp8::<T>(c, &b, &f, arch);
+    let w = widened(&b, &f);
+    let want = reference(c, &w);
+    let abs = reference_with(c, &w, f64::abs);
+    let o: Vec<f64> = o.iter().map(|x| Element::to_f64(*x)).collect();
+    check(
+        &format!("{tag} fp8 {mode:?} {arch:?} {c:?}"),
+        T::DTYPE,
+        &o,
+        &lse,
+        &want,
+        &abs.o,
+    );
+}
+
+/// fp8 caches: page sizes 1, 3, 16 and 64 against lengths 0, 1, page - 1, page, page + 1
+/// and long ones (several pages and query tiles), chunks of 0 to 130 new tokens, GQA 2 and
+/// 4 over 2 KV heads, per-(token, head) and per-head scales, f16 and bf16, both tile
+/// shapes; a window and softcap on half of them.
+#[test]
+fn emu_extend_fp8_page_sizes_lengths_and_scales() {
+    for (i, ps) in [1usize, 3, 16, 64].into_iter().enumerate() {
+        let lens = vec![0, 1, ps.saturating_sub(1), ps, ps + 1, 2 * ps + 140, 300];
+        let chunks = [0usize, 1, 17, 130];
+        let news: Vec<usize> = lens
+            .iter()
+            .enumerate()
+            .map(|(j, &l)| {
+                if j == 6 {
+                    130
+                } else {
+                    chunks[(j + ps) % 4].min(l)
+                }
+            })
+            .collect();
+        let mut c = base(ps, lens, news);
+        c.heads_kv = 2;
+        c.seed = 500 + ps as u64;
+        let (mode, other) = if i % 2 == 0 {
+            (ScaleMode::PerTokenHead, ScaleMode::PerHead)
+        } else {
+            (ScaleMode::PerHead, ScaleMode::PerTokenHead)
+        };
+        parity_fp8::<bf16>("bf16", &c, mode, Arch::Sm80);
+        c.group = 4;
+        c.window_left = Some(ps / 2 + 5);
+        c.softcap = Some(6.0);
+        c.seed += 1000;
+        parity_fp8::<f16>("f16 window softcap", &c, other, Arch::Sm90);
+    }
+}
+
+/// fp8 at every head dim (64, 96, 128, 256), f16 and bf16, both scale layouts, both tile
+/// shapes.
+#[test]
+fn emu_extend_fp8_head_dims() {
+    let mut seed = 900;
+    for d in [64usize, 96, 128, 256] {
+        seed += 1;
+        let mut c = base(16, vec![150, 33, 17], vec![70, 33, 1]);
+        c.head_dim = d;
+        c.group = 2;
+        c.heads_kv = 2;
+        c.seed = seed;
+        let (a, b) = if d % 128 == 0 {
+            (Arch::Sm80, Arch::Sm90)
+        } else {
+            (Arch::Sm90, Arch::Sm80)
+        };
+        parity_fp8::<bf16>("bf16", &c, ScaleMode::PerTokenHead, a);
+        parity_fp8::<f16>("f16", &c, ScaleMode::PerHead, b);
+    }
+}
+
+/// fp8 extend is the 16-bit extend over the cache dequantised to T, bit for bit (widening
+/// changes only where the tile's values come from), for both scale layouts, both tile
+/// shapes, f16 and bf16, with paging, GQA, a window and softcap.
+#[test]
+fn emu_extend_fp8_is_the_16bit_extend_on_widened_values() {
+    let mut c = base(7, vec![200, 9, 0, 64], vec![150, 0, 0, 64]);
+    c.group = 3;
+    c.heads_kv = 2;
+    c.seed = 78;
+    for (arch, d, window, softcap, mode) in [
+        (Arch::Sm80, 64usize, None, None, ScaleMode::PerTokenHead),
+        (
+            Arch::Sm90,
+            128,
+            Some(40usize),
+            Some(4.0f32),
+            ScaleMode::PerHead,
+        ),
+        (Arch::Sm80, 96, Some(70), None, ScaleMode::PerTokenHead),
+    ] {
+        c.head_dim = d;
+        c.window_left = window;
+        c.softcap = softcap;
+        let b = c.build::<bf16>();
+        let f = fp8_of(&c, &b, mode);
+        let (po, pl) = run_emu_fp8::<bf16>(&c, &b, &f, arch);
+        let (wo, wl) = run_emu::<bf16>(&c, &widened(&b, &f), arch);
+        assert_eq!(
+            bits(&po, &pl),
+            bits(&wo, &wl),
+            "{arch:?} d {d} {mode:?}: fp8 differs from bf16 on the widened values"
+        );
+        let b = c.build::<f16>();
+        let f = fp8_of(&c, &b, mode);
+        let (po, pl) = run_emu_fp8::<f16>(&c, &b, &f, arch);
+        let (wo, wl) = run_emu::<f16>(&c, &widened(&b, &f), arch);
+        assert_eq!(
+            bits(&po, &pl),
+            bits(&wo, &wl),
+            "f16 {arch:?} d {d} {mode:?}: fp8 differs from f16 on the widened values"
+        );
+    }
+}
+
+/// The widened values are the cache's fp8 values within T's rounding: the reference over
+/// them and the reference over the exact values code x scale differ by no more than T's
+/// rounding moves attention (so the parity above is parity with the fp8 cache itself).
+#[test]
+fn fp8_widened_values_are_the_cache_values_within_t_rounding() {
+    let c = base(16, vec![150, 33], vec![70, 33]);
+    let b = c.build::<bf16>();
+    for mode in [ScaleMode::PerTokenHead, ScaleMode::PerHead] {
+        let f = fp8_of(&c, &b, mode);
+        let d = c.head_dim;
+        let scale_of = |s: &[f32], i: usize| match mode {
+            ScaleMode::PerTokenHead => f64::from(s[i / d]),
+            ScaleMode::PerHead => f64::from(s[(i / d) % c.heads_kv]),
+        };
+        for (codes, wide, s) in [(&f.k, &f.k_wide, &f.k_scale), (&f.v, &f.v_wide, &f.v_scale)] {
+            for (i, (code, w)) in codes.iter().zip(wide.iter()).enumerate() {
+                let exact = code.to_f64() * scale_of(s, i);
+                let got = w.to_f64();
+                // One rounding to bf16 (the f32 product's own rounding is 2^-24).
+                assert!(
+                    (got - exact).abs() <= exact.abs() * (2f64.powi(-8) + 2f64.powi(-23)),
+                    "{mode:?} element {i}: {got} vs {exact}"
+                );
+            }
+        }
+    }
+}
+
 fn arg_of<T: std::fmt::Debug>(r: longctx::Result<T>) -> (&'static str, ErrorKind) {
     match r {
         Err(e @ Error::InvalidArgument { .. }) => {
@@ -657,29 +969,45 @@ fn emu_extend_rejects_bad_calls() {
         arg_of(run(&b.step(), &ql, &small, &mut o, &ok)).1,
         ErrorKind::InvalidArgument
     );
-    // fp8 caches are future work.
+    // fp8: runs with scales of the layout's length; refused without scales or with short
+    // ones.
     let fp8 = vec![Fp8E4m3(0); b.k.len()];
     let fp8a = Aligned::new(&fp8);
     let scales = vec![1f32; b.layout.pages * 16];
-    let e = emulator::extend::<bf16, Fp8E4m3>(
-        Arch::Sm80,
-        &b.step(),
-        &b.q,
-        &ql,
-        &HostCache {
-            layout: b.layout,
-            k: fp8a.as_slice(),
-            v: fp8a.as_slice(),
-            scales: Some((ScaleMode::PerTokenHead, &scales, &scales)),
-        },
-        HostDecodeOutput {
-            o: &mut o,
-            o_layout: ql,
-            lse: None,
-        },
-        &ok,
+    let mut run_fp8 = |sc: Option<(ScaleMode, &[f32], &[f32])>| {
+        emulator::extend::<bf16, Fp8E4m3>(
+            Arch::Sm80,
+            &b.step(),
+            &b.q,
+            &ql,
+            &HostCache {
+                layout: b.layout,
+                k: fp8a.as_slice(),
+                v: fp8a.as_slice(),
+                scales: sc,
+            },
+            HostDecodeOutput {
+                o: &mut o,
+                o_layout: ql,
+                lse: None,
+            },
+            &ok,
+        )
+    };
+    run_fp8(Some((ScaleMode::PerTokenHead, &scales, &scales))).unwrap();
+    assert_eq!(arg_of(run_fp8(None)), ("cache.scales", invalid));
+    assert_eq!(
+        arg_of(run_fp8(Some((
+            ScaleMode::PerTokenHead,
+            &scales[..scales.len() - 1],
+            &scales
+        )))),
+        ("cache.k_scale", invalid)
     );
-    assert_eq!(arg_of(e), ("cache", ErrorKind::Unsupported));
+    assert_eq!(
+        arg_of(run_fp8(Some((ScaleMode::PerHead, &scales[..1], &[])))),
+        ("cache.v_scale", invalid)
+    );
     // f16 queries over a bf16 cache.
     let qf: Vec<f16> = vec![f16::ZERO; b.q.len()];
     let mut of = vec![f16::ZERO; b.q.len()];
@@ -827,6 +1155,113 @@ fn gpu_parity<T: AttnElement + CacheElement>(dev: &longctx::device::Device, c: &
         .collect();
     check(
         &format!("gpu {:?} {c:?}", T::DTYPE),
+        T::DTYPE,
+        &o,
+        &lse[..b.heads_q * b.total_new],
+        &want,
+        &abs.o,
+    );
+}
+
+/// The fp8 parity cases on a real device (both scale layouts, f16 and bf16, every head
+/// dim), against the f64 reference over the widened values with the emulated tests'
+/// tolerances. Head dim 256 needs 112 KB of shared memory: on a device with less (sm_86,
+/// sm_89) the op must refuse it as unsupported, and the case is skipped.
+#[test]
+#[ignore = "needs a GPU: run with --ignored on a machine with CUDA"]
+fn gpu_extend_fp8_parity() {
+    let Some(dev) = common::gpu("gpu_extend_fp8_parity") else {
+        return;
+    };
+    let mut cases = Vec::new();
+    for ps in [1usize, 3, 16, 64] {
+        let lens = vec![0, 1, ps.saturating_sub(1), ps, ps + 1, 2 * ps + 140, 300];
+        let news = vec![0, 1, 0, 17.min(ps), 1, 130, 130];
+        let mut c = base(ps, lens, news);
+        c.heads_kv = 2;
+        c.seed = 500 + ps as u64;
+        cases.push(c);
+    }
+    for d in [64usize, 96, 128, 256] {
+        let mut c = base(16, vec![150, 33, 17], vec![70, 33, 1]);
+        c.head_dim = d;
+        c.group = 4;
+        c.heads_kv = 2;
+        c.window_left = Some(20);
+        c.softcap = Some(5.0);
+        c.seed = 900 + d as u64;
+        cases.push(c);
+    }
+    for c in &cases {
+        for mode in [ScaleMode::PerTokenHead, ScaleMode::PerHead] {
+            gpu_parity_fp8::<bf16>(&dev, c, mode);
+            gpu_parity_fp8::<f16>(&dev, c, mode);
+        }
+    }
+}
+
+fn gpu_parity_fp8<T: AttnElement + CacheElement>(
+    dev: &longctx::device::Device,
+    c: &Case,
+    mode: ScaleMode,
+) {
+    use longctx::kv_cache::{extend, DecodeOutput, KvScales, KvStep, PagedCache};
+    let b = c.build::<T>();
+    let f = fp8_of(c, &b, mode);
+    let step = KvStep::upload(dev, &b.layout, &b.step()).unwrap();
+    let q = dev.upload(&b.q).unwrap();
+    let k = dev.upload(&f.k).unwrap();
+    let v = dev.upload(&f.v).unwrap();
+    let ks = dev.upload(&f.k_scale).unwrap();
+    let vs = dev.upload(&f.v_scale).unwrap();
+    let ql = HeadsLayout::contiguous(b.total_new, b.heads_q, c.head_dim);
+    let n = ql.numel().unwrap().max(1);
+    let mut o = dev
+        .upload(&vec![<T as Element>::from_f64(f64::NAN); n])
+        .unwrap();
+    let mut lse = dev
+        .upload(&vec![f32::NAN; (b.heads_q * b.total_new).max(1)])
+        .unwrap();
+    let r = extend::<T, Fp8E4m3>(
+        dev,
+        &step,
+        &q,
+        &ql,
+        &PagedCache {
+            layout: b.layout,
+            k: &k,
+            v: &v,
+            scales: KvScales::Fp8 {
+                mode,
+                k: &ks,
+                v: &vs,
+            },
+        },
+        DecodeOutput {
+            o: &mut o,
+            o_layout: ql,
+            lse: Some((&mut lse, LseLayout::contiguous(b.heads_q, b.total_new))),
+        },
+        &c.options(),
+    );
+    if let Err(e) = &r {
+        if c.head_dim == 256 && e.kind() == ErrorKind::Unsupported {
+            eprintln!("fp8 extend d 256 refused on this device: {e}");
+            return;
+        }
+    }
+    r.unwrap();
+    let o = dev.download(&o).unwrap();
+    let lse = dev.download(&lse).unwrap();
+    let w = widened(&b, &f);
+    let want = reference(c, &w);
+    let abs = reference_with(c, &w, f64::abs);
+    let o: Vec<f64> = o[..ql.numel().unwrap()]
+        .iter()
+        .map(|x| Element::to_f64(*x))
+        .collect();
+    check(
+        &format!("gpu fp8 {mode:?} {:?} {c:?}", T::DTYPE),
         T::DTYPE,
         &o,
         &lse[..b.heads_q * b.total_new],

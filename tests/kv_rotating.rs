@@ -4,21 +4,25 @@
 //! bit; with dynamic NTK it gives, bit for bit, what a cache re-rotated at the current length
 //! gives; it matches the f64 reference (which re-rotates every key) within the rounding of
 //! the rotated keys and queries to the storage type; and dynamic and static rotations differ
-//! past the original length.
+//! past the original length. The same for extend (chunked prefill), which rotates each Q
+//! and K tile in shared memory (`emu_extend_rotating_*`).
 
 mod common;
 
 use common::Aligned;
 
 use half::{bf16, f16};
+use longctx::attention::AttnElement;
 use longctx::dtype::{DType, Element};
 use longctx::emulator::{
-    self, HostCache, HostDecodeOutput, HostNewKv, HostRope, HostRotation, HostScalesMut,
+    self, Arch, HostCache, HostDecodeOutput, HostNewKv, HostRope, HostRotation, HostScalesMut,
 };
-use longctx::kv_cache::reference::{decode_f64, decode_rotating_f64, DecodeMath};
+use longctx::kv_cache::reference::{
+    decode_f64, decode_rotating_f64, extend_rotating_f64, DecodeMath,
+};
 use longctx::kv_cache::{
-    CacheElement, DecodeOptions, Fp8E4m3, LseLayout, PageTable, PagedKvLayout, ScaleMode, Splits,
-    StepTable,
+    CacheElement, DecodeOptions, ExtendOptions, Fp8E4m3, LseLayout, PageTable, PagedKvLayout,
+    ScaleMode, Splits, StepTable,
 };
 use longctx::layout::HeadsLayout;
 use longctx::rope::{
@@ -1143,6 +1147,418 @@ fn gpu_rotating_matches_the_emulator() {
             splits: Splits::AtMost(4),
             ..DecodeOptions::default()
         },
+    )
+    .unwrap();
+    let got_o = dev.download(&o).unwrap();
+    let got_lse = dev.download(&lse).unwrap();
+    for (g, w) in got_o.iter().zip(&want.o) {
+        assert!(
+            (g.to_f64() - w).abs() <= 4.0 * DType::BF16.epsilon() * (w.abs() + 1.0),
+            "{g} vs {w}"
+        );
+    }
+    for (g, w) in got_lse.iter().zip(&want.lse) {
+        assert!((g - w).abs() <= 1e-3 * (1.0 + w.abs()), "{g} vs {w}");
+    }
+}
+
+/// Extend over `cache` (rotated or not) with `rotation` (None: a rotated cache and rotated
+/// queries), for `arch`'s tile shape; no window or softcap, scale 1 / sqrt(d).
+#[allow(clippy::too_many_arguments)]
+fn run_extend<T: AttnElement + Element, S: CacheElement>(
+    b: &Batch,
+    q: &[T],
+    k: &[S],
+    v: &[S],
+    scales: Option<(&[f32], &[f32])>,
+    rotation: Option<HostRotation>,
+    arch: Arch,
+) -> Run {
+    let d = b.layout.head_dim;
+    let total_new = *b.cu_new.last().unwrap() as usize;
+    let ql = HeadsLayout::contiguous(total_new, b.heads_q, d);
+    let ka = Aligned::new(k);
+    let va = Aligned::new(v);
+    let cache = HostCache {
+        layout: b.layout,
+        k: ka.as_slice(),
+        v: va.as_slice(),
+        scales: scales.map(|(k, v)| (ScaleMode::PerTokenHead, k, v)),
+    };
+    let mut o = vec![<T as Element>::from_f64(f64::NAN); ql.numel().unwrap()];
+    let mut lse = vec![f32::NAN; b.heads_q * total_new];
+    let out = HostDecodeOutput {
+        o: &mut o,
+        o_layout: ql,
+        lse: Some((&mut lse, LseLayout::contiguous(b.heads_q, total_new))),
+    };
+    let opts = ExtendOptions::default();
+    let tiles = match rotation {
+        Some(r) => {
+            emulator::extend_rotating::<T, S>(arch, &b.step(), &r, q, &ql, &cache, out, &opts)
+        }
+        None => emulator::extend::<T, S>(arch, &b.step(), q, &ql, &cache, out, &opts),
+    }
+    .unwrap()
+    .expect("head dims up to 256 run the forward's tiles");
+    assert_eq!(tiles.ptx_arch, arch.ptx_arch());
+    Run {
+        o: o.iter().map(|x| Element::to_f64(*x)).collect(),
+        lse,
+    }
+}
+
+/// Static rules through extend: append with fused RoPE + rotated queries, and append
+/// un-rotated + extend rotating each Q and K tile on load, give the same bits (NeoX and
+/// interleaved, partial rotary, both angle precisions, YaRN's attention factor, head dims
+/// 64 to 256, chunks over several query and key tiles, both tile shapes).
+fn extend_static_equality<T: AttnElement + Element + CacheElement>() {
+    let cases: Vec<(RopeConfig, RopeStyle, AnglePrecision, usize)> = vec![
+        (
+            RopeConfig::builder(128).base(5e5).build().unwrap(),
+            RopeStyle::Neox,
+            AnglePrecision::F64,
+            128,
+        ),
+        (
+            yarn(64, 4.0, 32),
+            RopeStyle::Interleaved,
+            AnglePrecision::F64,
+            64,
+        ),
+        (
+            RopeConfig::builder(96)
+                .partial_rotary_factor(0.5)
+                .build()
+                .unwrap(),
+            RopeStyle::Neox,
+            AnglePrecision::F32,
+            96,
+        ),
+        (
+            RopeConfig::builder(256).base(1e4).build().unwrap(),
+            RopeStyle::Interleaved,
+            AnglePrecision::F64,
+            256,
+        ),
+    ];
+    for (i, (config, style, precision, d)) in cases.into_iter().enumerate() {
+        let b = Batch::new::<T>(16, &[150, 1, 33], &[130, 1, 20], 2, 2, d, 60 + i as u64);
+        let n = b.layout.cache_len().unwrap();
+        let all: Vec<usize> = (0..b.lens.len()).collect();
+        let max_len = 150;
+        let inv = config.inv_freq_f64(max_len);
+        let rope = host_rope(&config, &inv, max_len, style, precision);
+        let (mut kr, mut vr) = (vec![T::default(); n], vec![T::default(); n]);
+        let (mut ku, mut vu) = (vec![T::default(); n], vec![T::default(); n]);
+        append_all::<T, T>(&b, &all, Some(rope), &mut kr, &mut vr, &mut [], &mut []);
+        append_all::<T, T>(&b, &all, None, &mut ku, &mut vu, &mut [], &mut []);
+        let q: Vec<T> = b.q.iter().map(|&x| <T as Element>::from_f64(x)).collect();
+        let qr = rotate_queries(&b, &q, |_| config.clone(), style, precision);
+        let scaling = LengthScaling::Config(config.clone());
+        let arch = if i % 2 == 0 { Arch::Sm80 } else { Arch::Sm90 };
+        let rotated = run_extend::<T, T>(&b, &qr, &kr, &vr, None, None, arch);
+        let onload = run_extend::<T, T>(
+            &b,
+            &q,
+            &ku,
+            &vu,
+            None,
+            Some(HostRotation {
+                scaling: &scaling,
+                style,
+                precision,
+            }),
+            arch,
+        );
+        assert_eq!(bits(&rotated), bits(&onload), "case {i} {arch:?}");
+        assert!(rotated.lse.iter().all(|x| x.is_finite()));
+    }
+}
+
+#[test]
+fn emu_extend_rotating_static_rules_equal_the_rotated_cache_bf16() {
+    extend_static_equality::<bf16>();
+}
+
+#[test]
+fn emu_extend_rotating_static_rules_equal_the_rotated_cache_f16() {
+    extend_static_equality::<f16>();
+}
+
+/// Dynamic NTK through extend: rotating on load equals, bit for bit, extend over a cache
+/// whose keys were all rotated with the current length's base (and queries too), on both
+/// tile shapes.
+#[test]
+fn emu_extend_rotating_dynamic_ntk_equals_a_cache_rotated_at_the_current_length() {
+    let d = 64;
+    let config = RopeConfig::builder(d)
+        .max_position_embeddings(48)
+        .scaling(RopeScaling::Dynamic { factor: 2.0 })
+        .build()
+        .unwrap();
+    let b = Batch::new::<bf16>(8, &[150, 20, 97], &[70, 20, 1], 2, 2, d, 17);
+    let n = b.layout.cache_len().unwrap();
+    let (mut kr, mut vr) = (vec![bf16::ZERO; n], vec![bf16::ZERO; n]);
+    let (mut ku, mut vu) = (vec![bf16::ZERO; n], vec![bf16::ZERO; n]);
+    for (s, &len) in b.lens.iter().enumerate() {
+        let len = len as usize;
+        let inv = config.inv_freq_f64(len);
+        let rope = host_rope(&config, &inv, len, RopeStyle::Neox, AnglePrecision::F64);
+        append_all::<bf16, bf16>(&b, &[s], Some(rope), &mut kr, &mut vr, &mut [], &mut []);
+    }
+    let all: Vec<usize> = (0..3).collect();
+    append_all::<bf16, bf16>(&b, &all, None, &mut ku, &mut vu, &mut [], &mut []);
+    let q: Vec<bf16> = b.q.iter().map(|&x| bf16::from_f64(x)).collect();
+    let qr = rotate_queries(
+        &b,
+        &q,
+        |_| config.clone(),
+        RopeStyle::Neox,
+        AnglePrecision::F64,
+    );
+    let scaling = LengthScaling::Config(config.clone());
+    for arch in [Arch::Sm80, Arch::Sm90] {
+        let rotated = run_extend::<bf16, bf16>(&b, &qr, &kr, &vr, None, None, arch);
+        let onload = run_extend::<bf16, bf16>(
+            &b,
+            &q,
+            &ku,
+            &vu,
+            None,
+            Some(HostRotation {
+                scaling: &scaling,
+                style: RopeStyle::Neox,
+                precision: AnglePrecision::F64,
+            }),
+            arch,
+        );
+        assert_eq!(bits(&rotated), bits(&onload), "{arch:?}");
+    }
+}
+
+/// Extend rotating on load against the f64 reference that re-rotates every key and query
+/// at the current length (dynamic NTK, dynamic YaRN; bf16 and fp8 caches). The kernel
+/// rounds each rotated key and query to T (for fp8 also the dequantised key before its
+/// rotation): a score moves by at most delta = scale x (2 or 3) eps |q| |k| f^2; the LSE
+/// is held to delta plus f32 error, O to e^(2 delta) - 1 of max|V| plus the rounding of P
+/// (to T, before P V), of fp8 V values and of the output.
+fn extend_reference_parity<S: CacheElement>(
+    scaling: &LengthScaling,
+    style: RopeStyle,
+    seed: u64,
+    arch: Arch,
+) {
+    let d = scaling.config().head_dim();
+    let b = Batch::new::<bf16>(16, &[130, 5, 64], &[100, 5, 17], 2, 2, d, seed);
+    let n = b.layout.cache_len().unwrap();
+    let rows = b.layout.pages * b.layout.page_size * b.layout.heads_kv;
+    let (mut ku, mut vu) = (vec![S::default(); n], vec![S::default(); n]);
+    let (mut ks, mut vs) = (vec![0f32; rows], vec![0f32; rows]);
+    let all: Vec<usize> = (0..3).collect();
+    append_all::<bf16, S>(&b, &all, None, &mut ku, &mut vu, &mut ks, &mut vs);
+    let fp8 = S::CACHE_DTYPE == longctx::kv_cache::CacheDType::Fp8E4m3;
+    let value = |c: &[S], sc: &[f32]| -> Vec<f64> {
+        c.iter()
+            .enumerate()
+            .map(|(i, x)| x.to_f64() * if fp8 { f64::from(sc[i / d]) } else { 1.0 })
+            .collect()
+    };
+    let (kval, vval) = (value(&ku, &ks), value(&vu, &vs));
+    let q: Vec<bf16> = b.q.iter().map(|&x| bf16::from_f64(x)).collect();
+    let got = run_extend::<bf16, S>(
+        &b,
+        &q,
+        &ku,
+        &vu,
+        fp8.then_some((&ks[..], &vs[..])),
+        Some(HostRotation {
+            scaling,
+            style,
+            precision: AnglePrecision::F64,
+        }),
+        arch,
+    );
+    let scale = 1.0 / (d as f64).sqrt();
+    let math = DecodeMath {
+        scale,
+        softcap: None,
+        window_left: None,
+    };
+    let want = extend_rotating_f64(
+        &b.layout,
+        &b.step(),
+        &b.q,
+        b.heads_q,
+        &kval,
+        &vval,
+        scaling,
+        style,
+        &math,
+    )
+    .unwrap();
+    let norm = |x: &[f64]| {
+        x.chunks(d)
+            .map(|r| r.iter().map(|v| v * v).sum::<f64>().sqrt())
+            .fold(0.0f64, f64::max)
+    };
+    let factor2 = (0..b.lens.len())
+        .map(|s| {
+            scaling
+                .at(b.lens[s] as usize)
+                .unwrap()
+                .attention_factor
+                .powi(2)
+        })
+        .fold(0.0f64, f64::max);
+    let eps = DType::BF16.epsilon();
+    let roundings = if fp8 { 3.0 } else { 2.0 };
+    let delta = scale * roundings * eps * norm(&b.q) * norm(&kval) * factor2 * 1.01;
+    let vmax = vval.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let v_round = if fp8 { 3.0 } else { 2.0 };
+    for (i, (g, w)) in got.o.iter().zip(&want.o).enumerate() {
+        let tol =
+            ((2.0 * delta).exp() - 1.0) * vmax + 1.01 * eps * (w.abs() + v_round * vmax) + 2e-5;
+        assert!(
+            (g - w).abs() <= tol,
+            "{arch:?} O[{i}] {g} vs {w} (tolerance {tol:e})"
+        );
+    }
+    for (i, (g, w)) in got.lse.iter().zip(&want.lse).enumerate() {
+        let tol = delta + 2e-5 * (1.0 + w.abs());
+        assert!(
+            (f64::from(*g) - w).abs() <= tol,
+            "{arch:?} LSE[{i}] {g} vs {w} (tolerance {tol:e})"
+        );
+    }
+}
+
+#[test]
+fn emu_extend_rotating_matches_the_dynamic_reference() {
+    let ntk = LengthScaling::Config(
+        RopeConfig::builder(64)
+            .max_position_embeddings(48)
+            .scaling(RopeScaling::Dynamic { factor: 2.0 })
+            .build()
+            .unwrap(),
+    );
+    extend_reference_parity::<bf16>(&ntk, RopeStyle::Neox, 13, Arch::Sm80);
+    extend_reference_parity::<Fp8E4m3>(&ntk, RopeStyle::Interleaved, 14, Arch::Sm90);
+    let dyn_yarn = LengthScaling::DynamicYarn(yarn(128, 1.0, 40));
+    extend_reference_parity::<bf16>(&dyn_yarn, RopeStyle::Neox, 15, Arch::Sm90);
+    extend_reference_parity::<Fp8E4m3>(&dyn_yarn, RopeStyle::Neox, 16, Arch::Sm80);
+}
+
+/// Typed errors of extend_rotating: a scaling made for another head dim.
+#[test]
+fn emu_extend_rotating_rejects_bad_calls() {
+    let b = Batch::new::<bf16>(16, &[20], &[3], 1, 2, 64, 1);
+    let k = vec![bf16::ZERO; b.layout.cache_len().unwrap()];
+    let ka = Aligned::new(&k);
+    let cache = HostCache {
+        layout: b.layout,
+        k: ka.as_slice(),
+        v: ka.as_slice(),
+        scales: None,
+    };
+    let q: Vec<bf16> = b.q.iter().map(|&x| bf16::from_f64(x)).collect();
+    let ql = HeadsLayout::contiguous(3, 2, 64);
+    let mut o = vec![bf16::ZERO; 3 * 2 * 64];
+    let scaling = LengthScaling::Config(RopeConfig::builder(128).build().unwrap());
+    let e = emulator::extend_rotating::<bf16, bf16>(
+        Arch::Sm80,
+        &b.step(),
+        &HostRotation {
+            scaling: &scaling,
+            style: RopeStyle::Neox,
+            precision: AnglePrecision::F64,
+        },
+        &q,
+        &ql,
+        &cache,
+        HostDecodeOutput {
+            o: &mut o,
+            o_layout: ql,
+            lse: None,
+        },
+        &ExtendOptions::default(),
+    );
+    assert!(
+        matches!(
+            e,
+            Err(Error::InvalidArgument {
+                arg: "rotation",
+                ..
+            })
+        ),
+        "{e:?}"
+    );
+}
+
+/// The device path: `KvRotation::upload` + `extend_rotating` on a cache built here (through
+/// the emulated append), against the emulated extend rotating on load with the loaded
+/// code's tile shape: the same code, so within a few ulps (nvcc may contract multiply-adds
+/// differently from the host compiler).
+#[test]
+#[ignore = "needs a GPU: run with --include-ignored (the GPU bundle does, with LONGCTX_REQUIRE_GPU=1)"]
+fn gpu_extend_rotating_matches_the_emulator() {
+    use longctx::kv_cache::{
+        extend_rotating, DecodeOutput, KvRotation, KvScales, KvStep, PagedCache,
+    };
+    let Some(dev) = common::gpu("gpu_extend_rotating_matches_the_emulator") else {
+        return;
+    };
+    let d = 128;
+    let config = RopeConfig::builder(d)
+        .max_position_embeddings(1024)
+        .scaling(RopeScaling::Dynamic { factor: 4.0 })
+        .build()
+        .unwrap();
+    let scaling = LengthScaling::Config(config);
+    let b = Batch::new::<bf16>(16, &[3000, 17, 900], &[300, 17, 1], 4, 4, d, 78);
+    let n = b.layout.cache_len().unwrap();
+    let (mut ku, mut vu) = (vec![bf16::ZERO; n], vec![bf16::ZERO; n]);
+    append_all::<bf16, bf16>(&b, &[0, 1, 2], None, &mut ku, &mut vu, &mut [], &mut []);
+    let q: Vec<bf16> = b.q.iter().map(|&x| bf16::from_f64(x)).collect();
+    let rot = HostRotation {
+        scaling: &scaling,
+        style: RopeStyle::Neox,
+        precision: AnglePrecision::F64,
+    };
+    let arch = if dev.compute_capability().0 >= 9 {
+        Arch::Sm90
+    } else {
+        Arch::Sm80
+    };
+    let want = run_extend::<bf16, bf16>(&b, &q, &ku, &vu, None, Some(rot), arch);
+    let step = KvStep::upload(&dev, &b.layout, &b.step()).unwrap();
+    let rotation =
+        KvRotation::upload(&dev, &step, &scaling, RopeStyle::Neox, AnglePrecision::F64).unwrap();
+    let total_new = *b.cu_new.last().unwrap() as usize;
+    let ql = HeadsLayout::contiguous(total_new, b.heads_q, d);
+    let qd = dev.upload(&q).unwrap();
+    let kd = dev.upload(&ku).unwrap();
+    let vd = dev.upload(&vu).unwrap();
+    let mut o = dev.zeros::<bf16>(ql.numel().unwrap()).unwrap();
+    let mut lse = dev.zeros::<f32>(b.heads_q * total_new).unwrap();
+    extend_rotating::<bf16, bf16>(
+        &dev,
+        &step,
+        &rotation,
+        &qd,
+        &ql,
+        &PagedCache {
+            layout: b.layout,
+            k: &kd,
+            v: &vd,
+            scales: KvScales::None,
+        },
+        DecodeOutput {
+            o: &mut o,
+            o_layout: ql,
+            lse: Some((&mut lse, LseLayout::contiguous(b.heads_q, total_new))),
+        },
+        &ExtendOptions::default(),
     )
     .unwrap();
     let got_o = dev.download(&o).unwrap();

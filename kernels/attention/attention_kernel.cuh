@@ -50,7 +50,9 @@
 #include "attention/traits.cuh"
 #include "common/cp_async.cuh"
 #include "common/fast_math.cuh"
+#include "common/fp8.cuh"
 #include "common/mma.cuh"
+#include "kv_cache/rotate.cuh"
 #include "params/attention_params.h"
 #include "params/kv_cache_params.h"
 
@@ -170,6 +172,8 @@ template <int ROWS, int DIM, int ROW_ELEMS, int THREADS> struct TileLoader {
 struct DenseKv {
     using Params = LongctxAttnParams;
     static constexpr bool kPaged = false;
+    static constexpr bool kFp8 = false;
+    static constexpr bool kRotate = false;
     static __device__ __forceinline__ const LongctxAttnParams& attn(const Params& p) { return p; }
 
     // No paged loader: the body's strided copies serve.
@@ -185,6 +189,8 @@ struct DenseKv {
 struct PagedKv {
     using Params = LongctxKvExtendParams;
     static constexpr bool kPaged = true;
+    static constexpr bool kFp8 = false;
+    static constexpr bool kRotate = false;
     static __device__ __forceinline__ const LongctxAttnParams& attn(const Params& p) { return p.attn; }
 
     template <typename T, int ROWS, int D, int ROW_ELEMS, int THREADS> struct Loader {
@@ -213,6 +219,154 @@ struct PagedKv {
     };
 };
 
+// A paged fp8 e4m3 cache (LONGCTX_KV_SCALE_TOKEN_HEAD or LONGCTX_KV_SCALE_HEAD): the value of
+// an element is code x scale. Key rows [k0, k0 + kBlockN) land as codes (D bytes per row,
+// dense, unswizzled) in a staging tile after the V tile; each row's scale x 256 goes to a
+// float array after the staging tile. The body then widens the staged rows into its
+// swizzled T tile (widen_fp8_tile): element = T(code x scale), so the main loop is the 16-bit
+// path's, unchanged, on the cache's dequantised values rounded to T (docs/NOTES.md, "fp8
+// extend", has the reasons).
+struct PagedKvFp8 {
+    using Params = LongctxKvExtendParams;
+    static constexpr bool kPaged = true;
+    static constexpr bool kFp8 = true;
+    static constexpr bool kRotate = false;
+    static __device__ __forceinline__ const LongctxAttnParams& attn(const Params& p) { return p.attn; }
+
+    template <typename T, int ROWS, int D, int ROW_ELEMS, int THREADS> struct Loader {
+        static constexpr int kRawChunks = D / 16;  // 16-byte chunks of a row of codes
+        static constexpr int kTotal = ROWS * kRawChunks;
+        static constexpr int kIters = (kTotal + THREADS - 1) / THREADS;
+        static_assert(D % 16 == 0, "rows of codes are whole 16-byte chunks");
+        static_assert(ROWS <= THREADS, "one thread per row fetches the scales");
+
+        // Few registers live across the main loop (the 16-bit path's loader keeps its
+        // pointers in registers; here the spill-free budget of d 128 on sm_90a and d 256 has
+        // no room for them): the cache's fields are read from the kernel's parameter space
+        // where they are used.
+        const Params& p;
+        const int* table;  // the sequence's block table row
+        int head_kv;
+        int tid;
+
+        __device__ __forceinline__ Loader(const Params& p_, int head_kv_, int tid_)
+            : p(p_), head_kv(head_kv_), tid(tid_) {
+            table = reinterpret_cast<const int*>(p.step.block_table) +
+                    int64_t(blockIdx.z) * int64_t(p.step.max_pages_per_seq);
+        }
+
+        // (Slot x heads_kv + head_kv) of the sequence's key j: its row among the cache's
+        // [slots, heads_kv] rows.
+        __device__ __forceinline__ int64_t row_of(int j) const {
+            const int page_size = int(p.cache.page_size);
+            const int page_col = j / page_size;
+            const int64_t slot = int64_t(table[page_col]) * page_size + (j - page_col * page_size);
+            return slot * p.cache.heads_kv + head_kv;
+        }
+
+        // Issues the copies of the codes of keys [k0, k0 + ROWS) of `cache` into the staging
+        // tile at s_stage (row r at r * D bytes); rows from sk - k0 on are zero-filled,
+        // reading nothing (their source operand is the cache's first byte).
+        __device__ __forceinline__ void load(uint32_t s_stage, uint64_t cache, int k0, int sk) const {
+            const uint8_t* base = reinterpret_cast<const uint8_t*>(cache);
+#pragma unroll
+            for (int it = 0; it < kIters; ++it) {
+                const int idx = it * THREADS + tid;
+                if (kTotal % THREADS == 0 || idx < kTotal) {
+                    const int row = idx / kRawChunks;
+                    const int col = idx - row * kRawChunks;
+                    const int j = k0 + row;
+                    const bool valid = j < sk;
+                    const uint8_t* src = base;
+                    if (valid) src = base + row_of(j) * D + col * 16;
+                    cp_async_16(s_stage + uint32_t(row * D + col * 16), src, valid);
+                }
+            }
+        }
+        __device__ __forceinline__ void load_k(uint32_t s_stage, int k0, int sk) const { load(s_stage, p.cache.k, k0, sk); }
+        __device__ __forceinline__ void load_v(uint32_t s_stage, int k0, int sk) const { load(s_stage, p.cache.v, k0, sk); }
+
+        // Scale x 256 of row `tid` of the tile at k0 (threads tid < ROWS), 0 for rows past
+        // the sequence (their codes are zero-filled). The caller stores it to shared memory
+        // later, so the global load's latency hides under the main loop's work.
+        __device__ __forceinline__ float scale(uint64_t scales, int k0, int sk) const {
+            const int j = k0 + tid;
+            if (tid >= ROWS || j >= sk) return 0.f;
+            const float* s = reinterpret_cast<const float*>(scales);
+            const int64_t at = p.cache.scale_mode == LONGCTX_KV_SCALE_TOKEN_HEAD ? row_of(j) : int64_t(head_kv);
+            return s[at] * 256.f;
+        }
+        __device__ __forceinline__ float k_scale_of(int k0, int sk) const { return scale(p.cache.k_scale, k0, sk); }
+        __device__ __forceinline__ float v_scale_of(int k0, int sk) const { return scale(p.cache.v_scale, k0, sk); }
+    };
+};
+
+// A paged source (PagedKv, PagedKvFp8) whose keys are stored un-rotated (exact dynamic
+// scaling, params/kv_cache_params.h): after each K tile is in shared memory as T (after
+// the fp8 widening), and after the Q tile lands, every row is rotated in place at its
+// position with the sequence's inv_freq row and attention factor (rotate_tile_rows), before
+// any ldmatrix reads it. The rotation is the rotating decode's (kv_cache/rotate.cuh).
+template <typename Base> struct Rotating : Base {
+    static constexpr bool kRotate = true;
+};
+
+// Rotates rows r < valid of a swizzled T tile (rows of ROW_ELEMS elements) in place: row r
+// at position pos0 + r, each of its rotary_dim / 2 pairs by one thread (pairs are disjoint:
+// no element is touched twice). Not unrolled: it runs while O's accumulators are live.
+template <typename T, int ROWS, int ROW_ELEMS, int THREADS>
+__device__ __forceinline__ void rotate_tile_rows(const LongctxKvExtendParams& p, const double* inv, float factor,
+                                                 uint8_t* tile, int pos0, int valid, int tid) {
+    const int half = int(p.rotary_dim) / 2;
+    const bool neox = p.rope_style == LONGCTX_ROPE_STYLE_NEOX;
+    const int rows = min(valid, ROWS);
+#pragma unroll 1
+    for (int i = tid; i < rows * half; i += THREADS) {
+        const int r = i / half;
+        const int pair = i - r * half;
+        const int ca = neox ? pair : 2 * pair;
+        const int cb = neox ? pair + half : 2 * pair + 1;
+        T* ea = reinterpret_cast<T*>(tile + swizzle<ROW_ELEMS>(r, ca / 8)) + ca % 8;
+        T* eb = reinterpret_cast<T*>(tile + swizzle<ROW_ELEMS>(r, cb / 8)) + cb % 8;
+        kv_rotate::rotate_pair(p, inv[pair], factor, pos0 + r, ea, eb);
+    }
+}
+
+// Widens a staged tile of fp8 codes (ROWS rows of D codes at stage + r * D) into the
+// swizzled T tile at `tile` (rows of ROW_ELEMS elements): element (r, c) becomes
+// T(e4m3(code) x scale256[r] / 256), rounded once to T from the f32 product code x scale
+// (code / 256 and scale x 256 are exact, so their product is the same f32). Thread tid
+// takes 16-byte chunks tid, tid + THREADS, ... of the staged tile: 16 codes, two T chunks.
+template <typename T, int ROWS, int D, int ROW_ELEMS, int THREADS>
+__device__ __forceinline__ void widen_fp8_tile(const uint8_t* stage, const float* scale256, uint8_t* tile, int tid) {
+    constexpr int kRawChunks = D / 16;
+    constexpr int kTotal = ROWS * kRawChunks;
+    // Not unrolled: the widening runs while O's accumulators and P's fragments are live, and
+    // an unrolled loop's hoisted loads cost registers there.
+#pragma unroll 1
+    for (int it = 0; it < (kTotal + THREADS - 1) / THREADS; ++it) {
+        const int idx = it * THREADS + tid;
+        if (kTotal % THREADS == 0 || idx < kTotal) {
+            const int row = idx / kRawChunks;
+            const int col = idx - row * kRawChunks;
+            const uint4 x = *reinterpret_cast<const uint4*>(stage + row * D + col * 16);
+            const float sc = scale256[row];
+            const uint32_t w[4] = {x.x, x.y, x.z, x.w};
+            uint32_t out[8];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const uint32_t two = w[q] >> (16 * h);
+                    out[2 * q + h] = MmaType<T>::pack(e4m3_to_f32_div256(two & 0xFFu) * sc,
+                                                      e4m3_to_f32_div256((two >> 8) & 0xFFu) * sc);
+                }
+            }
+            *reinterpret_cast<uint4*>(tile + swizzle<ROW_ELEMS>(row, 2 * col)) = make_uint4(out[0], out[1], out[2], out[3]);
+            *reinterpret_cast<uint4*>(tile + swizzle<ROW_ELEMS>(row, 2 * col + 1)) = make_uint4(out[4], out[5], out[6], out[7]);
+        }
+    }
+}
+
 // Per-lane ldmatrix.x4 addresses into a tile of ROW_ELEMS-element rows. For k16 step k,
 // lane l addresses row `row` of a 16-row block (row % 8 == l % 8) and chunk 2k + hi
 // (hi in {0, 1}). Since 2 (k % 4) + hi < 8 and blocks start on multiples of 8 rows, the
@@ -232,7 +386,17 @@ template <int ROW_ELEMS> struct LdsmAddr {
     }
 };
 
-// Kv: where K and V come from (DenseKv, PagedKv); P is its Params.
+// Bytes of shared memory a source adds after the forward's Q, K and V tiles of ROWS-key
+// tiles: none for 16-bit sources; for fp8 the staged codes of one K or V tile (never both
+// at once) and the scales of its rows.
+template <typename Kv, int ROWS, int D, bool FP8 = Kv::kFp8> struct SourceExtraSmem {
+    static constexpr int value = 0;
+};
+template <typename Kv, int ROWS, int D> struct SourceExtraSmem<Kv, ROWS, D, true> {
+    static constexpr int value = ROWS * D + ROWS * 4;
+};
+
+// Kv: where K and V come from (DenseKv, PagedKv, PagedKvFp8); P is its Params.
 template <typename T, int D, int DV, typename Kv = DenseKv>
 __device__ __forceinline__ void attn_fwd_body(const typename Kv::Params& kv_params) {
     const LongctxAttnParams& p = Kv::attn(kv_params);
@@ -254,7 +418,8 @@ __device__ __forceinline__ void attn_fwd_body(const typename Kv::Params& kv_para
     // a launch that gave less than this code's tiles need stops here with an error instead
     // of touching memory past the allocation.
     const uint32_t dyn_smem = dynamic_smem_size();
-    if (dyn_smem < uint32_t(Tr::kSmemBytes)) __trap();
+    constexpr int kSmemNeed = Tr::kSmemBytes + SourceExtraSmem<Kv, kBlockN, D>::value;
+    if (dyn_smem < uint32_t(kSmemNeed)) __trap();
 
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -312,7 +477,16 @@ __device__ __forceinline__ void attn_fwd_body(const typename Kv::Params& kv_para
     const uint32_t sQ = uint32_t(__cvta_generic_to_shared(smem));
     constexpr int kOffK = Tr::kSmemQ;              // K tile, bytes after sQ
     constexpr int kOffV = Tr::kSmemQ + Tr::kSmemK;  // V tile, bytes after sQ
+    // fp8 sources: the staged codes of one K or V tile [kBlockN][D] (bytes), then the
+    // scales x 256 of its rows [kBlockN] (f32).
+    constexpr int kOffStage = Tr::kSmemBytes;
+    constexpr int kOffScale = kOffStage + kBlockN * D;
+    [[maybe_unused]] uint8_t* const stage = smem + kOffStage;
+    [[maybe_unused]] float* const scale256 = reinterpret_cast<float*>(smem + kOffScale);
 
+    // Rotating sources: the sequence's inv_freq row and attention factor.
+    [[maybe_unused]] const double* rot_inv = nullptr;
+    [[maybe_unused]] float rot_factor = 0.f;
     const TileLoader<kBlockN, D, kRowQK, kThreads> k_loader(tid);
     const TileLoader<kBlockN, DV, kRowV, kThreads> v_loader(tid);
     // This thread's copy source in key tile 0 of the sequence; tile n adds n * kBlockN rows.
@@ -330,7 +504,10 @@ __device__ __forceinline__ void attn_fwd_body(const typename Kv::Params& kv_para
                             int64_t(head) * p.q.head_stride + q_loader.thread_offset(p.q.token_stride);
         q_loader.load(sQ, q_thread, q_base, p.q.token_stride, rows_here);
         const int k0 = n_min * kBlockN;
-        if constexpr (Kv::kPaged) {
+        if constexpr (Kv::kFp8) {
+            paged.load_k(sQ + kOffStage, k0, sk);
+            if (tid < kBlockN) scale256[tid] = paged.k_scale_of(k0, sk);
+        } else if constexpr (Kv::kPaged) {
             paged.load_k(sQ + kOffK, k0, sk);
         } else {
             k_loader.load(sQ + kOffK, k_thread + int64_t(k0) * k_ts, k_base, k_ts, sk - k0);
@@ -339,6 +516,23 @@ __device__ __forceinline__ void attn_fwd_body(const typename Kv::Params& kv_para
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
+    if constexpr (Kv::kFp8) {
+        widen_fp8_tile<T, kBlockN, D, kRowQK, kThreads>(stage, scale256, smem + kOffK, tid);
+        __syncthreads();
+    }
+    if constexpr (Kv::kRotate) {
+        // Query row r of the tile sits at key position m0 + r + diag (bottom-right); rows
+        // past the chunk are zero-filled and stay so. Then the first key tile.
+        rot_inv = reinterpret_cast<const double*>(kv_params.rope_inv_freq) +
+                  int64_t(blockIdx.z) * int64_t(kv_params.rotary_dim / 2);
+        rot_factor = reinterpret_cast<const float*>(kv_params.rope_factor)[blockIdx.z];
+        rotate_tile_rows<T, kBlockM, kRowQK, kThreads>(kv_params, rot_inv, rot_factor, smem, bi.m0 + bi.diag,
+                                                       rows_here, tid);
+        const int k0 = n_min * kBlockN;
+        rotate_tile_rows<T, kBlockN, kRowQK, kThreads>(kv_params, rot_inv, rot_factor, smem + kOffK, k0, sk - k0,
+                                                       tid);
+        __syncthreads();
+    }
 
     // acc_o[mi][dj]: C fragment of rows (mi * 16 + g, + 8) and O columns dj * 8 + 2 * t4 (+1).
     float acc_o[kMTiles][kDvTiles][4];
@@ -373,9 +567,15 @@ __device__ __forceinline__ void attn_fwd_body(const typename Kv::Params& kv_para
     const float exp_scale = p.exp_scale;
     const float softcap_in = p.softcap_in;
 
+    // fp8: this thread's scale of the tile row it fetched, stored to scale256 once every
+    // reader of the previous tile's scales has passed a barrier.
+    [[maybe_unused]] float scale_next = 0.f;
     for (int n = n_min; n < n_max; ++n) {
         const int k0 = n * kBlockN;
-        if constexpr (Kv::kPaged) {
+        if constexpr (Kv::kFp8) {
+            paged.load_v(sQ + kOffStage, k0, sk);
+            scale_next = paged.v_scale_of(k0, sk);
+        } else if constexpr (Kv::kPaged) {
             paged.load_v(sQ + kOffV, k0, sk);
         } else {
             v_loader.load(sQ + kOffV, v_thread + int64_t(k0) * v_ts, v_base, v_ts, sk - k0);
@@ -512,11 +712,24 @@ __device__ __forceinline__ void attn_fwd_body(const typename Kv::Params& kv_para
             }
         }
 
+        if constexpr (Kv::kFp8) {
+            // The last reader of scale256 (K's widening) passed the barrier after it.
+            if (tid < kBlockN) scale256[tid] = scale_next;
+        }
         cp_async_wait<0>();
         __syncthreads();
+        if constexpr (Kv::kFp8) {
+            // V[n]'s codes landed and every warp is done with sK; the staging tile is free
+            // for K[n+1] after this widening's barrier.
+            widen_fp8_tile<T, kBlockN, D, kRowV, kThreads>(stage, scale256, smem + kOffV, tid);
+            __syncthreads();
+        }
         if (n + 1 < n_max) {
             const int k1 = k0 + kBlockN;
-            if constexpr (Kv::kPaged) {
+            if constexpr (Kv::kFp8) {
+                paged.load_k(sQ + kOffStage, k1, sk);
+                scale_next = paged.k_scale_of(k1, sk);
+            } else if constexpr (Kv::kPaged) {
                 paged.load_k(sQ + kOffK, k1, sk);
             } else {
                 k_loader.load(sQ + kOffK, k_thread + int64_t(k1) * k_ts, k_base, k_ts, sk - k1);
@@ -542,8 +755,26 @@ __device__ __forceinline__ void attn_fwd_body(const typename Kv::Params& kv_para
             }
         }
 
+        if constexpr (Kv::kFp8) {
+            if (n + 1 < n_max && tid < kBlockN) scale256[tid] = scale_next;
+        }
         cp_async_wait<0>();
         __syncthreads();
+        if constexpr (Kv::kFp8) {
+            // K[n+1]'s codes landed and every warp is done with sV.
+            if (n + 1 < n_max) {
+                widen_fp8_tile<T, kBlockN, D, kRowQK, kThreads>(stage, scale256, smem + kOffK, tid);
+                __syncthreads();
+            }
+        }
+        if constexpr (Kv::kRotate) {
+            if (n + 1 < n_max) {
+                const int k1 = k0 + kBlockN;
+                rotate_tile_rows<T, kBlockN, kRowQK, kThreads>(kv_params, rot_inv, rot_factor, smem + kOffK, k1,
+                                                               sk - k1, tid);
+                __syncthreads();
+            }
+        }
     }
 
     // Normalise, write LSE, stage O (rounded to T) in this warp's own rows of sQ. Only this

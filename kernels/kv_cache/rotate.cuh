@@ -13,11 +13,14 @@
 namespace longctx {
 namespace kv_rotate {
 
+// P is the decode's or the extend's params (LongctxKvDecodeParams, LongctxKvExtendParams):
+// both name the rotation fields rotary_dim, rope_style and rope_angle_mode.
+
 // The value of channel `ch` of a row after RoPE at `pos` with inverse frequencies `inv` (f64)
 // and attention `factor`; `x(c)` reads channel c of the un-rotated row as f32.
-template <typename GetX>
-__device__ __forceinline__ float rotated_channel(const LongctxKvDecodeParams& p, const double* inv, float factor,
-                                                 int pos, int ch, GetX x) {
+template <typename P, typename GetX>
+__device__ __forceinline__ float rotated_channel(const P& p, const double* inv, float factor, int pos, int ch,
+                                                 GetX x) {
     const int rot = int(p.rotary_dim);
     if (ch >= rot) return x(ch);
     const int half = rot / 2;
@@ -35,9 +38,8 @@ __device__ __forceinline__ float rotated_channel(const LongctxKvDecodeParams& p,
 }
 
 // Rotates the pair (*ea, *eb) (first, second element) in place at `pos`.
-template <typename T>
-__device__ __forceinline__ void rotate_pair(const LongctxKvDecodeParams& p, double inv, float factor, int pos, T* ea,
-                                            T* eb) {
+template <typename P, typename T>
+__device__ __forceinline__ void rotate_pair(const P& p, double inv, float factor, int pos, T* ea, T* eb) {
     float sn, cs;
     rope::angle_sin_cos(p.rope_angle_mode, pos, inv, &sn, &cs);
     cs *= factor;

@@ -125,7 +125,14 @@ typedef struct LongctxKvDecodeParams {
  * (num_m_blocks, heads_q, batch); attn.k, attn.v and attn.cu_seqlens_k are unused (0): row j
  * of sequence b's K is cache.k + ((block_table[b * max_pages_per_seq + j / page_size] *
  * page_size + j % page_size) * heads_kv + head_kv) * head_dim, and its key count seqlens[b].
- * f16 / bf16 caches of the queries' type; head_dim == head_dim_v. */
+ * f16 / bf16 caches of the queries' type, or fp8 e4m3 caches (scale_mode TOKEN_HEAD or HEAD)
+ * under f16 / bf16 queries; head_dim == head_dim_v.
+ * Keys stored un-rotated (longctx_kv_extend_rot_*, exact dynamic scaling): the kernel rotates
+ * every key j of sequence b it loads at position j, and each query at its position, with
+ * sequence b's inv_freq row and attention factor, exactly as the rotating decode does
+ * (LongctxKvDecodeParams: the first rotary_dim channels, pairing rope_style, angles as
+ * rope_angle_mode, cos and sin times the factor, rounded to T). The other entries ignore
+ * these fields (0). */
 /* Extend at head dim 512 (longctx_kv_extend_*_hd512 and longctx_kv_extend_r64_*_hd512,
  * kernels/kv_cache/extend_wide_kernel.cuh): the same params, a different grid. One CTA per (row
  * tile, KV head, sequence): row r of tile y is new token (R y + r) / heads_per_kv of query head
@@ -143,6 +150,12 @@ typedef struct LongctxKvExtendParams {
     LongctxAttnParams attn;
     LongctxKvCache cache;
     LongctxKvStep step;
+    uint32_t rotary_dim;      /* even, 2 ..= head_dim                                     */
+    uint32_t rope_style;      /* LONGCTX_ROPE_STYLE_*                                     */
+    uint64_t rope_inv_freq;   /* device double [batch, rotary_dim / 2]                     */
+    uint64_t rope_factor;     /* device float [batch]                                     */
+    uint32_t rope_angle_mode; /* LONGCTX_ROPE_ANGLE_*                                     */
+    uint32_t pad0;
 } LongctxKvExtendParams;
 
 typedef struct LongctxKvMergeParams {
@@ -290,7 +303,7 @@ static_assert(sizeof(LongctxKvMergeParams) == 120, "LongctxKvMergeParams layout"
 static_assert(sizeof(LongctxKvCache) == 56, "LongctxKvCache layout");
 static_assert(sizeof(LongctxKvStep) == 32, "LongctxKvStep layout");
 static_assert(sizeof(LongctxKvDecodeParams) == 232, "LongctxKvDecodeParams layout");
-static_assert(sizeof(LongctxKvExtendParams) == 248, "LongctxKvExtendParams layout");
+static_assert(sizeof(LongctxKvExtendParams) == 280, "LongctxKvExtendParams layout");
 static_assert(sizeof(LongctxKvAppendParams) == 168, "LongctxKvAppendParams layout");
 static_assert(sizeof(LongctxMlaDecodeParams) == 168, "LongctxMlaDecodeParams layout");
 static_assert(sizeof(LongctxMlaAppendParams) == 120, "LongctxMlaAppendParams layout");
@@ -299,7 +312,7 @@ _Static_assert(sizeof(LongctxKvMergeParams) == 120, "LongctxKvMergeParams layout
 _Static_assert(sizeof(LongctxKvCache) == 56, "LongctxKvCache layout");
 _Static_assert(sizeof(LongctxKvStep) == 32, "LongctxKvStep layout");
 _Static_assert(sizeof(LongctxKvDecodeParams) == 232, "LongctxKvDecodeParams layout");
-_Static_assert(sizeof(LongctxKvExtendParams) == 248, "LongctxKvExtendParams layout");
+_Static_assert(sizeof(LongctxKvExtendParams) == 280, "LongctxKvExtendParams layout");
 _Static_assert(sizeof(LongctxKvAppendParams) == 168, "LongctxKvAppendParams layout");
 _Static_assert(sizeof(LongctxMlaDecodeParams) == 168, "LongctxMlaDecodeParams layout");
 _Static_assert(sizeof(LongctxMlaAppendParams) == 120, "LongctxMlaAppendParams layout");

@@ -6,14 +6,23 @@
 //! K/V row's address looked up in the sequence's page table. Types, validation, the launch
 //! plan shared by the CUDA path and the emulator, and the CUDA op.
 //!
+//! Caches of f16 and bf16 with the queries' type, and fp8 e4m3 caches (per-(token, head)
+//! or per-head scales) under f16 or bf16 queries, with head dims [`EXTEND_HEAD_DIMS`]. An
+//! fp8 tile lands as codes in a staging tile and is widened in shared memory to the query
+//! type, each element `T(code x scale)`, before the 16-bit main loop reads it (so fp8 extend
+//! equals the 16-bit extend over the cache dequantised to T, bit for bit). fp8 at head dim
+//! 256 needs [`extend_smem_bytes`] = 114,944 bytes of shared memory: sm_80 and sm_90 have
+//! it, sm_86 / sm_89 (99 KB) refuse it with [`ErrorKind::Unsupported`](crate::ErrorKind).
+//!
+//! [`extend_rotating`] reads a cache of un-rotated keys (exact dynamic scaling): each Q and
+//! K tile is rotated in shared memory after it lands, with the sequence's rotation at its
+//! current length, as [`decode_rotating`](super::decode_rotating) does.
+//!
 //! Head dim 512 is past the forward's tile table (a 64-row tile's O would be 256 f32 per
 //! lane); it runs a kernel of its own (kernels/kv_cache/extend_wide_kernel.cuh) that packs
-//! 16 (new token, query head of a KV head's group) rows per CTA, as the MLA decode does, on
-//! the same tensor-core main loop and online softmax.
-//!
-//! Caches of f16 and bf16 with the queries' type and head dims [`EXTEND_HEAD_DIMS`] are
-//! supported; an fp8 cache is [`Error::unsupported`] (future work: dequantise each K/V tile
-//! into shared memory before the ldmatrix loads).
+//! 16 or 64 (new token, query head of a KV head's group) rows per CTA, as the MLA decode
+//! does, on the same tensor-core main loop and online softmax; it reads f16 / bf16 caches of
+//! rotated keys (fp8 and rotation on load are [`Error::unsupported`] there).
 
 use cudarc::driver::{DevicePtr, PushKernelArg};
 
@@ -21,6 +30,7 @@ use super::cache::{cache_params, step_params, CacheShape, KvScales, PagedCache};
 use super::decode::DecodeOutput;
 use super::fp8::{CacheDType, CacheElement};
 use super::merge::LseLayout;
+use super::rotation::{KvRotation, RotationShape};
 use super::step::{KvStep, ValidatedStep};
 use crate::attention::cuda::{require_sm80, tensor};
 use crate::attention::{check_alignment, AttnElement, SoftmaxConsts, TileConfig, MAX_TOKENS};
@@ -30,6 +40,7 @@ use crate::error::{Error, Result};
 use crate::kernel_id::KernelId;
 use crate::launch::KernelLaunch;
 use crate::layout::HeadsLayout;
+use crate::rope::{AnglePrecision, RopeStyle};
 use crate::sys;
 
 const OP: &str = "extend";
@@ -70,6 +81,9 @@ pub struct ExtendShape<'a> {
     pub o_len: usize,
     /// The LSE view `[heads_q, total_new]` and its buffer's length, if asked for.
     pub lse: Option<(LseLayout, usize)>,
+    /// Keys and queries stored un-rotated, rotated on load ([`extend_rotating`]), or
+    /// `None` for rotated ones.
+    pub rotation: Option<RotationShape>,
 }
 
 /// An extend call that passed [`ExtendShape::validate`].
@@ -87,6 +101,7 @@ pub struct ExtendValidated {
     o: HeadsLayout,
     lse: Option<LseLayout>,
     cache: CacheShape,
+    rotation: Option<RotationShape>,
 }
 
 impl ExtendValidated {
@@ -105,17 +120,13 @@ impl ExtendShape<'_> {
     /// its buffer (`q`, `o`); an LSE view of another shape or leaving its buffer (`lse`);
     /// more than [`MAX_TOKENS`] new tokens or cached tokens in a sequence, or more query
     /// heads or sequences than the grid holds (`cu_new`, `seqlens`, `heads_q`); a softmax
-    /// scale or softcap that is not finite and positive; a stride past i64. Of kind
-    /// unsupported: an fp8 cache (`cache`) and a head dim not in [`EXTEND_HEAD_DIMS`].
+    /// scale or softcap that is not finite and positive; a stride past i64; an fp8 cache
+    /// without scales, a 16-bit one with scales, or scales shorter than their layout
+    /// (`cache.scales`, `cache.k_scale`, `cache.v_scale`); a rotation whose rotary dim is
+    /// odd, 0 or above the head dim (`rotation`). Of kind unsupported: a head dim not in
+    /// [`EXTEND_HEAD_DIMS`].
     pub fn validate(&self, opts: &ExtendOptions) -> Result<ExtendValidated> {
         self.cache.validate()?;
-        if self.cache.dtype == CacheDType::Fp8E4m3 {
-            return Err(Error::unsupported(
-                OP,
-                "cache",
-                "extend over an fp8 cache is not implemented yet (f16 and bf16 caches are)",
-            ));
-        }
         let l = &self.cache.layout;
         let d = l.head_dim;
         if !EXTEND_HEAD_DIMS.contains(&d) {
@@ -125,11 +136,35 @@ impl ExtendShape<'_> {
                 format!("{d}: the extend kernels are built for {EXTEND_HEAD_DIMS:?}"),
             ));
         }
-        let tiles = if d == EXTEND_WIDE_HEAD_DIM {
+        let wide = d == EXTEND_WIDE_HEAD_DIM;
+        if wide && self.cache.dtype == CacheDType::Fp8E4m3 {
+            return Err(Error::unsupported(
+                OP,
+                "cache",
+                "head dim 512's extend kernel reads f16 / bf16 caches; fp8 extend stops at 256",
+            ));
+        }
+        if wide && self.rotation.is_some() {
+            return Err(Error::unsupported(
+                OP,
+                "rotation",
+                "head dim 512's extend kernel reads rotated keys; rotation on load stops at 256",
+            ));
+        }
+        let tiles = if wide {
             None
         } else {
             Some(TileConfig::for_head_dims(d, d)?)
         };
+        if let Some(r) = self.rotation {
+            if r.rotary_dim == 0 || r.rotary_dim % 2 != 0 || r.rotary_dim > d {
+                return Err(Error::invalid(
+                    OP,
+                    "rotation",
+                    format!("rotary dim {} must be even and in 2..={d}", r.rotary_dim),
+                ));
+            }
+        }
         let heads_q = self.q.heads;
         if l.heads_kv == 0 || heads_q == 0 || heads_q % l.heads_kv != 0 {
             return Err(Error::invalid(
@@ -224,6 +259,7 @@ impl ExtendShape<'_> {
             o: self.o,
             lse: self.lse.map(|x| x.0),
             cache: self.cache,
+            rotation: self.rotation,
         })
     }
 }
@@ -235,40 +271,102 @@ pub(crate) struct ExtendAddrs {
     pub lse: u64,
     pub k: u64,
     pub v: u64,
+    /// fp8: K's and V's f32 scales (0 for a 16-bit cache).
+    pub k_scale: u64,
+    pub v_scale: u64,
     pub block_table: u64,
     pub seqlens: u64,
     pub cu_new: u64,
+    /// Rotation on load: the per-sequence tables (0 without).
+    pub rope_inv_freq: u64,
+    pub rope_factor: u64,
 }
 
-pub(crate) fn kernel_id(t: DType, d: usize) -> Result<KernelId> {
+pub(crate) fn kernel_id(t: DType, s: CacheDType, d: usize, rotate: bool) -> Result<KernelId> {
     use KernelId::*;
-    Ok(match (t, d) {
-        (DType::F16, 64) => KvExtendF16Hd64,
-        (DType::F16, 96) => KvExtendF16Hd96,
-        (DType::F16, 128) => KvExtendF16Hd128,
-        (DType::F16, 256) => KvExtendF16Hd256,
-        (DType::BF16, 64) => KvExtendBf16Hd64,
-        (DType::BF16, 96) => KvExtendBf16Hd96,
-        (DType::BF16, 128) => KvExtendBf16Hd128,
-        (DType::BF16, 256) => KvExtendBf16Hd256,
-        (DType::F16, 512) => KvExtendF16Hd512,
-        (DType::BF16, 512) => KvExtendBf16Hd512,
+    let fp8 = s == CacheDType::Fp8E4m3;
+    if rotate {
+        return Ok(match (t, fp8, d) {
+            (DType::F16, false, 64) => KvExtendRotF16Hd64,
+            (DType::F16, false, 96) => KvExtendRotF16Hd96,
+            (DType::F16, false, 128) => KvExtendRotF16Hd128,
+            (DType::F16, false, 256) => KvExtendRotF16Hd256,
+            (DType::BF16, false, 64) => KvExtendRotBf16Hd64,
+            (DType::BF16, false, 96) => KvExtendRotBf16Hd96,
+            (DType::BF16, false, 128) => KvExtendRotBf16Hd128,
+            (DType::BF16, false, 256) => KvExtendRotBf16Hd256,
+            (DType::F16, true, 64) => KvExtendRotF16Fp8Hd64,
+            (DType::F16, true, 96) => KvExtendRotF16Fp8Hd96,
+            (DType::F16, true, 128) => KvExtendRotF16Fp8Hd128,
+            (DType::F16, true, 256) => KvExtendRotF16Fp8Hd256,
+            (DType::BF16, true, 64) => KvExtendRotBf16Fp8Hd64,
+            (DType::BF16, true, 96) => KvExtendRotBf16Fp8Hd96,
+            (DType::BF16, true, 128) => KvExtendRotBf16Fp8Hd128,
+            (DType::BF16, true, 256) => KvExtendRotBf16Fp8Hd256,
+            _ => {
+                return Err(Error::unsupported(
+                    OP,
+                    "dtype",
+                    format!(
+                        "no rotating extend kernel for {t:?} queries over a {s:?} cache with \
+                         head dim {d}"
+                    ),
+                ))
+            }
+        });
+    }
+    Ok(match (t, fp8, d) {
+        (DType::F16, false, 64) => KvExtendF16Hd64,
+        (DType::F16, false, 96) => KvExtendF16Hd96,
+        (DType::F16, false, 128) => KvExtendF16Hd128,
+        (DType::F16, false, 256) => KvExtendF16Hd256,
+        (DType::BF16, false, 64) => KvExtendBf16Hd64,
+        (DType::BF16, false, 96) => KvExtendBf16Hd96,
+        (DType::BF16, false, 128) => KvExtendBf16Hd128,
+        (DType::BF16, false, 256) => KvExtendBf16Hd256,
+        (DType::F16, true, 64) => KvExtendF16Fp8Hd64,
+        (DType::F16, true, 96) => KvExtendF16Fp8Hd96,
+        (DType::F16, true, 128) => KvExtendF16Fp8Hd128,
+        (DType::F16, true, 256) => KvExtendF16Fp8Hd256,
+        (DType::BF16, true, 64) => KvExtendBf16Fp8Hd64,
+        (DType::BF16, true, 96) => KvExtendBf16Fp8Hd96,
+        (DType::BF16, true, 128) => KvExtendBf16Fp8Hd128,
+        (DType::BF16, true, 256) => KvExtendBf16Fp8Hd256,
+        (DType::F16, false, 512) => KvExtendF16Hd512,
+        (DType::BF16, false, 512) => KvExtendBf16Hd512,
         _ => {
             return Err(Error::unsupported(
                 OP,
                 "dtype",
-                format!("no extend kernel for {t:?} with head dim {d}"),
+                format!("no extend kernel for {t:?} queries over a {s:?} cache with head dim {d}"),
             ))
         }
     })
 }
 
-/// Whether queries of `T` read a cache of `S` in extend: the same 16-bit type.
-fn same_type<T: AttnElement, S: CacheElement>() -> bool {
+/// Whether queries of `T` read a cache of `S` in extend: the same 16-bit type, or fp8.
+fn cache_matches<T: AttnElement, S: CacheElement>() -> bool {
     matches!(
         (T::DTYPE, S::CACHE_DTYPE),
-        (DType::F16, CacheDType::F16) | (DType::BF16, CacheDType::BF16)
+        (DType::F16, CacheDType::F16)
+            | (DType::BF16, CacheDType::BF16)
+            | (DType::F16 | DType::BF16, CacheDType::Fp8E4m3)
     )
+}
+
+/// Bytes of dynamic shared memory the extend kernel for `tiles` needs over a cache of
+/// `cache`: the forward's Q, K and V tiles, and for fp8 the staged codes of one tile
+/// (`block_n x head_dim` bytes) and its rows' f32 scales (`block_n x 4`).
+pub fn extend_smem_bytes(tiles: &TileConfig, cache: CacheDType) -> usize {
+    let base = tiles.smem_bytes();
+    if cache == CacheDType::Fp8E4m3 {
+        let extra = tiles
+            .block_n
+            .saturating_mul(tiles.head_dim.saturating_add(4));
+        base.saturating_add(extra)
+    } else {
+        base
+    }
 }
 
 /// The launch of one validated call, shared by the CUDA and emulated backends: the kernel
@@ -282,13 +380,13 @@ pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
     smem: usize,
     a: &ExtendAddrs,
 ) -> Result<Option<KernelLaunch<sys::LongctxKvExtendParams>>> {
-    if !same_type::<T, S>() {
+    if !cache_matches::<T, S>() {
         return Err(Error::unsupported(
             OP,
             "cache",
             format!(
-                "{:?} queries over a {:?} cache: extend reads caches of the queries' type \
-                 (fp8 extend is not implemented yet)",
+                "{:?} queries over a {:?} cache: extend reads caches of the queries' type, \
+                 or fp8",
                 T::DTYPE,
                 S::CACHE_DTYPE
             ),
@@ -305,7 +403,35 @@ pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
     if v.total_new == 0 || step.batch == 0 {
         return Ok(None);
     }
-    let id = kernel_id(T::DTYPE, v.head_dim)?;
+    let id = kernel_id(T::DTYPE, S::CACHE_DTYPE, v.head_dim, v.rotation.is_some())?;
+    if v.rotation.is_some() && (a.rope_inv_freq == 0 || a.rope_factor == 0) {
+        return Err(Error::invalid(OP, "rotation", "rotation tables missing"));
+    }
+    let need = extend_smem_bytes(tiles, S::CACHE_DTYPE);
+    if smem < need {
+        return Err(Error::invalid(
+            OP,
+            "tiles",
+            format!("{smem} bytes of shared memory, the kernel for {tiles:?} needs {need}"),
+        ));
+    }
+    let fp8 = S::CACHE_DTYPE == CacheDType::Fp8E4m3;
+    if (a.k_scale != 0, a.v_scale != 0) != (fp8, fp8) {
+        return Err(Error::invalid(
+            OP,
+            "cache.scales",
+            "an fp8 cache needs K and V scales, a 16-bit cache none",
+        ));
+    }
+    for (addr, arg) in [(a.k_scale, "cache.k_scale"), (a.v_scale, "cache.v_scale")] {
+        if addr % 4 != 0 {
+            return Err(Error::misaligned(
+                OP,
+                arg,
+                format!("the scales start at {addr:#x}; the kernel reads f32"),
+            ));
+        }
+    }
     for (addr, arg) in [(a.k, "cache.k"), (a.v, "cache.v")] {
         if addr % 16 != 0 {
             return Err(Error::misaligned(
@@ -316,8 +442,9 @@ pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
         }
     }
     let elem = T::DTYPE.size();
-    // Cache rows are dense: head_dim x 2 bytes, a multiple of 16 for every extend head dim.
-    debug_assert!(v.head_dim * elem % 16 == 0);
+    // Cache rows are dense: head_dim x 2 (fp8: 1) bytes, a multiple of 16 for every extend
+    // head dim.
+    debug_assert!(v.head_dim % 16 == 0);
     check_alignment(&v.q, a.q, elem, "q")?;
     check_alignment(&v.o, a.o, elem, "o")?;
     let (lse, lse_stride) = match v.lse {
@@ -361,8 +488,28 @@ pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
             exp_scale: v.consts.exp_scale,
             softcap_in: v.consts.softcap_in,
         },
-        cache: cache_params(&v.cache, a.k, a.v, 0, 0),
+        cache: cache_params(&v.cache, a.k, a.v, a.k_scale, a.v_scale),
         step: step_params(step, a.block_table, a.seqlens, a.cu_new),
+        rotary_dim: v.rotation.map_or(0, |r| r.rotary_dim as u32),
+        rope_style: match v.rotation.map(|r| r.style) {
+            Some(RopeStyle::Interleaved) => sys::LONGCTX_ROPE_STYLE_INTERLEAVED,
+            _ => sys::LONGCTX_ROPE_STYLE_NEOX,
+        },
+        rope_inv_freq: if v.rotation.is_some() {
+            a.rope_inv_freq
+        } else {
+            0
+        },
+        rope_factor: if v.rotation.is_some() {
+            a.rope_factor
+        } else {
+            0
+        },
+        rope_angle_mode: match v.rotation.map(|r| r.precision) {
+            Some(AnglePrecision::F32) => sys::LONGCTX_ROPE_ANGLE_F32,
+            _ => sys::LONGCTX_ROPE_ANGLE_F64,
+        },
+        pad0: 0,
     };
     Ok(Some(KernelLaunch {
         id,
@@ -405,7 +552,7 @@ pub(crate) fn plan_extend_wide_launch<T: AttnElement, S: CacheElement>(
     smem_per_block: usize,
     a: &ExtendAddrs,
 ) -> Result<Option<KernelLaunch<sys::LongctxKvExtendParams>>> {
-    if !same_type::<T, S>() {
+    if !cache_matches::<T, S>() || S::CACHE_DTYPE == CacheDType::Fp8E4m3 {
         return Err(Error::unsupported(
             OP,
             "cache",
@@ -497,6 +644,13 @@ pub(crate) fn plan_extend_wide_launch<T: AttnElement, S: CacheElement>(
         },
         cache: cache_params(&v.cache, a.k, a.v, 0, 0),
         step: step_params(step, a.block_table, a.seqlens, a.cu_new),
+        // Keys are rotated already: the rotation fields stay 0.
+        rotary_dim: 0,
+        rope_style: 0,
+        rope_inv_freq: 0,
+        rope_factor: 0,
+        rope_angle_mode: 0,
+        pad0: 0,
     };
     Ok(Some(KernelLaunch {
         id,
@@ -526,18 +680,69 @@ pub(crate) fn plan_extend_wide_launch<T: AttnElement, S: CacheElement>(
 /// `max(0, p - window_left) ..= p`. `q` is `[total_new, heads_q, head_dim]` (rotated
 /// already); query head h reads KV head `h / (heads_q / heads_kv)`. O has Q's shape; the
 /// LSE (natural log, -inf for a row that sees no key) is written when `out.lse` is given.
+/// An fp8 cache's values are `code x scale` with `cache.scales` (required for fp8, refused
+/// for 16-bit caches), each rounded once to T before the MMAs.
 /// One launch, nothing allocated; nothing is launched when there is no new token.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] for everything [`ExtendShape::validate`] rejects, a cache
 /// whose layout differs from the step's, a cache, Q or O not 16-byte aligned (kind
-/// misaligned), a buffer of another context; of kind unsupported: an fp8 cache or one of
+/// misaligned), a buffer of another context; of kind unsupported: a 16-bit cache of
 /// another type than the queries, a head dim not in [`EXTEND_HEAD_DIMS`], a device older
 /// than sm_80, more shared memory than the device allows; [`Error::KernelsNotCompiled`]
 /// without kernels; [`Error::Cuda`] if the launch fails.
 pub fn extend<T: AttnElement, S: CacheElement>(
     dev: &Device,
     step: &KvStep,
+    q: &dyn DevicePtr<T>,
+    q_layout: &HeadsLayout,
+    cache: &PagedCache<S>,
+    out: DecodeOutput<T>,
+    opts: &ExtendOptions,
+) -> Result<()> {
+    extend_impl(dev, step, None, q, q_layout, cache, out, opts)
+}
+
+/// [`extend`] over a cache whose keys are stored un-rotated (appended without RoPE), with
+/// un-rotated queries: the kernel rotates each query tile and each key tile in shared
+/// memory after it lands, every row at its position, with the sequence's rotation at its
+/// current length from `rotation` ([`KvRotation::upload`] for this step), cos and sin
+/// times the attention factor, rounded to T, before the MMAs read them. With a static rule
+/// this gives what a cache of keys rotated at append time and rotated queries give (bit
+/// for bit on the emulator); with dynamic scaling (HF's dynamic NTK, dynamic YaRN) every
+/// key gets the current length's rotation, which a rotated cache cannot. Every head dim of
+/// [`EXTEND_HEAD_DIMS`], 16-bit and fp8 caches (fp8 tiles are rotated after widening).
+///
+/// # Errors
+/// As [`extend`], plus tables made for another step or head dim or on another device
+/// context, and a rotary dim that is odd, 0 or above the head dim (`rotation`).
+#[allow(clippy::too_many_arguments)]
+pub fn extend_rotating<T: AttnElement, S: CacheElement>(
+    dev: &Device,
+    step: &KvStep,
+    rotation: &KvRotation,
+    q: &dyn DevicePtr<T>,
+    q_layout: &HeadsLayout,
+    cache: &PagedCache<S>,
+    out: DecodeOutput<T>,
+    opts: &ExtendOptions,
+) -> Result<()> {
+    if !dev.owns(rotation.inv_freq()) || !dev.owns(rotation.factor()) {
+        return Err(Error::invalid(
+            OP,
+            "rotation",
+            "lives on another device context",
+        ));
+    }
+    rotation.check_step(step.validated(), step.layout().head_dim)?;
+    extend_impl(dev, step, Some(rotation), q, q_layout, cache, out, opts)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn extend_impl<T: AttnElement, S: CacheElement>(
+    dev: &Device,
+    step: &KvStep,
+    rotation: Option<&KvRotation>,
     q: &dyn DevicePtr<T>,
     q_layout: &HeadsLayout,
     cache: &PagedCache<S>,
@@ -562,6 +767,10 @@ pub fn extend<T: AttnElement, S: CacheElement>(
         (dev.owns_any(&*out.o), "o"),
         (dev.owns(step.block_table()), "step"),
     ];
+    if let KvScales::Fp8 { k, v, .. } = cache.scales {
+        owned.push((dev.owns_any(k), "cache.k_scale"));
+        owned.push((dev.owns_any(v), "cache.v_scale"));
+    }
     if let Some((l, _)) = &out.lse {
         owned.push((dev.owns_any(&**l), "lse"));
     }
@@ -582,14 +791,16 @@ pub fn extend<T: AttnElement, S: CacheElement>(
         o: out.o_layout,
         o_len: out.o.len(),
         lse: out.lse.as_ref().map(|(b, l)| (*l, b.len())),
+        rotation: rotation.map(KvRotation::shape),
     }
     .validate(opts)?;
-    if !same_type::<T, S>() {
+    if !cache_matches::<T, S>() {
         return Err(Error::unsupported(
             OP,
             "cache",
             format!(
-                "{:?} queries over a {:?} cache: extend reads caches of the queries' type",
+                "{:?} queries over a {:?} cache: extend reads caches of the queries' type, \
+                 or fp8",
                 T::DTYPE,
                 S::CACHE_DTYPE
             ),
@@ -599,7 +810,7 @@ pub fn extend<T: AttnElement, S: CacheElement>(
         return Ok(());
     }
     let d = v.head_dim;
-    let id = kernel_id(T::DTYPE, d)?;
+    let id = kernel_id(T::DTYPE, S::CACHE_DTYPE, d, rotation.is_some())?;
     if d == EXTEND_WIDE_HEAD_DIM {
         return launch_wide::<T, S>(dev, step, q, cache, out, &v);
     }
@@ -609,12 +820,29 @@ pub fn extend<T: AttnElement, S: CacheElement>(
     let tiles = TileConfig::for_code(d, d, dev.ptx_arch(id)?)?;
     let cc = dev.compute_capability();
     let native = TileConfig::for_code(d, d, u32::try_from(cc.0 * 10 + cc.1).unwrap_or(0))?;
-    let smem = tiles.smem_bytes().max(native.smem_bytes());
+    let smem =
+        extend_smem_bytes(&tiles, S::CACHE_DTYPE).max(extend_smem_bytes(&native, S::CACHE_DTYPE));
     dev.allow_dynamic_smem(id, smem, OP, "head_dim")?;
     let stream = dev.stream();
     let (qp, _g0) = q.device_ptr(stream);
     let (kp, _g1) = cache.k.device_ptr(stream);
     let (vp, _g2) = cache.v.device_ptr(stream);
+    let (ksp, vsp, _g8, _g9) = match cache.scales {
+        KvScales::None => (0, 0, None, None),
+        KvScales::Fp8 { k, v, .. } => {
+            let (a, ga) = k.device_ptr(stream);
+            let (b, gb) = v.device_ptr(stream);
+            (a, b, Some(ga), Some(gb))
+        }
+    };
+    let (rope_if, rope_f, _g10, _g11) = match rotation {
+        Some(r) => {
+            let (a, ga) = r.inv_freq().device_ptr(stream);
+            let (b, gb) = r.factor().device_ptr(stream);
+            (a, b, Some(ga), Some(gb))
+        }
+        None => (0, 0, None, None),
+    };
     let (bt, _g3) = step.block_table().device_ptr(stream);
     let (sl, _g4) = step.seqlens().device_ptr(stream);
     let (cn, _g5) = step.cu_new().device_ptr(stream);
@@ -638,9 +866,13 @@ pub fn extend<T: AttnElement, S: CacheElement>(
             lse: lp,
             k: kp,
             v: vp,
+            k_scale: ksp,
+            v_scale: vsp,
             block_table: bt,
             seqlens: sl,
             cu_new: cn,
+            rope_inv_freq: rope_if,
+            rope_factor: rope_f,
         },
     )?
     else {
@@ -653,14 +885,20 @@ pub fn extend<T: AttnElement, S: CacheElement>(
     // KvStep was built (every page id a sequence uses in range, every table row long
     // enough for its length, lengths and new-token offsets consistent, new tokens at most
     // the length); the kernel reads table entries only for keys below a sequence's length.
-    // ExtendShape::validate proved the cache buffers hold the whole layout, the Q, O and
-    // LSE views inside their buffers with O's rows disjoint, lengths within MAX_TOKENS (the
-    // kernel's int32 mask arithmetic), heads_q a multiple of heads_kv, and the grid within
-    // limits; plan_extend_launch checked the dtype pair and the 16-byte alignment of the
-    // cache, Q and O (cache rows are head_dim x 2 bytes, a multiple of 16). Dynamic shared
-    // memory was sized for the loaded code's tiles and opted into above. Outputs are
-    // borrowed mutably, so no input aliases them; the guards keep every buffer alive until
-    // the launch is queued.
+    // ExtendShape::validate proved the cache buffers hold the whole layout (and, for fp8,
+    // scales as long as their layout: the kernel reads a scale only for a key below its
+    // sequence's length, at that key's slot, or at the KV head), the Q, O and LSE views
+    // inside their buffers with O's rows disjoint, lengths within MAX_TOKENS (the kernel's
+    // int32 mask arithmetic), heads_q a multiple of heads_kv, and the grid within limits;
+    // plan_extend_launch checked the dtype pair, that scales come with fp8 and only with
+    // it, their 4-byte alignment, and the 16-byte alignment of the cache, Q and O (cache
+    // rows are head_dim x 2 or x 1 bytes, a multiple of 16). Dynamic shared memory was
+    // sized for the loaded code's tiles (fp8's staging included, extend_smem_bytes) and
+    // opted into above. With rotation, check_step proved the tables were built for this
+    // step's lengths and head dim: inv_freq holds batch x rotary_dim / 2 f64 and factor
+    // batch f32 (validate bounded rotary_dim by the head dim), read at blockIdx.z < batch.
+    // Outputs are borrowed mutably, so no input aliases them; the guards keep every buffer
+    // alive until the launch is queued.
     unsafe { builder.launch(l.config()) }
         .map(|_| ())
         .map_err(cuda_err(OP))
@@ -702,9 +940,13 @@ fn launch_wide<T: AttnElement, S: CacheElement>(
             lse: lp,
             k: kp,
             v: vp,
+            k_scale: 0,
+            v_scale: 0,
             block_table: bt,
             seqlens: sl,
             cu_new: cn,
+            rope_inv_freq: 0,
+            rope_factor: 0,
         },
     )?
     else {

@@ -11,7 +11,9 @@
 //!   packed, split-KV sized by [`plan_decode`]; f16/bf16/fp8 caches.
 //! * [`extend`]: chunked prefill over the paged cache (any number of new tokens per
 //!   sequence attending to its cache, causal bottom-right), the attention forward's
-//!   tensor-core kernel with paged K/V addressing.
+//!   tensor-core kernel with paged K/V addressing; f16/bf16/fp8 caches (fp8 tiles widened
+//!   in shared memory). [`extend_rotating`] reads un-rotated keys and queries and rotates
+//!   them on load (exact dynamic scaling), as [`decode_rotating`] does.
 //! * [`merge_states`]: combines partial attention states `(O_p, LSE_p)` of the same query
 //!   rows, each computed over a disjoint subset of the keys, into the state of attention
 //!   over their union: `LSE = log sum_p exp(LSE_p)`, `O = sum_p exp(LSE_p - LSE) O_p`.
@@ -46,9 +48,9 @@ pub use decode::{
 #[cfg(feature = "emulator")]
 pub(crate) use decode::{plan_decode_launch, DecodeAddrs};
 pub use extend::{
-    extend, extend_wide_rows, ExtendOptions, ExtendShape, ExtendValidated, EXTEND_HEAD_DIMS,
-    EXTEND_WIDE_HEAD_DIM, EXTEND_WIDE_R64_SMEM_BYTES, EXTEND_WIDE_ROWS_NARROW,
-    EXTEND_WIDE_ROWS_WIDE,
+    extend, extend_rotating, extend_smem_bytes, extend_wide_rows, ExtendOptions, ExtendShape,
+    ExtendValidated, EXTEND_HEAD_DIMS, EXTEND_WIDE_HEAD_DIM, EXTEND_WIDE_R64_SMEM_BYTES,
+    EXTEND_WIDE_ROWS_NARROW, EXTEND_WIDE_ROWS_WIDE,
 };
 #[cfg(feature = "emulator")]
 pub(crate) use extend::{plan_extend_launch, plan_extend_wide_launch, ExtendAddrs};

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 const OP: &str = "merge_states reference";
 
 mod decode;
-pub use decode::{decode_f64, decode_rotating_f64, DecodeMath};
+pub use decode::{decode_f64, decode_rotating_f64, extend_rotating_f64, DecodeMath};
 
 /// Merges `parts` states of `tokens x heads` rows: `LSE = log sum_p exp(LSE_p)` (formed as
 /// `m + log sum_p exp(LSE_p - m)` with `m` the largest finite LSE_p), `O = sum_p

@@ -236,12 +236,18 @@ pub struct LongctxKvExtendParams {
     pub attn: LongctxAttnParams,
     pub cache: LongctxKvCache,
     pub step: LongctxKvStep,
+    pub rotary_dim: u32,
+    pub rope_style: u32,
+    pub rope_inv_freq: u64,
+    pub rope_factor: u64,
+    pub rope_angle_mode: u32,
+    pub pad0: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     [
         "Size of LongctxKvExtendParams",
-    ][::std::mem::size_of::<LongctxKvExtendParams>() - 248usize];
+    ][::std::mem::size_of::<LongctxKvExtendParams>() - 280usize];
     [
         "Alignment of LongctxKvExtendParams",
     ][::std::mem::align_of::<LongctxKvExtendParams>() - 8usize];
@@ -254,6 +260,24 @@ const _: () = {
     [
         "Offset of field: LongctxKvExtendParams::step",
     ][::std::mem::offset_of!(LongctxKvExtendParams, step) - 216usize];
+    [
+        "Offset of field: LongctxKvExtendParams::rotary_dim",
+    ][::std::mem::offset_of!(LongctxKvExtendParams, rotary_dim) - 248usize];
+    [
+        "Offset of field: LongctxKvExtendParams::rope_style",
+    ][::std::mem::offset_of!(LongctxKvExtendParams, rope_style) - 252usize];
+    [
+        "Offset of field: LongctxKvExtendParams::rope_inv_freq",
+    ][::std::mem::offset_of!(LongctxKvExtendParams, rope_inv_freq) - 256usize];
+    [
+        "Offset of field: LongctxKvExtendParams::rope_factor",
+    ][::std::mem::offset_of!(LongctxKvExtendParams, rope_factor) - 264usize];
+    [
+        "Offset of field: LongctxKvExtendParams::rope_angle_mode",
+    ][::std::mem::offset_of!(LongctxKvExtendParams, rope_angle_mode) - 272usize];
+    [
+        "Offset of field: LongctxKvExtendParams::pad0",
+    ][::std::mem::offset_of!(LongctxKvExtendParams, pad0) - 276usize];
 };
 impl Default for LongctxKvExtendParams {
     fn default() -> Self {

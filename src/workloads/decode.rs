@@ -68,7 +68,7 @@ enum CacheBufs {
 /// tokens per sequence are the last of them), bf16 queries, a bf16 or fp8 (per token and
 /// head scales) cache in pages of `page_size`, pages spread over the pool in a scrambled
 /// order. Cache element e holds block[e % FILL] (times its scale for fp8). Times decode
-/// (`new` <= 16), extend (chunked prefill, bf16) and append (with fused RoPE); after
+/// (`new` <= 16), extend (chunked prefill, bf16 or fp8) and append (with fused RoPE); after
 /// [`DecodeRun::set_rotating`], decode reads the cache as un-rotated keys and rotates them
 /// and the queries on load (`decode_rotating`, the base-500000 rule), to measure what the
 /// rotation costs against the plain decode of the same cache.
@@ -386,10 +386,11 @@ impl DecodeRun {
         }
     }
 
-    /// Chunked prefill of the step's new tokens over the cache (bf16 caches).
+    /// Chunked prefill of the step's new tokens over the cache (bf16, or fp8 with per
+    /// (token, head) scales).
     ///
     /// # Errors
-    /// Whatever the launch returns (fp8 caches are unsupported by extend).
+    /// Whatever the launch returns.
     pub fn run_extend(&mut self, dev: &Device) -> Result<()> {
         let m = &self.model;
         let rows = self.batch * self.new;
@@ -414,11 +415,29 @@ impl DecodeRun {
                 out,
                 &ExtendOptions::default(),
             ),
-            CacheBufs::Fp8 { .. } => Err(Error::unsupported(
-                "decode workload",
-                "cache",
-                "extend reads bf16 caches",
-            )),
+            CacheBufs::Fp8 {
+                k,
+                v,
+                k_scale,
+                v_scale,
+            } => extend::<bf16, Fp8E4m3>(
+                dev,
+                &self.step,
+                &self.q,
+                &ql,
+                &PagedCache {
+                    layout: self.layout,
+                    k,
+                    v,
+                    scales: KvScales::Fp8 {
+                        mode: ScaleMode::PerTokenHead,
+                        k: k_scale,
+                        v: v_scale,
+                    },
+                },
+                out,
+                &ExtendOptions::default(),
+            ),
         }
     }
 
@@ -522,19 +541,22 @@ impl DecodeRun {
     /// Launch or copy failures.
     pub fn max_error(&mut self, dev: &Device, samples: usize) -> Result<(f64, f64)> {
         self.run(dev)?;
-        self.check(dev, samples)
+        self.check(dev, samples, false)
     }
 
-    /// As [`DecodeRun::max_error`] after an extend run.
+    /// As [`DecodeRun::max_error`] after an extend run. Over an fp8 cache the reference
+    /// reads what extend computes with: each value `code x scale` (an f32 product) rounded
+    /// once to bf16.
     ///
     /// # Errors
     /// Launch or copy failures.
     pub fn max_error_extend(&mut self, dev: &Device, samples: usize) -> Result<(f64, f64)> {
         self.run_extend(dev)?;
-        self.check(dev, samples)
+        self.check(dev, samples, true)
     }
 
-    fn check(&mut self, dev: &Device, samples: usize) -> Result<(f64, f64)> {
+    /// `widened`: fp8 values as bf16(code x scale) instead of exact.
+    fn check(&mut self, dev: &Device, samples: usize, widened: bool) -> Result<(f64, f64)> {
         let o = dev.download(&self.o)?;
         let lse = dev.download(&self.lse)?;
         let m = self.model;
@@ -575,8 +597,12 @@ impl DecodeRun {
                 let page = self.table[b * self.max_pages + t / ps] as usize;
                 let row = (page * ps + t % ps) * m.heads_kv + hk;
                 let x = self.block[(row * d + c) % FILL];
-                if fp8 {
-                    x * f64::from(self.scales[row % self.scales.len()])
+                let sc = self.scales[row % self.scales.len()];
+                if fp8 && widened {
+                    // The code's value is exact in f32.
+                    bf16::from_f32(x as f32 * sc).to_f64()
+                } else if fp8 {
+                    x * f64::from(sc)
                 } else {
                     x
                 }

@@ -176,3 +176,28 @@ pub fn decode_rotating_f64(
         },
     })
 }
+
+/// Extend (chunked prefill) over a cache of un-rotated keys, every rotation taken at each
+/// sequence's current length: the math of [`decode_rotating_f64`], which places no limit
+/// on the new tokens per sequence. For sequence b with `len` cached tokens and `n` new ones,
+/// `scaling.at(len)` rotates every cached key j at position j and every query i at
+/// `len - n + i`, cos and sin times the attention factor; then causal bottom-right
+/// attention in f64 with `math`'s scale, softcap and window. `q` and the cache hold
+/// un-rotated values.
+///
+/// # Errors
+/// As [`decode_rotating_f64`].
+#[allow(clippy::too_many_arguments)]
+pub fn extend_rotating_f64(
+    layout: &PagedKvLayout,
+    step: &StepTable,
+    q: &[f64],
+    heads_q: usize,
+    k: &[f64],
+    v: &[f64],
+    scaling: &crate::rope::LengthScaling,
+    style: crate::rope::RopeStyle,
+    math: &DecodeMath,
+) -> Result<Output<f64>> {
+    decode_rotating_f64(layout, step, q, heads_q, k, v, scaling, style, math)
+}
