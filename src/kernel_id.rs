@@ -150,6 +150,10 @@ pub(crate) enum KernelId {
     KvExtendBf16Hd512,
     KvExtendR64F16Hd512,
     KvExtendR64Bf16Hd512,
+    KvExtendRotF16Hd512,
+    KvExtendRotBf16Hd512,
+    KvExtendRotR64F16Hd512,
+    KvExtendRotR64Bf16Hd512,
     KvExtendF16Fp8Hd64,
     KvExtendF16Fp8Hd96,
     KvExtendF16Fp8Hd128,
@@ -292,6 +296,10 @@ impl KernelId {
         KernelId::KvExtendBf16Hd512,
         KernelId::KvExtendR64F16Hd512,
         KernelId::KvExtendR64Bf16Hd512,
+        KernelId::KvExtendRotF16Hd512,
+        KernelId::KvExtendRotBf16Hd512,
+        KernelId::KvExtendRotR64F16Hd512,
+        KernelId::KvExtendRotR64Bf16Hd512,
         KernelId::KvExtendF16Fp8Hd64,
         KernelId::KvExtendF16Fp8Hd96,
         KernelId::KvExtendF16Fp8Hd128,
@@ -404,7 +412,11 @@ impl KernelId {
             KernelId::KvExtendF16Hd512
             | KernelId::KvExtendBf16Hd512
             | KernelId::KvExtendR64F16Hd512
-            | KernelId::KvExtendR64Bf16Hd512 => Family::KvCache,
+            | KernelId::KvExtendR64Bf16Hd512
+            | KernelId::KvExtendRotF16Hd512
+            | KernelId::KvExtendRotBf16Hd512
+            | KernelId::KvExtendRotR64F16Hd512
+            | KernelId::KvExtendRotR64Bf16Hd512 => Family::KvCache,
             KernelId::MlaDecodeBf16
             | KernelId::MlaDecodeBf16Fp8
             | KernelId::MlaDecodeR64Bf16
@@ -543,6 +555,10 @@ impl KernelId {
             KernelId::KvExtendBf16Hd512 => "longctx_kv_extend_bf16_hd512",
             KernelId::KvExtendR64F16Hd512 => "longctx_kv_extend_r64_f16_hd512",
             KernelId::KvExtendR64Bf16Hd512 => "longctx_kv_extend_r64_bf16_hd512",
+            KernelId::KvExtendRotF16Hd512 => "longctx_kv_extend_rot_f16_hd512",
+            KernelId::KvExtendRotBf16Hd512 => "longctx_kv_extend_rot_bf16_hd512",
+            KernelId::KvExtendRotR64F16Hd512 => "longctx_kv_extend_rot_r64_f16_hd512",
+            KernelId::KvExtendRotR64Bf16Hd512 => "longctx_kv_extend_rot_r64_bf16_hd512",
             KernelId::KvExtendF16Fp8Hd64 => "longctx_kv_extend_f16_fp8_hd64",
             KernelId::KvExtendF16Fp8Hd96 => "longctx_kv_extend_f16_fp8_hd96",
             KernelId::KvExtendF16Fp8Hd128 => "longctx_kv_extend_f16_fp8_hd128",

@@ -1199,9 +1199,12 @@ fn run_extend<T: AttnElement + Element, S: CacheElement>(
         }
         None => emulator::extend::<T, S>(arch, &b.step(), q, &ql, &cache, out, &opts),
     }
-    .unwrap()
-    .expect("head dims up to 256 run the forward's tiles");
-    assert_eq!(tiles.ptx_arch, arch.ptx_arch());
+    .unwrap();
+    match tiles {
+        Some(t) => assert_eq!(t.ptx_arch, arch.ptx_arch()),
+        // Head dim 512: the row-packed kernels.
+        None => assert_eq!(b.layout.head_dim, 512),
+    }
     Run {
         o: o.iter().map(|x| Element::to_f64(*x)).collect(),
         lse,
@@ -1211,7 +1214,8 @@ fn run_extend<T: AttnElement + Element, S: CacheElement>(
 /// Static rules through extend: append with fused RoPE + rotated queries, and append
 /// un-rotated + extend rotating each Q and K tile on load, give the same bits (NeoX and
 /// interleaved, partial rotary, both angle precisions, YaRN's attention factor, head dims
-/// 64 to 256, chunks over several query and key tiles, both tile shapes).
+/// 64 to 512, chunks over several query and key tiles, both tile shapes and both row-packed
+/// kernels).
 fn extend_static_equality<T: AttnElement + Element + CacheElement>() {
     let cases: Vec<(RopeConfig, RopeStyle, AnglePrecision, usize)> = vec![
         (
@@ -1240,6 +1244,29 @@ fn extend_static_equality<T: AttnElement + Element + CacheElement>() {
             RopeStyle::Interleaved,
             AnglePrecision::F64,
             256,
+        ),
+        // Head dim 512's row-packed kernels: 16 rows on Sm80, 64 on Sm90.
+        (
+            RopeConfig::builder(512)
+                .base(1e6)
+                .partial_rotary_factor(0.25)
+                .build()
+                .unwrap(),
+            RopeStyle::Neox,
+            AnglePrecision::F64,
+            512,
+        ),
+        (
+            yarn(512, 4.0, 32),
+            RopeStyle::Interleaved,
+            AnglePrecision::F32,
+            512,
+        ),
+        (
+            RopeConfig::builder(512).base(1e4).build().unwrap(),
+            RopeStyle::Neox,
+            AnglePrecision::F64,
+            512,
         ),
     ];
     for (i, (config, style, precision, d)) in cases.into_iter().enumerate() {
@@ -1447,6 +1474,17 @@ fn emu_extend_rotating_matches_the_dynamic_reference() {
     let dyn_yarn = LengthScaling::DynamicYarn(yarn(128, 1.0, 40));
     extend_reference_parity::<bf16>(&dyn_yarn, RopeStyle::Neox, 15, Arch::Sm90);
     extend_reference_parity::<Fp8E4m3>(&dyn_yarn, RopeStyle::Neox, 16, Arch::Sm80);
+    // Head dim 512 (the row-packed kernels, 16-bit caches): 64 rows on Sm90, 16 on Sm80.
+    let dyn_yarn512 = LengthScaling::DynamicYarn(yarn(512, 1.0, 40));
+    extend_reference_parity::<bf16>(&dyn_yarn512, RopeStyle::Neox, 17, Arch::Sm90);
+    let ntk512 = LengthScaling::Config(
+        RopeConfig::builder(512)
+            .max_position_embeddings(48)
+            .scaling(RopeScaling::Dynamic { factor: 2.0 })
+            .build()
+            .unwrap(),
+    );
+    extend_reference_parity::<bf16>(&ntk512, RopeStyle::Interleaved, 18, Arch::Sm80);
 }
 
 /// Typed errors of extend_rotating: a scaling made for another head dim.

@@ -19,6 +19,10 @@
 //   C = 4 column warps, 128 at C = 2), V by ldmatrix.trans from the V tile.
 // K and V have one shared-memory buffer each (32 KB) and are pipelined as FlashAttention-2
 // does: V(t) is copied while S(t) is computed, K(t + 1) while P V(t) is.
+// kRotate (keys stored un-rotated, exact dynamic scaling): Q's rows, once in shared memory,
+// and each K tile, once landed, are rotated in place at their positions with the sequence's
+// inv_freq row and attention factor (kv_cache/rotate.cuh, the rotating decode's and the
+// forward's rotation), before any ldmatrix reads them.
 #pragma once
 #include <math.h>
 #include <stdint.h>
@@ -28,6 +32,7 @@
 #include "common/fast_math.cuh"
 #include "common/mma.cuh"
 #include "common/smem.cuh"
+#include "kv_cache/rotate.cuh"
 #include "params/attention_params.h"
 #include "params/kv_cache_params.h"
 
@@ -75,7 +80,27 @@ template <int kRowGroups> struct Shape {
 // Byte offset of chunk `c` (8 elements) of row `r` in a swizzled 512-channel tile.
 __device__ __forceinline__ uint32_t swz(int r, int c) { return uint32_t(r * kRowBytes + ((c ^ (r & 7)) << 4)); }
 
-template <typename T, int kRowGroups>
+// Rotates rows r < valid of a swizzled 512-channel tile in place, row r at pos_of(r); each of
+// a row's rotary_dim / 2 pairs by one thread (pairs are disjoint). Not unrolled: it runs
+// while O's accumulators are live.
+template <typename T, int kThreads, typename PosOf>
+__device__ __forceinline__ void rotate_rows(const LongctxKvExtendParams& p, const double* inv, float factor,
+                                            char* tile, int valid, int tid, PosOf pos_of) {
+    const int half = int(p.rotary_dim) / 2;
+    const bool neox = p.rope_style == LONGCTX_ROPE_STYLE_NEOX;
+#pragma unroll 1
+    for (int i = tid; i < valid * half; i += kThreads) {
+        const int r = i / half;
+        const int pair = i - r * half;
+        const int ca = neox ? pair : 2 * pair;
+        const int cb = neox ? pair + half : 2 * pair + 1;
+        T* ea = reinterpret_cast<T*>(tile + swz(r, ca / 8)) + ca % 8;
+        T* eb = reinterpret_cast<T*>(tile + swz(r, cb / 8)) + cb % 8;
+        kv_rotate::rotate_pair(p, inv[pair], factor, pos_of(r), ea, eb);
+    }
+}
+
+template <typename T, int kRowGroups, bool kRotate>
 __device__ __forceinline__ void extend_wide_body(const LongctxKvExtendParams& p) {
     using S = Shape<kRowGroups>;
     constexpr int kThreads = S::kThreads;
@@ -147,6 +172,16 @@ __device__ __forceinline__ void extend_wide_body(const LongctxKvExtendParams& p)
         }
         *reinterpret_cast<uint4*>(smem + S::kOffQ + swz(r, c)) = x;
     }
+    const double* rot_inv = nullptr;
+    float rot_factor = 0.f;
+    if constexpr (kRotate) {
+        rot_inv = reinterpret_cast<const double*>(p.rope_inv_freq) + int64_t(b) * int64_t(p.rotary_dim / 2);
+        rot_factor = reinterpret_cast<const float*>(p.rope_factor)[b];
+        __syncthreads();  // Q's rows are in place; row r is query token (r0 + r) / group
+        rotate_rows<T, kThreads>(p, rot_inv, rot_factor, smem + S::kOffQ, min(kRows, rows_total - r0), tid,
+                                 [&](int r) { return len - n_new + (r0 + r) / group; });
+        // The loop's first barrier publishes the rotated rows.
+    }
 
     const int page_size = int(p.cache.page_size);
     const int heads_kv = int(p.cache.heads_kv);
@@ -194,6 +229,11 @@ __device__ __forceinline__ void extend_wide_body(const LongctxKvExtendParams& p)
         cp_async_commit();
         cp_async_wait<1>();  // K(t) landed (V(t) may be in flight)
         __syncthreads();
+        if constexpr (kRotate) {
+            rotate_rows<T, kThreads>(p, rot_inv, rot_factor, smem + S::kOffK, min(kTileN, hi - j0), tid,
+                                     [&](int r) { return j0 + r; });
+            __syncthreads();
+        }
 
         // S = Q K^T for this warp's keys; s[nt][2h + e] is row lr0 + 8h, key n0 + 8 nt + 2 t4 + e.
         float s[kNT][4];

@@ -34,7 +34,7 @@ pub fn extend<T: AttnElement, S: CacheElement>(
 /// [`crate::kv_cache::extend_rotating`] on the CPU: keys in the cache and `q` un-rotated,
 /// rotated on load with each sequence's rotation at its current length (tables computed
 /// here, as [`KvRotation::upload`](crate::kv_cache::KvRotation::upload) does). Returns the
-/// tile shape it ran (always `Some`: rotation on load stops at head dim 256).
+/// tile shape it ran (`None` at head dim 512, as [`extend`]).
 ///
 /// # Errors
 /// As the GPU op, plus [`Error::Emulator`](crate::Error::Emulator) when the kernel

@@ -21,8 +21,9 @@
 //! Head dim 512 is past the forward's tile table (a 64-row tile's O would be 256 f32 per
 //! lane); it runs a kernel of its own (kernels/kv_cache/extend_wide_kernel.cuh) that packs
 //! 16 or 64 (new token, query head of a KV head's group) rows per CTA, as the MLA decode
-//! does, on the same tensor-core main loop and online softmax; it reads f16 / bf16 caches of
-//! rotated keys (fp8 and rotation on load are [`Error::unsupported`] there).
+//! does, on the same tensor-core main loop and online softmax; it reads f16 / bf16 caches
+//! (fp8 is [`Error::unsupported`] there), rotated or, through [`extend_rotating`], rotated on
+//! load.
 
 use cudarc::driver::{DevicePtr, PushKernelArg};
 
@@ -142,13 +143,6 @@ impl ExtendShape<'_> {
                 OP,
                 "cache",
                 "head dim 512's extend kernel reads f16 / bf16 caches; fp8 extend stops at 256",
-            ));
-        }
-        if wide && self.rotation.is_some() {
-            return Err(Error::unsupported(
-                OP,
-                "rotation",
-                "head dim 512's extend kernel reads rotated keys; rotation on load stops at 256",
             ));
         }
         let tiles = if wide {
@@ -303,6 +297,8 @@ pub(crate) fn kernel_id(t: DType, s: CacheDType, d: usize, rotate: bool) -> Resu
             (DType::BF16, true, 96) => KvExtendRotBf16Fp8Hd96,
             (DType::BF16, true, 128) => KvExtendRotBf16Fp8Hd128,
             (DType::BF16, true, 256) => KvExtendRotBf16Fp8Hd256,
+            (DType::F16, false, 512) => KvExtendRotF16Hd512,
+            (DType::BF16, false, 512) => KvExtendRotBf16Hd512,
             _ => {
                 return Err(Error::unsupported(
                     OP,
@@ -577,12 +573,20 @@ pub(crate) fn plan_extend_wide_launch<T: AttnElement, S: CacheElement>(
     let group = v.heads_q / heads_kv;
     let rows = extend_wide_rows(step.max_new, group, smem_per_block);
     let wide = rows == EXTEND_WIDE_ROWS_WIDE;
-    let id = match (T::DTYPE, wide) {
-        (DType::F16, false) => KernelId::KvExtendF16Hd512,
-        (DType::BF16, false) => KernelId::KvExtendBf16Hd512,
-        (DType::F16, true) => KernelId::KvExtendR64F16Hd512,
-        (DType::BF16, true) => KernelId::KvExtendR64Bf16Hd512,
-        (t, _) => {
+    let rotate = v.rotation.is_some();
+    if rotate && (a.rope_inv_freq == 0 || a.rope_factor == 0) {
+        return Err(Error::invalid(OP, "rotation", "rotation tables missing"));
+    }
+    let id = match (T::DTYPE, wide, rotate) {
+        (DType::F16, false, false) => KernelId::KvExtendF16Hd512,
+        (DType::BF16, false, false) => KernelId::KvExtendBf16Hd512,
+        (DType::F16, true, false) => KernelId::KvExtendR64F16Hd512,
+        (DType::BF16, true, false) => KernelId::KvExtendR64Bf16Hd512,
+        (DType::F16, false, true) => KernelId::KvExtendRotF16Hd512,
+        (DType::BF16, false, true) => KernelId::KvExtendRotBf16Hd512,
+        (DType::F16, true, true) => KernelId::KvExtendRotR64F16Hd512,
+        (DType::BF16, true, true) => KernelId::KvExtendRotR64Bf16Hd512,
+        (t, _, _) => {
             return Err(Error::unsupported(
                 OP,
                 "dtype",
@@ -644,12 +648,17 @@ pub(crate) fn plan_extend_wide_launch<T: AttnElement, S: CacheElement>(
         },
         cache: cache_params(&v.cache, a.k, a.v, 0, 0),
         step: step_params(step, a.block_table, a.seqlens, a.cu_new),
-        // Keys are rotated already: the rotation fields stay 0.
-        rotary_dim: 0,
-        rope_style: 0,
-        rope_inv_freq: 0,
-        rope_factor: 0,
-        rope_angle_mode: 0,
+        rotary_dim: v.rotation.map_or(0, |r| r.rotary_dim as u32),
+        rope_style: match v.rotation.map(|r| r.style) {
+            Some(RopeStyle::Interleaved) => sys::LONGCTX_ROPE_STYLE_INTERLEAVED,
+            _ => sys::LONGCTX_ROPE_STYLE_NEOX,
+        },
+        rope_inv_freq: if rotate { a.rope_inv_freq } else { 0 },
+        rope_factor: if rotate { a.rope_factor } else { 0 },
+        rope_angle_mode: match v.rotation.map(|r| r.precision) {
+            Some(AnglePrecision::F32) => sys::LONGCTX_ROPE_ANGLE_F32,
+            _ => sys::LONGCTX_ROPE_ANGLE_F64,
+        },
         pad0: 0,
     };
     Ok(Some(KernelLaunch {
@@ -812,7 +821,7 @@ fn extend_impl<T: AttnElement, S: CacheElement>(
     let d = v.head_dim;
     let id = kernel_id(T::DTYPE, S::CACHE_DTYPE, d, rotation.is_some())?;
     if d == EXTEND_WIDE_HEAD_DIM {
-        return launch_wide::<T, S>(dev, step, q, cache, out, &v);
+        return launch_wide::<T, S>(dev, step, rotation, q, cache, out, &v);
     }
     // The key tile depends on which code the driver loaded (the sm_90a cubin or code for
     // compute_80); shared memory covers the larger of its tiles and the device arch's own,
@@ -908,6 +917,7 @@ fn extend_impl<T: AttnElement, S: CacheElement>(
 fn launch_wide<T: AttnElement, S: CacheElement>(
     dev: &Device,
     step: &KvStep,
+    rotation: Option<&KvRotation>,
     q: &dyn DevicePtr<T>,
     cache: &PagedCache<S>,
     out: DecodeOutput<T>,
@@ -921,6 +931,14 @@ fn launch_wide<T: AttnElement, S: CacheElement>(
     let (bt, _g3) = step.block_table().device_ptr(stream);
     let (sl, _g4) = step.seqlens().device_ptr(stream);
     let (cn, _g5) = step.cu_new().device_ptr(stream);
+    let (rope_if, rope_f, _g8, _g9) = match rotation {
+        Some(r) => {
+            let (a, ga) = r.inv_freq().device_ptr(stream);
+            let (b, gb) = r.factor().device_ptr(stream);
+            (a, b, Some(ga), Some(gb))
+        }
+        None => (0, 0, None, None),
+    };
     let DecodeOutput { o, lse, .. } = out;
     let (op, _g6) = o.device_ptr_mut(stream);
     let (lp, _g7) = match lse {
@@ -945,8 +963,8 @@ fn launch_wide<T: AttnElement, S: CacheElement>(
             block_table: bt,
             seqlens: sl,
             cu_new: cn,
-            rope_inv_freq: 0,
-            rope_factor: 0,
+            rope_inv_freq: rope_if,
+            rope_factor: rope_f,
         },
     )?
     else {
@@ -961,7 +979,9 @@ fn launch_wide<T: AttnElement, S: CacheElement>(
     // the whole layout, the Q, O and LSE views inside their buffers, lengths within
     // MAX_TOKENS, heads_q a multiple of heads_kv and the grid within limits;
     // plan_extend_wide_launch checked the dtype pair and the 16-byte alignment of the cache,
-    // Q and O (cache rows are 1024 bytes). The kernel's fixed shared memory was opted into
+    // Q and O (cache rows are 1024 bytes). With rotation, extend_rotating's check_step
+    // proved the tables were built for this step (one inv_freq row of rotary_dim / 2 and one
+    // factor per sequence) on this context. The kernel's fixed shared memory was opted into
     // above. Outputs are borrowed mutably; the guards keep every buffer alive until the
     // launch is queued.
     unsafe { builder.launch(l.config()) }
