@@ -86,6 +86,8 @@ MUTANTS=(
   "kv-extend-wide-k-barrier|kernels/kv_cache/extend_wide_kernel.cuh|s/__syncthreads();  \/\/ every warp is done with K(t)/;  \/\/ every warp is done with K(t)/|--test kv_extend emu_extend_head_dim_512"
   "kv-extend-wide-rotate-k-position|kernels/kv_cache/extend_wide_kernel.cuh|s/\[\&\](int r) { return j0 + r; }/[\&](int r) { return j0 + r + 1; }/|--test kv_rotating emu_extend_rotating_"
   "kv-extend-wide-rotate-q-position|kernels/kv_cache/extend_wide_kernel.cuh|s/return len - n_new + (r0 + r) \/ group; }/return len - n_new + (r0 + r) \/ group + 1; }/|--test kv_rotating emu_extend_rotating_"
+  "kv-extend-wide-fp8-v-scale|kernels/kv_cache/extend_wide_kernel.cuh|s/load_codes(p.cache.v, p.cache.v_scale, j0);/load_codes(p.cache.v, p.cache.k_scale, j0);/|--test kv_extend emu_extend_fp8_"
+  "kv-extend-wide-fp8-widen-barrier|kernels/kv_cache/extend_wide_kernel.cuh|s/__syncthreads();  \/\/ V(t) widened/;  \/\/ V(t) widened/|--test kv_extend emu_extend_fp8_"
   "kv-extend-wide-r64-p-rows|kernels/kv_cache/extend_wide_kernel.cuh|s/(prow + lr0 \* kPStride);/(prow + g * kPStride);/|--test kv_extend emu_extend_head_dim_512"
   "mla-append-neox-partner|kernels/kv_cache/mla_append_kernel.cuh|s/__shfl_xor_sync(0xFFFFFFFFu, a, 16);/__shfl_xor_sync(0xFFFFFFFFu, a, 8);/|--test mla emu_mla_append_"
   "mla-append-fp8-scale|kernels/kv_cache/mla_append_kernel.cuh|s/float scale = m \/ kFp8E4m3Max;/float scale = m \/ 440.f;/|--test mla emu_mla_append_"

@@ -154,6 +154,10 @@ pub(crate) enum KernelId {
     KvExtendRotBf16Hd512,
     KvExtendRotR64F16Hd512,
     KvExtendRotR64Bf16Hd512,
+    KvExtendF16Fp8Hd512,
+    KvExtendBf16Fp8Hd512,
+    KvExtendR64F16Fp8Hd512,
+    KvExtendR64Bf16Fp8Hd512,
     KvExtendF16Fp8Hd64,
     KvExtendF16Fp8Hd96,
     KvExtendF16Fp8Hd128,
@@ -300,6 +304,10 @@ impl KernelId {
         KernelId::KvExtendRotBf16Hd512,
         KernelId::KvExtendRotR64F16Hd512,
         KernelId::KvExtendRotR64Bf16Hd512,
+        KernelId::KvExtendF16Fp8Hd512,
+        KernelId::KvExtendBf16Fp8Hd512,
+        KernelId::KvExtendR64F16Fp8Hd512,
+        KernelId::KvExtendR64Bf16Fp8Hd512,
         KernelId::KvExtendF16Fp8Hd64,
         KernelId::KvExtendF16Fp8Hd96,
         KernelId::KvExtendF16Fp8Hd128,
@@ -416,7 +424,11 @@ impl KernelId {
             | KernelId::KvExtendRotF16Hd512
             | KernelId::KvExtendRotBf16Hd512
             | KernelId::KvExtendRotR64F16Hd512
-            | KernelId::KvExtendRotR64Bf16Hd512 => Family::KvCache,
+            | KernelId::KvExtendRotR64Bf16Hd512
+            | KernelId::KvExtendF16Fp8Hd512
+            | KernelId::KvExtendBf16Fp8Hd512
+            | KernelId::KvExtendR64F16Fp8Hd512
+            | KernelId::KvExtendR64Bf16Fp8Hd512 => Family::KvCache,
             KernelId::MlaDecodeBf16
             | KernelId::MlaDecodeBf16Fp8
             | KernelId::MlaDecodeR64Bf16
@@ -559,6 +571,10 @@ impl KernelId {
             KernelId::KvExtendRotBf16Hd512 => "longctx_kv_extend_rot_bf16_hd512",
             KernelId::KvExtendRotR64F16Hd512 => "longctx_kv_extend_rot_r64_f16_hd512",
             KernelId::KvExtendRotR64Bf16Hd512 => "longctx_kv_extend_rot_r64_bf16_hd512",
+            KernelId::KvExtendF16Fp8Hd512 => "longctx_kv_extend_f16_fp8_hd512",
+            KernelId::KvExtendBf16Fp8Hd512 => "longctx_kv_extend_bf16_fp8_hd512",
+            KernelId::KvExtendR64F16Fp8Hd512 => "longctx_kv_extend_r64_f16_fp8_hd512",
+            KernelId::KvExtendR64Bf16Fp8Hd512 => "longctx_kv_extend_r64_bf16_fp8_hd512",
             KernelId::KvExtendF16Fp8Hd64 => "longctx_kv_extend_f16_fp8_hd64",
             KernelId::KvExtendF16Fp8Hd96 => "longctx_kv_extend_f16_fp8_hd96",
             KernelId::KvExtendF16Fp8Hd128 => "longctx_kv_extend_f16_fp8_hd128",

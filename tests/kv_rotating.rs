@@ -1531,6 +1531,49 @@ fn emu_extend_rotating_rejects_bad_calls() {
         ),
         "{e:?}"
     );
+    // Rotation on load over an fp8 cache stops at head dim 256: at 512 a typed unsupported
+    // error naming the rotation, before any launch.
+    let b = Batch::new::<bf16>(16, &[20], &[3], 1, 2, 512, 2);
+    let n = b.layout.cache_len().unwrap();
+    let codes = vec![Fp8E4m3(0x38); n];
+    let ca = Aligned::new(&codes);
+    let scales = vec![1.0f32; b.layout.pages * b.layout.page_size];
+    let cache = HostCache {
+        layout: b.layout,
+        k: ca.as_slice(),
+        v: ca.as_slice(),
+        scales: Some((ScaleMode::PerTokenHead, &scales, &scales)),
+    };
+    let q: Vec<bf16> = b.q.iter().map(|&x| bf16::from_f64(x)).collect();
+    let ql = HeadsLayout::contiguous(3, 2, 512);
+    let mut o = vec![bf16::ZERO; 3 * 2 * 512];
+    let scaling = LengthScaling::Config(RopeConfig::builder(512).build().unwrap());
+    let e = emulator::extend_rotating::<bf16, Fp8E4m3>(
+        Arch::Sm90,
+        &b.step(),
+        &HostRotation {
+            scaling: &scaling,
+            style: RopeStyle::Neox,
+            precision: AnglePrecision::F64,
+        },
+        &q,
+        &ql,
+        &cache,
+        HostDecodeOutput {
+            o: &mut o,
+            o_layout: ql,
+            lse: None,
+        },
+        &ExtendOptions::default(),
+    );
+    match e {
+        Err(ref err @ Error::InvalidArgument { arg, .. }) => {
+            assert_eq!(arg, "rotation", "{err:?}");
+            assert_eq!(err.kind(), longctx::ErrorKind::Unsupported, "{err:?}");
+        }
+        other => panic!("expected an unsupported rotation, got {other:?}"),
+    }
+    assert!(o.iter().all(|x| *x == bf16::ZERO), "nothing was written");
 }
 
 /// The device path: `KvRotation::upload` + `extend_rotating` on a cache built here (through

@@ -23,6 +23,11 @@
 // and each K tile, once landed, are rotated in place at their positions with the sequence's
 // inv_freq row and attention factor (kv_cache/rotate.cuh, the rotating decode's and the
 // forward's rotation), before any ldmatrix reads them.
+// kFp8 (e4m3 caches): each K or V tile's codes land in one 16 KB staging tile and are widened
+// to T(code x scale) in the K or V tile (the arithmetic of the forward's fp8 extend, so the
+// result is the 16-bit kernel's over the dequantised cache, bit for bit); the staging tile
+// alternates: K(t)'s codes are widened, then V(t)'s copied during S(t) and widened, then
+// K(t + 1)'s copied during P V(t).
 #pragma once
 #include <math.h>
 #include <stdint.h>
@@ -30,6 +35,7 @@
 #include "common/cp_async.cuh"
 #include "common/dtype.cuh"
 #include "common/fast_math.cuh"
+#include "common/fp8.cuh"
 #include "common/mma.cuh"
 #include "common/smem.cuh"
 #include "kv_cache/rotate.cuh"
@@ -65,6 +71,10 @@ template <int kRowGroups> struct Shape {
     static constexpr int kOffP = kOffQ + kRows * kRowBytes;
     static constexpr int kOffRed = kOffP + kRows * kPStride;
     static constexpr int kSmemBytes = kOffRed + 2 * kColWarps * kRows * 4;
+    // fp8: the staging tile of codes and the tile rows' scales (x 256) after the rest.
+    static constexpr int kOffStage = kSmemBytes;
+    static constexpr int kOffScale = kOffStage + kTileN * kDim;
+    static constexpr int kSmemBytesFp8 = kOffScale + kTileN * 4;
     static_assert(kKeysPerWarp % 8 == 0, "whole n8 tiles of S per warp");
     static_assert(kTileN * kChunks % kThreads == 0, "a tile's chunks split evenly over the threads");
     static_assert(kWarps == int(kRowGroups == 1 ? LONGCTX_KV_EXTEND_WIDE_WARPS : LONGCTX_KV_EXTEND_WIDE_R64_WARPS),
@@ -73,8 +83,10 @@ template <int kRowGroups> struct Shape {
                   "rows per tile as the host plans them");
     static_assert(kSmemBytes == int(kRowGroups == 1 ? LONGCTX_KV_EXTEND_WIDE_SMEM : LONGCTX_KV_EXTEND_WIDE_R64_SMEM),
                   "shared memory as the host computes it");
-    static_assert(kRowGroups != 1 || kSmemBytes <= 99 * 1024, "16 rows fit sm_86 / sm_89's 99 KB per block");
-    static_assert(kSmemBytes <= 163 * 1024, "64 rows fit sm_80's 163 KB per block");
+    static_assert(kSmemBytesFp8 == int(kRowGroups == 1 ? LONGCTX_KV_EXTEND_WIDE_SMEM_FP8 : LONGCTX_KV_EXTEND_WIDE_R64_SMEM_FP8),
+                  "fp8 shared memory as the host computes it");
+    static_assert(kRowGroups != 1 || kSmemBytesFp8 <= 99 * 1024, "16 rows fit sm_86 / sm_89's 99 KB per block");
+    static_assert(kSmemBytesFp8 <= 163 * 1024, "64 rows fit sm_80's 163 KB per block");
 };
 
 // Byte offset of chunk `c` (8 elements) of row `r` in a swizzled 512-channel tile.
@@ -100,7 +112,34 @@ __device__ __forceinline__ void rotate_rows(const LongctxKvExtendParams& p, cons
     }
 }
 
-template <typename T, int kRowGroups, bool kRotate>
+// Widens the staged codes of a tile (kTileN rows of kDim codes) into the swizzled T tile:
+// element (r, c) = T(e4m3(code) / 256 x scale256[r]), one rounding from the f32 product.
+template <typename T, int kThreads>
+__device__ __forceinline__ void widen_tile(const char* stage, const float* scale256, char* tile, int tid) {
+    constexpr int kRawChunks = kDim / 16;  // 16 codes each
+#pragma unroll 1
+    for (int i = tid; i < kTileN * kRawChunks; i += kThreads) {
+        const int row = i / kRawChunks;
+        const int col = i - row * kRawChunks;
+        const uint4 x = *reinterpret_cast<const uint4*>(stage + row * kDim + col * 16);
+        const float sc = scale256[row];
+        const uint32_t w[4] = {x.x, x.y, x.z, x.w};
+        uint32_t out[8];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const uint32_t two = w[q] >> (16 * h);
+                out[2 * q + h] =
+                    MmaType<T>::pack(e4m3_to_f32_div256(two & 0xFFu) * sc, e4m3_to_f32_div256((two >> 8) & 0xFFu) * sc);
+            }
+        }
+        *reinterpret_cast<uint4*>(tile + swz(row, 2 * col)) = make_uint4(out[0], out[1], out[2], out[3]);
+        *reinterpret_cast<uint4*>(tile + swz(row, 2 * col + 1)) = make_uint4(out[4], out[5], out[6], out[7]);
+    }
+}
+
+template <typename T, int kRowGroups, bool kRotate, bool kFp8>
 __device__ __forceinline__ void extend_wide_body(const LongctxKvExtendParams& p) {
     using S = Shape<kRowGroups>;
     constexpr int kThreads = S::kThreads;
@@ -187,6 +226,36 @@ __device__ __forceinline__ void extend_wide_body(const LongctxKvExtendParams& p)
     const int heads_kv = int(p.cache.heads_kv);
     const int* table = reinterpret_cast<const int*>(p.step.block_table) + int64_t(b) * p.step.max_pages_per_seq;
 
+    // fp8: copies the codes of keys j0 .. j0 + kTileN of K or V into the staging tile (rows
+    // past hi zero-filled) and stores their scales x 256 (0 past hi).
+    float* const scale256 = reinterpret_cast<float*>(smem + S::kOffScale);
+    auto load_codes = [&](uint64_t base, uint64_t scales, int j0) {
+        constexpr int kRawChunks = kDim / 16;
+        const uint32_t dst = s_base + uint32_t(S::kOffStage);
+#pragma unroll 1
+        for (int i = tid; i < kTileN * kRawChunks; i += kThreads) {
+            const int row = i / kRawChunks;
+            const int col = i - row * kRawChunks;
+            const int j = j0 + row;
+            const bool valid = j < hi;
+            const int jj = valid ? j : j0;
+            const int64_t slot = int64_t(table[jj / page_size]) * page_size + jj % page_size;
+            cp_async_16(dst + uint32_t(row * kDim + col * 16),
+                        reinterpret_cast<const uint8_t*>(base) + (slot * heads_kv + head_kv) * kDim + col * 16, valid);
+        }
+        if (tid < kTileN) {
+            const int j = j0 + tid;
+            float sc = 0.f;
+            if (j < hi) {
+                const int64_t slot = int64_t(table[j / page_size]) * page_size + j % page_size;
+                const int64_t at = p.cache.scale_mode == LONGCTX_KV_SCALE_TOKEN_HEAD ? slot * heads_kv + head_kv
+                                                                                      : int64_t(head_kv);
+                sc = reinterpret_cast<const float*>(scales)[at] * 256.f;
+            }
+            scale256[tid] = sc;
+        }
+    };
+
     // Copies keys j0 .. j0 + kTileN of K or V (rows past hi are zero-filled).
     auto load_tile = [&](uint64_t base, int j0, int off) {
         const uint32_t dst = s_base + uint32_t(off);
@@ -219,16 +288,29 @@ __device__ __forceinline__ void extend_wide_body(const LongctxKvExtendParams& p)
     const int n_tiles = hi > lo ? (hi - 1) / kTileN - t0 + 1 : 0;
     // Groups in flight: K(t) then V(t) are committed in that order, K(t + 1) after S(t).
     if (n_tiles > 0) {
-        load_tile(p.cache.k, t0 * kTileN, S::kOffK);
+        if constexpr (kFp8) {
+            load_codes(p.cache.k, p.cache.k_scale, t0 * kTileN);
+        } else {
+            load_tile(p.cache.k, t0 * kTileN, S::kOffK);
+        }
         cp_async_commit();
     }
     for (int t = 0; t < n_tiles; ++t) {
         const int j0 = (t0 + t) * kTileN;
         __syncthreads();  // every warp is done with V(t - 1) and P (and Q landed)
-        load_tile(p.cache.v, j0, S::kOffV);
-        cp_async_commit();
-        cp_async_wait<1>();  // K(t) landed (V(t) may be in flight)
-        __syncthreads();
+        if constexpr (kFp8) {
+            cp_async_wait<0>();  // K(t)'s codes landed
+            __syncthreads();
+            widen_tile<T, kThreads>(smem + S::kOffStage, scale256, smem + S::kOffK, tid);
+            __syncthreads();  // K(t) widened: the staging tile and the scales are free
+            load_codes(p.cache.v, p.cache.v_scale, j0);
+            cp_async_commit();
+        } else {
+            load_tile(p.cache.v, j0, S::kOffV);
+            cp_async_commit();
+            cp_async_wait<1>();  // K(t) landed (V(t) may be in flight)
+            __syncthreads();
+        }
         if constexpr (kRotate) {
             rotate_rows<T, kThreads>(p, rot_inv, rot_factor, smem + S::kOffK, min(kTileN, hi - j0), tid,
                                      [&](int r) { return j0 + r; });
@@ -283,10 +365,12 @@ __device__ __forceinline__ void extend_wide_body(const LongctxKvExtendParams& p)
             if (t4 == 0) red_max[cw * kRows + lr0 + 8 * h] = mx;
         }
         __syncthreads();  // every warp is done with K(t): K(t + 1) may land there
-        if (t + 1 < n_tiles) {
-            load_tile(p.cache.k, j0 + kTileN, S::kOffK);
+        if constexpr (!kFp8) {
+            if (t + 1 < n_tiles) {
+                load_tile(p.cache.k, j0 + kTileN, S::kOffK);
+            }
+            cp_async_commit();  // possibly empty: keeps the group count uniform
         }
-        cp_async_commit();  // possibly empty: keeps the group count uniform
 
         // Online softmax with the row group's max; P to shared memory.
 #pragma unroll
@@ -317,8 +401,19 @@ __device__ __forceinline__ void extend_wide_body(const LongctxKvExtendParams& p)
                     MmaType<T>::pack(p0, p1);
             }
         }
-        cp_async_wait<1>();  // V(t) landed (K(t + 1) may be in flight)
-        __syncthreads();     // and P is complete
+        if constexpr (kFp8) {
+            cp_async_wait<0>();  // V(t)'s codes landed
+            __syncthreads();     // and P is complete
+            widen_tile<T, kThreads>(smem + S::kOffStage, scale256, smem + S::kOffV, tid);
+            __syncthreads();  // V(t) widened: the staging tile and the scales are free
+            if (t + 1 < n_tiles) {
+                load_codes(p.cache.k, p.cache.k_scale, j0 + kTileN);
+                cp_async_commit();
+            }
+        } else {
+            cp_async_wait<1>();  // V(t) landed (K(t + 1) may be in flight)
+            __syncthreads();     // and P is complete
+        }
 
         // O[rows of rg, columns of cw] += P V over the tile's 32 keys.
         if (rg_live) {

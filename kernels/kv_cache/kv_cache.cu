@@ -100,18 +100,23 @@ LONGCTX_MLA_APPEND_ENTRY(longctx_mla_append_bf16_fp8, true)
 
 // Extend at head dim 512 (extend_wide_kernel.cuh): the forward's tiles stop at 256. 16 rows
 // per CTA, or 64 on parts with 136 KB of shared memory per block.
-#define LONGCTX_KV_EXTEND_WIDE_ENTRY(NAME, T, RG, ROT)                                   \
+#define LONGCTX_KV_EXTEND_WIDE_ENTRY(NAME, T, RG, ROT, FP8)                              \
     extern "C" __global__ void __launch_bounds__(longctx::extend_wide::Shape<RG>::kThreads, 1) \
         NAME(const __grid_constant__ LongctxKvExtendParams p) {                          \
-        longctx::extend_wide::extend_wide_body<T, RG, ROT>(p);                           \
+        longctx::extend_wide::extend_wide_body<T, RG, ROT, FP8>(p);                      \
     }
 
-LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_f16_hd512, __half, 1, false)
-LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_bf16_hd512, __nv_bfloat16, 1, false)
-LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_r64_f16_hd512, __half, 4, false)
-LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_r64_bf16_hd512, __nv_bfloat16, 4, false)
+LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_f16_hd512, __half, 1, false, false)
+LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_bf16_hd512, __nv_bfloat16, 1, false, false)
+LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_r64_f16_hd512, __half, 4, false, false)
+LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_r64_bf16_hd512, __nv_bfloat16, 4, false, false)
 // Keys stored un-rotated: rotation on load (extend_rotating).
-LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_rot_f16_hd512, __half, 1, true)
-LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_rot_bf16_hd512, __nv_bfloat16, 1, true)
-LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_rot_r64_f16_hd512, __half, 4, true)
-LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_rot_r64_bf16_hd512, __nv_bfloat16, 4, true)
+LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_rot_f16_hd512, __half, 1, true, false)
+LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_rot_bf16_hd512, __nv_bfloat16, 1, true, false)
+LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_rot_r64_f16_hd512, __half, 4, true, false)
+LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_rot_r64_bf16_hd512, __nv_bfloat16, 4, true, false)
+// fp8 e4m3 caches under f16 / bf16 queries.
+LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_f16_fp8_hd512, __half, 1, false, true)
+LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_bf16_fp8_hd512, __nv_bfloat16, 1, false, true)
+LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_r64_f16_fp8_hd512, __half, 4, false, true)
+LONGCTX_KV_EXTEND_WIDE_ENTRY(longctx_kv_extend_r64_bf16_fp8_hd512, __nv_bfloat16, 4, false, true)

@@ -137,7 +137,8 @@ typedef struct LongctxKvDecodeParams {
  * kernels/kv_cache/extend_wide_kernel.cuh): the same params, a different grid. One CTA per (row
  * tile, KV head, sequence): row r of tile y is new token (R y + r) / heads_per_kv of query head
  * head_kv * heads_per_kv + (R y + r) % heads_per_kv, R = 16 (4 warps) or 64 (8 warps, for
- * devices with 136 KB of shared memory per block); attn.num_m_blocks is gridDim.x. */
+ * devices with 136 KB of shared memory per block; 151 KB with an fp8 cache, whose codes are
+ * staged and widened in shared memory); attn.num_m_blocks is gridDim.x. */
 #define LONGCTX_KV_EXTEND_WIDE_WARPS 4u
 #define LONGCTX_KV_EXTEND_WIDE_ROWS 16u
 #define LONGCTX_KV_EXTEND_WIDE_TILE_KEYS 32u
@@ -145,6 +146,8 @@ typedef struct LongctxKvDecodeParams {
 #define LONGCTX_KV_EXTEND_WIDE_R64_WARPS 8u
 #define LONGCTX_KV_EXTEND_WIDE_R64_ROWS 64u
 #define LONGCTX_KV_EXTEND_WIDE_R64_SMEM 137216u
+#define LONGCTX_KV_EXTEND_WIDE_SMEM_FP8 100224u
+#define LONGCTX_KV_EXTEND_WIDE_R64_SMEM_FP8 153728u
 
 typedef struct LongctxKvExtendParams {
     LongctxAttnParams attn;

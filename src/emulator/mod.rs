@@ -307,6 +307,10 @@ entries! {
     KvExtendRotBf16Hd512 => longctx_kv_extend_rot_bf16_hd512, longctx_kv_extend_rot_bf16_hd512: sys::LongctxKvExtendParams;
     KvExtendRotR64F16Hd512 => longctx_kv_extend_rot_r64_f16_hd512, longctx_kv_extend_rot_r64_f16_hd512: sys::LongctxKvExtendParams;
     KvExtendRotR64Bf16Hd512 => longctx_kv_extend_rot_r64_bf16_hd512, longctx_kv_extend_rot_r64_bf16_hd512: sys::LongctxKvExtendParams;
+    KvExtendF16Fp8Hd512 => longctx_kv_extend_f16_fp8_hd512, longctx_kv_extend_f16_fp8_hd512: sys::LongctxKvExtendParams;
+    KvExtendBf16Fp8Hd512 => longctx_kv_extend_bf16_fp8_hd512, longctx_kv_extend_bf16_fp8_hd512: sys::LongctxKvExtendParams;
+    KvExtendR64F16Fp8Hd512 => longctx_kv_extend_r64_f16_fp8_hd512, longctx_kv_extend_r64_f16_fp8_hd512: sys::LongctxKvExtendParams;
+    KvExtendR64Bf16Fp8Hd512 => longctx_kv_extend_r64_bf16_fp8_hd512, longctx_kv_extend_r64_bf16_fp8_hd512: sys::LongctxKvExtendParams;
     KvExtendF16Fp8Hd64 => longctx_kv_extend_f16_fp8_hd64, longctx_kv_extend_f16_fp8_hd64_emu_sm90: sys::LongctxKvExtendParams;
     KvExtendF16Fp8Hd96 => longctx_kv_extend_f16_fp8_hd96, longctx_kv_extend_f16_fp8_hd96_emu_sm90: sys::LongctxKvExtendParams;
     KvExtendF16Fp8Hd128 => longctx_kv_extend_f16_fp8_hd128, longctx_kv_extend_f16_fp8_hd128_emu_sm90: sys::LongctxKvExtendParams;

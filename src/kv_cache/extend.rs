@@ -22,8 +22,8 @@
 //! lane); it runs a kernel of its own (kernels/kv_cache/extend_wide_kernel.cuh) that packs
 //! 16 or 64 (new token, query head of a KV head's group) rows per CTA, as the MLA decode
 //! does, on the same tensor-core main loop and online softmax; it reads f16 / bf16 caches
-//! (fp8 is [`Error::unsupported`] there), rotated or, through [`extend_rotating`], rotated on
-//! load.
+//! (rotated, or rotated on load through [`extend_rotating`]) and fp8 caches (widened in
+//! shared memory as below; rotation on load over fp8 is [`Error::unsupported`] there).
 
 use cudarc::driver::{DevicePtr, PushKernelArg};
 
@@ -138,11 +138,11 @@ impl ExtendShape<'_> {
             ));
         }
         let wide = d == EXTEND_WIDE_HEAD_DIM;
-        if wide && self.cache.dtype == CacheDType::Fp8E4m3 {
+        if wide && self.cache.dtype == CacheDType::Fp8E4m3 && self.rotation.is_some() {
             return Err(Error::unsupported(
                 OP,
-                "cache",
-                "head dim 512's extend kernel reads f16 / bf16 caches; fp8 extend stops at 256",
+                "rotation",
+                "rotation on load over an fp8 cache stops at head dim 256",
             ));
         }
         let tiles = if wide {
@@ -330,6 +330,8 @@ pub(crate) fn kernel_id(t: DType, s: CacheDType, d: usize, rotate: bool) -> Resu
         (DType::BF16, true, 256) => KvExtendBf16Fp8Hd256,
         (DType::F16, false, 512) => KvExtendF16Hd512,
         (DType::BF16, false, 512) => KvExtendBf16Hd512,
+        (DType::F16, true, 512) => KvExtendF16Fp8Hd512,
+        (DType::BF16, true, 512) => KvExtendBf16Fp8Hd512,
         _ => {
             return Err(Error::unsupported(
                 OP,
@@ -522,8 +524,9 @@ pub const EXTEND_WIDE_ROWS_NARROW: usize = sys::LONGCTX_KV_EXTEND_WIDE_ROWS as u
 /// Rows per CTA of the head-dim-512 extend kernel on parts with at least
 /// [`EXTEND_WIDE_R64_SMEM_BYTES`] of shared memory per block (A100, H100, H200).
 pub const EXTEND_WIDE_ROWS_WIDE: usize = sys::LONGCTX_KV_EXTEND_WIDE_R64_ROWS as usize;
-/// Shared memory per block (opt-in) the 64-row head-dim-512 extend kernel needs.
-pub const EXTEND_WIDE_R64_SMEM_BYTES: usize = sys::LONGCTX_KV_EXTEND_WIDE_R64_SMEM as usize;
+/// Shared memory per block (opt-in) the 64-row head-dim-512 extend kernel needs (its fp8
+/// variant's, the larger).
+pub const EXTEND_WIDE_R64_SMEM_BYTES: usize = sys::LONGCTX_KV_EXTEND_WIDE_R64_SMEM_FP8 as usize;
 
 /// Rows per CTA of the head-dim-512 extend kernel for a step whose largest chunk brings
 /// `max_new` tokens to a group of `group` query heads per KV head, on a device allowing
@@ -548,12 +551,13 @@ pub(crate) fn plan_extend_wide_launch<T: AttnElement, S: CacheElement>(
     smem_per_block: usize,
     a: &ExtendAddrs,
 ) -> Result<Option<KernelLaunch<sys::LongctxKvExtendParams>>> {
-    if !cache_matches::<T, S>() || S::CACHE_DTYPE == CacheDType::Fp8E4m3 {
+    if !cache_matches::<T, S>() {
         return Err(Error::unsupported(
             OP,
             "cache",
             format!(
-                "{:?} queries over a {:?} cache: extend reads caches of the queries' type",
+                "{:?} queries over a {:?} cache: extend reads caches of the queries' type, \
+                 or fp8",
                 T::DTYPE,
                 S::CACHE_DTYPE
             ),
@@ -577,16 +581,24 @@ pub(crate) fn plan_extend_wide_launch<T: AttnElement, S: CacheElement>(
     if rotate && (a.rope_inv_freq == 0 || a.rope_factor == 0) {
         return Err(Error::invalid(OP, "rotation", "rotation tables missing"));
     }
-    let id = match (T::DTYPE, wide, rotate) {
-        (DType::F16, false, false) => KernelId::KvExtendF16Hd512,
-        (DType::BF16, false, false) => KernelId::KvExtendBf16Hd512,
-        (DType::F16, true, false) => KernelId::KvExtendR64F16Hd512,
-        (DType::BF16, true, false) => KernelId::KvExtendR64Bf16Hd512,
-        (DType::F16, false, true) => KernelId::KvExtendRotF16Hd512,
-        (DType::BF16, false, true) => KernelId::KvExtendRotBf16Hd512,
-        (DType::F16, true, true) => KernelId::KvExtendRotR64F16Hd512,
-        (DType::BF16, true, true) => KernelId::KvExtendRotR64Bf16Hd512,
-        (t, _, _) => {
+    let fp8 = S::CACHE_DTYPE == CacheDType::Fp8E4m3;
+    if fp8 && (a.k_scale == 0 || a.v_scale == 0) {
+        return Err(Error::invalid(OP, "cache.scales", "fp8 scales missing"));
+    }
+    let id = match (T::DTYPE, wide, rotate, fp8) {
+        (DType::F16, false, false, false) => KernelId::KvExtendF16Hd512,
+        (DType::BF16, false, false, false) => KernelId::KvExtendBf16Hd512,
+        (DType::F16, true, false, false) => KernelId::KvExtendR64F16Hd512,
+        (DType::BF16, true, false, false) => KernelId::KvExtendR64Bf16Hd512,
+        (DType::F16, false, true, false) => KernelId::KvExtendRotF16Hd512,
+        (DType::BF16, false, true, false) => KernelId::KvExtendRotBf16Hd512,
+        (DType::F16, true, true, false) => KernelId::KvExtendRotR64F16Hd512,
+        (DType::BF16, true, true, false) => KernelId::KvExtendRotR64Bf16Hd512,
+        (DType::F16, false, false, true) => KernelId::KvExtendF16Fp8Hd512,
+        (DType::BF16, false, false, true) => KernelId::KvExtendBf16Fp8Hd512,
+        (DType::F16, true, false, true) => KernelId::KvExtendR64F16Fp8Hd512,
+        (DType::BF16, true, false, true) => KernelId::KvExtendR64Bf16Fp8Hd512,
+        (t, _, _, _) => {
             return Err(Error::unsupported(
                 OP,
                 "dtype",
@@ -646,7 +658,7 @@ pub(crate) fn plan_extend_wide_launch<T: AttnElement, S: CacheElement>(
             exp_scale: v.consts.exp_scale,
             softcap_in: v.consts.softcap_in,
         },
-        cache: cache_params(&v.cache, a.k, a.v, 0, 0),
+        cache: cache_params(&v.cache, a.k, a.v, a.k_scale, a.v_scale),
         step: step_params(step, a.block_table, a.seqlens, a.cu_new),
         rotary_dim: v.rotation.map_or(0, |r| r.rotary_dim as u32),
         rope_style: match v.rotation.map(|r| r.style) {
@@ -674,10 +686,11 @@ pub(crate) fn plan_extend_wide_launch<T: AttnElement, S: CacheElement>(
             1,
             1,
         ),
-        smem_bytes: if wide {
-            sys::LONGCTX_KV_EXTEND_WIDE_R64_SMEM
-        } else {
-            sys::LONGCTX_KV_EXTEND_WIDE_SMEM
+        smem_bytes: match (wide, fp8) {
+            (false, false) => sys::LONGCTX_KV_EXTEND_WIDE_SMEM,
+            (true, false) => sys::LONGCTX_KV_EXTEND_WIDE_R64_SMEM,
+            (false, true) => sys::LONGCTX_KV_EXTEND_WIDE_SMEM_FP8,
+            (true, true) => sys::LONGCTX_KV_EXTEND_WIDE_R64_SMEM_FP8,
         },
     }))
 }
@@ -931,6 +944,14 @@ fn launch_wide<T: AttnElement, S: CacheElement>(
     let (bt, _g3) = step.block_table().device_ptr(stream);
     let (sl, _g4) = step.seqlens().device_ptr(stream);
     let (cn, _g5) = step.cu_new().device_ptr(stream);
+    let (ksp, vsp, _g10, _g11) = match cache.scales {
+        KvScales::None => (0, 0, None, None),
+        KvScales::Fp8 { k, v, .. } => {
+            let (a, ga) = k.device_ptr(stream);
+            let (b, gb) = v.device_ptr(stream);
+            (a, b, Some(ga), Some(gb))
+        }
+    };
     let (rope_if, rope_f, _g8, _g9) = match rotation {
         Some(r) => {
             let (a, ga) = r.inv_freq().device_ptr(stream);
@@ -958,8 +979,8 @@ fn launch_wide<T: AttnElement, S: CacheElement>(
             lse: lp,
             k: kp,
             v: vp,
-            k_scale: 0,
-            v_scale: 0,
+            k_scale: ksp,
+            v_scale: vsp,
             block_table: bt,
             seqlens: sl,
             cu_new: cn,
@@ -979,7 +1000,8 @@ fn launch_wide<T: AttnElement, S: CacheElement>(
     // the whole layout, the Q, O and LSE views inside their buffers, lengths within
     // MAX_TOKENS, heads_q a multiple of heads_kv and the grid within limits;
     // plan_extend_wide_launch checked the dtype pair and the 16-byte alignment of the cache,
-    // Q and O (cache rows are 1024 bytes). With rotation, extend_rotating's check_step
+    // Q and O (cache rows are 1024 bytes, or 512 fp8 codes), and for fp8 that both scale
+    // buffers are given (CacheShape::validate proved they hold their layout). With rotation, extend_rotating's check_step
     // proved the tables were built for this step (one inv_freq row of rotary_dim / 2 and one
     // factor per sequence) on this context. The kernel's fixed shared memory was opted into
     // above. Outputs are borrowed mutably; the guards keep every buffer alive until the
