@@ -402,9 +402,6 @@ pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
         return Ok(None);
     }
     let id = kernel_id(T::DTYPE, S::CACHE_DTYPE, v.head_dim, v.rotation.is_some())?;
-    if v.rotation.is_some() && (a.rope_inv_freq == 0 || a.rope_factor == 0) {
-        return Err(Error::invalid(OP, "rotation", "rotation tables missing"));
-    }
     let need = extend_smem_bytes(tiles, S::CACHE_DTYPE);
     if smem < need {
         return Err(Error::invalid(
@@ -412,6 +409,36 @@ pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
             "tiles",
             format!("{smem} bytes of shared memory, the kernel for {tiles:?} needs {need}"),
         ));
+    }
+    let grid = tiles.grid(step.max_new, v.heads_q, step.batch);
+    let m_blocks = u32::try_from(grid.0)
+        .ok()
+        .filter(|&x| x <= i32::MAX as u32)
+        .ok_or_else(|| Error::invalid(OP, "cu_new", "too many query tiles for the grid"))?;
+    let params = extend_params::<T, S>(step, v, a, m_blocks)?;
+    Ok(Some(KernelLaunch {
+        id,
+        params,
+        grid: (m_blocks, v.heads_q as u32, step.batch as u32),
+        block: (tiles.threads() as u32, 1, 1),
+        smem_bytes: u32::try_from(smem)
+            .map_err(|_| Error::overflow(OP, "head_dim", "shared memory exceeds u32"))?,
+    }))
+}
+
+/// The params both extend kernels take, after the checks they share: rotation tables given
+/// with a rotation; K and V scales given with an fp8 cache and only with it, on 4 bytes;
+/// the cache on 16 bytes (rows of head_dim x 2 or x 1 bytes, a multiple of 16 at every
+/// extend head dim); Q and O on their element and 16-byte rows; the LSE's address.
+/// `m_blocks` is gridDim.x (query or row tiles).
+fn extend_params<T: AttnElement, S: CacheElement>(
+    step: &ValidatedStep,
+    v: &ExtendValidated,
+    a: &ExtendAddrs,
+    m_blocks: u32,
+) -> Result<sys::LongctxKvExtendParams> {
+    if v.rotation.is_some() && (a.rope_inv_freq == 0 || a.rope_factor == 0) {
+        return Err(Error::invalid(OP, "rotation", "rotation tables missing"));
     }
     let fp8 = S::CACHE_DTYPE == CacheDType::Fp8E4m3;
     if (a.k_scale != 0, a.v_scale != 0) != (fp8, fp8) {
@@ -455,11 +482,6 @@ pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
         ),
         None => (0, 0),
     };
-    let grid = tiles.grid(step.max_new, v.heads_q, step.batch);
-    let m_blocks = u32::try_from(grid.0)
-        .ok()
-        .filter(|&x| x <= i32::MAX as u32)
-        .ok_or_else(|| Error::invalid(OP, "cu_new", "too many query tiles for the grid"))?;
     let zero = sys::LongctxAttnTensor {
         data: 0,
         token_stride: 0,
@@ -467,7 +489,7 @@ pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
     };
     // validate() bounded heads_q and batch by 65535, the window by WINDOW_UNBOUNDED, and
     // the views' strides by i64.
-    let params = sys::LongctxKvExtendParams {
+    Ok(sys::LongctxKvExtendParams {
         attn: sys::LongctxAttnParams {
             q: tensor(&v.q, a.q, elem),
             k: zero,
@@ -508,15 +530,7 @@ pub(crate) fn plan_extend_launch<T: AttnElement, S: CacheElement>(
             _ => sys::LONGCTX_ROPE_ANGLE_F64,
         },
         pad0: 0,
-    };
-    Ok(Some(KernelLaunch {
-        id,
-        params,
-        grid: (m_blocks, v.heads_q as u32, step.batch as u32),
-        block: (tiles.threads() as u32, 1, 1),
-        smem_bytes: u32::try_from(smem)
-            .map_err(|_| Error::overflow(OP, "head_dim", "shared memory exceeds u32"))?,
-    }))
+    })
 }
 
 /// Rows per CTA of the head-dim-512 extend kernel on every sm_80+ part.
@@ -578,13 +592,7 @@ pub(crate) fn plan_extend_wide_launch<T: AttnElement, S: CacheElement>(
     let rows = extend_wide_rows(step.max_new, group, smem_per_block);
     let wide = rows == EXTEND_WIDE_ROWS_WIDE;
     let rotate = v.rotation.is_some();
-    if rotate && (a.rope_inv_freq == 0 || a.rope_factor == 0) {
-        return Err(Error::invalid(OP, "rotation", "rotation tables missing"));
-    }
     let fp8 = S::CACHE_DTYPE == CacheDType::Fp8E4m3;
-    if fp8 && (a.k_scale == 0 || a.v_scale == 0) {
-        return Err(Error::invalid(OP, "cache.scales", "fp8 scales missing"));
-    }
     let id = match (T::DTYPE, wide, rotate, fp8) {
         (DType::F16, false, false, false) => KernelId::KvExtendF16Hd512,
         (DType::BF16, false, false, false) => KernelId::KvExtendBf16Hd512,
@@ -606,73 +614,13 @@ pub(crate) fn plan_extend_wide_launch<T: AttnElement, S: CacheElement>(
             ))
         }
     };
-    for (addr, arg) in [(a.k, "cache.k"), (a.v, "cache.v")] {
-        if addr % 16 != 0 {
-            return Err(Error::misaligned(
-                OP,
-                arg,
-                format!("the cache starts at {addr:#x}; the kernel copies 16-byte chunks"),
-            ));
-        }
-    }
-    let elem = T::DTYPE.size();
-    check_alignment(&v.q, a.q, elem, "q")?;
-    check_alignment(&v.o, a.o, elem, "o")?;
-    let (lse, lse_stride) = match v.lse {
-        Some(l) => (
-            (l.offset as u64)
-                .checked_mul(4)
-                .and_then(|b| b.checked_add(a.lse))
-                .ok_or_else(|| Error::invalid(OP, "lse", "offset overflows the address space"))?,
-            l.head_stride as i64,
-        ),
-        None => (0, 0),
-    };
     // max_new <= MAX_TOKENS and group <= 65535 (validate): no overflow in u64.
     let row_tiles = (step.max_new as u64 * group as u64).div_ceil(rows as u64);
     let m_blocks = u32::try_from(row_tiles)
         .ok()
         .filter(|&x| x <= i32::MAX as u32)
         .ok_or_else(|| Error::invalid(OP, "cu_new", "too many row tiles for the grid"))?;
-    let zero = sys::LongctxAttnTensor {
-        data: 0,
-        token_stride: 0,
-        head_stride: 0,
-    };
-    let params = sys::LongctxKvExtendParams {
-        attn: sys::LongctxAttnParams {
-            q: tensor(&v.q, a.q, elem),
-            k: zero,
-            v: zero,
-            o: tensor(&v.o, a.o, elem),
-            lse,
-            lse_head_stride: lse_stride,
-            cu_seqlens_q: a.cu_new,
-            cu_seqlens_k: 0,
-            batch: step.batch as u32,
-            heads_q: v.heads_q as u32,
-            heads_per_kv: group as u32,
-            num_m_blocks: m_blocks,
-            window_left: v.window_left,
-            window_right: 0,
-            exp_scale: v.consts.exp_scale,
-            softcap_in: v.consts.softcap_in,
-        },
-        cache: cache_params(&v.cache, a.k, a.v, a.k_scale, a.v_scale),
-        step: step_params(step, a.block_table, a.seqlens, a.cu_new),
-        rotary_dim: v.rotation.map_or(0, |r| r.rotary_dim as u32),
-        rope_style: match v.rotation.map(|r| r.style) {
-            Some(RopeStyle::Interleaved) => sys::LONGCTX_ROPE_STYLE_INTERLEAVED,
-            _ => sys::LONGCTX_ROPE_STYLE_NEOX,
-        },
-        rope_inv_freq: if rotate { a.rope_inv_freq } else { 0 },
-        rope_factor: if rotate { a.rope_factor } else { 0 },
-        rope_angle_mode: match v.rotation.map(|r| r.precision) {
-            Some(AnglePrecision::F32) => sys::LONGCTX_ROPE_ANGLE_F32,
-            _ => sys::LONGCTX_ROPE_ANGLE_F64,
-        },
-        pad0: 0,
-    };
+    let params = extend_params::<T, S>(step, v, a, m_blocks)?;
     Ok(Some(KernelLaunch {
         id,
         params,
@@ -832,19 +780,21 @@ fn extend_impl<T: AttnElement, S: CacheElement>(
         return Ok(());
     }
     let d = v.head_dim;
-    let id = kernel_id(T::DTYPE, S::CACHE_DTYPE, d, rotation.is_some())?;
-    if d == EXTEND_WIDE_HEAD_DIM {
-        return launch_wide::<T, S>(dev, step, rotation, q, cache, out, &v);
-    }
-    // The key tile depends on which code the driver loaded (the sm_90a cubin or code for
-    // compute_80); shared memory covers the larger of its tiles and the device arch's own,
-    // as the forward does.
-    let tiles = TileConfig::for_code(d, d, dev.ptx_arch(id)?)?;
-    let cc = dev.compute_capability();
-    let native = TileConfig::for_code(d, d, u32::try_from(cc.0 * 10 + cc.1).unwrap_or(0))?;
-    let smem =
-        extend_smem_bytes(&tiles, S::CACHE_DTYPE).max(extend_smem_bytes(&native, S::CACHE_DTYPE));
-    dev.allow_dynamic_smem(id, smem, OP, "head_dim")?;
+    // The forward's key tile depends on which code the driver loaded (the sm_90a cubin or
+    // code for compute_80); shared memory covers the larger of its tiles and the device
+    // arch's own, as the forward does. Head dim 512's row-packed kernels need neither: their
+    // shared memory is fixed per shape.
+    let tiles = if d == EXTEND_WIDE_HEAD_DIM {
+        None
+    } else {
+        let id = kernel_id(T::DTYPE, S::CACHE_DTYPE, d, rotation.is_some())?;
+        let tiles = TileConfig::for_code(d, d, dev.ptx_arch(id)?)?;
+        let cc = dev.compute_capability();
+        let native = TileConfig::for_code(d, d, u32::try_from(cc.0 * 10 + cc.1).unwrap_or(0))?;
+        let smem = extend_smem_bytes(&tiles, S::CACHE_DTYPE)
+            .max(extend_smem_bytes(&native, S::CACHE_DTYPE));
+        Some((tiles, smem))
+    };
     let stream = dev.stream();
     let (qp, _g0) = q.device_ptr(stream);
     let (kp, _g1) = cache.k.device_ptr(stream);
@@ -877,29 +827,28 @@ fn extend_impl<T: AttnElement, S: CacheElement>(
         }
         None => (0, None),
     };
-    let Some(l) = plan_extend_launch::<T, S>(
-        sv,
-        &v,
-        &tiles,
-        smem,
-        &ExtendAddrs {
-            q: qp,
-            o: op,
-            lse: lp,
-            k: kp,
-            v: vp,
-            k_scale: ksp,
-            v_scale: vsp,
-            block_table: bt,
-            seqlens: sl,
-            cu_new: cn,
-            rope_inv_freq: rope_if,
-            rope_factor: rope_f,
-        },
-    )?
-    else {
+    let addrs = ExtendAddrs {
+        q: qp,
+        o: op,
+        lse: lp,
+        k: kp,
+        v: vp,
+        k_scale: ksp,
+        v_scale: vsp,
+        block_table: bt,
+        seqlens: sl,
+        cu_new: cn,
+        rope_inv_freq: rope_if,
+        rope_factor: rope_f,
+    };
+    let launch = match &tiles {
+        Some((t, smem)) => plan_extend_launch::<T, S>(sv, &v, t, *smem, &addrs)?,
+        None => plan_extend_wide_launch::<T, S>(sv, &v, dev.smem_per_block(), &addrs)?,
+    };
+    let Some(l) = launch else {
         return Ok(());
     };
+    dev.allow_dynamic_smem(l.id, l.smem_bytes as usize, OP, "head_dim")?;
     let func = dev.function(l.id)?;
     let mut builder = stream.launch_builder(&func);
     builder.arg(&l.params);
@@ -912,100 +861,15 @@ fn extend_impl<T: AttnElement, S: CacheElement>(
     // sequence's length, at that key's slot, or at the KV head), the Q, O and LSE views
     // inside their buffers with O's rows disjoint, lengths within MAX_TOKENS (the kernel's
     // int32 mask arithmetic), heads_q a multiple of heads_kv, and the grid within limits;
-    // plan_extend_launch checked the dtype pair, that scales come with fp8 and only with
-    // it, their 4-byte alignment, and the 16-byte alignment of the cache, Q and O (cache
-    // rows are head_dim x 2 or x 1 bytes, a multiple of 16). Dynamic shared memory was
-    // sized for the loaded code's tiles (fp8's staging included, extend_smem_bytes) and
-    // opted into above. With rotation, check_step proved the tables were built for this
+    // the plan (extend_params) checked the dtype pair, that scales come with fp8 and only
+    // with it, their 4-byte alignment, and the 16-byte alignment of the cache, Q and O
+    // (cache rows are head_dim x 2 or x 1 bytes, a multiple of 16). Dynamic shared memory
+    // was sized for the loaded code's tiles (fp8's staging included, extend_smem_bytes), or
+    // is the row-packed kernel's fixed size at head dim 512, and opted into above. With rotation, check_step proved the tables were built for this
     // step's lengths and head dim: inv_freq holds batch x rotary_dim / 2 f64 and factor
     // batch f32 (validate bounded rotary_dim by the head dim), read at blockIdx.z < batch.
     // Outputs are borrowed mutably, so no input aliases them; the guards keep every buffer
     // alive until the launch is queued.
-    unsafe { builder.launch(l.config()) }
-        .map(|_| ())
-        .map_err(cuda_err(OP))
-}
-
-/// [`extend`]'s launch at [`EXTEND_WIDE_HEAD_DIM`].
-fn launch_wide<T: AttnElement, S: CacheElement>(
-    dev: &Device,
-    step: &KvStep,
-    rotation: Option<&KvRotation>,
-    q: &dyn DevicePtr<T>,
-    cache: &PagedCache<S>,
-    out: DecodeOutput<T>,
-    v: &ExtendValidated,
-) -> Result<()> {
-    let sv = step.validated();
-    let stream = dev.stream();
-    let (qp, _g0) = q.device_ptr(stream);
-    let (kp, _g1) = cache.k.device_ptr(stream);
-    let (vp, _g2) = cache.v.device_ptr(stream);
-    let (bt, _g3) = step.block_table().device_ptr(stream);
-    let (sl, _g4) = step.seqlens().device_ptr(stream);
-    let (cn, _g5) = step.cu_new().device_ptr(stream);
-    let (ksp, vsp, _g10, _g11) = match cache.scales {
-        KvScales::None => (0, 0, None, None),
-        KvScales::Fp8 { k, v, .. } => {
-            let (a, ga) = k.device_ptr(stream);
-            let (b, gb) = v.device_ptr(stream);
-            (a, b, Some(ga), Some(gb))
-        }
-    };
-    let (rope_if, rope_f, _g8, _g9) = match rotation {
-        Some(r) => {
-            let (a, ga) = r.inv_freq().device_ptr(stream);
-            let (b, gb) = r.factor().device_ptr(stream);
-            (a, b, Some(ga), Some(gb))
-        }
-        None => (0, 0, None, None),
-    };
-    let DecodeOutput { o, lse, .. } = out;
-    let (op, _g6) = o.device_ptr_mut(stream);
-    let (lp, _g7) = match lse {
-        Some((l, _)) => {
-            let (p, g) = l.device_ptr_mut(stream);
-            (p, Some(g))
-        }
-        None => (0, None),
-    };
-    let Some(l) = plan_extend_wide_launch::<T, S>(
-        sv,
-        v,
-        dev.smem_per_block(),
-        &ExtendAddrs {
-            q: qp,
-            o: op,
-            lse: lp,
-            k: kp,
-            v: vp,
-            k_scale: ksp,
-            v_scale: vsp,
-            block_table: bt,
-            seqlens: sl,
-            cu_new: cn,
-            rope_inv_freq: rope_if,
-            rope_factor: rope_f,
-        },
-    )?
-    else {
-        return Ok(());
-    };
-    dev.allow_dynamic_smem(l.id, l.smem_bytes as usize, OP, "head_dim")?;
-    let func = dev.function(l.id)?;
-    let mut builder = stream.launch_builder(&func);
-    builder.arg(&l.params);
-    // SAFETY: as in `extend`: the step's device arrays were validated against the cache's
-    // layout when the KvStep was built; ExtendShape::validate proved the cache buffers hold
-    // the whole layout, the Q, O and LSE views inside their buffers, lengths within
-    // MAX_TOKENS, heads_q a multiple of heads_kv and the grid within limits;
-    // plan_extend_wide_launch checked the dtype pair and the 16-byte alignment of the cache,
-    // Q and O (cache rows are 1024 bytes, or 512 fp8 codes), and for fp8 that both scale
-    // buffers are given (CacheShape::validate proved they hold their layout). With rotation, extend_rotating's check_step
-    // proved the tables were built for this step (one inv_freq row of rotary_dim / 2 and one
-    // factor per sequence) on this context. The kernel's fixed shared memory was opted into
-    // above. Outputs are borrowed mutably; the guards keep every buffer alive until the
-    // launch is queued.
     unsafe { builder.launch(l.config()) }
         .map(|_| ())
         .map_err(cuda_err(OP))
