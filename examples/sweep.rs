@@ -784,9 +784,9 @@ fn append_extend_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<(
 /// `mla::decode_absorbed` at DeepSeek-V3's dimensions (128 heads, and 16 for a TP-8 shard),
 /// one query token per sequence, bf16 and fp8 latent caches in pages of 64: GB/s against
 /// the copy ceiling (bytes = latent rows read + Q + O) and TFLOP/s (2 x heads x 1088 per
-/// cached token); `rows x sp` is the plan's kernel (16 or 64 rows per CTA) and split count;
-/// the error is against f64 attention over the latent rows on sampled (sequence, head)
-/// rows.
+/// cached token); `rows x sp` is the plan's kernel (16 or 64 rows per CTA, `c2` / `c4` for
+/// clusters of 2 / 4 CTAs) and split count; the error is against f64 attention over the latent
+/// rows on sampled (sequence, head) rows.
 fn mla_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<()> {
     use longctx::workloads::MlaRun;
     println!(
@@ -835,7 +835,15 @@ fn mla_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<()> {
                     if fp8 { "fp8" } else { "bf16" },
                     batch,
                     context,
-                    format!("{}x{}", r.plan().rows_per_tile, r.plan().splits),
+                    format!(
+                        "{}{}x{}",
+                        r.plan().rows_per_tile,
+                        match r.plan().cluster {
+                            1 => String::new(),
+                            c => format!("c{c}"),
+                        },
+                        r.plan().splits
+                    ),
                     ms * 1e3,
                     gbs,
                     100.0 * gbs * 1e9 / copy,

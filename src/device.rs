@@ -168,6 +168,18 @@ impl Device {
         self.smem_opt_in_limit
     }
 
+    /// Whether the loaded kernels include the thread-block-cluster variants (sm_90a code on
+    /// an H100 / H200 class device: a build whose `LONGCTX_CUDA_ARCHS` has `90a`), the
+    /// `clusters` input of plans such as [`crate::mla::plan_mla_decode`]. False where the
+    /// driver runs the portable code (older parts, or JIT-compiled compute_80 PTX), and when
+    /// the kernels cannot be loaded.
+    pub fn cluster_kernels(&self) -> bool {
+        self.capability >= (9, 0)
+            && self
+                .ptx_arch(KernelId::MlaDecodeC2Bf16)
+                .is_ok_and(|arch| arch >= 90)
+    }
+
     /// Waits for all work queued on this handle's stream.
     ///
     /// # Errors

@@ -194,6 +194,10 @@ pub(crate) enum KernelId {
     MlaDecodeBf16Fp8,
     MlaDecodeR64Bf16,
     MlaDecodeR64Bf16Fp8,
+    MlaDecodeC2Bf16,
+    MlaDecodeC2Bf16Fp8,
+    MlaDecodeC4Bf16,
+    MlaDecodeC4Bf16Fp8,
     MlaAppendBf16,
     MlaAppendBf16Fp8,
 }
@@ -344,6 +348,10 @@ impl KernelId {
         KernelId::MlaDecodeBf16Fp8,
         KernelId::MlaDecodeR64Bf16,
         KernelId::MlaDecodeR64Bf16Fp8,
+        KernelId::MlaDecodeC2Bf16,
+        KernelId::MlaDecodeC2Bf16Fp8,
+        KernelId::MlaDecodeC4Bf16,
+        KernelId::MlaDecodeC4Bf16Fp8,
         KernelId::MlaAppendBf16,
         KernelId::MlaAppendBf16Fp8,
     ];
@@ -433,6 +441,10 @@ impl KernelId {
             | KernelId::MlaDecodeBf16Fp8
             | KernelId::MlaDecodeR64Bf16
             | KernelId::MlaDecodeR64Bf16Fp8
+            | KernelId::MlaDecodeC2Bf16
+            | KernelId::MlaDecodeC2Bf16Fp8
+            | KernelId::MlaDecodeC4Bf16
+            | KernelId::MlaDecodeC4Bf16Fp8
             | KernelId::MlaAppendBf16
             | KernelId::MlaAppendBf16Fp8 => Family::KvCache,
             KernelId::AttnBwdPreF16
@@ -611,9 +623,29 @@ impl KernelId {
             KernelId::MlaDecodeBf16Fp8 => "longctx_mla_decode_bf16_fp8",
             KernelId::MlaDecodeR64Bf16 => "longctx_mla_decode_r64_bf16",
             KernelId::MlaDecodeR64Bf16Fp8 => "longctx_mla_decode_r64_bf16_fp8",
+            KernelId::MlaDecodeC2Bf16 => "longctx_mla_decode_c2_bf16",
+            KernelId::MlaDecodeC2Bf16Fp8 => "longctx_mla_decode_c2_bf16_fp8",
+            KernelId::MlaDecodeC4Bf16 => "longctx_mla_decode_c4_bf16",
+            KernelId::MlaDecodeC4Bf16Fp8 => "longctx_mla_decode_c4_bf16_fp8",
             KernelId::MlaAppendBf16 => "longctx_mla_append_bf16",
             KernelId::MlaAppendBf16Fp8 => "longctx_mla_append_bf16_fp8",
         }
+    }
+
+    /// The thread-block cluster the entry was compiled with (`__cluster_dims__`, sm_90a
+    /// code only): (1, 1, 1) for every entry without one. The grid must be a multiple of it.
+    pub(crate) fn cluster_dims(self) -> (u32, u32, u32) {
+        match self {
+            KernelId::MlaDecodeC2Bf16 | KernelId::MlaDecodeC2Bf16Fp8 => (1, 2, 1),
+            KernelId::MlaDecodeC4Bf16 | KernelId::MlaDecodeC4Bf16Fp8 => (1, 4, 1),
+            _ => (1, 1, 1),
+        }
+    }
+
+    /// Entries whose portable (pre-sm_90) code is a trap: the host launches them only where
+    /// the loaded code is sm_90a.
+    pub(crate) fn needs_sm90(self) -> bool {
+        self.cluster_dims() != (1, 1, 1)
     }
 
     /// Kernels on the hot path: the build must not let them spill registers.

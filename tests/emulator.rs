@@ -5,7 +5,7 @@
 mod common;
 
 use half::{bf16, f16};
-use longctx::emulator::selftest::{self, MmaInput, Program};
+use longctx::emulator::selftest::{self, ClusterProgram, MmaInput, Program};
 use longctx::Error;
 
 fn bits_to_f64(kind: MmaInput, b: u16) -> f64 {
@@ -218,4 +218,53 @@ fn runs_are_deterministic() {
     let e1 = selftest::program(Program::MissingBarrier, &input, &mut a).unwrap_err();
     let e2 = selftest::program(Program::MissingBarrier, &input, &mut b).unwrap_err();
     assert_eq!(e1, e2);
+}
+
+/// Thread-block clusters: two CTAs exchange words through distributed shared memory, pushed
+/// and pulled, behind cluster barriers.
+#[test]
+fn the_correct_cluster_program_passes_with_the_expected_output() {
+    let input: Vec<u32> = (0..256u32).map(|i| i * 7 + 3).collect();
+    let mut out = vec![0u32; 256];
+    selftest::cluster_program(ClusterProgram::Correct, &input, &mut out)
+        .expect("no fault in the correct cluster program");
+    for r in 0..2 {
+        for t in 0..64 {
+            let want = input[64 * (r ^ 1) + t];
+            assert_eq!(out[64 * r + t], want, "pushed word, rank {r} thread {t}");
+            assert_eq!(out[128 + 64 * r + t], want, "pulled word, rank {r} thread {t}");
+        }
+    }
+}
+
+#[test]
+fn every_deliberate_cluster_bug_is_reported() {
+    let expect: &[(ClusterProgram, &[&str])] = &[
+        (
+            ClusterProgram::MissingClusterBarrier,
+            &["race", "cluster barrier"],
+        ),
+        (ClusterProgram::OverwriteWhileRead, &["race"]),
+        (ClusterProgram::RankOutsideCluster, &["rank 2 of a cluster of 2"]),
+        (ClusterProgram::ExitWhileRead, &["has exited"]),
+        (ClusterProgram::SkippedClusterBarrier, &["cluster barrier"]),
+    ];
+    assert_eq!(expect.len() + 1, ClusterProgram::ALL.len());
+    let input: Vec<u32> = (0..256u32).collect();
+    for (prog, words) in expect {
+        let mut out = vec![0u32; 256];
+        match selftest::cluster_program(*prog, &input, &mut out) {
+            Err(Error::Emulator { message, .. }) => {
+                assert!(
+                    words.iter().all(|w| message.contains(w)),
+                    "{prog:?}: the message does not name the fault: {message}"
+                );
+                assert!(
+                    message.contains("longctx_emu_selftest_cluster") && message.contains("thread ("),
+                    "{prog:?}: the message does not name kernel and thread: {message}"
+                );
+            }
+            other => panic!("{prog:?}: the emulator did not stop it: {other:?}"),
+        }
+    }
 }

@@ -745,6 +745,32 @@ impl LatBuilt {
 const SMEM_A100: usize = 166_912;
 /// Of an sm_86 / sm_89 part (99 KB): always the 16-row kernel.
 const SMEM_SM86: usize = 101_376;
+/// Of an H100 (227 KB).
+const SMEM_H100: usize = 232_448;
+
+/// The device a plan is made for: its shared memory per block and whether its loaded code
+/// runs thread-block clusters.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    smem: usize,
+    clusters: bool,
+}
+/// sm_86 / sm_89: the 16-row kernel.
+const SM86: Target = Target {
+    smem: SMEM_SM86,
+    clusters: false,
+};
+/// A100: the 64-row kernel for more than 16 rows.
+const A100: Target = Target {
+    smem: SMEM_A100,
+    clusters: false,
+};
+/// H100 with sm_90a code: 64-row CTAs in clusters of 2 (65-128 rows) or 4 (more).
+const H100: Target = Target {
+    smem: SMEM_H100,
+    clusters: true,
+};
+const TARGETS: [Target; 3] = [SM86, A100, H100];
 
 /// Runs a case through the emulator for a device with `sm_count` SMs and `smem` bytes of
 /// shared memory per block; returns o_lat (widened), the LSE and the plan.
@@ -753,8 +779,9 @@ fn mla_emu(
     b: &LatBuilt,
     splits: Splits,
     sm_count: usize,
-    smem: usize,
+    target: Target,
 ) -> (Vec<f64>, Vec<f32>, MlaDecodePlan) {
+    let Target { smem, clusters } = target;
     let q: Vec<bf16> = b.q.iter().map(|&x| bf16::from_f64(x)).collect();
     let q = Aligned::new(&q);
     let ql = HeadsLayout::contiguous(b.total_new, c.heads, MLA_LATENT_DIM);
@@ -772,7 +799,7 @@ fn mla_emu(
         HostLatentCache::Bf16(lat.as_slice())
     };
     let sv = b.layout.validate_step(&b.step()).unwrap();
-    let plan = plan_mla_decode(&sv, c.heads, sm_count, smem, splits).unwrap();
+    let plan = plan_mla_decode(&sv, c.heads, sm_count, smem, clusters, splits).unwrap();
     let mut ws = vec![f32::NAN; plan.workspace_len(b.total_new, c.heads).unwrap()];
     let mut o = vec![bf16::NAN; ol.numel().unwrap()];
     let mut lse = vec![f32::NAN; c.heads * b.total_new];
@@ -794,6 +821,7 @@ fn mla_emu(
         &mut ws,
         sm_count,
         smem,
+        clusters,
         &opts,
     )
     .unwrap();
@@ -807,6 +835,16 @@ fn mla_emu(
     assert_eq!(
         plan.rows_per_tile, want_rows,
         "kernel choice for {rows} rows, {smem} B"
+    );
+    let want_cluster = match (clusters, rows) {
+        (true, 65..=128) => 2,
+        (true, 129..) => 4,
+        _ => 1,
+    };
+    assert_eq!(
+        (plan.cluster, plan.row_tiles % want_cluster),
+        (want_cluster, 0),
+        "clusters for {rows} rows, {target:?}"
     );
     (o.iter().map(|x| f64::from(*x)).collect(), lse, plan)
 }
@@ -839,9 +877,9 @@ fn check_mla(tag: &str, got_o: &[f64], got_lse: &[f32], want: &Output<f64>, max_
     }
 }
 
-fn mla_parity(tag: &str, c: &LatCase, splits: Splits, sm: usize, smem: usize) -> MlaDecodePlan {
+fn mla_parity(tag: &str, c: &LatCase, splits: Splits, sm: usize, target: Target) -> MlaDecodePlan {
     let b = c.build();
-    let (o, lse, plan) = mla_emu(c, &b, splits, sm, smem);
+    let (o, lse, plan) = mla_emu(c, &b, splits, sm, target);
     let want = b.reference(c.heads, f64::from(SCALE));
     check_mla(
         &format!("{tag} {c:?} plan {plan:?}"),
@@ -872,12 +910,12 @@ fn emu_mla_decode_page_sizes_and_lengths() {
             };
             // 16 heads x up to 2 tokens: the 16-row kernel on a 99 KB part, the 64-row one
             // (half its row groups idle) on an A100-class part.
-            for smem in [SMEM_SM86, SMEM_A100] {
-                let p = mla_parity("unsplit", &c, Splits::AtMost(1), 1, smem);
+            for t in [SM86, A100] {
+                let p = mla_parity("unsplit", &c, Splits::AtMost(1), 1, t);
                 assert_eq!(p.splits, 1);
-                let p = mla_parity("split", &c, Splits::AtMost(4), 1, smem);
+                let p = mla_parity("split", &c, Splits::AtMost(4), 1, t);
                 assert_eq!(p.splits, 4, "300 keys in 4 splits of whole tiles");
-                let p = mla_parity("auto", &c, Splits::Auto, 132, smem);
+                let p = mla_parity("auto", &c, Splits::Auto, 132, t);
                 assert_eq!(p.splits, 2, "auto: chunks of at least 256 keys");
             }
         }
@@ -909,24 +947,24 @@ fn emu_mla_decode_heads_and_fp8() {
                 fp8,
                 seed: heads as u64 + u64::from(fp8),
             };
-            for smem in [SMEM_SM86, SMEM_A100] {
-                mla_parity("heads", &c, Splits::Auto, 2, smem);
+            for t in TARGETS {
+                mla_parity("heads", &c, Splits::Auto, 2, t);
             }
         }
     }
 }
 
-fn mla_case_strategy() -> impl Strategy<Value = (LatCase, usize, bool)> {
+fn mla_case_strategy() -> impl Strategy<Value = (LatCase, usize, Target)> {
     (
         prop::sample::select(vec![1usize, 3, 16, 64, 256]),
-        prop::sample::select(vec![8usize, 16, 24, 32, 64]),
+        prop::sample::select(vec![8usize, 16, 24, 32, 48, 64, 128]),
         prop::collection::vec((0usize..160, 0usize..=2), 1..=3),
         any::<bool>(),
         any::<u64>(),
         1usize..=5,
-        any::<bool>(),
+        prop::sample::select(TARGETS.to_vec()),
     )
-        .prop_map(|(ps, heads, seqs, fp8, seed, splits, wide)| {
+        .prop_map(|(ps, heads, seqs, fp8, seed, splits, target)| {
             let lens: Vec<usize> = seqs.iter().map(|s| s.0).collect();
             let news: Vec<usize> = seqs.iter().map(|s| s.1.min(s.0)).collect();
             let c = LatCase {
@@ -937,7 +975,7 @@ fn mla_case_strategy() -> impl Strategy<Value = (LatCase, usize, bool)> {
                 fp8,
                 seed,
             };
-            (c, splits, wide)
+            (c, splits, target)
         })
 }
 
@@ -945,12 +983,12 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
     /// Random batches (caches of 0 to 159, 0 to 2 new tokens), page sizes, head counts,
-    /// bf16 and fp8, 1 to 5 splits, on a 99 KB part (the 16-row kernel) or an A100-class one
-    /// (the 64-row kernel for more than 16 rows).
+    /// bf16 and fp8, 1 to 5 splits, on a 99 KB part (the 16-row kernel), an A100 (the 64-row
+    /// kernel for more than 16 rows) or an H100 (64-row CTAs in clusters of two for more
+    /// than 64 rows).
     #[test]
-    fn emu_mla_decode_parity_random((c, splits, wide) in mla_case_strategy()) {
-        let smem = if wide { SMEM_A100 } else { SMEM_SM86 };
-        mla_parity("random", &c, Splits::AtMost(splits), 1, smem);
+    fn emu_mla_decode_parity_random((c, splits, target) in mla_case_strategy()) {
+        mla_parity("random", &c, Splits::AtMost(splits), 1, target);
     }
 }
 
@@ -994,40 +1032,49 @@ fn emu_mla_decode_matches_naive_deepseek_v3() {
     let h = cfg.heads;
     let ql = HeadsLayout::contiguous(tq, h, MLA_LATENT_DIM);
     let ol = HeadsLayout::contiguous(tq, h, MLA_KV_LORA_RANK);
-    let mut o = vec![bf16::NAN; tq * h * MLA_KV_LORA_RANK];
-    let mut lse = vec![f32::NAN; h * tq];
-    emulator::mla_decode(
-        &step,
-        &layout,
-        q.as_slice(),
-        &ql,
-        &HostLatentCache::Bf16(lat.as_slice()),
-        HostDecodeOutput {
-            o: &mut o,
-            o_layout: ol,
-            lse: Some((&mut lse, LseLayout::contiguous(h, tq))),
-        },
-        &mut [],
-        132,
-        SMEM_A100,
-        &MlaDecodeOptions::new(&cfg),
-    )
-    .unwrap();
-    let o_lat: Vec<f64> = o.iter().map(|x| f64::from(*x)).collect();
-    let out = expand_output_f64(&cfg, &o_lat, &d.w, tq).unwrap();
-    let e_o = max_rel(&out, &naive.o);
-    let lse: Vec<f64> = lse.iter().map(|&x| f64::from(x)).collect();
-    let e_lse = lse
-        .iter()
-        .zip(&naive.lse)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
-    eprintln!("naive vs kernel chain: O {e_o:e} (relative to max |O|), LSE {e_lse:e}");
-    assert!(
-        e_o < 1e-2,
-        "O differs from naive MLA by {e_o:e} (relative to max |O|)"
-    );
-    assert!(e_lse < 2e-2, "LSE differs from naive MLA by {e_lse:e}");
+    // The A100's 64-row CTAs (4 per sequence) and the H100's clusters of two.
+    for target in [A100, H100] {
+        let mut o = vec![bf16::NAN; tq * h * MLA_KV_LORA_RANK];
+        let mut lse = vec![f32::NAN; h * tq];
+        let plan = emulator::mla_decode(
+            &step,
+            &layout,
+            q.as_slice(),
+            &ql,
+            &HostLatentCache::Bf16(lat.as_slice()),
+            HostDecodeOutput {
+                o: &mut o,
+                o_layout: ol,
+                lse: Some((&mut lse, LseLayout::contiguous(h, tq))),
+            },
+            &mut [],
+            132,
+            target.smem,
+            target.clusters,
+            &MlaDecodeOptions::new(&cfg),
+        )
+        .unwrap();
+        // 256 rows: 4 tiles of 64, one cluster of 4 CTAs on the H100.
+        assert_eq!(
+            (plan.rows_per_tile, plan.row_tiles, plan.cluster),
+            (64, 4, if target.clusters { 4 } else { 1 })
+        );
+        let o_lat: Vec<f64> = o.iter().map(|x| f64::from(*x)).collect();
+        let out = expand_output_f64(&cfg, &o_lat, &d.w, tq).unwrap();
+        let e_o = max_rel(&out, &naive.o);
+        let lse: Vec<f64> = lse.iter().map(|&x| f64::from(x)).collect();
+        let e_lse = lse
+            .iter()
+            .zip(&naive.lse)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        eprintln!("{target:?}: naive vs kernel chain: O {e_o:e} (relative to max |O|), LSE {e_lse:e}");
+        assert!(
+            e_o < 1e-2,
+            "{target:?}: O differs from naive MLA by {e_o:e} (relative to max |O|)"
+        );
+        assert!(e_lse < 2e-2, "{target:?}: LSE differs from naive MLA by {e_lse:e}");
+    }
 }
 
 /// Typed errors: a layout that is not one 576-channel head, short cache buffers, Q / O of
@@ -1076,6 +1123,7 @@ fn emu_mla_decode_errors() {
             &mut ws,
             1,
             SMEM_A100,
+            false,
             opts,
         )
     };
@@ -1135,8 +1183,8 @@ fn emu_mla_decode_errors() {
     );
     // Heads outside 1..=128 and more than 16 new tokens, on the plan.
     let sv = b.layout.validate_step(&b.step()).unwrap();
-    assert!(plan_mla_decode(&sv, 0, 1, SMEM_A100, Splits::Auto).is_err());
-    assert!(plan_mla_decode(&sv, 129, 1, SMEM_A100, Splits::Auto).is_err());
+    assert!(plan_mla_decode(&sv, 0, 1, SMEM_A100, false, Splits::Auto).is_err());
+    assert!(plan_mla_decode(&sv, 129, 1, SMEM_A100, false, Splits::Auto).is_err());
     let long = LatCase {
         lens: vec![20],
         news: vec![17],
@@ -1145,7 +1193,7 @@ fn emu_mla_decode_errors() {
     .build();
     let sv = long.layout.validate_step(&long.step()).unwrap();
     assert!(matches!(
-        plan_mla_decode(&sv, 16, 1, SMEM_A100, Splits::Auto),
+        plan_mla_decode(&sv, 16, 1, SMEM_A100, false, Splits::Auto),
         Err(Error::InvalidArgument { .. })
     ));
 }
@@ -1189,9 +1237,22 @@ fn gpu_mla_decode_parity() {
                     heads,
                     dev.sm_count(),
                     dev.smem_per_block(),
+                    dev.cluster_kernels(),
                     splits,
                 )
                 .unwrap();
+                // An H100 / H200 with the bundle's sm_90a code runs 128 heads in clusters.
+                let rows = heads * news.iter().copied().max().unwrap_or(0);
+                let want_cluster = match (dev.cluster_kernels(), rows) {
+                    (true, 65..=128) => 2,
+                    (true, 129..) => 4,
+                    _ => 1,
+                };
+                assert_eq!(plan.cluster, want_cluster, "{plan:?}");
+                eprintln!(
+                    "gpu_mla_decode_parity: {heads} heads, fp8 {fp8}, {plan:?} (clusters {})",
+                    dev.cluster_kernels()
+                );
                 let mut ws = dev
                     .zeros::<f32>(plan.workspace_len(b.total_new, heads).unwrap().max(1))
                     .unwrap();
@@ -1572,7 +1633,7 @@ fn emu_mla_append_then_decode() {
                 }
             }
         }
-        let (o, lse, plan) = mla_emu(&c, &b, Splits::AtMost(2), 1, SMEM_A100);
+        let (o, lse, plan) = mla_emu(&c, &b, Splits::AtMost(2), 1, A100);
         let want = b.reference(c.heads, f64::from(SCALE));
         check_mla(
             &format!("append then decode fp8 {fp8} {plan:?}"),
@@ -1649,6 +1710,7 @@ fn gpu_mla_decode_raw_matches_safe() {
         heads,
         dev.sm_count(),
         dev.smem_per_block(),
+        dev.cluster_kernels(),
         opts.splits,
     )
     .unwrap();

@@ -67,7 +67,7 @@ longctx_emu_switch:
 )");
 #endif
 
-enum class State : uint8_t { Runnable, AtBarrier, AtWarp, Exited };
+enum class State : uint8_t { Runnable, AtBarrier, AtCluster, AtWarp, Exited };
 
 enum class CollKind : uint8_t { Shfl, Vote, Syncwarp, Ldmatrix, Mma };
 
@@ -105,7 +105,9 @@ struct Fiber {
     char* stack_hi = nullptr;
     State state = State::Runnable;
     Dim3 tid{0, 0, 0};
-    int linear = 0;
+    int linear = 0;  // within the CTA
+    int cta = 0;     // rank in the cluster
+    int gid = 0;     // cta * threads per CTA + linear: the fiber's index in the launch
     const char* site_file = "kernel entry";  // last barrier or collective passed
     int site_line = 0;
     Coll coll{};
@@ -113,28 +115,47 @@ struct Fiber {
     std::vector<std::vector<CpCopy>> groups;  // committed, oldest first
 };
 
-// Per-byte shadow of shared memory.
+// Per-byte shadow of shared memory. Thread ids are launch-wide fiber indices (`gid`). The
+// last write records the writer's CTA barrier epoch, warp epoch and the cluster epoch; reads
+// by the arena's own CTA are tracked as before clusters existed (plus the cluster epoch), and
+// reads by other CTAs of the cluster (distributed shared memory) separately.
 enum : uint8_t { kAlloc = 1, kWritten = 2, kPending = 4, kAtomic = 8 };
 struct Shadow {
-    uint32_t w_bar, w_wep;
-    uint32_t r_bar, r_wep;
-    int16_t w_tid;   // -1: none
-    int16_t r_tid;   // -1: none, -2: several threads
-    int16_t r_warp;  // -1: none, -2: several warps
+    uint32_t w_bar, w_wep, w_cep;
+    uint32_t r_bar, r_wep, r_cep;
+    uint32_t rr_cep;  // cluster epoch of the last remote read
+    int16_t w_tid;    // -1: none
+    int16_t r_tid;    // -1: none, -2: several threads (of the arena's CTA)
+    int16_t r_warp;   // -1: none, -2: several warps
+    int16_t rr_tid;   // remote reader: -1 none, -2 several
     uint8_t flags;
-    uint8_t pad;
+    uint8_t pad[3];
 };
 
 struct Segment {
     uintptr_t lo, hi;
 };
 
-// Fiber stacks and a shared-memory arena with its shadow, reused by later launches (of any
-// OS thread: a pool is taken for a launch and given back after it).
+// Fiber stacks and shared-memory arenas with their shadows (one per CTA of a cluster),
+// reused by later launches (of any OS thread: a pool is taken for a launch and given back
+// after it).
 struct Pool {
     std::vector<char*> stacks;
+    std::vector<char*> arenas;
+    std::vector<Shadow*> shadows;
+};
+
+// One CTA of the running cluster: its shared memory and barrier state.
+struct Cta {
+    Dim3 bid{0, 0, 0};
     char* arena = nullptr;
     Shadow* shadow = nullptr;
+    size_t used_hi = 0;  // bytes of arena in use (for the per-CTA reset)
+    std::map<const void*, std::pair<size_t, size_t>> statics;  // key -> (offset, bytes)
+    uint32_t bar_epoch = 1;
+    std::vector<uint32_t> warp_epoch;
+    uint32_t at_barrier = 0;
+    uint32_t exited = 0;
 };
 
 struct Launch {
@@ -144,24 +165,20 @@ struct Launch {
     Dim3 block{0, 0, 0};
     uint32_t nthreads = 0;
     uint32_t nwarps = 0;
-    Dim3 bid{0, 0, 0};
-    std::vector<Fiber> fibers;
+    Dim3 cluster{1, 1, 1};
+    uint32_t csize = 1;  // CTAs per cluster, run together
+    std::vector<Cta> ctas;
+    std::vector<Fiber> fibers;  // csize * nthreads, CTA by CTA
     int cur = -1;
     void* sched_sp = nullptr;
 #if !defined(__x86_64__)
     ucontext_t sched_uc;
 #endif
-    // Shared memory of the running CTA.
-    char* arena = nullptr;
-    Shadow* shadow = nullptr;
     size_t dyn = 0;
-    size_t used_hi = 0;  // bytes of arena in use (for the per-CTA reset)
-    std::map<const void*, std::pair<size_t, size_t>> statics;  // key -> (offset, bytes)
-    // Synchronisation epochs.
-    uint32_t bar_epoch = 1;
-    std::vector<uint32_t> warp_epoch;
-    uint32_t at_barrier = 0;
-    uint32_t exited = 0;
+    // The cluster barrier.
+    uint32_t cluster_epoch = 1;
+    uint32_t at_cluster = 0;
+    uint32_t exited_all = 0;
     // The first error ends the launch.
     bool failed = false;
     std::string error;
@@ -193,6 +210,7 @@ std::vector<Segment>& image_segments() {
 }
 
 Fiber& cur() { return t_launch->fibers[size_t(t_launch->cur)]; }
+Cta& cur_cta() { return t_launch->ctas[size_t(cur().cta)]; }
 
 std::string fmt(const char* f, ...) {
     char buf[1024];
@@ -205,14 +223,19 @@ std::string fmt(const char* f, ...) {
 
 std::string where(const Fiber& f) {
     const Launch& L = *t_launch;
+    const Dim3 b = L.ctas[size_t(f.cta)].bid;
     return fmt("kernel %s, block (%u,%u,%u), thread (%u,%u,%u) [warp %d lane %d, last sync %s:%d]", L.desc->kernel,
-               L.bid.x, L.bid.y, L.bid.z, f.tid.x, f.tid.y, f.tid.z, f.linear / kWarp, f.linear % kWarp,
-               f.site_file, f.site_line);
+               b.x, b.y, b.z, f.tid.x, f.tid.y, f.tid.z, f.linear / kWarp, f.linear % kWarp, f.site_file,
+               f.site_line);
 }
 
-std::string thread_name(int linear) {
-    const Fiber& f = t_launch->fibers[size_t(linear)];
-    return fmt("thread (%u,%u,%u)", f.tid.x, f.tid.y, f.tid.z);
+// A fiber by launch-wide index; names its block too when the launch has clusters.
+std::string thread_name(int gid) {
+    const Launch& L = *t_launch;
+    const Fiber& f = L.fibers[size_t(gid)];
+    if (L.csize == 1) return fmt("thread (%u,%u,%u)", f.tid.x, f.tid.y, f.tid.z);
+    const Dim3 b = L.ctas[size_t(f.cta)].bid;
+    return fmt("thread (%u,%u,%u) of block (%u,%u,%u)", f.tid.x, f.tid.y, f.tid.z, b.x, b.y, b.z);
 }
 
 void switch_to_scheduler();
@@ -234,7 +257,10 @@ void fail_sched(const std::string& what) {
     Launch& L = *t_launch;
     if (!L.failed) {
         L.failed = true;
-        L.error = fmt("kernel %s, block (%u,%u,%u): ", L.desc->kernel, L.bid.x, L.bid.y, L.bid.z) + what;
+        const Dim3 b = L.ctas[0].bid;
+        L.error = fmt("kernel %s, block (%u,%u,%u)%s: ", L.desc->kernel, b.x, b.y, b.z,
+                      L.csize > 1 ? " (first of its cluster)" : "") +
+                  what;
     }
 }
 
@@ -297,63 +323,99 @@ void fiber_main() {
 // ---------------------------------------------------------------------------------------
 // Shared memory checks.
 
-bool synced_with(int other_tid, uint32_t o_bar, uint32_t o_wep, const Fiber& me) {
+// Whether an access by `other` (launch-wide id, with the epochs it recorded) happens before
+// the running fiber's: within a CTA, a barrier since, or a warp collective since within the
+// warp; across CTAs of a cluster, a cluster barrier since.
+bool synced_with(int other, uint32_t o_bar, uint32_t o_wep, uint32_t o_cep, const Fiber& me) {
     const Launch& L = *t_launch;
-    if (o_bar < L.bar_epoch) return true;
+    if (int(uint32_t(other) / L.nthreads) != me.cta) return o_cep < L.cluster_epoch;
+    const Cta& C = L.ctas[size_t(me.cta)];
+    if (o_bar < C.bar_epoch) return true;
     const int w = me.linear / kWarp;
-    return other_tid / kWarp == w && o_wep < L.warp_epoch[size_t(w)];
+    return int(uint32_t(other) % L.nthreads) / kWarp == w && o_wep < C.warp_epoch[size_t(w)];
 }
 
-void shared_access(size_t off, size_t n, bool write, bool atomic) {
+// An access by the running fiber to bytes [off, off + n) of the shared memory of CTA
+// `owner` of the cluster (its own, or another's through distributed shared memory).
+void shared_access(int owner, size_t off, size_t n, bool write, bool atomic) {
     Launch& L = *t_launch;
     Fiber& me = cur();
-    const int tid = me.linear;
-    const int warp = tid / kWarp;
-    const uint32_t wep = L.warp_epoch[size_t(warp)];
+    Cta& A = L.ctas[size_t(owner)];
+    const Cta& C = L.ctas[size_t(me.cta)];
+    const bool remote = owner != me.cta;
+    const int tid = me.gid;
+    const int warp = me.linear / kWarp;
+    const uint32_t wep = C.warp_epoch[size_t(warp)];
+    const char* whose = remote ? " of another CTA of the cluster" : "";
+    if (remote && A.exited == L.nthreads) {
+        fail(fmt("%s of %zu bytes at shared offset %zu of a CTA of the cluster that has exited", write ? "write" : "read",
+                 n, off));
+    }
     for (size_t i = off; i < off + n; ++i) {
-        Shadow& s = L.shadow[i];
+        Shadow& s = A.shadow[i];
         if (!(s.flags & kAlloc)) {
-            fail(fmt("%s of %zu bytes at shared offset %zu is outside every shared allocation (dynamic shared "
+            fail(fmt("%s of %zu bytes at shared offset %zu%s is outside every shared allocation (dynamic shared "
                      "memory is %zu bytes)",
-                     write ? "write" : "read", n, off, L.dyn));
+                     write ? "write" : "read", n, off, whose, L.dyn));
         }
         if (s.flags & kPending) {
-            fail(fmt("%s of %zu bytes at shared offset %zu touches the destination of a cp.async that no "
+            fail(fmt("%s of %zu bytes at shared offset %zu%s touches the destination of a cp.async that no "
                      "cp.async.wait_group has covered yet",
-                     write ? "write" : "read", n, off));
+                     write ? "write" : "read", n, off, whose));
         }
         if (!write && !(s.flags & kWritten)) {
-            fail(fmt("read of %zu bytes at shared offset %zu: byte %zu was never written in this block", n, off, i));
+            fail(fmt("read of %zu bytes at shared offset %zu%s: byte %zu was never written in this block", n, off,
+                     whose, i));
         }
         if (s.w_tid >= 0 && s.w_tid != tid && !(atomic && (s.flags & kAtomic)) &&
-            !synced_with(s.w_tid, s.w_bar, s.w_wep, me)) {
-            fail(fmt("shared-memory race: %s of %zu bytes at shared offset %zu after %s wrote byte %zu with no "
-                     "barrier (or __syncwarp within the warp) between them",
-                     write ? "write" : "read", n, off, thread_name(s.w_tid).c_str(), i));
+            !synced_with(s.w_tid, s.w_bar, s.w_wep, s.w_cep, me)) {
+            fail(fmt("shared-memory race: %s of %zu bytes at shared offset %zu%s after %s wrote byte %zu with no "
+                     "barrier (or __syncwarp within the warp, or cluster barrier across CTAs) between them",
+                     write ? "write" : "read", n, off, whose, thread_name(s.w_tid).c_str(), i));
         }
         if (write) {
-            if (s.r_tid != -1 && s.r_bar == L.bar_epoch && !(s.r_tid == tid)) {
-                bool ok = false;
-                if (s.r_warp == warp && s.r_wep < wep) ok = true;
+            if (s.r_tid != -1 && s.r_tid != tid) {
+                bool ok;
+                if (remote) {
+                    ok = s.r_cep < L.cluster_epoch;
+                } else {
+                    ok = s.r_bar != C.bar_epoch || (s.r_warp == warp && s.r_wep < wep);
+                }
                 if (!ok) {
-                    fail(fmt("shared-memory race: write of %zu bytes at shared offset %zu after %s read byte %zu "
-                             "with no barrier (or __syncwarp within the warp) between them",
-                             n, off, s.r_tid >= 0 ? thread_name(s.r_tid).c_str() : "other threads", i));
+                    fail(fmt("shared-memory race: write of %zu bytes at shared offset %zu%s after %s read byte %zu "
+                             "with no barrier (or __syncwarp within the warp, or cluster barrier across CTAs) "
+                             "between them",
+                             n, off, whose, s.r_tid >= 0 ? thread_name(s.r_tid).c_str() : "other threads", i));
                 }
             }
+            if (s.rr_tid != -1 && s.rr_tid != tid && s.rr_cep == L.cluster_epoch) {
+                fail(fmt("shared-memory race: write of %zu bytes at shared offset %zu%s after %s of another CTA read "
+                         "byte %zu with no cluster barrier between them",
+                         n, off, whose, s.rr_tid >= 0 ? thread_name(s.rr_tid).c_str() : "threads", i));
+            }
             s.w_tid = int16_t(tid);
-            s.w_bar = L.bar_epoch;
+            s.w_bar = C.bar_epoch;
             s.w_wep = wep;
+            s.w_cep = L.cluster_epoch;
             s.r_tid = -1;
             s.r_warp = -1;
+            s.rr_tid = -1;
             s.flags = uint8_t((s.flags | kWritten) & ~kAtomic) | (atomic ? kAtomic : 0);
+        } else if (remote) {
+            if (s.rr_tid == -1 || s.rr_cep != L.cluster_epoch) {
+                s.rr_tid = int16_t(tid);
+                s.rr_cep = L.cluster_epoch;
+            } else if (s.rr_tid != tid) {
+                s.rr_tid = -2;
+            }
         } else {
-            const bool stale = s.r_tid == -1 || s.r_bar != L.bar_epoch || (s.r_warp == warp && s.r_wep < wep);
+            const bool stale = s.r_tid == -1 || s.r_bar != C.bar_epoch || (s.r_warp == warp && s.r_wep < wep);
             if (stale) {
                 s.r_tid = int16_t(tid);
                 s.r_warp = int16_t(warp);
-                s.r_bar = L.bar_epoch;
+                s.r_bar = C.bar_epoch;
                 s.r_wep = wep;
+                s.r_cep = L.cluster_epoch;
             } else {
                 if (s.r_tid != tid) s.r_tid = -2;
                 if (s.r_warp != warp) s.r_warp = -2;
@@ -380,11 +442,14 @@ void access(const void* p, size_t n, bool write, bool atomic = false) {
     const Fiber& f = L->fibers[size_t(L->cur)];
     const char* c = static_cast<const char*>(p);
     if (c >= f.stack_lo && c < f.stack_hi) return;  // the thread's own registers and locals
-    if (c >= L->arena && c < L->arena + kArenaBytes) {
-        const size_t off = size_t(c - L->arena);
-        if (off + n > kArenaBytes) fail(fmt("shared access of %zu bytes at offset %zu leaves the arena", n, off));
-        shared_access(off, n, write, atomic);
-        return;
+    for (uint32_t r = 0; r < L->csize; ++r) {
+        const char* arena = L->ctas[r].arena;
+        if (c >= arena && c < arena + kArenaBytes) {
+            const size_t off = size_t(c - arena);
+            if (off + n > kArenaBytes) fail(fmt("shared access of %zu bytes at offset %zu leaves the arena", n, off));
+            shared_access(int(r), off, n, write, atomic);
+            return;
+        }
     }
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
     if (const LongctxEmuBuffer* b = find_buffer(a)) {
@@ -422,31 +487,41 @@ void block_until_runnable() {
     while (cur().state != State::Runnable) switch_to_scheduler();
 }
 
-void try_complete_barrier();
+void try_complete_barrier(Cta& C);
+void try_complete_cluster();
+
+// The fiber of lane `lane` of warp `warp` of the running fiber's CTA.
+Fiber& lane_fiber(int warp, int lane) {
+    return t_launch->fibers[size_t(cur().cta) * t_launch->nthreads + size_t(warp * kWarp + lane)];
+}
 
 void on_exit_thread() {
     Launch& L = *t_launch;
     Fiber& me = cur();
-    ++L.exited;
+    Cta& C = cur_cta();
+    ++C.exited;
+    ++L.exited_all;
     const int warp = me.linear / kWarp;
     const unsigned bit = 1u << (me.linear % kWarp);
     for (int l = 0; l < kWarp; ++l) {
         const uint32_t t = uint32_t(warp * kWarp + l);
         if (t >= L.nthreads) break;
-        const Fiber& o = L.fibers[t];
+        const Fiber& o = lane_fiber(warp, l);
         if (o.state == State::AtWarp && (o.coll.mask & bit)) {
             fail(fmt("exits while lane %d waits for it at a warp collective (%s:%d, mask %#x)", l, o.coll.file,
                      o.coll.line, o.coll.mask));
         }
     }
-    if (L.at_barrier > 0 && L.at_barrier + L.exited == L.nthreads) {
-        fail(fmt("exits before the barrier that %u other threads wait at", L.at_barrier));
+    if (C.at_barrier > 0 && C.at_barrier + C.exited == L.nthreads) {
+        fail(fmt("exits before the barrier that %u other threads wait at", C.at_barrier));
+    }
+    if (L.at_cluster > 0) {
+        fail(fmt("exits while %u threads of its cluster wait at a cluster barrier", L.at_cluster));
     }
 }
 
 void complete_warp_sync(int warp, unsigned mask) {
-    Launch& L = *t_launch;
-    if (mask == warp_lanes(warp)) ++L.warp_epoch[size_t(warp)];
+    if (mask == warp_lanes(warp)) ++cur_cta().warp_epoch[size_t(warp)];
 }
 
 void compute_collective(int warp, unsigned mask);
@@ -454,7 +529,6 @@ void compute_collective(int warp, unsigned mask);
 // Blocks the calling lane at warp collective `c`; returns once every lane of the mask has
 // arrived and the results are in.
 void arrive_warp(const Coll& c) {
-    Launch& L = *t_launch;
     Fiber& me = cur();
     const int lane = me.linear % kWarp;
     const int warp = me.linear / kWarp;
@@ -471,14 +545,14 @@ void arrive_warp(const Coll& c) {
     bool all = true;
     for (int l = 0; l < kWarp; ++l) {
         if (!(c.mask & (1u << l))) continue;
-        const Fiber& o = L.fibers[size_t(warp * kWarp + l)];
+        const Fiber& o = lane_fiber(warp, l);
         if (o.state == State::Exited) {
             fail(fmt("warp collective at %s:%d (mask %#x) waits for lane %d, which has exited", c.file, c.line,
                      c.mask, l));
         }
-        if (o.state == State::AtBarrier) {
+        if (o.state == State::AtBarrier || o.state == State::AtCluster) {
             fail(fmt("lanes disagree: this lane is at a warp collective (%s:%d) while lane %d of its mask waits at "
-                     "__syncthreads (%s:%d)",
+                     "a barrier (%s:%d)",
                      c.file, c.line, l, o.site_file, o.site_line));
         }
         if (o.state == State::AtWarp) {
@@ -496,7 +570,7 @@ void arrive_warp(const Coll& c) {
         compute_collective(warp, c.mask);
         for (int l = 0; l < kWarp; ++l) {
             if (!(c.mask & (1u << l))) continue;
-            Fiber& o = L.fibers[size_t(warp * kWarp + l)];
+            Fiber& o = lane_fiber(warp, l);
             o.state = State::Runnable;
             o.site_file = c.file;
             o.site_line = c.line;
@@ -510,12 +584,10 @@ void arrive_warp(const Coll& c) {
     block_until_runnable();
 }
 
-Fiber& lane_fiber(int warp, int lane) { return t_launch->fibers[size_t(warp * kWarp + lane)]; }
-
 uint16_t smem_u16(uint32_t addr, int reader_lane_linear) {
     (void)reader_lane_linear;
     uint16_t v;
-    memcpy(&v, t_launch->arena + addr, 2);
+    memcpy(&v, cur_cta().arena + addr, 2);
     return v;
 }
 
@@ -528,6 +600,7 @@ float mma_in(uint16_t bits, int kind) {
 void compute_collective(int warp, unsigned mask) {
     Launch& L = *t_launch;
     const int caller = L.cur;  // the lane that arrived last; errors name the lane at fault
+    const int base = cur().cta * int(L.nthreads);
     const Coll& c0 = lane_fiber(warp, __builtin_ctz(mask)).coll;
     switch (c0.kind) {
         case CollKind::Syncwarp:
@@ -571,7 +644,7 @@ void compute_collective(int warp, unsigned mask) {
                     default: src = (l ^ c.c) < seg + w ? (l ^ c.c) : l; break;
                 }
                 if (src < 0 || src >= kWarp || !((mask >> src) & 1u)) {
-                    L.cur = warp * kWarp + l;
+                    L.cur = base + warp * kWarp + l;
                     fail(fmt("shuffle at %s:%d reads lane %d, which is not in the mask %#x (its value is undefined)",
                              c.file, c.line, src, mask));
                 }
@@ -587,16 +660,16 @@ void compute_collective(int warp, unsigned mask) {
                 Fiber& f = lane_fiber(warp, l);
                 const uint32_t a = f.coll.addr;
                 if (a % 16 != 0) {
-                    L.cur = warp * kWarp + l;
+                    L.cur = base + warp * kWarp + l;
                     fail(fmt("ldmatrix at %s:%d: row address %#x of lane %d is not 16-byte aligned", c0.file,
                              c0.line, a, l));
                 }
                 if (size_t(a) + 16 > kArenaBytes) {
-                    L.cur = warp * kWarp + l;
+                    L.cur = base + warp * kWarp + l;
                     fail(fmt("ldmatrix at %s:%d: row address %#x leaves shared memory", c0.file, c0.line, a));
                 }
-                L.cur = warp * kWarp + l;
-                shared_access(a, 16, false, false);
+                L.cur = base + warp * kWarp + l;
+                shared_access(cur().cta, a, 16, false, false);
                 rows[l] = a;
             }
             L.cur = caller;
@@ -661,81 +734,130 @@ void compute_collective(int warp, unsigned mask) {
     }
 }
 
-void try_complete_barrier() {
+void try_complete_barrier(Cta& C) {
     Launch& L = *t_launch;
-    if (L.at_barrier == 0 || L.at_barrier + L.exited != L.nthreads) return;
-    if (L.exited > 0) {
-        fail(fmt("%u threads exited before the barrier that %u threads wait at", L.exited, L.at_barrier));
+    if (C.at_barrier == 0 || C.at_barrier + C.exited != L.nthreads) return;
+    if (C.exited > 0) {
+        fail(fmt("%u threads exited before the barrier that %u threads wait at", C.exited, C.at_barrier));
     }
+    Fiber* const fs = &L.fibers[size_t(&C - L.ctas.data()) * L.nthreads];
     const Fiber* first = nullptr;
-    for (const Fiber& f : L.fibers) {
+    for (uint32_t i = 0; i < L.nthreads; ++i) {
+        const Fiber& f = fs[i];
         if (f.state != State::AtBarrier) continue;
         if (first == nullptr) {
             first = &f;
         } else if (f.site_line != first->site_line || strcmp(f.site_file, first->site_file) != 0) {
             fail(fmt("threads wait at different barriers: %s at %s:%d, %s at %s:%d",
-                     thread_name(first->linear).c_str(), first->site_file, first->site_line,
-                     thread_name(f.linear).c_str(), f.site_file, f.site_line));
+                     thread_name(first->gid).c_str(), first->site_file, first->site_line,
+                     thread_name(f.gid).c_str(), f.site_file, f.site_line));
         }
     }
-    ++L.bar_epoch;
-    for (auto& e : L.warp_epoch) ++e;
-    L.at_barrier = 0;
-    for (Fiber& f : L.fibers)
-        if (f.state == State::AtBarrier) f.state = State::Runnable;
+    ++C.bar_epoch;
+    for (auto& e : C.warp_epoch) ++e;
+    C.at_barrier = 0;
+    for (uint32_t i = 0; i < L.nthreads; ++i)
+        if (fs[i].state == State::AtBarrier) fs[i].state = State::Runnable;
+}
+
+// The cluster barrier (barrier.cluster.arrive + wait): every thread of every CTA of the
+// cluster, at the same site. It orders everything before it in any CTA before everything
+// after it in any CTA, so it also counts as a barrier within each CTA.
+void try_complete_cluster() {
+    Launch& L = *t_launch;
+    const uint32_t all = L.csize * L.nthreads;
+    if (L.at_cluster == 0 || L.at_cluster + L.exited_all != all) return;
+    if (L.exited_all > 0) {
+        fail(fmt("%u threads of the cluster exited before the cluster barrier that %u threads wait at", L.exited_all,
+                 L.at_cluster));
+    }
+    const Fiber* first = nullptr;
+    for (const Fiber& f : L.fibers) {
+        if (first == nullptr) {
+            first = &f;
+        } else if (f.site_line != first->site_line || strcmp(f.site_file, first->site_file) != 0) {
+            fail(fmt("threads wait at different cluster barriers: %s at %s:%d, %s at %s:%d",
+                     thread_name(first->gid).c_str(), first->site_file, first->site_line,
+                     thread_name(f.gid).c_str(), f.site_file, f.site_line));
+        }
+    }
+    ++L.cluster_epoch;
+    for (Cta& C : L.ctas) {
+        ++C.bar_epoch;
+        for (auto& e : C.warp_epoch) ++e;
+    }
+    L.at_cluster = 0;
+    for (Fiber& f : L.fibers) f.state = State::Runnable;
 }
 
 // ---------------------------------------------------------------------------------------
 // One CTA.
 
-void reset_shared(Launch& L) {
-    const size_t n = std::max(L.used_hi, L.dyn + kRedZone);
-    memset(L.shadow, 0, std::min(n, kArenaBytes) * sizeof(Shadow));
-    for (size_t i = 0; i < std::min(n, kArenaBytes); ++i) {
-        L.shadow[i].w_tid = -1;
-        L.shadow[i].r_tid = -1;
-        L.shadow[i].r_warp = -1;
+void reset_shared(Launch& L, Cta& C) {
+    const size_t n = std::min(std::max(C.used_hi, L.dyn + kRedZone), kArenaBytes);
+    memset(C.shadow, 0, n * sizeof(Shadow));
+    for (size_t i = 0; i < n; ++i) {
+        C.shadow[i].w_tid = -1;
+        C.shadow[i].r_tid = -1;
+        C.shadow[i].r_warp = -1;
+        C.shadow[i].rr_tid = -1;
     }
-    memset(L.arena, 0xA5, std::min(n, kArenaBytes));  // garbage, as uninitialised shared memory is
-    for (size_t i = 0; i < L.dyn; ++i) L.shadow[i].flags = kAlloc;
-    L.used_hi = L.dyn + kRedZone;
-    L.statics.clear();
+    memset(C.arena, 0xA5, n);  // garbage, as uninitialised shared memory is
+    for (size_t i = 0; i < L.dyn; ++i) C.shadow[i].flags = kAlloc;
+    C.used_hi = L.dyn + kRedZone;
+    C.statics.clear();
 }
 
-void run_block(Launch& L) {
-    reset_shared(L);
-    L.bar_epoch = 1;
-    std::fill(L.warp_epoch.begin(), L.warp_epoch.end(), 1u);
-    L.at_barrier = 0;
-    L.exited = 0;
-    for (uint32_t i = 0; i < L.nthreads; ++i) {
-        Fiber& f = L.fibers[i];
+// Runs one cluster (one CTA without clusters) whose first block is `first`: every thread of
+// its CTAs, CTA by CTA in rank order, each pass to its next synchronisation point.
+void run_cluster(Launch& L, Dim3 first) {
+    const Dim3 c = L.cluster;
+    for (uint32_t r = 0; r < L.csize; ++r) {
+        Cta& C = L.ctas[r];
+        C.bid = Dim3{first.x + r % c.x, first.y + (r / c.x) % c.y, first.z + r / (c.x * c.y)};
+        reset_shared(L, C);
+        C.bar_epoch = 1;
+        C.warp_epoch.assign(L.nwarps, 1u);
+        C.at_barrier = 0;
+        C.exited = 0;
+    }
+    L.cluster_epoch = 1;
+    L.at_cluster = 0;
+    L.exited_all = 0;
+    const uint32_t all = L.csize * L.nthreads;
+    for (uint32_t g = 0; g < all; ++g) {
+        const uint32_t i = g % L.nthreads;
+        Fiber& f = L.fibers[g];
         f.state = State::Runnable;
         f.linear = int(i);
+        f.cta = int(g / L.nthreads);
+        f.gid = int(g);
         f.tid = Dim3{i % L.block.x, (i / L.block.x) % L.block.y, i / (L.block.x * L.block.y)};
         f.site_file = "kernel entry";
         f.site_line = 0;
         f.open_group.clear();
         f.groups.clear();
-        fiber_init(f, L.pool->stacks[i]);
+        fiber_init(f, L.pool->stacks[g]);
     }
     for (;;) {
         bool ran = false;
-        for (uint32_t i = 0; i < L.nthreads && !L.failed; ++i) {
-            if (L.fibers[i].state != State::Runnable) continue;
-            run_fiber(int(i));
+        for (uint32_t g = 0; g < all && !L.failed; ++g) {
+            if (L.fibers[g].state != State::Runnable) continue;
+            run_fiber(int(g));
             ran = true;
         }
         if (L.failed) return;
-        if (L.exited == L.nthreads) return;
+        if (L.exited_all == all) return;
         if (!ran) {
             std::string s = "deadlock: no thread can go on;";
             int shown = 0;
             for (const Fiber& f : L.fibers) {
                 if (f.state == State::Exited || shown >= 4) continue;
                 ++shown;
-                s += fmt(" %s %s at %s:%d;", thread_name(f.linear).c_str(),
-                         f.state == State::AtBarrier ? "waits at a barrier" : "waits at a warp collective",
+                s += fmt(" %s %s at %s:%d;", thread_name(f.gid).c_str(),
+                         f.state == State::AtBarrier   ? "waits at a barrier"
+                         : f.state == State::AtCluster ? "waits at a cluster barrier"
+                                                       : "waits at a warp collective",
                          f.state == State::AtWarp ? f.coll.file : f.site_file,
                          f.state == State::AtWarp ? f.coll.line : f.site_line);
             }
@@ -746,16 +868,16 @@ void run_block(Launch& L) {
 }
 
 void land_copies(const std::vector<CpCopy>& g) {
-    Launch& L = *t_launch;
+    Cta& C = cur_cta();
     for (const CpCopy& c : g) {
-        for (size_t i = c.dst; i < c.dst + 16; ++i) L.shadow[i].flags &= uint8_t(~kPending);
+        for (size_t i = c.dst; i < c.dst + 16; ++i) C.shadow[i].flags &= uint8_t(~kPending);
         if (c.valid) {
-            memcpy(L.arena + c.dst, c.src, 16);
+            memcpy(C.arena + c.dst, c.src, 16);
         } else {
-            memset(L.arena + c.dst, 0, 16);
+            memset(C.arena + c.dst, 0, 16);
         }
         // The copy's write belongs to the issuing thread, at the time it lands.
-        shared_access(c.dst, 16, true, false);
+        shared_access(cur().cta, c.dst, 16, true, false);
     }
 }
 
@@ -765,31 +887,40 @@ void land_copies(const std::vector<CpCopy>& g) {
 // The kernel-facing API.
 
 Dim3 thread_idx() { return cur().tid; }
-Dim3 block_idx() { return t_launch->bid; }
+Dim3 block_idx() { return cur_cta().bid; }
 Dim3 block_dim() { return t_launch->block; }
 Dim3 grid_dim() {
     const auto* d = t_launch->desc;
     return Dim3{d->grid[0], d->grid[1], d->grid[2]};
 }
 
+namespace {
+// A lane that arrives at a barrier while a lane of its warp waits for it at a collective.
+void check_no_lane_waits(const char* file, int line, const char* what) {
+    const Fiber& me = cur();
+    const int warp = me.linear / kWarp;
+    for (int l = 0; l < kWarp; ++l) {
+        if (uint32_t(warp * kWarp + l) >= t_launch->nthreads) break;
+        const Fiber& o = lane_fiber(warp, l);
+        if (o.state == State::AtWarp && (o.coll.mask & (1u << (me.linear % kWarp)))) {
+            fail(fmt("lanes disagree: this lane is at %s (%s:%d) while lane %d of its warp waits for it at a warp "
+                     "collective (%s:%d)",
+                     what, file, line, l, o.coll.file, o.coll.line));
+        }
+    }
+}
+}  // namespace
+
 void syncthreads(const char* file, int line) {
-    Launch& L = *t_launch;
     Fiber& me = cur();
     // A thread's own cp.async copies are not covered by a barrier (only by a wait).
     me.state = State::AtBarrier;
     me.site_file = file;
     me.site_line = line;
-    for (uint32_t l = 0; l < L.nthreads; ++l) {
-        const Fiber& o = L.fibers[l];
-        if (o.state == State::AtWarp && (o.linear / kWarp) == (me.linear / kWarp) &&
-            (o.coll.mask & (1u << (me.linear % kWarp)))) {
-            fail(fmt("lanes disagree: this lane is at __syncthreads (%s:%d) while lane %d of its warp waits for it at "
-                     "a warp collective (%s:%d)",
-                     file, line, o.linear % kWarp, o.coll.file, o.coll.line));
-        }
-    }
-    ++L.at_barrier;
-    try_complete_barrier();
+    check_no_lane_waits(file, line, "__syncthreads");
+    Cta& C = cur_cta();
+    ++C.at_barrier;
+    try_complete_barrier(C);
     // Also the thread that completed the barrier: every thread resumes in order.
     switch_to_scheduler();
     block_until_runnable();
@@ -853,29 +984,60 @@ unsigned activemask() {
     unsigned m = 0;
     for (int l = 0; l < kWarp; ++l) {
         const uint32_t t = uint32_t(warp * kWarp + l);
-        if (t < L.nthreads && L.fibers[t].state != State::Exited) m |= 1u << l;
+        if (t < L.nthreads && lane_fiber(warp, l).state != State::Exited) m |= 1u << l;
     }
     return m;
 }
 
 void trap(const char* file, int line) { fail(fmt("__trap() at %s:%d", file, line)); }
 
-uint32_t smem_addr(const void* p) {
+uint32_t cluster_ctarank() { return uint32_t(cur().cta); }
+uint32_t cluster_nctarank() { return t_launch->csize; }
+
+void* cluster_map_shared(const char* file, int line, const void* p, uint32_t rank) {
     Launch& L = *t_launch;
+    const Cta& C = cur_cta();
     const char* c = static_cast<const char*>(p);
-    if (c < L.arena || c >= L.arena + kArenaBytes) fail("__cvta_generic_to_shared of an address outside shared memory");
-    return uint32_t(c - L.arena);
+    if (c < C.arena || c >= C.arena + kArenaBytes) {
+        fail(fmt("mapa at %s:%d of an address outside the CTA's own shared memory", file, line));
+    }
+    if (rank >= L.csize) {
+        fail(fmt("mapa at %s:%d to CTA rank %u of a cluster of %u", file, line, rank, L.csize));
+    }
+    return L.ctas[rank].arena + (c - C.arena);
+}
+
+void cluster_sync(const char* file, int line) {
+    Launch& L = *t_launch;
+    Fiber& me = cur();
+    me.state = State::AtCluster;
+    me.site_file = file;
+    me.site_line = line;
+    check_no_lane_waits(file, line, "a cluster barrier");
+    ++L.at_cluster;
+    try_complete_cluster();
+    switch_to_scheduler();
+    block_until_runnable();
+}
+
+uint32_t smem_addr(const void* p) {
+    const Cta& C = cur_cta();
+    const char* c = static_cast<const char*>(p);
+    if (c < C.arena || c >= C.arena + kArenaBytes) {
+        fail("__cvta_generic_to_shared of an address outside the CTA's own shared memory");
+    }
+    return uint32_t(c - C.arena);
 }
 
 void* dynamic_smem(size_t align) {
     if (align > 256) fail(fmt("dynamic shared memory aligned to %zu bytes (at most 256 supported)", align));
-    return t_launch->arena;
+    return cur_cta().arena;
 }
 
 uint32_t dynamic_smem_size() { return uint32_t(t_launch->dyn); }
 
 void* static_smem(const void* key, size_t bytes, size_t align, const char* file, int line) {
-    Launch& L = *t_launch;
+    Cta& L = cur_cta();
     auto it = L.statics.find(key);
     if (it == L.statics.end()) {
         size_t off = (L.used_hi + align - 1) / align * align;
@@ -890,7 +1052,7 @@ void* static_smem(const void* key, size_t bytes, size_t align, const char* file,
 }
 
 void cp_async_16(const char* file, int line, uint32_t dst, const void* src, bool valid) {
-    Launch& L = *t_launch;
+    Cta& C = cur_cta();
     Fiber& me = cur();
     if (dst % 16 != 0) fail(fmt("cp.async at %s:%d: shared destination %#x is not 16-byte aligned", file, line, dst));
     if (size_t(dst) + 16 > kArenaBytes) fail(fmt("cp.async at %s:%d: destination %#x leaves shared memory", file, line, dst));
@@ -905,9 +1067,9 @@ void cp_async_16(const char* file, int line, uint32_t dst, const void* src, bool
     }
     // The destination may be written from now on: check it like a write, then poison it
     // until a wait covers the copy.
-    shared_access(dst, 16, true, false);
-    for (size_t i = dst; i < size_t(dst) + 16; ++i) L.shadow[i].flags |= kPending;
-    memset(L.arena + dst, 0xFF, 16);
+    shared_access(me.cta, dst, 16, true, false);
+    for (size_t i = dst; i < size_t(dst) + 16; ++i) C.shadow[i].flags |= kPending;
+    memset(C.arena + dst, 0xFF, 16);
     me.open_group.push_back(CpCopy{dst, src, valid});
 }
 
@@ -992,6 +1154,14 @@ extern "C" int longctx_emu_launch(const LongctxEmuLaunch* d, char* err, uint64_t
         return report(fmt("kernel %s: block of %lu threads (1 to %u)", d->kernel, (unsigned long)nthreads, kMaxThreads));
     }
     if (d->grid[0] == 0 || d->grid[1] == 0 || d->grid[2] == 0) return report(fmt("kernel %s: empty grid", d->kernel));
+    for (int i = 0; i < 3; ++i) {
+        if (d->cluster[i] == 0 || d->grid[i] % d->cluster[i] != 0) {
+            return report(fmt("kernel %s: cluster (%u,%u,%u) does not divide the grid (%u,%u,%u)", d->kernel,
+                              d->cluster[0], d->cluster[1], d->cluster[2], d->grid[0], d->grid[1], d->grid[2]));
+        }
+    }
+    const uint64_t csize = uint64_t(d->cluster[0]) * d->cluster[1] * d->cluster[2];
+    if (csize > 8) return report(fmt("kernel %s: cluster of %lu CTAs (at most 8)", d->kernel, (unsigned long)csize));
     if (size_t(d->dyn_smem) + 2 * kRedZone > kArenaBytes) {
         return report(fmt("kernel %s: %u bytes of dynamic shared memory exceed the emulator's arena", d->kernel,
                           d->dyn_smem));
@@ -1005,19 +1175,22 @@ extern "C" int longctx_emu_launch(const LongctxEmuLaunch* d, char* err, uint64_t
             g_pools.pop_back();
         }
     }
-    if (pool == nullptr) {
-        pool = new Pool;
-        void* a = mmap(nullptr, kArenaBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        void* s = mmap(nullptr, kArenaBytes * sizeof(Shadow), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (a == MAP_FAILED || s == MAP_FAILED) return report("could not map the shared-memory arena");
-        pool->arena = static_cast<char*>(a);
-        pool->shadow = static_cast<Shadow*>(s);
-    }
+    if (pool == nullptr) pool = new Pool;
     auto give_back = [&] {
         std::lock_guard<std::mutex> g(g_pool_lock);
         g_pools.push_back(pool);
     };
-    while (pool->stacks.size() < nthreads) {
+    while (pool->arenas.size() < csize) {
+        void* a = mmap(nullptr, kArenaBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        void* s = mmap(nullptr, kArenaBytes * sizeof(Shadow), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (a == MAP_FAILED || s == MAP_FAILED) {
+            give_back();
+            return report("could not map the shared-memory arena");
+        }
+        pool->arenas.push_back(static_cast<char*>(a));
+        pool->shadows.push_back(static_cast<Shadow*>(s));
+    }
+    while (pool->stacks.size() < nthreads * csize) {
         void* m = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (m == MAP_FAILED) {
             give_back();
@@ -1033,20 +1206,21 @@ extern "C" int longctx_emu_launch(const LongctxEmuLaunch* d, char* err, uint64_t
     L.block = Dim3{d->block[0], d->block[1], d->block[2]};
     L.nthreads = uint32_t(nthreads);
     L.nwarps = (L.nthreads + kWarp - 1) / kWarp;
-    L.fibers.resize(L.nthreads);
-    L.warp_epoch.assign(L.nwarps, 1u);
+    L.cluster = Dim3{d->cluster[0], d->cluster[1], d->cluster[2]};
+    L.csize = uint32_t(csize);
+    L.fibers.resize(L.nthreads * L.csize);
+    L.ctas.resize(L.csize);
+    for (uint32_t r = 0; r < L.csize; ++r) {
+        L.ctas[r].arena = pool->arenas[r];
+        L.ctas[r].shadow = pool->shadows[r];
+        L.ctas[r].used_hi = kArenaBytes;  // the first reset clears everything
+    }
     L.pool = pool;
-    L.arena = pool->arena;
-    L.shadow = pool->shadow;
     L.dyn = d->dyn_smem;
-    L.used_hi = kArenaBytes;  // the first reset clears everything
     t_launch = &L;
-    for (uint32_t z = 0; z < d->grid[2] && !L.failed; ++z)
-        for (uint32_t y = 0; y < d->grid[1] && !L.failed; ++y)
-            for (uint32_t x = 0; x < d->grid[0] && !L.failed; ++x) {
-                L.bid = Dim3{x, y, z};
-                run_block(L);
-            }
+    for (uint32_t z = 0; z < d->grid[2] && !L.failed; z += L.cluster.z)
+        for (uint32_t y = 0; y < d->grid[1] && !L.failed; y += L.cluster.y)
+            for (uint32_t x = 0; x < d->grid[0] && !L.failed; x += L.cluster.x) run_cluster(L, Dim3{x, y, z});
     t_launch = nullptr;
     give_back();
     if (L.failed) return report(L.error);

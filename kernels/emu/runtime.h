@@ -1,9 +1,10 @@
 // Interface between kernel code compiled for the CPU emulator (through cuda_emu.h) and the
 // emulator runtime (runtime.cpp). Nothing here is seen by nvcc builds.
 //
-// A launch runs its CTAs one after another on the calling OS thread; inside a CTA every
-// CUDA thread is a fiber with its own stack. Fibers switch only at synchronisation points
-// (barriers, warp collectives, cp.async waits), in thread order, so a run is deterministic.
+// A launch runs its CTAs one after another on the calling OS thread (the CTAs of one
+// thread-block cluster together); every CUDA thread is a fiber with its own stack. Fibers
+// switch only at synchronisation points (barriers, cluster barriers, warp collectives,
+// cp.async waits), in thread order, so a run is deterministic.
 // Every load and store of the kernel code is reported to the runtime by the compiler's
 // thread-sanitizer instrumentation (the runtime supplies the __tsan_* hooks), which is how
 // the shared-memory race, initialisation and bounds checks and the global bounds checks see
@@ -38,6 +39,14 @@ unsigned match_any(const char* file, int line, unsigned mask, uint64_t value);
 unsigned activemask();
 
 [[noreturn]] void trap(const char* file, int line);
+
+// Thread-block clusters: the CTA's rank, the cluster's size, a pointer into CTA `rank`'s
+// shared memory at the offset `p` has in the caller's (mapa), and the cluster barrier
+// (barrier.cluster.arrive + barrier.cluster.wait, by every thread of the cluster).
+uint32_t cluster_ctarank();
+uint32_t cluster_nctarank();
+void* cluster_map_shared(const char* file, int line, const void* p, uint32_t rank);
+void cluster_sync(const char* file, int line);
 
 // Shared memory. Addresses in the shared window are byte offsets into the CTA's arena.
 uint32_t smem_addr(const void* p);
@@ -87,8 +96,8 @@ typedef struct LongctxEmuLaunch {
     const void* params;
     uint32_t grid[3];
     uint32_t block[3];
+    uint32_t cluster[3];  // CTAs per cluster in each dimension (1, 1, 1 without clusters)
     uint32_t dyn_smem;
-    uint32_t pad;
     const LongctxEmuBuffer* buffers;
     uint64_t n_buffers;
 } LongctxEmuLaunch;

@@ -4,6 +4,7 @@
 // same common/ wrappers as the crate's kernels. src/emulator/selftest.rs drives them.
 #include <stdint.h>
 
+#include "common/cluster.cuh"
 #include "common/cp_async.cuh"
 #include "common/mma.cuh"
 #include "common/smem.cuh"
@@ -188,6 +189,68 @@ extern "C" __global__ void longctx_emu_selftest_bugs(const __grid_constant__ Lon
         }
         case 14: {  // shared access past the dynamic allocation
             s[256 + t] = in[t];
+            break;
+        }
+        default:
+            __trap();
+    }
+}
+
+// A cluster of two CTAs of 64 threads (grid (2, 1, 1), cluster (2, 1, 1)), 512 bytes of
+// dynamic shared memory as s[128] words; in and out 256 words. Mode 0 is correct: each CTA
+// pushes its 64 input words into the other's s[64 ..), passes the cluster barrier, reads
+// them back, pulls the other's s[0 ..) and passes a last cluster barrier before leaving:
+// out[64 r + t] = in[64 (r ^ 1) + t] and out[128 + 64 r + t] = in[64 (r ^ 1) + t] for rank r.
+// Every other mode is one deliberate bug (see src/emulator/selftest.rs).
+extern "C" __global__ void longctx_emu_selftest_cluster(const __grid_constant__ LongctxEmuSelftestParams p) {
+    LONGCTX_DYNAMIC_SMEM(uint32_t, s, 16);
+    const int t = threadIdx.x;
+    const uint32_t r = cluster_ctarank();
+    const uint32_t* in = reinterpret_cast<const uint32_t*>(p.in);
+    uint32_t* out = reinterpret_cast<uint32_t*>(p.out);
+    uint32_t* peer = cluster_map_shared(s, r ^ 1u);
+    switch (p.mode) {
+        case 0: {
+            s[t] = in[64 * r + t];
+            peer[64 + t] = in[64 * r + t];
+            LONGCTX_CLUSTER_SYNC();
+            out[64 * r + t] = s[64 + t];
+            out[128 + 64 * r + t] = peer[t];
+            LONGCTX_CLUSTER_SYNC();  // the other CTA reads this one's s until here
+            break;
+        }
+        case 1: {  // reads what the other CTA pushed with only a CTA barrier between
+            peer[64 + t] = in[64 * r + t];
+            __syncthreads();
+            out[64 * r + t] = s[64 + t];
+            LONGCTX_CLUSTER_SYNC();
+            break;
+        }
+        case 2: {  // overwrites the other CTA's buffer while it may still read it
+            s[64 + t] = in[t];
+            LONGCTX_CLUSTER_SYNC();
+            out[64 * r + t] = s[64 + t];
+            peer[64 + t] = in[64 + t];
+            LONGCTX_CLUSTER_SYNC();
+            break;
+        }
+        case 3: {  // maps to a rank outside the cluster
+            uint32_t* far = cluster_map_shared(s, 2u);
+            far[t] = in[t];
+            break;
+        }
+        case 4: {  // rank 0 leaves while rank 1 still reads its shared memory
+            s[t] = in[t];
+            if (r == 1) {
+                __syncthreads();
+                out[64 + t] = peer[t];
+            }
+            break;
+        }
+        case 5: {  // only rank 0 reaches the cluster barrier
+            s[t] = in[t];
+            if (r == 0) LONGCTX_CLUSTER_SYNC();
+            out[64 * r + t] = s[t];
             break;
         }
         default:

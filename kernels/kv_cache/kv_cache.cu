@@ -88,6 +88,29 @@ LONGCTX_MLA_DECODE_ENTRY(longctx_mla_decode_bf16_fp8, true, 1, 1)
 LONGCTX_MLA_DECODE_ENTRY(longctx_mla_decode_r64_bf16, false, 4, 1)
 LONGCTX_MLA_DECODE_ENTRY(longctx_mla_decode_r64_bf16_fp8, true, 4, 1)
 
+// The 64-row kernel in thread-block clusters of C = 2 or 4 CTAs (sm_90+): 128 or 256 rows
+// share each latent byte read. The portable code keeps the entries (one symbol table for
+// every arch) as traps; the host launches them only where the loaded code is sm_90a.
+#if LONGCTX_HAS_CLUSTERS && !defined(LONGCTX_EMU)
+#define LONGCTX_MLA_CLUSTER_DIMS(C) __cluster_dims__(1, C, 1)
+#else
+#define LONGCTX_MLA_CLUSTER_DIMS(C)
+#endif
+#if LONGCTX_HAS_CLUSTERS
+#define LONGCTX_MLA_DECODE_CLUSTER_BODY(FP8, C) longctx::mla_decode::mla_decode_body<FP8, 4, C>(p);
+#else
+#define LONGCTX_MLA_DECODE_CLUSTER_BODY(FP8, C) __trap();
+#endif
+#define LONGCTX_MLA_DECODE_CLUSTER_ENTRY(NAME, FP8, C)                                           \
+    extern "C" __global__ void __launch_bounds__(longctx::mla_decode::Shape<4>::kThreads, 1)     \
+        LONGCTX_MLA_CLUSTER_DIMS(C) NAME(const __grid_constant__ LongctxMlaDecodeParams p) {     \
+        LONGCTX_MLA_DECODE_CLUSTER_BODY(FP8, C)                                                  \
+    }
+LONGCTX_MLA_DECODE_CLUSTER_ENTRY(longctx_mla_decode_c2_bf16, false, 2)
+LONGCTX_MLA_DECODE_CLUSTER_ENTRY(longctx_mla_decode_c2_bf16_fp8, true, 2)
+LONGCTX_MLA_DECODE_CLUSTER_ENTRY(longctx_mla_decode_c4_bf16, false, 4)
+LONGCTX_MLA_DECODE_CLUSTER_ENTRY(longctx_mla_decode_c4_bf16_fp8, true, 4)
+
 // MLA latent append (mla_append_kernel.cuh): bf16 rows into a bf16 or fp8 latent cache.
 #define LONGCTX_MLA_APPEND_ENTRY(NAME, FP8)                                              \
     extern "C" __global__ void __launch_bounds__(longctx::mla_append::kThreads)          \

@@ -9,6 +9,13 @@
 //   kRowGroups 4: 64 rows (four m16 tiles), 8 warps as 4 row groups x 2 column halves, each
 //     warp owning 16 keys of S and 256 columns of O for its 16 rows (154-158 KB: A100 / H100
 //     class parts). DeepSeek-V3's 128 heads read each latent byte in 2 CTAs instead of 8.
+//   kCluster 2 or 4 (sm_90+, 64 rows per CTA): the CTAs of a thread-block cluster take
+//     consecutive row tiles of a (split, sequence), so 128 (or 256: 128 heads x 2 MTP
+//     tokens) rows share every latent byte read from global memory: each CTA copies
+//     1 / kCluster of each key tile (its keys rank x 32 / kCluster ..) and pushes that part
+//     into the other CTAs' shared memory (distributed shared memory) at the same offset;
+//     one cluster barrier per tile publishes every part. (128 rows in one CTA do not fit:
+//     O alone, 128 x 512 f32, is the whole register file.)
 // The CTA walks its split in tiles of 32 keys, double-buffered with cp.async (a page lookup
 // per 16-byte chunk). Per tile, for warp (row group rg, column warp cw):
 //   S (16 x keys of cw) = Q K^T, k = 576: Q's A fragments by ldmatrix from a swizzled shared
@@ -28,6 +35,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "common/cluster.cuh"
 #include "common/cp_async.cuh"
 #include "common/dtype.cuh"
 #include "common/fast_math.cuh"
@@ -100,8 +108,12 @@ template <bool kFp8, int kRowGroups> struct Layout {
 // Byte offset of chunk `c` (8 bf16) of row `r` in a swizzled 576-channel tile.
 __device__ __forceinline__ uint32_t swz(int r, int c) { return uint32_t(r * kRowBytes + ((c ^ (r & 7)) << 4)); }
 
-template <bool kFp8, int kRowGroups>
+template <bool kFp8, int kRowGroups, int kCluster = 1>
 __device__ __forceinline__ void mla_decode_body(const LongctxMlaDecodeParams& p) {
+    static_assert(kCluster == 1 || ((kCluster == 2 || kCluster == 4) && kRowGroups == 4),
+                  "clusters group 64-row tiles");
+    static_assert(kCluster <= int(LONGCTX_MLA_DECODE_MAX_CLUSTER), "cluster as the host plans it");
+    static_assert(kTileN % kCluster == 0, "the cluster's CTAs copy equal parts of a tile");
     using T = __nv_bfloat16;
     using S = Shape<kRowGroups>;
     using L = Layout<kFp8, kRowGroups>;
@@ -135,7 +147,13 @@ __device__ __forceinline__ void mla_decode_body(const LongctxMlaDecodeParams& p)
     const int heads = int(p.heads);
     const int rows_total = n_new * heads;
     const int r0 = row_tile * kRows;
-    if (r0 >= rows_total) return;  // the whole CTA leaves: no row of this tile exists
+    // The cluster's CTAs take consecutive row tiles (cluster dims (1, kCluster, 1): the rank
+    // is the row tile's place in its pair) and load each key tile together, so they run the
+    // same tiles: they leave together, and the keys they walk cover all their rows.
+    int rank = 0;
+    if constexpr (kCluster > 1) rank = int(cluster_ctarank());
+    const int rc0 = r0 - rank * kRows;  // the cluster's first row
+    if (rc0 >= rows_total) return;      // no row of the cluster exists: every CTA leaves
     // A row group past the sequence's rows skips its MMAs (its rows are masked anyway) but
     // keeps to the barriers.
     const bool rg_live = r0 + 16 * rg < rows_total;
@@ -148,8 +166,8 @@ __device__ __forceinline__ void mla_decode_body(const LongctxMlaDecodeParams& p)
         const int row = r0 + 16 * rg + g + 8 * h;
         row_hi[h] = row < rows_total ? len - n_new + row / heads : -1;
     }
-    const int last = min(r0 + kRows, rows_total) - 1;
-    const int cta_hi = len - n_new + last / heads;  // the last key any row of the CTA sees
+    const int last = min(rc0 + kCluster * kRows, rows_total) - 1;
+    const int cta_hi = len - n_new + last / heads;  // the last key any row of the cluster sees
     const int lo = split * int(p.chunk);
     const int hi = min(min(lo + int(p.chunk), len), cta_hi + 1);  // exclusive
 
@@ -176,14 +194,18 @@ __device__ __forceinline__ void mla_decode_body(const LongctxMlaDecodeParams& p)
 
     auto slot_of = [&](int j) -> int64_t { return int64_t(table[j / page_size]) * page_size + j % page_size; };
 
+    // Keys of a tile this CTA copies: all of them, or its part in a cluster.
+    constexpr int kOwnKeys = kTileN / kCluster;
+    const int key0 = rank * kOwnKeys;
     auto load_tile = [&](int j0, int st) {
         const uint32_t dst = s_base + uint32_t(st * L::kStageBytes);
         if constexpr (kFp8) {
             constexpr int kCodeChunks = kLat / 16;  // 32 chunks of codes per key
+            static_assert(kOwnKeys * kCodeChunks % kThreads == 0, "the codes split evenly over the threads");
 #pragma unroll
-            for (int i = 0; i < L::kLoadIters; ++i) {
+            for (int i = 0; i < kOwnKeys * kCodeChunks / kThreads; ++i) {
                 const int chunk = i * kThreads + tid;
-                const int row = chunk / kCodeChunks;
+                const int row = key0 + chunk / kCodeChunks;
                 const int col = chunk % kCodeChunks;
                 const int j = j0 + row;
                 const bool valid = j < hi;
@@ -192,8 +214,8 @@ __device__ __forceinline__ void mla_decode_body(const LongctxMlaDecodeParams& p)
                             reinterpret_cast<const uint8_t*>(p.latent) + slot * kLat + col * 16, valid);
             }
             constexpr int kRopeChunks = kRope * 2 / 16;  // 8 chunks of k_pe per key
-            for (int chunk = tid; chunk < kTileN * kRopeChunks; chunk += kThreads) {
-                const int row = chunk / kRopeChunks;
+            for (int chunk = tid; chunk < kOwnKeys * kRopeChunks; chunk += kThreads) {
+                const int row = key0 + chunk / kRopeChunks;
                 const int col = chunk % kRopeChunks;
                 const int j = j0 + row;
                 const bool valid = j < hi;
@@ -201,20 +223,46 @@ __device__ __forceinline__ void mla_decode_body(const LongctxMlaDecodeParams& p)
                 cp_async_16(dst + uint32_t(kTileN * kLat + row * kRope * 2 + col * 16),
                             reinterpret_cast<const T*>(p.rope) + slot * kRope + col * 8, valid);
             }
-            if (tid < kTileN) {
-                const int j = j0 + tid;
-                smem_scale[st * kTileN + tid] = j < hi ? scale[slot_of(j)] : 0.f;
+            if (tid < kOwnKeys) {
+                const int j = j0 + key0 + tid;
+                smem_scale[st * kTileN + key0 + tid] = j < hi ? scale[slot_of(j)] : 0.f;
             }
         } else {
+            constexpr int kItems = kOwnKeys * kChunks;
 #pragma unroll 2
-            for (int i = 0; i < L::kLoadIters; ++i) {
+            for (int i = 0; i < (kItems + kThreads - 1) / kThreads; ++i) {
                 const int chunk = i * kThreads + tid;
-                const int row = chunk / kChunks;
+                if (kItems % kThreads != 0 && chunk >= kItems) break;
+                const int row = key0 + chunk / kChunks;
                 const int col = chunk % kChunks;
                 const int j = j0 + row;
                 const bool valid = j < hi;
                 const int64_t slot = slot_of(valid ? j : j0);
                 cp_async_16(dst + swz(row, col), reinterpret_cast<const T*>(p.latent) + slot * kDim + col * 8, valid);
+            }
+        }
+    };
+
+    // Cluster: this CTA's part of stage `st` (its keys' rows of the tile, and for fp8 their
+    // k_pe rows and scales: contiguous byte ranges) into the other CTAs' shared memory at
+    // the same offsets. The caller has waited for its copies and passed a CTA barrier.
+    auto push_half = [&](int st) {
+        if constexpr (kCluster > 1) {
+            auto push = [&](int off, int bytes) {
+                const uint4* src = reinterpret_cast<const uint4*>(smem + off);
+#pragma unroll
+                for (int q = 1; q < kCluster; ++q) {
+                    const uint32_t peer = uint32_t((rank + q) % kCluster);
+                    uint4* dst = reinterpret_cast<uint4*>(cluster_map_shared(smem + off, peer));
+                    for (int i = tid; i < bytes / 16; i += kThreads) dst[i] = src[i];
+                }
+            };
+            if constexpr (kFp8) {
+                push(st * L::kStageBytes + key0 * kLat, kOwnKeys * kLat);
+                push(st * L::kStageBytes + kTileN * kLat + key0 * kRope * 2, kOwnKeys * kRope * 2);
+                push(L::kScale + (st * kTileN + key0) * 4, kOwnKeys * 4);
+            } else {
+                push(st * L::kStageBytes + key0 * kRowBytes, kOwnKeys * kRowBytes);
             }
         }
     };
@@ -239,9 +287,17 @@ __device__ __forceinline__ void mla_decode_body(const LongctxMlaDecodeParams& p)
         const int st = t & 1;
         cp_async_wait<0>();
         __syncthreads();  // tile t (and Q) landed; every warp is done with tile t - 1 and P
+        push_half(st);
         if (t + 1 < n_tiles) {
+            // Into this CTA's own part of the other stage: the other CTAs of a cluster write
+            // only their parts, and this CTA's warps are done with tile t - 1.
             load_tile(lo + (t + 1) * kTileN, st ^ 1);
             cp_async_commit();
+        }
+        if constexpr (kCluster > 1) {
+            // Every part of tile t is in every CTA; and every CTA is done with tile t - 1,
+            // whose stage the others' next pushes overwrite.
+            LONGCTX_CLUSTER_SYNC();
         }
         uint32_t tile = s_base + uint32_t(st * L::kStageBytes);
         if constexpr (kFp8) {

@@ -247,6 +247,11 @@ typedef struct LongctxKvAppendParams {
 #define LONGCTX_MLA_DECODE_R64_ROWS 64u
 #define LONGCTX_MLA_DECODE_R64_SMEM_BF16 153856u
 #define LONGCTX_MLA_DECODE_R64_SMEM_FP8 157952u
+/* sm_90+: the clustered 64-row kernels run thread-block clusters of 2 or 4 CTAs
+ * (longctx_mla_decode_c2_*, _c4_*; cluster dims (1, C, 1)): the cluster's CTAs take
+ * consecutive row tiles, so the grid's row tiles are a multiple of C; same shared memory as
+ * the 64-row kernel. */
+#define LONGCTX_MLA_DECODE_MAX_CLUSTER 4u
 
 typedef struct LongctxMlaDecodeParams {
     LongctxKvStep step;

@@ -31,8 +31,10 @@ pub enum HostLatentCache<'a> {
 /// [`crate::mla::decode_absorbed`] on the CPU, for a device with `sm_count` SMs and
 /// `smem_per_block` bytes of opt-in shared memory per block (the plan's inputs: 166,912
 /// for an A100, 232,448 for an H100, which pick the 64-row kernel for more than 16 rows;
-/// 101,376 for sm_86/89 parts, which keep the 16-row one). `layout` is the step's
-/// ([`crate::mla::latent_layout`]). Returns the plan it ran.
+/// 101,376 for sm_86/89 parts, which keep the 16-row one), running thread-block clusters
+/// or not (`clusters`: true as an H100 with sm_90a code, which pairs 64-row CTAs for more
+/// than 64 rows). `layout` is the step's ([`crate::mla::latent_layout`]). Returns the plan
+/// it ran.
 ///
 /// # Errors
 /// As the GPU op, plus [`Error::Emulator`](crate::Error::Emulator) when a kernel misbehaves.
@@ -47,6 +49,7 @@ pub fn mla_decode(
     workspace: &mut [f32],
     sm_count: usize,
     smem_per_block: usize,
+    clusters: bool,
     opts: &MlaDecodeOptions,
 ) -> Result<MlaDecodePlan> {
     let shape = match *cache {
@@ -77,6 +80,7 @@ pub fn mla_decode(
         workspace_len: workspace.len(),
         sm_count,
         smem_per_block,
+        clusters,
     }
     .validate(opts)?;
     let qb = HostBuf::input(q_lat, c"q");

@@ -3,13 +3,14 @@
 //!
 //! Enabled by the `emulator` feature (the crate's own tests always enable it). The kernel
 //! files in `kernels/` are compiled with the host C++ compiler against
-//! `kernels/emu/cuda_emu.h`; each launch runs every CTA of its grid, one after another, with
-//! every CUDA thread as a fiber that switches at barriers and warp collectives, so a run is
-//! deterministic. `mma.sync`, `ldmatrix`, `cp.async`, shuffles, votes and the MUFU
-//! approximations have exact twins written from the PTX ISA manual. A launch fails with
+//! `kernels/emu/cuda_emu.h`; each launch runs every CTA of its grid, one after another (the
+//! CTAs of a thread-block cluster together, with distributed shared memory and the cluster
+//! barrier), with every CUDA thread as a fiber that switches at barriers and warp
+//! collectives, so a run is deterministic. `mma.sync`, `ldmatrix`, `cp.async`, shuffles,
+//! votes and the MUFU approximations have exact twins written from the PTX ISA manual. A launch fails with
 //! [`Error::Emulator`] naming kernel, block, thread and address on: a shared-memory race
 //! (a byte written by one thread and touched by another with no barrier, or no `__syncwarp`
-//! or collective within a warp, between them), a read of shared memory never written, a
+//! or collective within a warp, or no cluster barrier across CTAs, between them), a read of shared memory never written, a
 //! shared access outside every allocation, a read of a `cp.async` destination before a wait
 //! covers it, a global access outside the launch's buffers or a write to an input, lanes
 //! that disagree at a warp collective, a barrier some threads skip or exit before, a trap.
@@ -59,8 +60,8 @@ struct EmuLaunch {
     params: *const c_void,
     grid: [u32; 3],
     block: [u32; 3],
+    cluster: [u32; 3],
     dyn_smem: u32,
-    pad: u32,
     buffers: *const EmuBuffer,
     n_buffers: u64,
 }
@@ -347,6 +348,10 @@ entries! {
     MlaDecodeBf16Fp8 => longctx_mla_decode_bf16_fp8, longctx_mla_decode_bf16_fp8: sys::LongctxMlaDecodeParams;
     MlaDecodeR64Bf16 => longctx_mla_decode_r64_bf16, longctx_mla_decode_r64_bf16: sys::LongctxMlaDecodeParams;
     MlaDecodeR64Bf16Fp8 => longctx_mla_decode_r64_bf16_fp8, longctx_mla_decode_r64_bf16_fp8: sys::LongctxMlaDecodeParams;
+    MlaDecodeC2Bf16 => longctx_mla_decode_c2_bf16, longctx_mla_decode_c2_bf16: sys::LongctxMlaDecodeParams;
+    MlaDecodeC2Bf16Fp8 => longctx_mla_decode_c2_bf16_fp8, longctx_mla_decode_c2_bf16_fp8: sys::LongctxMlaDecodeParams;
+    MlaDecodeC4Bf16 => longctx_mla_decode_c4_bf16, longctx_mla_decode_c4_bf16: sys::LongctxMlaDecodeParams;
+    MlaDecodeC4Bf16Fp8 => longctx_mla_decode_c4_bf16_fp8, longctx_mla_decode_c4_bf16_fp8: sys::LongctxMlaDecodeParams;
     MlaAppendBf16 => longctx_mla_append_bf16, longctx_mla_append_bf16: sys::LongctxMlaAppendParams;
     MlaAppendBf16Fp8 => longctx_mla_append_bf16_fp8, longctx_mla_append_bf16_fp8: sys::LongctxMlaAppendParams;
 }
@@ -389,13 +394,15 @@ pub(crate) fn run<P: Copy + 'static>(
             &l.params,
             l.grid,
             l.block,
+            l.id.cluster_dims(),
             l.smem_bytes,
             bufs,
         )
     }
 }
 
-/// Runs the kernel at `entry_ptr` with `params`.
+/// Runs the kernel at `entry_ptr` with `params`, in thread-block clusters of `cluster` CTAs
+/// ((1, 1, 1) for none; it must divide the grid).
 ///
 /// # Safety
 /// `entry_ptr` must be an emulated kernel entry (`extern "C" fn(P)`) taking exactly `P`.
@@ -407,6 +414,7 @@ pub(crate) unsafe fn run_entry<P: Copy>(
     params: &P,
     grid: (u32, u32, u32),
     block: (u32, u32, u32),
+    cluster: (u32, u32, u32),
     smem_bytes: u32,
     bufs: &[HostBuf],
 ) -> Result<()> {
@@ -432,8 +440,8 @@ pub(crate) unsafe fn run_entry<P: Copy>(
         params: params as *const P as *const c_void,
         grid: [grid.0, grid.1, grid.2],
         block: [block.0, block.1, block.2],
+        cluster: [cluster.0, cluster.1, cluster.2],
         dyn_smem: smem_bytes,
-        pad: 0,
         buffers: raw.as_ptr(),
         n_buffers: raw.len() as u64,
     };

@@ -22,6 +22,7 @@ extern "C" {
     fn longctx_emu_selftest_mma(p: Params);
     fn longctx_emu_selftest_ldmatrix(p: Params);
     fn longctx_emu_selftest_bugs(p: Params);
+    fn longctx_emu_selftest_cluster(p: Params);
 }
 
 const OP: &str = "emulator selftest";
@@ -44,6 +45,7 @@ fn launch(
             p,
             (1, 1, 1),
             (threads, 1, 1),
+            (1, 1, 1),
             smem,
             bufs,
         )
@@ -206,4 +208,70 @@ pub fn program(prog: Program, input: &[u32], output: &mut [u32]) -> Result<()> {
         1024,
         &[ib, ob],
     )
+}
+
+/// The thread-block cluster programs of [`cluster_program`]: one correct, the rest one
+/// deliberate bug each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterProgram {
+    /// Each CTA pushes its words into the other's shared memory, passes the cluster
+    /// barrier, reads them, pulls the other's words and passes a last cluster barrier:
+    /// `out[64 r + t] = out[128 + 64 r + t] = in[64 (r ^ 1) + t]` for rank `r`, thread `t`.
+    Correct = 0,
+    /// Reads what the other CTA pushed with only `__syncthreads` between.
+    MissingClusterBarrier = 1,
+    /// Overwrites the other CTA's buffer while the other CTA may still read it.
+    OverwriteWhileRead = 2,
+    /// Maps a shared address to a rank outside the cluster.
+    RankOutsideCluster = 3,
+    /// One CTA leaves while the other still reads its shared memory.
+    ExitWhileRead = 4,
+    /// Only one CTA reaches the cluster barrier.
+    SkippedClusterBarrier = 5,
+}
+
+impl ClusterProgram {
+    /// Every program.
+    pub const ALL: [ClusterProgram; 6] = [
+        ClusterProgram::Correct,
+        ClusterProgram::MissingClusterBarrier,
+        ClusterProgram::OverwriteWhileRead,
+        ClusterProgram::RankOutsideCluster,
+        ClusterProgram::ExitWhileRead,
+        ClusterProgram::SkippedClusterBarrier,
+    ];
+}
+
+/// Runs `prog` as one cluster of two CTAs of 64 threads with 512 bytes of dynamic shared
+/// memory each, on `input` (256 words) and `output` (256 words).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] unless both hold 256 words; [`Error::Emulator`] with what
+/// the emulator found.
+pub fn cluster_program(prog: ClusterProgram, input: &[u32], output: &mut [u32]) -> Result<()> {
+    if input.len() != 256 || output.len() != 256 {
+        return Err(Error::invalid(OP, "input/output", "256 words each"));
+    }
+    let ib = HostBuf::input(input, c"in");
+    let ob = HostBuf::output(output, c"out");
+    let p = Params {
+        input: ib.addr(),
+        output: ob.addr(),
+        n: 256,
+        mode: prog as i32,
+    };
+    // SAFETY: the entry takes `Params`, which its declaration states.
+    unsafe {
+        run_entry(
+            OP,
+            "longctx_emu_selftest_cluster",
+            longctx_emu_selftest_cluster as *const c_void,
+            &p,
+            (2, 1, 1),
+            (64, 1, 1),
+            (2, 1, 1),
+            512,
+            &[ib, ob],
+        )
+    }
 }

@@ -193,8 +193,12 @@ pub struct MlaDecodePlan {
     /// (query token, head) rows per CTA: [`MLA_ROWS_NARROW`] or [`MLA_ROWS_WIDE`] (which
     /// kernel runs).
     pub rows_per_tile: usize,
-    /// Row tiles per sequence.
+    /// Row tiles per sequence (a multiple of `cluster`).
     pub row_tiles: usize,
+    /// CTAs per thread-block cluster: 1, or 2 / 4 ([`MLA_MAX_CLUSTER`]) when that many
+    /// 64-row CTAs share each latent tile they read (sm_90a code; more than 64 / 128 rows
+    /// per sequence).
+    pub cluster: usize,
 }
 
 impl MlaDecodePlan {
@@ -231,10 +235,19 @@ pub const MLA_ROWS_WIDE: usize = sys::LONGCTX_MLA_DECODE_R64_ROWS as usize;
 /// The shared memory per block (opt-in) a device needs for the 64-row kernel (its fp8
 /// variant's, the larger).
 pub const MLA_WIDE_SMEM_BYTES: usize = sys::LONGCTX_MLA_DECODE_R64_SMEM_FP8 as usize;
+/// The largest thread-block cluster of the clustered 64-row kernels (sm_90a): 2 or 4 CTAs
+/// take consecutive row tiles of a sequence, each copies its part of every key tile from
+/// global memory and writes it into every CTA's shared memory, so DeepSeek-V3's 128 heads
+/// (times 2 MTP tokens: 256 rows, 4 CTAs) read each latent byte once.
+pub const MLA_MAX_CLUSTER: usize = sys::LONGCTX_MLA_DECODE_MAX_CLUSTER as usize;
 
 /// Plans a call. The kernel: 64 rows per CTA when a sequence has more than 16 (query
 /// token, head) rows and `smem_per_block` (the device's opt-in maximum,
-/// [`Device::smem_per_block`]) holds [`MLA_WIDE_SMEM_BYTES`], else 16. With
+/// [`Device::smem_per_block`]) holds [`MLA_WIDE_SMEM_BYTES`], else 16; with more than 64
+/// rows and `clusters` (the loaded code runs thread-block clusters,
+/// [`Device::cluster_kernels`]: sm_90a code on an H100 / H200), the 64-row CTAs of a
+/// sequence run in one thread-block cluster (2 for up to 128 rows, 4 for up to 256) that
+/// shares every latent tile. With
 /// [`Splits::Auto`], a batch whose (sequence, row tile) CTAs number at least the SM count
 /// times the CTAs an SM holds (2 of 16 rows on an H100, 1 of 64) runs unsplit; otherwise
 /// the longest sequence is cut into enough chunks of at least 256 keys (whole tiles) to
@@ -249,6 +262,7 @@ pub fn plan_mla_decode(
     heads: usize,
     sm_count: usize,
     smem_per_block: usize,
+    clusters: bool,
     splits: Splits,
 ) -> Result<MlaDecodePlan> {
     if heads == 0 || heads > MAX_MLA_HEADS {
@@ -276,7 +290,15 @@ pub fn plan_mla_decode(
     } else {
         (MLA_ROWS_NARROW, 2)
     };
-    let row_tiles = rows.div_ceil(rows_per_tile).max(1);
+    // Bounded: rows <= 128 x 16 = 2048, so at most 32 tiles of 64.
+    let cluster = if wide && clusters && rows > MLA_ROWS_WIDE {
+        rows.div_ceil(MLA_ROWS_WIDE)
+            .next_power_of_two()
+            .min(MLA_MAX_CLUSTER)
+    } else {
+        1
+    };
+    let row_tiles = rows.div_ceil(rows_per_tile).max(1).next_multiple_of(cluster);
     if step.batch > 65_535 {
         return Err(Error::invalid(
             OP,
@@ -322,6 +344,7 @@ pub fn plan_mla_decode(
         chunk,
         rows_per_tile,
         row_tiles,
+        cluster,
     })
 }
 
@@ -350,6 +373,8 @@ pub struct MlaDecodeShape<'a> {
     pub sm_count: usize,
     /// The device's opt-in shared memory per block (picks the kernel).
     pub smem_per_block: usize,
+    /// Whether the loaded code runs the clustered kernel ([`Device::cluster_kernels`]).
+    pub clusters: bool,
 }
 
 /// A call that passed [`MlaDecodeShape::validate`].
@@ -387,6 +412,7 @@ impl MlaDecodeShape<'_> {
             heads,
             self.sm_count,
             self.smem_per_block,
+            self.clusters,
             opts.splits,
         )?;
         let total_new = self.step.total_new;
@@ -576,11 +602,15 @@ pub(crate) fn plan_mla_decode_launch(
     };
     let wide = plan.rows_per_tile == MLA_ROWS_WIDE;
     let decode = KernelLaunch {
-        id: match (wide, v.fp8) {
-            (false, false) => KernelId::MlaDecodeBf16,
-            (false, true) => KernelId::MlaDecodeBf16Fp8,
-            (true, false) => KernelId::MlaDecodeR64Bf16,
-            (true, true) => KernelId::MlaDecodeR64Bf16Fp8,
+        id: match (wide, plan.cluster, v.fp8) {
+            (false, _, false) => KernelId::MlaDecodeBf16,
+            (false, _, true) => KernelId::MlaDecodeBf16Fp8,
+            (true, 2, false) => KernelId::MlaDecodeC2Bf16,
+            (true, 2, true) => KernelId::MlaDecodeC2Bf16Fp8,
+            (true, 4, false) => KernelId::MlaDecodeC4Bf16,
+            (true, 4, true) => KernelId::MlaDecodeC4Bf16Fp8,
+            (true, _, false) => KernelId::MlaDecodeR64Bf16,
+            (true, _, true) => KernelId::MlaDecodeR64Bf16Fp8,
         },
         params,
         grid: (plan.splits as u32, plan.row_tiles as u32, step.batch as u32),
@@ -697,6 +727,7 @@ pub fn decode_absorbed(
         workspace_len: workspace.as_ref().map_or(0, |w| w.len()),
         sm_count: dev.sm_count(),
         smem_per_block: dev.smem_per_block(),
+        clusters: dev.cluster_kernels(),
     }
     .validate(opts)?;
     let stream = dev.stream();
@@ -770,6 +801,13 @@ unsafe fn launch_validated(
         return Ok(());
     };
     let stream = dev.stream();
+    if dl.id.needs_sm90() && dev.ptx_arch(dl.id)? < 90 {
+        return Err(Error::unsupported(
+            OP,
+            "device",
+            "the plan asked for the clustered kernel, whose loaded code is not sm_90a",
+        ));
+    }
     dev.allow_dynamic_smem(dl.id, dl.smem_bytes as usize, OP, "device")?;
     let func = dev.function(dl.id)?;
     let mut builder = stream.launch_builder(&func);
@@ -911,6 +949,7 @@ pub unsafe fn decode_absorbed_raw(
         workspace_len: workspace.map_or(0, |w| w.len),
         sm_count: dev.sm_count(),
         smem_per_block: dev.smem_per_block(),
+        clusters: dev.cluster_kernels(),
     }
     .validate(opts)?;
     let stream = dev.stream();

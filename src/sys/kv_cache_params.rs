@@ -36,6 +36,7 @@ pub const LONGCTX_MLA_DECODE_R64_WARPS: u32 = 8;
 pub const LONGCTX_MLA_DECODE_R64_ROWS: u32 = 64;
 pub const LONGCTX_MLA_DECODE_R64_SMEM_BF16: u32 = 153856;
 pub const LONGCTX_MLA_DECODE_R64_SMEM_FP8: u32 = 157952;
+pub const LONGCTX_MLA_DECODE_MAX_CLUSTER: u32 = 4;
 pub const LONGCTX_MLA_APPEND_WARPS: u32 = 4;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

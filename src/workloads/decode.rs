@@ -768,6 +768,7 @@ impl MlaRun {
             heads,
             dev.sm_count(),
             dev.smem_per_block(),
+            dev.cluster_kernels(),
             opts.splits,
         )?;
         let ws = plan.workspace_len(batch, heads)?;
