@@ -232,7 +232,11 @@ fn the_correct_cluster_program_passes_with_the_expected_output() {
         for t in 0..64 {
             let want = input[64 * (r ^ 1) + t];
             assert_eq!(out[64 * r + t], want, "pushed word, rank {r} thread {t}");
-            assert_eq!(out[128 + 64 * r + t], want, "pulled word, rank {r} thread {t}");
+            assert_eq!(
+                out[128 + 64 * r + t],
+                want,
+                "pulled word, rank {r} thread {t}"
+            );
         }
     }
 }
@@ -245,7 +249,10 @@ fn every_deliberate_cluster_bug_is_reported() {
             &["race", "cluster barrier"],
         ),
         (ClusterProgram::OverwriteWhileRead, &["race"]),
-        (ClusterProgram::RankOutsideCluster, &["rank 2 of a cluster of 2"]),
+        (
+            ClusterProgram::RankOutsideCluster,
+            &["rank 2 of a cluster of 2"],
+        ),
         (ClusterProgram::ExitWhileRead, &["has exited"]),
         (ClusterProgram::SkippedClusterBarrier, &["cluster barrier"]),
     ];
@@ -260,7 +267,8 @@ fn every_deliberate_cluster_bug_is_reported() {
                     "{prog:?}: the message does not name the fault: {message}"
                 );
                 assert!(
-                    message.contains("longctx_emu_selftest_cluster") && message.contains("thread ("),
+                    message.contains("longctx_emu_selftest_cluster")
+                        && message.contains("thread ("),
                     "{prog:?}: the message does not name kernel and thread: {message}"
                 );
             }

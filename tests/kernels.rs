@@ -378,8 +378,8 @@ fn kv_cache_sass_uses_tensor_cores_and_no_local_memory() {
                 (0, 0),
                 "{sym} {arch} uses local memory"
             );
-            let clustered =
-                sym.starts_with("longctx_mla_decode_c2_") || sym.starts_with("longctx_mla_decode_c4_");
+            let clustered = sym.starts_with("longctx_mla_decode_c2_")
+                || sym.starts_with("longctx_mla_decode_c4_");
             if clustered && !arch.starts_with("sm_90") {
                 // The clustered kernel is sm_90a code; the portable copy is a trap.
                 assert_eq!(n("HMMA"), 0, "{sym} {arch}: the portable copy should trap");

@@ -1068,12 +1068,17 @@ fn emu_mla_decode_matches_naive_deepseek_v3() {
             .zip(&naive.lse)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f64::max);
-        eprintln!("{target:?}: naive vs kernel chain: O {e_o:e} (relative to max |O|), LSE {e_lse:e}");
+        eprintln!(
+            "{target:?}: naive vs kernel chain: O {e_o:e} (relative to max |O|), LSE {e_lse:e}"
+        );
         assert!(
             e_o < 1e-2,
             "{target:?}: O differs from naive MLA by {e_o:e} (relative to max |O|)"
         );
-        assert!(e_lse < 2e-2, "{target:?}: LSE differs from naive MLA by {e_lse:e}");
+        assert!(
+            e_lse < 2e-2,
+            "{target:?}: LSE differs from naive MLA by {e_lse:e}"
+        );
     }
 }
 

@@ -298,7 +298,10 @@ pub fn plan_mla_decode(
     } else {
         1
     };
-    let row_tiles = rows.div_ceil(rows_per_tile).max(1).next_multiple_of(cluster);
+    let row_tiles = rows
+        .div_ceil(rows_per_tile)
+        .max(1)
+        .next_multiple_of(cluster);
     if step.batch > 65_535 {
         return Err(Error::invalid(
             OP,
