@@ -809,8 +809,10 @@ void reset_shared(Launch& L, Cta& C) {
 }
 
 // Runs one cluster (one CTA without clusters) whose first block is `first`: every thread of
-// its CTAs, CTA by CTA in rank order, each pass to its next synchronisation point.
-void run_cluster(Launch& L, Dim3 first) {
+// its CTAs, CTA by CTA, each pass to its next synchronisation point. The CTAs go in rank
+// order in even clusters and in reverse rank order in odd ones (`reverse`), so a grid of
+// several clusters shows the cross-CTA checks both interleavings.
+void run_cluster(Launch& L, Dim3 first, bool reverse) {
     const Dim3 c = L.cluster;
     for (uint32_t r = 0; r < L.csize; ++r) {
         Cta& C = L.ctas[r];
@@ -841,7 +843,9 @@ void run_cluster(Launch& L, Dim3 first) {
     }
     for (;;) {
         bool ran = false;
-        for (uint32_t g = 0; g < all && !L.failed; ++g) {
+        for (uint32_t k = 0; k < all && !L.failed; ++k) {
+            const uint32_t r = k / L.nthreads;
+            const uint32_t g = (reverse ? L.csize - 1 - r : r) * L.nthreads + k % L.nthreads;
             if (L.fibers[g].state != State::Runnable) continue;
             run_fiber(int(g));
             ran = true;
@@ -1218,9 +1222,11 @@ extern "C" int longctx_emu_launch(const LongctxEmuLaunch* d, char* err, uint64_t
     L.pool = pool;
     L.dyn = d->dyn_smem;
     t_launch = &L;
+    uint64_t n_cluster = 0;
     for (uint32_t z = 0; z < d->grid[2] && !L.failed; z += L.cluster.z)
         for (uint32_t y = 0; y < d->grid[1] && !L.failed; y += L.cluster.y)
-            for (uint32_t x = 0; x < d->grid[0] && !L.failed; x += L.cluster.x) run_cluster(L, Dim3{x, y, z});
+            for (uint32_t x = 0; x < d->grid[0] && !L.failed; x += L.cluster.x)
+                run_cluster(L, Dim3{x, y, z}, (n_cluster++ & 1) != 0);
     t_launch = nullptr;
     give_back();
     if (L.failed) return report(L.error);
