@@ -255,6 +255,8 @@ fn every_deliberate_cluster_bug_is_reported() {
         ),
         (ClusterProgram::ExitWhileRead, &["has exited"]),
         (ClusterProgram::SkippedClusterBarrier, &["cluster barrier"]),
+        (ClusterProgram::WriteAfterArrive, &["race"]),
+        (ClusterProgram::ArriveTwice, &["again before waiting"]),
     ];
     assert_eq!(expect.len() + 1, ClusterProgram::ALL.len());
     let input: Vec<u32> = (0..256u32).collect();

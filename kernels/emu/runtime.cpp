@@ -108,6 +108,10 @@ struct Fiber {
     int linear = 0;  // within the CTA
     int cta = 0;     // rank in the cluster
     int gid = 0;     // cta * threads per CTA + linear: the fiber's index in the launch
+    // The cluster barrier: arrivals and completed waits so far (phase k is complete once
+    // every thread of the cluster has arrived k + 1 times).
+    uint32_t arrives = 0;
+    uint32_t waits = 0;
     const char* site_file = "kernel entry";  // last barrier or collective passed
     int site_line = 0;
     Coll coll{};
@@ -116,9 +120,12 @@ struct Fiber {
 };
 
 // Per-byte shadow of shared memory. Thread ids are launch-wide fiber indices (`gid`). The
-// last write records the writer's CTA barrier epoch, warp epoch and the cluster epoch; reads
-// by the arena's own CTA are tracked as before clusters existed (plus the cluster epoch), and
-// reads by other CTAs of the cluster (distributed shared memory) separately.
+// last write records the writer's CTA barrier epoch, warp epoch and cluster-barrier arrivals
+// (`w_cep`); reads by the arena's own CTA are tracked as before clusters existed (plus the
+// most arrivals among the readers, `r_cep`), and reads by other CTAs of the cluster
+// (distributed shared memory) separately (`rr_cep`). An access made after a thread's k-th
+// arrival is ordered before another thread's access only once that thread has completed
+// k + 1 waits.
 enum : uint8_t { kAlloc = 1, kWritten = 2, kPending = 4, kAtomic = 8 };
 struct Shadow {
     uint32_t w_bar, w_wep, w_cep;
@@ -175,9 +182,8 @@ struct Launch {
     ucontext_t sched_uc;
 #endif
     size_t dyn = 0;
-    // The cluster barrier.
-    uint32_t cluster_epoch = 1;
-    uint32_t at_cluster = 0;
+    // The cluster barrier: the site of each phase's first arrival.
+    std::vector<std::pair<const char*, int>> phase_site;
     uint32_t exited_all = 0;
     // The first error ends the launch.
     bool failed = false;
@@ -324,11 +330,13 @@ void fiber_main() {
 // Shared memory checks.
 
 // Whether an access by `other` (launch-wide id, with the epochs it recorded) happens before
-// the running fiber's: within a CTA, a barrier since, or a warp collective since within the
-// warp; across CTAs of a cluster, a cluster barrier since.
-bool synced_with(int other, uint32_t o_bar, uint32_t o_wep, uint32_t o_cep, const Fiber& me) {
+// the running fiber's: a cluster barrier since (the other thread arrived after the access
+// and this one has waited for that phase), or within a CTA a barrier since, or a warp
+// collective since within the warp.
+bool synced_with(int other, uint32_t o_bar, uint32_t o_wep, uint32_t o_arr, const Fiber& me) {
     const Launch& L = *t_launch;
-    if (int(uint32_t(other) / L.nthreads) != me.cta) return o_cep < L.cluster_epoch;
+    if (me.waits > o_arr) return true;
+    if (int(uint32_t(other) / L.nthreads) != me.cta) return false;
     const Cta& C = L.ctas[size_t(me.cta)];
     if (o_bar < C.bar_epoch) return true;
     const int w = me.linear / kWarp;
@@ -375,12 +383,8 @@ void shared_access(int owner, size_t off, size_t n, bool write, bool atomic) {
         }
         if (write) {
             if (s.r_tid != -1 && s.r_tid != tid) {
-                bool ok;
-                if (remote) {
-                    ok = s.r_cep < L.cluster_epoch;
-                } else {
-                    ok = s.r_bar != C.bar_epoch || (s.r_warp == warp && s.r_wep < wep);
-                }
+                const bool ok = me.waits > s.r_cep ||
+                                (!remote && (s.r_bar != C.bar_epoch || (s.r_warp == warp && s.r_wep < wep)));
                 if (!ok) {
                     fail(fmt("shared-memory race: write of %zu bytes at shared offset %zu%s after %s read byte %zu "
                              "with no barrier (or __syncwarp within the warp, or cluster barrier across CTAs) "
@@ -388,7 +392,7 @@ void shared_access(int owner, size_t off, size_t n, bool write, bool atomic) {
                              n, off, whose, s.r_tid >= 0 ? thread_name(s.r_tid).c_str() : "other threads", i));
                 }
             }
-            if (s.rr_tid != -1 && s.rr_tid != tid && s.rr_cep == L.cluster_epoch) {
+            if (s.rr_tid != -1 && s.rr_tid != tid && me.waits <= s.rr_cep) {
                 fail(fmt("shared-memory race: write of %zu bytes at shared offset %zu%s after %s of another CTA read "
                          "byte %zu with no cluster barrier between them",
                          n, off, whose, s.rr_tid >= 0 ? thread_name(s.rr_tid).c_str() : "threads", i));
@@ -396,18 +400,20 @@ void shared_access(int owner, size_t off, size_t n, bool write, bool atomic) {
             s.w_tid = int16_t(tid);
             s.w_bar = C.bar_epoch;
             s.w_wep = wep;
-            s.w_cep = L.cluster_epoch;
+            s.w_cep = me.arrives;
             s.r_tid = -1;
             s.r_warp = -1;
+            s.r_cep = 0;
             s.rr_tid = -1;
+            s.rr_cep = 0;
             s.flags = uint8_t((s.flags | kWritten) & ~kAtomic) | (atomic ? kAtomic : 0);
         } else if (remote) {
-            if (s.rr_tid == -1 || s.rr_cep != L.cluster_epoch) {
+            if (s.rr_tid == -1) {
                 s.rr_tid = int16_t(tid);
-                s.rr_cep = L.cluster_epoch;
             } else if (s.rr_tid != tid) {
                 s.rr_tid = -2;
             }
+            s.rr_cep = std::max(s.rr_cep, me.arrives);
         } else {
             const bool stale = s.r_tid == -1 || s.r_bar != C.bar_epoch || (s.r_warp == warp && s.r_wep < wep);
             if (stale) {
@@ -415,12 +421,14 @@ void shared_access(int owner, size_t off, size_t n, bool write, bool atomic) {
                 s.r_warp = int16_t(warp);
                 s.r_bar = C.bar_epoch;
                 s.r_wep = wep;
-                s.r_cep = L.cluster_epoch;
             } else {
                 if (s.r_tid != tid) s.r_tid = -2;
                 if (s.r_warp != warp) s.r_warp = -2;
                 s.r_wep = std::max(s.r_wep, wep);
             }
+            // Never lowered by a new CTA epoch: a reader of another phase may still be
+            // unordered with a writer of another CTA.
+            s.r_cep = std::max(s.r_cep, me.arrives);
         }
     }
 }
@@ -488,7 +496,6 @@ void block_until_runnable() {
 }
 
 void try_complete_barrier(Cta& C);
-void try_complete_cluster();
 
 // The fiber of lane `lane` of warp `warp` of the running fiber's CTA.
 Fiber& lane_fiber(int warp, int lane) {
@@ -515,8 +522,11 @@ void on_exit_thread() {
     if (C.at_barrier > 0 && C.at_barrier + C.exited == L.nthreads) {
         fail(fmt("exits before the barrier that %u other threads wait at", C.at_barrier));
     }
-    if (L.at_cluster > 0) {
-        fail(fmt("exits while %u threads of its cluster wait at a cluster barrier", L.at_cluster));
+    for (const Fiber& o : L.fibers) {
+        if (o.state == State::AtCluster && me.arrives <= o.waits) {
+            fail(fmt("exits while %s waits at a cluster barrier (%s:%d) this thread has not arrived at",
+                     thread_name(o.gid).c_str(), o.site_file, o.site_line));
+        }
     }
 }
 
@@ -760,34 +770,17 @@ void try_complete_barrier(Cta& C) {
         if (fs[i].state == State::AtBarrier) fs[i].state = State::Runnable;
 }
 
-// The cluster barrier (barrier.cluster.arrive + wait): every thread of every CTA of the
-// cluster, at the same site. It orders everything before it in any CTA before everything
-// after it in any CTA, so it also counts as a barrier within each CTA.
-void try_complete_cluster() {
+// The cluster barrier (barrier.cluster.arrive, then barrier.cluster.wait): phase k completes
+// once every thread of every CTA of the cluster has arrived k + 1 times; a thread's wait
+// for it returns then. Everything a thread did before its arrival is ordered before
+// everything any thread does after its wait for that phase (the race checker's rule).
+// Wakes the threads waiting for a phase that is now complete.
+void release_cluster_waiters() {
     Launch& L = *t_launch;
-    const uint32_t all = L.csize * L.nthreads;
-    if (L.at_cluster == 0 || L.at_cluster + L.exited_all != all) return;
-    if (L.exited_all > 0) {
-        fail(fmt("%u threads of the cluster exited before the cluster barrier that %u threads wait at", L.exited_all,
-                 L.at_cluster));
-    }
-    const Fiber* first = nullptr;
-    for (const Fiber& f : L.fibers) {
-        if (first == nullptr) {
-            first = &f;
-        } else if (f.site_line != first->site_line || strcmp(f.site_file, first->site_file) != 0) {
-            fail(fmt("threads wait at different cluster barriers: %s at %s:%d, %s at %s:%d",
-                     thread_name(first->gid).c_str(), first->site_file, first->site_line,
-                     thread_name(f.gid).c_str(), f.site_file, f.site_line));
-        }
-    }
-    ++L.cluster_epoch;
-    for (Cta& C : L.ctas) {
-        ++C.bar_epoch;
-        for (auto& e : C.warp_epoch) ++e;
-    }
-    L.at_cluster = 0;
-    for (Fiber& f : L.fibers) f.state = State::Runnable;
+    uint32_t done = UINT32_MAX;  // phases complete: the fewest arrivals of any thread
+    for (const Fiber& f : L.fibers) done = std::min(done, f.arrives);
+    for (Fiber& f : L.fibers)
+        if (f.state == State::AtCluster && f.waits < done) f.state = State::Runnable;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -823,8 +816,7 @@ void run_cluster(Launch& L, Dim3 first, bool reverse) {
         C.at_barrier = 0;
         C.exited = 0;
     }
-    L.cluster_epoch = 1;
-    L.at_cluster = 0;
+    L.phase_site.clear();
     L.exited_all = 0;
     const uint32_t all = L.csize * L.nthreads;
     for (uint32_t g = 0; g < all; ++g) {
@@ -837,6 +829,8 @@ void run_cluster(Launch& L, Dim3 first, bool reverse) {
         f.tid = Dim3{i % L.block.x, (i / L.block.x) % L.block.y, i / (L.block.x * L.block.y)};
         f.site_file = "kernel entry";
         f.site_line = 0;
+        f.arrives = 0;
+        f.waits = 0;
         f.open_group.clear();
         f.groups.clear();
         fiber_init(f, L.pool->stacks[g]);
@@ -1011,17 +1005,40 @@ void* cluster_map_shared(const char* file, int line, const void* p, uint32_t ran
     return L.ctas[rank].arena + (c - C.arena);
 }
 
-void cluster_sync(const char* file, int line) {
+void cluster_arrive(const char* file, int line) {
     Launch& L = *t_launch;
     Fiber& me = cur();
+    if (me.arrives > me.waits) {
+        fail(fmt("arrives at a cluster barrier (%s:%d) again before waiting for its previous arrival", file, line));
+    }
+    const uint32_t phase = me.arrives;
+    if (L.phase_site.size() <= phase) {
+        L.phase_site.emplace_back(file, line);
+    } else if (L.phase_site[phase].second != line || strcmp(L.phase_site[phase].first, file) != 0) {
+        fail(fmt("threads arrive at different cluster barriers: this one at %s:%d, another at %s:%d", file, line,
+                 L.phase_site[phase].first, L.phase_site[phase].second));
+    }
+    ++me.arrives;
+    release_cluster_waiters();
+}
+
+void cluster_wait(const char* file, int line) {
+    Fiber& me = cur();
+    if (me.waits >= me.arrives) fail(fmt("waits at a cluster barrier (%s:%d) without having arrived", file, line));
     me.state = State::AtCluster;
     me.site_file = file;
     me.site_line = line;
     check_no_lane_waits(file, line, "a cluster barrier");
-    ++L.at_cluster;
-    try_complete_cluster();
+    release_cluster_waiters();
+    // Also when the phase is already complete: every thread resumes in order.
     switch_to_scheduler();
     block_until_runnable();
+    ++me.waits;
+}
+
+void cluster_sync(const char* file, int line) {
+    cluster_arrive(file, line);
+    cluster_wait(file, line);
 }
 
 uint32_t smem_addr(const void* p) {

@@ -42,10 +42,13 @@ unsigned activemask();
 
 // Thread-block clusters: the CTA's rank, the cluster's size, a pointer into CTA `rank`'s
 // shared memory at the offset `p` has in the caller's (mapa), and the cluster barrier
-// (barrier.cluster.arrive + barrier.cluster.wait, by every thread of the cluster).
+// (barrier.cluster.arrive and barrier.cluster.wait, by every thread of the cluster; a
+// thread arrives once, then waits once, and so on; cluster_sync is both).
 uint32_t cluster_ctarank();
 uint32_t cluster_nctarank();
 void* cluster_map_shared(const char* file, int line, const void* p, uint32_t rank);
+void cluster_arrive(const char* file, int line);
+void cluster_wait(const char* file, int line);
 void cluster_sync(const char* file, int line);
 
 // Shared memory. Addresses in the shared window are byte offsets into the CTA's arena.

@@ -196,11 +196,12 @@ extern "C" __global__ void longctx_emu_selftest_bugs(const __grid_constant__ Lon
     }
 }
 
-// A cluster of two CTAs of 64 threads (grid (2, 1, 1), cluster (2, 1, 1)), 512 bytes of
-// dynamic shared memory as s[128] words; in and out 256 words. Mode 0 is correct: each CTA
-// pushes its 64 input words into the other's s[64 ..), passes the cluster barrier, reads
-// them back, pulls the other's s[0 ..) and passes a last cluster barrier before leaving:
-// out[64 r + t] = in[64 (r ^ 1) + t] and out[128 + 64 r + t] = in[64 (r ^ 1) + t] for rank r.
+// A cluster of two CTAs of 64 threads (grid (2, 1, 1), cluster (2, 1, 1)), 1024 bytes of
+// dynamic shared memory as s[256] words; in and out 256 words. Mode 0 is correct: each CTA
+// pushes its 64 input words into the other's s[64 ..), arrives at the cluster barrier, works
+// on its own words, waits, reads the pushed words back, pulls the other's s[0 ..) and passes
+// a last cluster barrier before leaving: out[64 r + t] = in[64 (r ^ 1) + t] and
+// out[128 + 64 r + t] = in[64 (r ^ 1) + t] for rank r.
 // Every other mode is one deliberate bug (see src/emulator/selftest.rs).
 extern "C" __global__ void longctx_emu_selftest_cluster(const __grid_constant__ LongctxEmuSelftestParams p) {
     LONGCTX_DYNAMIC_SMEM(uint32_t, s, 16);
@@ -213,7 +214,10 @@ extern "C" __global__ void longctx_emu_selftest_cluster(const __grid_constant__ 
         case 0: {
             s[t] = in[64 * r + t];
             peer[64 + t] = in[64 * r + t];
-            LONGCTX_CLUSTER_SYNC();
+            LONGCTX_CLUSTER_ARRIVE();
+            s[128 + t] = s[t] + 1u;  // between arrival and wait: this thread's own words
+            LONGCTX_CLUSTER_WAIT();
+            if (s[128 + t] != in[64 * r + t] + 1u) __trap();
             out[64 * r + t] = s[64 + t];
             out[128 + 64 * r + t] = peer[t];
             LONGCTX_CLUSTER_SYNC();  // the other CTA reads this one's s until here
@@ -251,6 +255,20 @@ extern "C" __global__ void longctx_emu_selftest_cluster(const __grid_constant__ 
             s[t] = in[t];
             if (r == 0) LONGCTX_CLUSTER_SYNC();
             out[64 * r + t] = s[t];
+            break;
+        }
+        case 6: {  // pushes after arriving: the wait for that phase does not cover the push
+            LONGCTX_CLUSTER_ARRIVE();
+            peer[64 + t] = in[64 * r + t];
+            LONGCTX_CLUSTER_WAIT();
+            out[64 * r + t] = s[64 + t];
+            LONGCTX_CLUSTER_SYNC();
+            break;
+        }
+        case 7: {  // arrives twice without waiting
+            LONGCTX_CLUSTER_ARRIVE();
+            LONGCTX_CLUSTER_ARRIVE();
+            LONGCTX_CLUSTER_WAIT();
             break;
         }
         default:

@@ -58,7 +58,6 @@ constexpr int kChunks = kDim / 8;                 // 16-byte chunks of a bf16 ro
 constexpr int kRowBytes = kDim * 2;               // 1152
 constexpr int kTileBytes = kTileN * kRowBytes;    // one swizzled bf16 tile
 constexpr int kPStride = kTileN * 2 + 16;         // bytes per P row (padded)
-constexpr int kScaleBytes = 2 * kTileN * 4;       // fp8 scales per stage
 
 static_assert(kTileN % 16 == 0, "P V runs whole k16 steps");
 static_assert(kChunks % 8 == 0, "the XOR swizzle stays inside a row");
@@ -83,11 +82,14 @@ template <int kRowGroups> struct Shape {
                   "rows per tile as the host plans them");
 };
 
-template <bool kFp8, int kRowGroups> struct Layout {
+// kStages tiles in flight: 2 (double buffering), or 3 for the clustered kernels (a stage the
+// other CTAs push into while this CTA reads the previous one; see the main loop).
+template <bool kFp8, int kRowGroups, int kStages = 2> struct Layout {
     using S = Shape<kRowGroups>;
     // fp8 stage: codes [kTileN][512] then k_pe [kTileN][64] bf16.
     static constexpr int kStageBytes = kFp8 ? kTileN * (kLat + 2 * kRope) : kTileBytes;
-    static constexpr int kWide = 2 * kStageBytes;                 // fp8: the widened tile
+    static constexpr int kScaleBytes = kStages * kTileN * 4;       // fp8 scales per stage
+    static constexpr int kWide = kStages * kStageBytes;           // fp8: the widened tile
     static constexpr int kQ = kWide + (kFp8 ? kTileBytes : 0);
     static constexpr int kP = kQ + S::kQBytes;
     static constexpr int kRed = kP + S::kPBytes;
@@ -99,10 +101,12 @@ template <bool kFp8, int kRowGroups> struct Layout {
                   "the tile's chunks split evenly over the threads");
     static constexpr int kHostBytes =
         kRowGroups == 1 ? int(kFp8 ? LONGCTX_MLA_DECODE_SMEM_FP8 : LONGCTX_MLA_DECODE_SMEM_BF16)
-                        : int(kFp8 ? LONGCTX_MLA_DECODE_R64_SMEM_FP8 : LONGCTX_MLA_DECODE_R64_SMEM_BF16);
+        : kStages == 2  ? int(kFp8 ? LONGCTX_MLA_DECODE_R64_SMEM_FP8 : LONGCTX_MLA_DECODE_R64_SMEM_BF16)
+                        : int(kFp8 ? LONGCTX_MLA_DECODE_CLUSTER_SMEM_FP8 : LONGCTX_MLA_DECODE_CLUSTER_SMEM_BF16);
     static_assert(kBytes == kHostBytes, "shared memory size as the host computes it");
     static_assert(kRowGroups != 1 || kBytes <= 99 * 1024, "16 rows fit sm_86 / sm_89's 99 KB per block");
-    static_assert(kBytes <= 163 * 1024, "64 rows fit sm_80's 163 KB per block");
+    static_assert(kStages != 2 || kBytes <= 163 * 1024, "64 rows fit sm_80's 163 KB per block");
+    static_assert(kBytes <= 227 * 1024, "the clustered kernels fit sm_90's 227 KB per block");
 };
 
 // Byte offset of chunk `c` (8 bf16) of row `r` in a swizzled 576-channel tile.
@@ -116,7 +120,8 @@ __device__ __forceinline__ void mla_decode_body(const LongctxMlaDecodeParams& p)
     static_assert(kTileN % kCluster == 0, "the cluster's CTAs copy equal parts of a tile");
     using T = __nv_bfloat16;
     using S = Shape<kRowGroups>;
-    using L = Layout<kFp8, kRowGroups>;
+    constexpr int kStages = kCluster > 1 ? 3 : 2;
+    using L = Layout<kFp8, kRowGroups, kStages>;
     constexpr int kThreads = S::kThreads;
     constexpr int kRows = S::kRows;
     constexpr int kColWarps = S::kColWarps;
@@ -246,7 +251,7 @@ __device__ __forceinline__ void mla_decode_body(const LongctxMlaDecodeParams& p)
     // Cluster: this CTA's part of stage `st` (its keys' rows of the tile, and for fp8 their
     // k_pe rows and scales: contiguous byte ranges) into the other CTAs' shared memory at
     // the same offsets. The caller has waited for its copies and passed a CTA barrier.
-    auto push_half = [&](int st) {
+    auto push_part = [&](int st) {
         if constexpr (kCluster > 1) {
             auto push = [&](int off, int bytes) {
                 const uint4* src = reinterpret_cast<const uint4*>(smem + off);
@@ -279,26 +284,8 @@ __device__ __forceinline__ void mla_decode_body(const LongctxMlaDecodeParams& p)
     const int n0 = cw * S::kKeysPerWarp;  // this warp's first key of a tile for S
     const int lr0 = 16 * rg + g;          // this lane's first row of the CTA (the other: + 8)
     const int n_tiles = hi > lo ? (hi - lo + kTileN - 1) / kTileN : 0;
-    if (n_tiles > 0) {
-        load_tile(lo, 0);
-        cp_async_commit();
-    }
-    for (int t = 0; t < n_tiles; ++t) {
-        const int st = t & 1;
-        cp_async_wait<0>();
-        __syncthreads();  // tile t (and Q) landed; every warp is done with tile t - 1 and P
-        push_half(st);
-        if (t + 1 < n_tiles) {
-            // Into this CTA's own part of the other stage: the other CTAs of a cluster write
-            // only their parts, and this CTA's warps are done with tile t - 1.
-            load_tile(lo + (t + 1) * kTileN, st ^ 1);
-            cp_async_commit();
-        }
-        if constexpr (kCluster > 1) {
-            // Every part of tile t is in every CTA; and every CTA is done with tile t - 1,
-            // whose stage the others' next pushes overwrite.
-            LONGCTX_CLUSTER_SYNC();
-        }
+    // Tile t's work once all of it is in stage `st`: widen (fp8), S, softmax, P V.
+    auto run_tile = [&](int t, int st) {
         uint32_t tile = s_base + uint32_t(st * L::kStageBytes);
         if constexpr (kFp8) {
             const char* raw = smem + st * L::kStageBytes;
@@ -448,6 +435,62 @@ __device__ __forceinline__ void mla_decode_body(const LongctxMlaDecodeParams& p)
                     mma_16816<T>(acc[2 * dp + 1], pa, bv[2], bv[3]);
                 }
             }
+        }
+    };
+
+    if constexpr (kCluster == 1) {
+        if (n_tiles > 0) {
+            load_tile(lo, 0);
+            cp_async_commit();
+        }
+        for (int t = 0; t < n_tiles; ++t) {
+            const int st = t & 1;
+            cp_async_wait<0>();
+            __syncthreads();  // tile t (and Q) landed; every warp is done with tile t - 1 and P
+            if (t + 1 < n_tiles) {
+                load_tile(lo + (t + 1) * kTileN, st ^ 1);
+                cp_async_commit();
+            }
+            run_tile(t, st);
+        }
+    } else {
+        // Three stages and one cluster-barrier phase per tile. Phase t covers the pushes of
+        // tile t (before each CTA's arrival); a CTA waits for it just before tile t's work,
+        // then pushes its part of tile t + 1, issues its copy of tile t + 2 and arrives, so
+        // the barrier and the pushes overlap tile t's MMAs. A push into stage (t + 1) % 3 of
+        // another CTA follows that CTA's arrival for phase t, made after its tile t - 2
+        // (the stage's previous contents); a copy into this CTA's own part of a stage
+        // follows its own CTA barrier.
+        if (n_tiles > 0) {
+            load_tile(lo, 0);
+            cp_async_commit();
+        }
+        if (n_tiles > 1) {
+            load_tile(lo + kTileN, 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // this CTA's part of tile 0 (and Q) landed
+        if (n_tiles > 0) {
+            push_part(0);
+            LONGCTX_CLUSTER_ARRIVE();
+        }
+        for (int t = 0; t < n_tiles; ++t) {
+            const int st = t % kStages;
+            cp_async_wait<0>();
+            __syncthreads();         // this CTA's part of tile t + 1 landed; its warps are done with tile t - 1
+            LONGCTX_CLUSTER_WAIT();  // every part of tile t is here
+            if (t + 1 < n_tiles) {
+                push_part((t + 1) % kStages);
+                if (t + 2 < n_tiles) {
+                    load_tile(lo + (t + 2) * kTileN, (t + 2) % kStages);
+                    cp_async_commit();
+                }
+                LONGCTX_CLUSTER_ARRIVE();
+            }
+            run_tile(t, st);
         }
     }
 

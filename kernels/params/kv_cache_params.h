@@ -252,6 +252,9 @@ typedef struct LongctxKvAppendParams {
  * consecutive row tiles, so the grid's row tiles are a multiple of C; same shared memory as
  * the 64-row kernel. */
 #define LONGCTX_MLA_DECODE_MAX_CLUSTER 4u
+/* Their dynamic shared memory (three key-tile stages). */
+#define LONGCTX_MLA_DECODE_CLUSTER_SMEM_BF16 190848u
+#define LONGCTX_MLA_DECODE_CLUSTER_SMEM_FP8 178560u
 
 typedef struct LongctxMlaDecodeParams {
     LongctxKvStep step;

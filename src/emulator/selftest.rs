@@ -214,8 +214,9 @@ pub fn program(prog: Program, input: &[u32], output: &mut [u32]) -> Result<()> {
 /// deliberate bug each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClusterProgram {
-    /// Each CTA pushes its words into the other's shared memory, passes the cluster
-    /// barrier, reads them, pulls the other's words and passes a last cluster barrier:
+    /// Each CTA pushes its words into the other's shared memory, arrives at the cluster
+    /// barrier, works on its own words, waits, reads the pushed words, pulls the other's
+    /// words and passes a last cluster barrier:
     /// `out[64 r + t] = out[128 + 64 r + t] = in[64 (r ^ 1) + t]` for rank `r`, thread `t`.
     Correct = 0,
     /// Reads what the other CTA pushed with only `__syncthreads` between.
@@ -228,21 +229,27 @@ pub enum ClusterProgram {
     ExitWhileRead = 4,
     /// Only one CTA reaches the cluster barrier.
     SkippedClusterBarrier = 5,
+    /// Pushes into the other CTA after arriving: the wait for that phase does not cover it.
+    WriteAfterArrive = 6,
+    /// Arrives twice without waiting in between.
+    ArriveTwice = 7,
 }
 
 impl ClusterProgram {
     /// Every program.
-    pub const ALL: [ClusterProgram; 6] = [
+    pub const ALL: [ClusterProgram; 8] = [
         ClusterProgram::Correct,
         ClusterProgram::MissingClusterBarrier,
         ClusterProgram::OverwriteWhileRead,
         ClusterProgram::RankOutsideCluster,
         ClusterProgram::ExitWhileRead,
         ClusterProgram::SkippedClusterBarrier,
+        ClusterProgram::WriteAfterArrive,
+        ClusterProgram::ArriveTwice,
     ];
 }
 
-/// Runs `prog` as one cluster of two CTAs of 64 threads with 512 bytes of dynamic shared
+/// Runs `prog` as one cluster of two CTAs of 64 threads with 1024 bytes of dynamic shared
 /// memory each, on `input` (256 words) and `output` (256 words).
 ///
 /// # Errors
@@ -270,7 +277,7 @@ pub fn cluster_program(prog: ClusterProgram, input: &[u32], output: &mut [u32]) 
             (2, 1, 1),
             (64, 1, 1),
             (2, 1, 1),
-            512,
+            1024,
             &[ib, ob],
         )
     }

@@ -240,12 +240,16 @@ pub const MLA_WIDE_SMEM_BYTES: usize = sys::LONGCTX_MLA_DECODE_R64_SMEM_FP8 as u
 /// global memory and writes it into every CTA's shared memory, so DeepSeek-V3's 128 heads
 /// (times 2 MTP tokens: 256 rows, 4 CTAs) read each latent byte once.
 pub const MLA_MAX_CLUSTER: usize = sys::LONGCTX_MLA_DECODE_MAX_CLUSTER as usize;
+/// The shared memory per block (opt-in) the clustered kernels need (their bf16 variant's,
+/// the larger: three key tiles in flight).
+pub const MLA_CLUSTER_SMEM_BYTES: usize = sys::LONGCTX_MLA_DECODE_CLUSTER_SMEM_BF16 as usize;
 
 /// Plans a call. The kernel: 64 rows per CTA when a sequence has more than 16 (query
 /// token, head) rows and `smem_per_block` (the device's opt-in maximum,
 /// [`Device::smem_per_block`]) holds [`MLA_WIDE_SMEM_BYTES`], else 16; with more than 64
 /// rows and `clusters` (the loaded code runs thread-block clusters,
-/// [`Device::cluster_kernels`]: sm_90a code on an H100 / H200), the 64-row CTAs of a
+/// [`Device::cluster_kernels`]: sm_90a code on an H100 / H200) and `smem_per_block` holding
+/// [`MLA_CLUSTER_SMEM_BYTES`], the 64-row CTAs of a
 /// sequence run in one thread-block cluster (2 for up to 128 rows, 4 for up to 256) that
 /// shares every latent tile. With
 /// [`Splits::Auto`], a batch whose (sequence, row tile) CTAs number at least the SM count
@@ -291,13 +295,14 @@ pub fn plan_mla_decode(
         (MLA_ROWS_NARROW, 2)
     };
     // Bounded: rows <= 128 x 16 = 2048, so at most 32 tiles of 64.
-    let cluster = if wide && clusters && rows > MLA_ROWS_WIDE {
-        rows.div_ceil(MLA_ROWS_WIDE)
-            .next_power_of_two()
-            .min(MLA_MAX_CLUSTER)
-    } else {
-        1
-    };
+    let cluster =
+        if wide && clusters && rows > MLA_ROWS_WIDE && smem_per_block >= MLA_CLUSTER_SMEM_BYTES {
+            rows.div_ceil(MLA_ROWS_WIDE)
+                .next_power_of_two()
+                .min(MLA_MAX_CLUSTER)
+        } else {
+            1
+        };
     let row_tiles = rows
         .div_ceil(rows_per_tile)
         .max(1)
@@ -514,14 +519,17 @@ fn byte_addr(base: u64, offset: usize, elem: usize, arg: &'static str) -> Result
         .ok_or_else(|| Error::invalid(OP, arg, "offset overflows the address space"))
 }
 
-/// Dynamic shared memory of the kernel with `rows_per_tile` rows ([`MLA_ROWS_NARROW`] or
-/// [`MLA_ROWS_WIDE`]) for a bf16 or fp8 cache.
-pub fn mla_decode_smem_bytes(fp8: bool, rows_per_tile: usize) -> usize {
-    let bytes = match (rows_per_tile == MLA_ROWS_WIDE, fp8) {
-        (false, false) => sys::LONGCTX_MLA_DECODE_SMEM_BF16,
-        (false, true) => sys::LONGCTX_MLA_DECODE_SMEM_FP8,
-        (true, false) => sys::LONGCTX_MLA_DECODE_R64_SMEM_BF16,
-        (true, true) => sys::LONGCTX_MLA_DECODE_R64_SMEM_FP8,
+/// Dynamic shared memory of the kernel a plan runs, from its `rows_per_tile`
+/// ([`MLA_ROWS_NARROW`] or [`MLA_ROWS_WIDE`]) and `cluster` (1, or 2 / 4 for the clustered
+/// kernels, which keep three key tiles in flight) for a bf16 or fp8 cache.
+pub fn mla_decode_smem_bytes(fp8: bool, rows_per_tile: usize, cluster: usize) -> usize {
+    let bytes = match (rows_per_tile == MLA_ROWS_WIDE, cluster > 1, fp8) {
+        (false, _, false) => sys::LONGCTX_MLA_DECODE_SMEM_BF16,
+        (false, _, true) => sys::LONGCTX_MLA_DECODE_SMEM_FP8,
+        (true, false, false) => sys::LONGCTX_MLA_DECODE_R64_SMEM_BF16,
+        (true, false, true) => sys::LONGCTX_MLA_DECODE_R64_SMEM_FP8,
+        (true, true, false) => sys::LONGCTX_MLA_DECODE_CLUSTER_SMEM_BF16,
+        (true, true, true) => sys::LONGCTX_MLA_DECODE_CLUSTER_SMEM_FP8,
     };
     bytes as usize
 }
@@ -626,7 +634,7 @@ pub(crate) fn plan_mla_decode_launch(
             1,
             1,
         ),
-        smem_bytes: mla_decode_smem_bytes(v.fp8, plan.rows_per_tile) as u32,
+        smem_bytes: mla_decode_smem_bytes(v.fp8, plan.rows_per_tile, plan.cluster) as u32,
     };
     if plan.splits == 1 {
         return Ok(Some((decode, None)));

@@ -24,8 +24,9 @@ pub(crate) use append::{plan_mla_append, MlaAppendAddrs};
 pub use decode::{
     decode_absorbed, decode_absorbed_raw, latent_layout, mla_decode_smem_bytes, plan_mla_decode,
     LatentCache, LatentCacheShape, MlaDecodeOptions, MlaDecodePlan, MlaDecodeShape,
-    MlaDecodeValidated, RawLatentCache, MAX_MLA_HEADS, MLA_KV_LORA_RANK, MLA_LATENT_DIM,
-    MLA_ROPE_DIM, MLA_ROWS_NARROW, MLA_ROWS_WIDE, MLA_TILE_KEYS, MLA_WIDE_SMEM_BYTES,
+    MlaDecodeValidated, RawLatentCache, MAX_MLA_HEADS, MLA_CLUSTER_SMEM_BYTES, MLA_KV_LORA_RANK,
+    MLA_LATENT_DIM, MLA_MAX_CLUSTER, MLA_ROPE_DIM, MLA_ROWS_NARROW, MLA_ROWS_WIDE, MLA_TILE_KEYS,
+    MLA_WIDE_SMEM_BYTES,
 };
 #[cfg(feature = "emulator")]
 pub(crate) use decode::{plan_mla_decode_launch, MlaDecodeAddrs};
