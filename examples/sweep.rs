@@ -816,19 +816,31 @@ fn mla_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<()> {
             (128, 16384),
         ]
     };
+    // At 128 heads on a device with the clustered kernels, each case runs twice: clusters
+    // (`64c2`, `64c4`) and the 64-row kernel alone (`64`), the baseline they must beat.
+    let cluster_choices: &[bool] = if dev.cluster_kernels() {
+        &[true, false]
+    } else {
+        &[true]
+    };
     for heads in [128usize, 16] {
         for fp8 in [false, true] {
             for &(batch, context) in cases {
-                let mut r = MlaRun::new(dev, heads, batch, context, fp8, 13)?;
-                let ms = time_gpu(dev, 3, 20, || r.run(dev))?.median_ms();
-                let gbs = r.bytes() as f64 / (ms * 1e-3) / 1e9;
-                let tflops = r.flops() / (ms * 1e-3) / 1e12;
-                let (err_o, err_lse) = r.max_error(dev, 2)?;
-                let what = format!("mla h{heads} b{batch} ctx{context}");
-                // bf16 o_lat of values below ~1.25: output and P rounding (2 eps max|V|).
-                within(&what, err_o, 2.5 * 2f64.powi(-8) + 1e-4);
-                within(&what, err_lse, attn_lse_tol(context));
-                println!(
+                for &clusters in cluster_choices {
+                    if !clusters && heads <= 64 {
+                        continue;
+                    }
+                    let mut r =
+                        MlaRun::with_clusters(dev, heads, batch, context, fp8, 13, clusters)?;
+                    let ms = time_gpu(dev, 3, 20, || r.run(dev))?.median_ms();
+                    let gbs = r.bytes() as f64 / (ms * 1e-3) / 1e9;
+                    let tflops = r.flops() / (ms * 1e-3) / 1e12;
+                    let (err_o, err_lse) = r.max_error(dev, 2)?;
+                    let what = format!("mla h{heads} b{batch} ctx{context}");
+                    // bf16 o_lat of values below ~1.25: output and P rounding (2 eps max|V|).
+                    within(&what, err_o, 2.5 * 2f64.powi(-8) + 1e-4);
+                    within(&what, err_lse, attn_lse_tol(context));
+                    println!(
                     "{:<10} {:>5} {:>5} {:>5} {:>8} {:>9} {:>10.2} {:>9.0} {:>7.1}% {:>8.1} {:>10.2e} {:>10.2e}",
                     "deepseek-v3",
                     heads,
@@ -851,6 +863,7 @@ fn mla_rows(dev: &Device, copy: f64, quick: bool) -> longctx::Result<()> {
                     err_o,
                     err_lse
                 );
+                }
             }
         }
     }

@@ -806,6 +806,7 @@ fn mla_emu(
     let opts = MlaDecodeOptions {
         softmax_scale: SCALE,
         splits,
+        clusters: true,
     };
     let ran = emulator::mla_decode(
         &b.step(),
@@ -1032,8 +1033,9 @@ fn emu_mla_decode_matches_naive_deepseek_v3() {
     let h = cfg.heads;
     let ql = HeadsLayout::contiguous(tq, h, MLA_LATENT_DIM);
     let ol = HeadsLayout::contiguous(tq, h, MLA_KV_LORA_RANK);
-    // The A100's 64-row CTAs (4 per sequence) and the H100's clusters of two.
-    for target in [A100, H100] {
+    // The A100's 64-row CTAs (4 per sequence), the H100's cluster of four, and the H100
+    // with clusters turned off in the options.
+    for (target, allow) in [(A100, true), (H100, true), (H100, false)] {
         let mut o = vec![bf16::NAN; tq * h * MLA_KV_LORA_RANK];
         let mut lse = vec![f32::NAN; h * tq];
         let plan = emulator::mla_decode(
@@ -1051,13 +1053,16 @@ fn emu_mla_decode_matches_naive_deepseek_v3() {
             132,
             target.smem,
             target.clusters,
-            &MlaDecodeOptions::new(&cfg),
+            &MlaDecodeOptions {
+                clusters: allow,
+                ..MlaDecodeOptions::new(&cfg)
+            },
         )
         .unwrap();
         // 256 rows: 4 tiles of 64, one cluster of 4 CTAs on the H100.
         assert_eq!(
             (plan.rows_per_tile, plan.row_tiles, plan.cluster),
-            (64, 4, if target.clusters { 4 } else { 1 })
+            (64, 4, if target.clusters && allow { 4 } else { 1 })
         );
         let o_lat: Vec<f64> = o.iter().map(|x| f64::from(*x)).collect();
         let out = expand_output_f64(&cfg, &o_lat, &d.w, tq).unwrap();
@@ -1069,7 +1074,7 @@ fn emu_mla_decode_matches_naive_deepseek_v3() {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f64::max);
         eprintln!(
-            "{target:?}: naive vs kernel chain: O {e_o:e} (relative to max |O|), LSE {e_lse:e}"
+            "{target:?} clusters {allow}: naive vs kernel chain: O {e_o:e} (relative to max |O|), LSE {e_lse:e}"
         );
         assert!(
             e_o < 1e-2,
@@ -1104,6 +1109,7 @@ fn emu_mla_decode_errors() {
     let opts = MlaDecodeOptions {
         softmax_scale: SCALE,
         splits: Splits::AtMost(1),
+        clusters: true,
     };
     let run = |layout: &PagedKvLayout,
                cache: &HostLatentCache,
@@ -1289,6 +1295,7 @@ fn gpu_mla_decode_parity() {
                     &MlaDecodeOptions {
                         softmax_scale: SCALE,
                         splits,
+                        clusters: true,
                     },
                 )
                 .unwrap();

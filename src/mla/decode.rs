@@ -170,14 +170,21 @@ pub struct MlaDecodeOptions {
     pub softmax_scale: f32,
     /// KV splitting.
     pub splits: Splits,
+    /// Lets the plan run the thread-block-cluster kernels where the loaded code has them
+    /// ([`Device::cluster_kernels`]); false keeps the 64-row kernel without clusters (to
+    /// compare the two). A caller sizing the workspace passes `dev.cluster_kernels() &&
+    /// clusters` to [`plan_mla_decode`].
+    pub clusters: bool,
 }
 
 impl MlaDecodeOptions {
-    /// The config's softmax scale, splits chosen automatically.
+    /// The config's softmax scale, splits chosen automatically, clusters where the device
+    /// runs them.
     pub fn new(cfg: &MlaConfig) -> Self {
         MlaDecodeOptions {
             softmax_scale: cfg.softmax_scale as f32,
             splits: Splits::Auto,
+            clusters: true,
         }
     }
 }
@@ -420,7 +427,7 @@ impl MlaDecodeShape<'_> {
             heads,
             self.sm_count,
             self.smem_per_block,
-            self.clusters,
+            self.clusters && opts.clusters,
             opts.splits,
         )?;
         let total_new = self.step.total_new;

@@ -685,7 +685,8 @@ enum MlaBufs {
 const MLA_PAGE: usize = 64;
 
 impl MlaRun {
-    /// Allocates and fills the latent cache, the step and the buffers.
+    /// Allocates and fills the latent cache, the step and the buffers (the clustered kernels
+    /// where the device runs them).
     ///
     /// # Errors
     /// Invalid sizes; allocation or copy failures.
@@ -696,6 +697,23 @@ impl MlaRun {
         context: usize,
         fp8: bool,
         seed: u64,
+    ) -> Result<Self> {
+        Self::with_clusters(dev, heads, batch, context, fp8, seed, true)
+    }
+
+    /// As [`MlaRun::new`], with `clusters` false to keep the 64-row kernel without
+    /// thread-block clusters on a device that has them (the comparison the sweep prints).
+    ///
+    /// # Errors
+    /// Invalid sizes; allocation or copy failures.
+    pub fn with_clusters(
+        dev: &Device,
+        heads: usize,
+        batch: usize,
+        context: usize,
+        fp8: bool,
+        seed: u64,
+        clusters: bool,
     ) -> Result<Self> {
         use crate::mla::{latent_layout, plan_mla_decode, MlaConfig, MlaDecodeOptions};
         let max_pages = context.div_ceil(MLA_PAGE);
@@ -762,13 +780,16 @@ impl MlaRun {
             .collect();
         let mut cfg = MlaConfig::deepseek_v3();
         cfg.heads = heads;
-        let opts = MlaDecodeOptions::new(&cfg);
+        let opts = MlaDecodeOptions {
+            clusters,
+            ..MlaDecodeOptions::new(&cfg)
+        };
         let plan = plan_mla_decode(
             step.validated(),
             heads,
             dev.sm_count(),
             dev.smem_per_block(),
-            dev.cluster_kernels(),
+            dev.cluster_kernels() && clusters,
             opts.splits,
         )?;
         let ws = plan.workspace_len(batch, heads)?;
