@@ -27,11 +27,12 @@ extern "C" {
 
 const OP: &str = "emulator selftest";
 
-/// Runs one self-test kernel as a single block of `threads` threads.
+/// Runs one self-test kernel as `ctas` blocks of `threads` threads, all in one cluster.
 fn launch(
     name: &str,
     f: unsafe extern "C" fn(Params),
     p: &Params,
+    ctas: u32,
     threads: u32,
     smem: u32,
     bufs: &[HostBuf],
@@ -43,13 +44,37 @@ fn launch(
             name,
             f as *const c_void,
             p,
-            (1, 1, 1),
+            (ctas, 1, 1),
             (threads, 1, 1),
-            (1, 1, 1),
+            (ctas, 1, 1),
             smem,
             bufs,
         )
     }
+}
+
+/// Runs program `mode` of a self-test entry on `input` and `output` (256 words each) as
+/// `ctas` blocks (one cluster) of 64 threads with 1024 bytes of dynamic shared memory.
+fn run_words(
+    name: &str,
+    f: unsafe extern "C" fn(Params),
+    mode: i32,
+    ctas: u32,
+    input: &[u32],
+    output: &mut [u32],
+) -> Result<()> {
+    if input.len() != 256 || output.len() != 256 {
+        return Err(Error::invalid(OP, "input/output", "256 words each"));
+    }
+    let ib = HostBuf::input(input, c"in");
+    let ob = HostBuf::output(output, c"out");
+    let p = Params {
+        input: ib.addr(),
+        output: ob.addr(),
+        n: 256,
+        mode,
+    };
+    launch(name, f, &p, ctas, 64, 1024, &[ib, ob])
 }
 
 /// The input type of an `mma.sync.m16n8k16` with f32 accumulation.
@@ -83,6 +108,7 @@ pub fn mma(kind: MmaInput, a: &[u16; 256], b: &[u16; 128], c: &mut [f32; 128]) -
         "longctx_emu_selftest_mma",
         longctx_emu_selftest_mma,
         &p,
+        1,
         32,
         0,
         &[ib, ob],
@@ -118,6 +144,7 @@ pub fn ldmatrix(count: u32, trans: bool, smem: &[u32; 128]) -> Result<[u32; 128]
         "longctx_emu_selftest_ldmatrix",
         longctx_emu_selftest_ldmatrix,
         &p,
+        1,
         32,
         0,
         &[ib, ob],
@@ -189,24 +216,13 @@ impl Program {
 /// [`Error::InvalidArgument`] unless both hold 256 words; [`Error::Emulator`] with what
 /// the emulator found.
 pub fn program(prog: Program, input: &[u32], output: &mut [u32]) -> Result<()> {
-    if input.len() != 256 || output.len() != 256 {
-        return Err(Error::invalid(OP, "input/output", "256 words each"));
-    }
-    let ib = HostBuf::input(input, c"in");
-    let ob = HostBuf::output(output, c"out");
-    let p = Params {
-        input: ib.addr(),
-        output: ob.addr(),
-        n: 256,
-        mode: prog as i32,
-    };
-    launch(
+    run_words(
         "longctx_emu_selftest_bugs",
         longctx_emu_selftest_bugs,
-        &p,
-        64,
-        1024,
-        &[ib, ob],
+        prog as i32,
+        1,
+        input,
+        output,
     )
 }
 
@@ -256,29 +272,12 @@ impl ClusterProgram {
 /// [`Error::InvalidArgument`] unless both hold 256 words; [`Error::Emulator`] with what
 /// the emulator found.
 pub fn cluster_program(prog: ClusterProgram, input: &[u32], output: &mut [u32]) -> Result<()> {
-    if input.len() != 256 || output.len() != 256 {
-        return Err(Error::invalid(OP, "input/output", "256 words each"));
-    }
-    let ib = HostBuf::input(input, c"in");
-    let ob = HostBuf::output(output, c"out");
-    let p = Params {
-        input: ib.addr(),
-        output: ob.addr(),
-        n: 256,
-        mode: prog as i32,
-    };
-    // SAFETY: the entry takes `Params`, which its declaration states.
-    unsafe {
-        run_entry(
-            OP,
-            "longctx_emu_selftest_cluster",
-            longctx_emu_selftest_cluster as *const c_void,
-            &p,
-            (2, 1, 1),
-            (64, 1, 1),
-            (2, 1, 1),
-            1024,
-            &[ib, ob],
-        )
-    }
+    run_words(
+        "longctx_emu_selftest_cluster",
+        longctx_emu_selftest_cluster,
+        prog as i32,
+        2,
+        input,
+        output,
+    )
 }
